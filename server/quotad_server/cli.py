@@ -1,0 +1,118 @@
+"""The composition root: settings -> logging -> policy -> store -> core -> server.
+
+`quotad serve` runs the service; `quotad check-policy FILE` validates a policy
+offline. This is the only module that picks implementations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+import structlog
+
+from quotad_server import __version__
+from quotad_server.core import QuotaCore
+from quotad_server.errors import StoreUnavailable
+from quotad_server.logs import configure_logging
+from quotad_server.policy import PolicyError, load_policy
+from quotad_server.server import QuotadServer
+from quotad_server.settings import Settings, SettingsError
+from quotad_server.store.embedded import EmbeddedRedis
+from quotad_server.store.redis import RedisStore
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+
+
+async def serve(settings: Settings) -> int:
+    log = structlog.get_logger("quotad")
+    policy = load_policy(settings.policy_path)
+    async with AsyncExitStack() as stack:
+        redis_url = settings.redis_url
+        if not redis_url:
+            embedded = stack.enter_context(EmbeddedRedis())
+            redis_url = embedded.url
+            log.warning(
+                "no QUOTAD_REDIS_URL: started an embedded Valkey server for development;"
+                " its state is lost on exit",
+                redis_url=redis_url,
+            )
+        store = RedisStore.from_url(
+            redis_url, timeout_s=settings.redis_timeout_ms / 1000, key_prefix=settings.key_prefix
+        )
+        stack.push_async_callback(store.aclose)
+        try:
+            await store.start()
+        except StoreUnavailable as error:
+            log.error(
+                "redis is not reachable at start; health stays NOT_SERVING until it is", error=str(error)
+            )
+        server = QuotadServer(
+            QuotaCore(policy, store),
+            store,
+            listen=settings.listen,
+            health_interval_s=settings.health_interval_ms / 1000,
+        )
+        await server.start()
+        log.info(
+            "serving",
+            listen=settings.listen,
+            port=server.port,
+            policy=settings.policy_path,
+            version=__version__,
+        )
+
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("stopping", grace_s=settings.shutdown_grace_s)
+        await server.stop(settings.shutdown_grace_s)
+        log.info("stopped")
+    return 0
+
+
+def check_policy(path: str) -> int:
+    try:
+        policy = load_policy(path)
+    except PolicyError as error:
+        print(error, file=sys.stderr)
+        return 1
+    limits = sum(len(v) for v in policy.tier_limits.values())
+    limits += sum(len(v) for v in policy.tenant_limits.values()) + len(policy.global_limits)
+    print(f"{path}: OK ({len(policy.tier_limits)} tiers, {limits} limits)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quotad", description="Quota decisions for LLM calls.")
+    parser.add_argument("--version", action="version", version=f"quotad {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve gRPC (settings from QUOTAD_* environment variables)")
+    check = commands.add_parser("check-policy", help="validate a policy file offline")
+    check.add_argument("file")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-policy":
+        return check_policy(args.file)
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as error:
+        print(f"quotad: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except PolicyError as error:
+        structlog.get_logger("quotad").error("policy refused", error=str(error))
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The decisions: validate -> resolve the limits -> reserve / settle / peek.
+
+The core speaks model types, raises errors.py exceptions and talks to a Store;
+it knows neither gRPC nor Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from quotad_server.errors import FieldViolation, InvalidRequest
+from quotad_server.model import (
+    Cost,
+    Decision,
+    DenyReason,
+    LimitStatus,
+    ReserveOutcome,
+    SettleOutcome,
+    UsageReport,
+)
+from quotad_server.policy import Policy
+from quotad_server.store import ReservePlan, Store
+
+MAX_TOKENS = 10**9
+MAX_ID_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """One CheckAndReserve, as the caller sent it (defaults not yet applied)."""
+
+    subject: str
+    tenant: str = ""
+    tier: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    max_output_tokens: int = 0
+    lease_us: int | None = None
+    idempotency_key: str = ""
+
+
+def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
+    if not value:
+        if required:
+            violations.append(FieldViolation(field, "required"))
+        return
+    if len(value.encode()) > MAX_ID_BYTES:
+        violations.append(FieldViolation(field, f"at most {MAX_ID_BYTES} bytes"))
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        violations.append(FieldViolation(field, "must not contain control characters"))
+
+
+def _check_tokens(violations: list[FieldViolation], field: str, value: int) -> None:
+    if not 0 <= value <= MAX_TOKENS:
+        violations.append(FieldViolation(field, f"must be between 0 and {MAX_TOKENS}, got {value}"))
+
+
+def _format_us(us: int) -> str:
+    return f"{us / 1_000_000:g}s"
+
+
+class QuotaCore:
+    """Answers CheckAndReserve, Commit, Release and GetUsage against a policy and a store."""
+
+    def __init__(self, policy: Policy, store: Store) -> None:
+        self.policy = policy
+        self._store = store
+
+    # -- validation -------------------------------------------------------------------
+
+    def _resolve_caller(
+        self,
+        violations: list[FieldViolation],
+        subject: str,
+        tenant: str,
+        tier: str,
+        model: str,
+        *,
+        need_model: bool,
+    ) -> tuple[str, str]:
+        policy = self.policy
+        _check_text(violations, "subject", subject, required=True)
+        _check_text(violations, "tenant", tenant, required=False)
+        _check_text(violations, "tier", tier, required=False)
+        _check_text(violations, "model", model, required=False)
+        tier = tier or policy.default_tier
+        if tier not in policy.tier_limits:
+            known = ", ".join(sorted(policy.tier_limits))
+            violations.append(FieldViolation("tier", f"unknown tier {tier!r}; the policy has: {known}"))
+        if policy.models:
+            if model and model not in policy.models:
+                known = ", ".join(sorted(policy.models))
+                violations.append(
+                    FieldViolation("model", f"unknown model {model!r}; the policy has: {known}")
+                )
+            elif not model and need_model:
+                violations.append(FieldViolation("model", "required: the policy names its models"))
+        return tenant or policy.default_tenant, tier
+
+    # -- the decisions ----------------------------------------------------------------
+
+    async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
+        """Reserve the request's estimated cost on every applicable limit, or deny it."""
+        policy = self.policy
+        violations: list[FieldViolation] = []
+        tenant, tier = self._resolve_caller(
+            violations, request.subject, request.tenant, request.tier, request.model, need_model=True
+        )
+        _check_tokens(violations, "input_tokens", request.input_tokens)
+        _check_tokens(violations, "max_output_tokens", request.max_output_tokens)
+        _check_text(violations, "idempotency_key", request.idempotency_key, required=False)
+        lease_us = policy.lease_default_us if request.lease_us is None else request.lease_us
+        if not policy.lease_min_us <= lease_us <= policy.lease_max_us:
+            violations.append(
+                FieldViolation(
+                    "lease",
+                    f"must be between {_format_us(policy.lease_min_us)}"
+                    f" and {_format_us(policy.lease_max_us)}, got {_format_us(lease_us)}",
+                )
+            )
+        if violations:
+            raise InvalidRequest(violations)
+
+        limits = policy.limits_for(tier, tenant, request.model)
+        fingerprint = ""
+        if request.idempotency_key:
+            fingerprint = hashlib.sha256(
+                f"{tier}\n{request.model}\n{request.input_tokens}\n{request.max_output_tokens}".encode()
+            ).hexdigest()[:32]
+        result = await self._store.reserve(
+            ReservePlan(
+                partition=policy.partition(tenant),
+                tenant=tenant,
+                subject=request.subject,
+                limits=limits,
+                input_tokens=request.input_tokens,
+                output_tokens=request.max_output_tokens,
+                lease_us=lease_us,
+                record_ttl_us=lease_us + policy.retention_us,
+                idempotency_key=request.idempotency_key,
+                fingerprint=fingerprint,
+            )
+        )
+        if result.allowed:
+            return ReserveOutcome(
+                decision=Decision.ALLOWED,
+                tenant=tenant,
+                tier=tier,
+                limits=result.limits,
+                reservation_id=result.reservation_id,
+                lease_expires_at_us=result.lease_expires_at_us,
+                reserved=result.reserved,
+                replayed=result.replayed,
+            )
+        return self._denial(tenant, tier, result.limits)
+
+    @staticmethod
+    def _denial(tenant: str, tier: str, statuses: tuple[LimitStatus, ...]) -> ReserveOutcome:
+        # The binding limit is the one that can never fit, else the one that takes longest.
+        never = [i for i, s in enumerate(statuses) if s.wait_us is None]
+        if never:
+            binding, reason, retry_after = never[0], DenyReason.EXCEEDS_CAPACITY, None
+        else:
+            binding = max(range(len(statuses)), key=lambda i: statuses[i].wait_us or 0)
+            reason, retry_after = DenyReason.LIMIT_EXCEEDED, statuses[binding].wait_us
+        marked = tuple(
+            LimitStatus(s.limit, s.remaining, s.reset_after_us, s.wait_us, binding=i == binding)
+            for i, s in enumerate(statuses)
+        )
+        return ReserveOutcome(
+            decision=Decision.DENIED,
+            tenant=tenant,
+            tier=tier,
+            limits=marked,
+            deny_reason=reason,
+            retry_after_us=retry_after,
+            binding_limit=statuses[binding].limit.name,
+        )
+
+    async def commit(self, reservation_id: str, input_tokens: int, output_tokens: int) -> SettleOutcome:
+        """Reconcile a reservation with the actual usage; idempotent."""
+        violations: list[FieldViolation] = []
+        _check_tokens(violations, "input_tokens", input_tokens)
+        _check_tokens(violations, "output_tokens", output_tokens)
+        if not reservation_id:
+            violations.append(FieldViolation("reservation_id", "required"))
+        if violations:
+            raise InvalidRequest(violations)
+        actual = Cost(1, input_tokens, output_tokens)
+        return await self._store.settle(reservation_id, actual, self.policy.retention_us)
+
+    async def release(self, reservation_id: str) -> SettleOutcome:
+        """Refund a whole reservation (the call never happened); idempotent."""
+        if not reservation_id:
+            raise InvalidRequest([FieldViolation("reservation_id", "required")])
+        return await self._store.settle(reservation_id, None, self.policy.retention_us)
+
+    async def get_usage(self, subject: str, tenant: str, tier: str, model: str) -> UsageReport:
+        """The status of every limit that applies to a caller, changing nothing."""
+        violations: list[FieldViolation] = []
+        tenant, tier = self._resolve_caller(violations, subject, tenant, tier, model, need_model=False)
+        if violations:
+            raise InvalidRequest(violations)
+        limits = self.policy.limits_for(tier, tenant, model)
+        statuses = await self._store.peek(self.policy.partition(tenant), tenant, subject, limits)
+        return UsageReport(tenant=tenant, tier=tier, limits=statuses)

@@ -1,0 +1,47 @@
+"""The exceptions the decision core and the store raise.
+
+The gRPC layer maps each one to a status code (see api.py); nothing below the
+gRPC layer knows about status codes.
+
+    QuotadError
+    +-- InvalidRequest       bad input, with one violation per field  -> INVALID_ARGUMENT
+    +-- NotFound             an unknown reservation                   -> NOT_FOUND
+    +-- FailedPrecondition   e.g. Commit after Release                 -> FAILED_PRECONDITION
+    +-- StoreUnavailable     Redis unreachable, slow or gave up        -> UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: its name in the request and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class QuotadError(Exception):
+    """Base of every error quotad raises on purpose."""
+
+
+class InvalidRequest(QuotadError):
+    """The request is malformed or names something the policy does not have."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = tuple(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class NotFound(QuotadError):
+    """The thing asked for does not exist (or no longer does)."""
+
+
+class FailedPrecondition(QuotadError):
+    """The request is well-formed but the state forbids it."""
+
+
+class StoreUnavailable(QuotadError):
+    """The store did not answer in time or at all; nothing is known to have changed."""

@@ -1,0 +1,253 @@
+"""Load and validate the policy file.
+
+The policy says which limits apply to a request: the limits of its tier (one
+counter per subject), of its tenant (one counter per tenant) and the global
+ones (one counter for everybody, optionally only for one model). A bad file is
+refused with a message naming the file, the field path and the bad value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quotad_server.model import Algorithm, Limit, Metric, Scope
+
+MAX_LIMIT = 10**15
+WILDCARD_TENANT = "*"
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_US = {"ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; the message says where and why."""
+
+
+def parse_duration_us(text: str) -> int:
+    """Parse '500ms', '30s', '1m', '1h', '1d' into microseconds."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ValueError(f"invalid duration {text!r}: expected a whole number with ms, s, m, h or d")
+    return int(match.group(1)) * _UNIT_US[match.group(2)]
+
+
+Duration = Annotated[str, Field(description="e.g. 500ms, 30s, 1m, 1h, 1d")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LimitSpec(_Strict):
+    name: str
+    metric: Metric
+    limit: int = Field(gt=0, le=MAX_LIMIT)
+    period: Duration | None = None
+    algorithm: Literal["token_bucket", "sliding_window"] | None = None
+    model: str | None = None
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in Metric.__members__.values():
+            raise ValueError(f"unknown metric {value!r}: expected one of {', '.join(Metric)}")
+        return Metric(value) if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"invalid limit name {value!r}: letters, digits, '_', '-', '.'; at most 128")
+        return value
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, value: str | None) -> str | None:
+        if value is not None and parse_duration_us(value) <= 0:
+            raise ValueError(f"period must be positive, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> LimitSpec:
+        if self.metric is Metric.CONCURRENT:
+            if self.period is not None or self.algorithm is not None:
+                raise ValueError("a concurrent limit takes neither period nor algorithm")
+        elif self.period is None:
+            raise ValueError(f"a {self.metric} limit needs a period (e.g. 1m)")
+        return self
+
+    def to_limit(self, scope: Scope) -> Limit:
+        if self.metric is Metric.CONCURRENT:
+            algorithm, period_us = Algorithm.CONCURRENCY, 0
+        else:
+            assert self.period is not None  # guaranteed by _shape
+            algorithm = Algorithm(self.algorithm or Algorithm.TOKEN_BUCKET)
+            period_us = parse_duration_us(self.period)
+        return Limit(self.name, scope, self.metric, algorithm, self.limit, period_us, self.model)
+
+
+class LimitGroup(_Strict):
+    limits: list[LimitSpec] = Field(default_factory=list)
+
+    @field_validator("limits")
+    @classmethod
+    def _unique(cls, value: list[LimitSpec]) -> list[LimitSpec]:
+        seen: set[str] = set()
+        for spec in value:
+            if spec.name in seen:
+                raise ValueError(f"duplicate limit name {spec.name!r}")
+            seen.add(spec.name)
+        return value
+
+
+class Defaults(_Strict):
+    tenant: str = "default"
+    tier: str
+
+
+class Leases(_Strict):
+    default: Duration = "60s"
+    min: Duration = "1s"
+    max: Duration = "15m"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Leases:
+        low, default, high = (parse_duration_us(v) for v in (self.min, self.default, self.max))
+        if not 0 < low <= default <= high:
+            raise ValueError(f"need 0 < min <= default <= max, got {self.min}, {self.default}, {self.max}")
+        return self
+
+
+class ModelSpec(_Strict):
+    """Per-model settings; later issues add pricing and the tokenizer here."""
+
+
+class PolicyDocument(_Strict):
+    version: Literal[1] = 1
+    defaults: Defaults
+    leases: Leases = Field(default_factory=Leases)
+    retention: Duration = "24h"
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    tiers: dict[str, LimitGroup]
+    tenants: dict[str, LimitGroup] = Field(default_factory=dict)
+    global_: LimitGroup = Field(default_factory=LimitGroup, alias="global")
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        parse_duration_us(value)
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> PolicyDocument:
+        if self.defaults.tier not in self.tiers:
+            raise ValueError(f"defaults.tier {self.defaults.tier!r} is not one of the tiers")
+        groups = [*self.tiers.values(), *self.tenants.values(), self.global_]
+        for group in groups:
+            for spec in group.limits:
+                if spec.model is not None and self.models and spec.model not in self.models:
+                    raise ValueError(f"limit {spec.name!r} names model {spec.model!r}, not in models")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy with its lookups computed once."""
+
+    source: str
+    default_tenant: str
+    default_tier: str
+    lease_default_us: int
+    lease_min_us: int
+    lease_max_us: int
+    retention_us: int
+    models: frozenset[str]
+    tier_limits: dict[str, tuple[Limit, ...]]
+    tenant_limits: dict[str, tuple[Limit, ...]]
+    global_limits: tuple[Limit, ...]
+    _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
+
+    def limits_for(self, tier: str, tenant: str, model: str) -> tuple[Limit, ...]:
+        """Every limit that applies to one request, subject scope first, then tenant, then global."""
+        key = (tier, tenant, model)
+        found = self._cache.get(key)
+        if found is None:
+            tenant_group = self.tenant_limits.get(tenant, self.tenant_limits.get(WILDCARD_TENANT, ()))
+            found = tuple(
+                limit
+                for limit in (*self.tier_limits[tier], *tenant_group, *self.global_limits)
+                if limit.applies_to(model)
+            )
+            if len(self._cache) < 10_000:  # tenants are open-ended; keep the memo bounded
+                self._cache[key] = found
+        return found
+
+    def partition(self, tenant: str) -> str:
+        """The unit of atomicity: all keys one decision touches share it.
+
+        With global limits every decision touches the same global counters, so
+        everything lives in one partition; otherwise each tenant is its own.
+        """
+        return "global" if self.global_limits else f"t:{tenant}"
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            name = "global" if part == "global_" else part
+            path += f".{name}" if path else name
+    return path or "(top level)"
+
+
+def parse_policy(text: str, source: str) -> Policy:
+    """Validate a policy from YAML text; `source` names it in error messages."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: (top level): expected a mapping, got {type(raw).__name__}")
+    try:
+        doc = PolicyDocument.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            location = _format_location(tuple(error["loc"]))
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {location}: {message} (got {error['input']!r})")
+        raise PolicyError("\n".join(lines)) from None
+    return Policy(
+        source=source,
+        default_tenant=doc.defaults.tenant,
+        default_tier=doc.defaults.tier,
+        lease_default_us=parse_duration_us(doc.leases.default),
+        lease_min_us=parse_duration_us(doc.leases.min),
+        lease_max_us=parse_duration_us(doc.leases.max),
+        retention_us=parse_duration_us(doc.retention),
+        models=frozenset(doc.models),
+        tier_limits={
+            name: tuple(s.to_limit(Scope.SUBJECT) for s in g.limits) for name, g in doc.tiers.items()
+        },
+        tenant_limits={
+            name: tuple(s.to_limit(Scope.TENANT) for s in g.limits) for name, g in doc.tenants.items()
+        },
+        global_limits=tuple(s.to_limit(Scope.GLOBAL) for s in doc.global_.limits),
+    )
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate the policy file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_policy(text, str(path))

@@ -1,0 +1,92 @@
+"""Build and run the gRPC server: QuotaService, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from quotad.v1 import quota_pb2 as pb
+from quotad.v1 import quota_pb2_grpc as pb_grpc
+
+from quotad_server.api import QuotaServicer
+from quotad_server.core import QuotaCore
+from quotad_server.errors import StoreUnavailable
+from quotad_server.store import Store
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+_log = structlog.get_logger("quotad.server")
+
+
+class QuotadServer:
+    """One gRPC server process.
+
+    Health is SERVING only while the store answers: a monitor pings it every
+    `health_interval_s` and flips the overall ("") and the QuotaService status.
+    The policy is loaded before the server is built, so it is always in force.
+    """
+
+    def __init__(self, core: QuotaCore, store: Store, *, listen: str, health_interval_s: float = 1.0) -> None:
+        self._store = store
+        self._health_interval_s = health_interval_s
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        pb_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(core), self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self._monitor: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+        if serving:
+            _log.info("health changed", serving=True)
+        else:
+            _log.warning("health changed", serving=False)
+        self._serving = serving
+
+    async def _watch_store(self) -> None:
+        while True:
+            try:
+                await self._store.ping()
+                await self._set_serving(True)
+            except StoreUnavailable as error:
+                _log.debug("store ping failed", error=str(error))
+                await self._set_serving(False)
+            await asyncio.sleep(self._health_interval_s)
+
+    async def start(self) -> None:
+        await self._set_serving(False)
+        await self._server.start()
+        self._monitor = asyncio.create_task(self._watch_store(), name="quotad-health")
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new RPCs, let in-flight ones finish within `grace_s`, then stop."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,75 @@
+"""The storage seam: what the decision core needs from a store, and nothing more.
+
+Only the composition root (cli.py) picks an implementation; the core sees this
+Protocol. RedisStore (store/redis.py) is the one implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from quotad_server.model import Cost, Limit, LimitStatus, SettleOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class ReservePlan:
+    """Everything one reservation needs, resolved by the core from the policy.
+
+    `partition` is the unit of atomicity (see Policy.partition): every key the
+    decision touches is placed in it. `fingerprint` identifies the request for
+    idempotent retries ("" when there is no idempotency key).
+    """
+
+    partition: str
+    tenant: str
+    subject: str
+    limits: tuple[Limit, ...]
+    input_tokens: int
+    output_tokens: int
+    lease_us: int
+    record_ttl_us: int
+    idempotency_key: str = ""
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """What the store decided. `limits` is empty on a replay (nothing was evaluated)."""
+
+    allowed: bool
+    reservation_id: str
+    lease_expires_at_us: int
+    limits: tuple[LimitStatus, ...]
+    replayed: bool = False
+    reserved: Cost | None = None
+
+
+class Store(Protocol):
+    """Atomic quota state. Every method raises StoreUnavailable when the store cannot answer."""
+
+    async def reserve(self, plan: ReservePlan) -> ReserveResult:
+        """Check every limit of the plan and reserve on all of them, or on none."""
+        ...
+
+    async def peek(
+        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
+    ) -> tuple[LimitStatus, ...]:
+        """The status of the limits, changing nothing."""
+        ...
+
+    async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
+        """Commit `actual` usage, or release when `actual` is None. Idempotent.
+
+        Raises InvalidRequest for a malformed id, NotFound for an unknown one and
+        FailedPrecondition when the reservation was settled the other way.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise StoreUnavailable otherwise."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

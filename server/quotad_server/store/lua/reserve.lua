@@ -1,0 +1,221 @@
+--[[ reserve.lua: decide one request against every limit that applies to it.
+
+Why one script: the check and the debit of every limit must be one atomic step,
+or concurrent callers over-admit (check-then-act), and a request denied by one
+limit must not be charged on the others. All or nothing, and a denial writes
+nothing at all.
+
+KEYS[1]   the reservation record (hash) this request would create
+KEYS[2]   the idempotency key (string: "<fingerprint>\n<record key>"); unused when ARGV[7] is ""
+KEYS[3..] one counter key per limit, in the order of the limit specs in ARGV. A sliding
+          window also keeps its running sum at KEYS[i] .. ":sum" (same hash tag, same slot).
+
+ARGV[1]   mode: "reserve", or "peek" (compute the statuses at zero cost, write nothing)
+ARGV[2]   now in microseconds, or "" to read Redis TIME (the clock of every replica)
+ARGV[3]   deadline in Redis-clock microseconds: past it the caller has given up, so the
+          script writes nothing and returns -1; 0 = no deadline
+ARGV[4]   reservation id
+ARGV[5]   lease in microseconds
+ARGV[6]   record TTL in milliseconds (lease + retention)
+ARGV[7]   idempotency fingerprint, "" for none
+ARGV[8]   estimated input tokens
+ARGV[9]   estimated output tokens
+ARGV[10]  N, the number of limits; then 4 values per limit:
+          algorithm (b = token bucket, w = sliding window, c = concurrency),
+          metric (r = requests, i = input, o = output, t = total tokens, c = concurrent),
+          limit (units), period (microseconds; 0 for concurrency)
+
+State, per algorithm (units are requests or tokens, times are microseconds):
+  b  string "<level> <updated_at>": units in use; it drains at limit/period. A level
+     above the limit is debt (usage above estimates), which later requests wait out.
+  w  zset of "<reservation id>:<units>" scored by reservation time, and the sum of all
+     members' units at KEYS[i]:sum. Members at or before now - period are outside the window.
+  c  zset of reservation ids scored by lease expiry; members at or before now are expired.
+
+Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N}
+  code 1 allowed, 0 denied, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
+  est. input, est. output} (the first reservation; no limit is evaluated),
+  -1 past the deadline (nothing written), -2 idempotency key reused for another request.
+  wait is 0 when the cost fits now, -1 when it never can, else microseconds until it fits.
+]]
+
+local mode = ARGV[1]
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local deadline = tonumber(ARGV[3])
+if deadline > 0 and now > deadline then
+  return {-1, now, 0, 0}
+end
+local peek = mode == 'peek'
+local rid = ARGV[4]
+local lease_us = tonumber(ARGV[5])
+local record_ttl_ms = tonumber(ARGV[6])
+local fingerprint = ARGV[7]
+local est_in = tonumber(ARGV[8])
+local est_out = tonumber(ARGV[9])
+local n = tonumber(ARGV[10])
+
+-- Idempotent retry: hand back the first reservation and change nothing.
+if not peek and fingerprint ~= '' then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then
+    local sep = string.find(seen, '\n', 1, true)
+    if string.sub(seen, 1, sep - 1) ~= fingerprint then return {-2, now, 0, 0} end
+    local record = redis.call('HMGET', string.sub(seen, sep + 1), 'id', 'lx', 'ein', 'eout')
+    if record[1] then
+      return {2, now, tonumber(record[2]), 0, record[1], tonumber(record[3]), tonumber(record[4])}
+    end
+  end
+end
+
+local function units(metric)
+  if peek then return 0 end
+  if metric == 'r' or metric == 'c' then return 1 end
+  if metric == 'i' then return est_in end
+  if metric == 'o' then return est_out end
+  return est_in + est_out
+end
+
+-- Draining is continuous, so a bucket level is fractional; float noise must neither deny
+-- a request that fits nor round a wait up by a microsecond. Far below one unit.
+local EPSILON = 1e-9
+local function ceil(x) return math.ceil(x - EPSILON) end
+
+-- Token bucket: units in use now, after draining since the last update.
+local function bucket_level(key, limit, period)
+  local raw = redis.call('GET', key)
+  if not raw then return 0 end
+  local sep = string.find(raw, ' ', 1, true)
+  local level = tonumber(string.sub(raw, 1, sep - 1))
+  local updated = tonumber(string.sub(raw, sep + 1))
+  if now > updated then
+    level = level - (now - updated) * limit / period
+    if level < 0 then level = 0 end
+  end
+  return level
+end
+
+-- Sliding window: units inside (now - period, now], and the expired members' units.
+local function window_used(key, period)
+  local total = tonumber(redis.call('GET', key .. ':sum') or '0')
+  local expired = redis.call('ZRANGEBYSCORE', key, '-inf', now - period)
+  local gone = 0
+  for i = 1, #expired do
+    gone = gone + tonumber(string.match(expired[i], ':(%d+)$'))
+  end
+  return total - gone, gone
+end
+
+local statuses = {}
+local admit = true
+for i = 1, n do
+  local base = 10 + (i - 1) * 4
+  local alg, metric = ARGV[base + 1], ARGV[base + 2]
+  local limit, period = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  local key = KEYS[i + 2]
+  local cost = units(metric)
+  local used, wait, reset_after, extra = 0, 0, 0, 0
+  if alg == 'b' then
+    used = bucket_level(key, limit, period)
+    if cost > limit then
+      wait = -1
+    elseif used + cost - limit > EPSILON then
+      wait = ceil((used + cost - limit) * period / limit)
+    end
+    local after = used
+    if wait == 0 then after = used + cost end
+    reset_after = ceil(after * period / limit)
+  elseif alg == 'w' then
+    used, extra = window_used(key, period)
+    if cost > limit then
+      wait = -1
+    elseif used + cost > limit then
+      -- The oldest members leave the window first: find the one whose exit makes room.
+      local members = redis.call('ZRANGEBYSCORE', key, '(' .. (now - period), '+inf', 'WITHSCORES')
+      local left = used
+      for j = 1, #members, 2 do
+        left = left - tonumber(string.match(members[j], ':(%d+)$'))
+        if left + cost <= limit then
+          wait = tonumber(members[j + 1]) + period - now
+          break
+        end
+      end
+    end
+    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    if newest[2] then reset_after = math.max(0, tonumber(newest[2]) + period - now) end
+    if wait == 0 and cost > 0 then reset_after = period end
+  else -- 'c'
+    used = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+    if cost > limit then
+      wait = -1
+    elseif used + cost > limit then
+      local nth = redis.call('ZRANGEBYSCORE', key, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', used + cost - limit - 1, 1)
+      wait = tonumber(nth[2]) - now
+    end
+    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    if last[2] then reset_after = math.max(0, tonumber(last[2]) - now) end
+    if wait == 0 and cost > 0 then reset_after = math.max(reset_after, lease_us) end
+  end
+  if wait ~= 0 then admit = false end
+  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra}
+end
+
+local lease_expires = now + lease_us
+local reply = {1, now, lease_expires, n}
+for i = 1, n do
+  local s = statuses[i]
+  local remaining = s[3] - s[7]
+  if admit then remaining = remaining - s[6] end
+  reply[#reply + 1] = math.floor(remaining)
+  reply[#reply + 1] = s[9]
+  reply[#reply + 1] = s[8]
+end
+
+if peek then return reply end
+
+if not admit then
+  reply[1] = 0
+  return reply
+end
+
+local keys, specs = {}, {}
+for i = 1, n do
+  local s = statuses[i]
+  local alg, limit, period, key, cost = s[1], s[3], s[4], s[5], s[6]
+  keys[i] = key
+  specs[i] = alg .. ' ' .. s[2] .. ' ' .. limit .. ' ' .. period
+  if alg == 'b' then
+    if cost > 0 then
+      local level = s[7] + cost
+      redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ceil(level * period / limit / 1000) + 1000)
+    end
+  elseif alg == 'w' then
+    if s[10] > 0 then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
+      redis.call('DECRBY', key .. ':sum', s[10])
+    end
+    if cost > 0 then
+      redis.call('ZADD', key, now, rid .. ':' .. cost)
+      redis.call('INCRBY', key .. ':sum', cost)
+      local ttl = ceil(period / 1000) + 1000
+      redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', key .. ':sum', ttl)
+    end
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    redis.call('ZADD', key, lease_expires, rid)
+    local ttl = ceil(lease_us / 1000) + 1000
+    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  end
+end
+
+redis.call('HSET', KEYS[1], 'id', rid, 'st', 'r', 'lx', lease_expires, 'ein', est_in, 'eout', est_out,
+  'k', table.concat(keys, '\n'), 's', table.concat(specs, '\n'))
+redis.call('PEXPIRE', KEYS[1], record_ttl_ms)
+if fingerprint ~= '' then
+  redis.call('SET', KEYS[2], fingerprint .. '\n' .. KEYS[1], 'PX', record_ttl_ms)
+end
+return reply

@@ -1,0 +1,137 @@
+"""Shared fixtures: a real Valkey server on a free port and real quotad gRPC servers on port 0."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from quotad.v1 import quota_pb2 as pb
+from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.core import QuotaCore
+from quotad_server.policy import parse_policy
+from quotad_server.server import QuotadServer
+from quotad_server.store.embedded import EmbeddedRedis
+from quotad_server.store.redis import RedisStore
+
+RPC_TIMEOUT_S = 5.0
+START_US = 1_800_000_000_000_000  # 2027-01-15, a round, fixed start for the test clock
+
+
+@dataclass
+class ManualClock:
+    """A clock the test moves by hand; the store passes its reading to the scripts."""
+
+    now_us: int = START_US
+
+    def __call__(self) -> int:
+        return self.now_us
+
+    def advance(self, seconds: float) -> None:
+        self.now_us += round(seconds * 1_000_000)
+
+
+@dataclass
+class Quotad:
+    """A running quotad: a real grpc.aio server on a loopback port, and the generated stub."""
+
+    port: int
+    stub: pb_grpc.QuotaServiceAsyncStub
+    channel: grpc.aio.Channel
+    store: RedisStore
+    server: QuotadServer
+    clock: ManualClock | None
+    defaults: dict[str, object] = field(default_factory=dict)
+
+    async def reserve(self, **fields: object) -> pb.CheckAndReserveResponse:
+        request = pb.CheckAndReserveRequest(**{**self.defaults, **fields})  # type: ignore[arg-type]
+        return await self.stub.CheckAndReserve(request, timeout=RPC_TIMEOUT_S)
+
+    async def commit(self, reservation_id: str, input_tokens: int, output_tokens: int) -> pb.CommitResponse:
+        request = pb.CommitRequest(
+            reservation_id=reservation_id, input_tokens=input_tokens, output_tokens=output_tokens
+        )
+        return await self.stub.Commit(request, timeout=RPC_TIMEOUT_S)
+
+    async def release(self, reservation_id: str) -> pb.ReleaseResponse:
+        return await self.stub.Release(
+            pb.ReleaseRequest(reservation_id=reservation_id), timeout=RPC_TIMEOUT_S
+        )
+
+    async def usage(self, **fields: str) -> dict[str, int]:
+        """Remaining units per limit name, as GetUsage reports them."""
+        subject = fields.pop("subject", str(self.defaults.get("subject", "")))
+        model = fields.pop("model", str(self.defaults.get("model", "")))
+        request = pb.GetUsageRequest(subject=subject, model=model, **fields)
+        response = await self.stub.GetUsage(request, timeout=RPC_TIMEOUT_S)
+        return {status.name: status.remaining for status in response.limits}
+
+
+QuotadFactory = Callable[..., AbstractAsyncContextManager[Quotad]]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """One real Valkey server for the session (tests flush it between them)."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+async def snapshot(client: aioredis.Redis) -> dict[bytes | str, object]:
+    """Every key with its serialized value: equal snapshots mean nothing changed."""
+    return {k: await client.dump(k) for k in sorted(await client.keys("*"))}
+
+
+@asynccontextmanager
+async def running_quotad(
+    policy_yaml: str,
+    redis_url: str,
+    *,
+    clock: ManualClock | None = None,
+    timeout_s: float = 0.25,
+    health_interval_s: float = 0.05,
+    **defaults: object,
+) -> AsyncIterator[Quotad]:
+    policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
+    store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
+    await store.start()
+    server = QuotadServer(
+        QuotaCore(policy, store), store, listen="127.0.0.1:0", health_interval_s=health_interval_s
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield Quotad(server.port, pb_grpc.QuotaServiceStub(channel), channel, store, server, clock, defaults)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await store.aclose()
+
+
+@pytest.fixture
+def quotad(redis_client: aioredis.Redis, redis_server: EmbeddedRedis) -> QuotadFactory:
+    """`async with quotad(POLICY, clock=..., subject=...) as q:` starts a quotad on the session Redis."""
+
+    def start(policy_yaml: str, **kwargs: object) -> AbstractAsyncContextManager[Quotad]:
+        return running_quotad(policy_yaml, redis_server.url, **kwargs)  # type: ignore[arg-type]
+
+    return start
+
+
+async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """Await a call that must fail, and return its error."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value

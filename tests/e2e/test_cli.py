@@ -1,0 +1,177 @@
+"""The README's commands for real: `quotad serve` as a process, grpcurl against it, `quotad check-policy`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from quotad_server.store.embedded import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_POLICY = ROOT / "server" / "quotad_server" / "examples" / "policy.yaml"
+QUOTAD = [sys.executable, "-m", "quotad_server"]
+
+
+def grpcurl_binary() -> str:
+    found = shutil.which("grpcurl") or str(ROOT / ".tools" / "bin" / "grpcurl")
+    if not Path(found).exists():
+        pytest.fail("grpcurl is not installed: `make tools` installs it into .tools/bin")
+    return found
+
+
+class Served:
+    def __init__(self, process: subprocess.Popen[str], address: str) -> None:
+        self.process = process
+        self.address = address
+
+    def grpcurl(self, *args: str, data: dict[str, object] | None = None) -> str:
+        command = [grpcurl_binary(), "-plaintext", "-max-time", "10"]
+        if data is not None:
+            command += ["-d", json.dumps(data)]
+        result = subprocess.run(
+            [*command, self.address, *args], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stderr.read() if self.process.stderr else ""
+            result = subprocess.run(
+                [
+                    grpcurl_binary(),
+                    "-plaintext",
+                    "-max-time",
+                    "2",
+                    self.address,
+                    "grpc.health.v1.Health/Check",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if '"SERVING"' in result.stdout:
+                return
+            time.sleep(0.1)
+        pytest.fail("quotad did not become SERVING within 20 s")
+
+    def stop(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=20)
+        return self.process.returncode, stderr
+
+
+def _serve(extra_env: dict[str, str]) -> Served:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "QUOTAD_POLICY": str(EXAMPLE_POLICY),
+        "QUOTAD_LISTEN": address,
+        "QUOTAD_LOG_FORMAT": "json",
+        "QUOTAD_SHUTDOWN_GRACE_S": "2",
+        **extra_env,
+    }
+    process = subprocess.Popen([*QUOTAD, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    return Served(process, address)
+
+
+@pytest.fixture
+def served(redis_server: EmbeddedRedis) -> Iterator[Served]:
+    server = _serve({"QUOTAD_REDIS_URL": redis_server.url})
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.communicate()
+
+
+def test_grpcurl_lists_describes_and_calls_the_service(served: Served) -> None:
+    services = served.grpcurl("list").split()
+    assert "quotad.v1.QuotaService" in services
+    assert "grpc.health.v1.Health" in services
+    assert "rpc CheckAndReserve" in served.grpcurl("describe", "quotad.v1.QuotaService")
+
+    request = {"subject": "alice", "model": "gpt-4o", "input_tokens": 300, "max_output_tokens": 100}
+    reserved = json.loads(served.grpcurl("quotad.v1.QuotaService/CheckAndReserve", data=request))
+    assert reserved["decision"] == "DECISION_ALLOWED"
+
+    usage = json.loads(
+        served.grpcurl("quotad.v1.QuotaService/GetUsage", data={"subject": "alice", "model": "gpt-4o"})
+    )
+    remaining = {limit["name"]: int(limit["remaining"]) for limit in usage["limits"]}
+    assert remaining["tokens-per-minute"] <= 600
+
+    commit = {"reservation_id": reserved["reservation_id"], "input_tokens": 300, "output_tokens": 20}
+    committed = json.loads(served.grpcurl("quotad.v1.QuotaService/Commit", data=commit))
+    assert committed["committed"]["output_tokens"] == "20"  # grpcurl prints int64 as strings
+
+    code, stderr = served.stop()
+    assert code == 0
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    rpc_lines = [line for line in lines if line.get("event") == "rpc"]
+    assert {"CheckAndReserve", "GetUsage", "Commit"} <= {line["method"] for line in rpc_lines}
+    decision = next(line for line in rpc_lines if line["method"] == "CheckAndReserve")
+    assert {"subject", "tenant", "decision", "latency_ms"} <= set(decision)
+
+
+def test_serve_without_redis_url_starts_an_embedded_server() -> None:
+    server = _serve({"QUOTAD_REDIS_URL": ""})
+    try:
+        server.wait_serving()
+        reserved = server.grpcurl(
+            "quotad.v1.QuotaService/CheckAndReserve", data={"subject": "bob", "model": "gpt-4o-mini"}
+        )
+        assert "DECISION_ALLOWED" in reserved
+    finally:
+        code, stderr = server.stop()
+    assert code == 0
+    assert "embedded Valkey server" in stderr
+
+
+def test_serve_refuses_a_bad_policy_naming_file_path_and_value(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(EXAMPLE_POLICY.read_text().replace("period: 1h", "period: 1 hour"))
+    env = {**os.environ, "QUOTAD_POLICY": str(bad), "QUOTAD_LOG_FORMAT": "console"}
+    result = subprocess.run(
+        [*QUOTAD, "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    assert str(bad) in result.stderr
+    assert "tiers.free.limits[1].period" in result.stderr
+    assert "'1 hour'" in result.stderr
+
+
+def test_serve_without_a_policy_says_what_is_missing() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAD_")}
+    result = subprocess.run(
+        [*QUOTAD, "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    assert "QUOTAD_POLICY" in result.stderr
+
+
+def test_check_policy_offline(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [*QUOTAD, "check-policy", str(EXAMPLE_POLICY)], capture_output=True, text=True, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "defaults: {tier: free}\ntiers:\n  free:\n    limits:\n      - {name: x, metric: tokens, limit: 5}\n"
+    )
+    result = subprocess.run([*QUOTAD, "check-policy", str(bad)], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert f"{bad}: tiers.free.limits[0].metric: unknown metric 'tokens'" in result.stderr
