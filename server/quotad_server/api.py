@@ -5,20 +5,28 @@ Nothing is decided here; QuotaCore decides.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
 from quotad_server.core import QuotaCore, ReserveRequest
-from quotad_server.errors import FailedPrecondition, InvalidRequest, NotFound, QuotadError, StoreUnavailable
+from quotad_server.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidRequest,
+    NotFound,
+    QuotadError,
+    StoreUnavailable,
+)
 from quotad_server.model import (
     Algorithm,
     Cost,
@@ -30,6 +38,10 @@ from quotad_server.model import (
 )
 
 Response = TypeVar("Response")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+MAX_BATCH = 1000
+STREAM_WINDOW = 256  # items of one stream decided concurrently before reading more
 _log = structlog.get_logger("quotad.rpc")
 
 _DECISION = {Decision.ALLOWED: pb.DECISION_ALLOWED, Decision.DENIED: pb.DECISION_DENIED}
@@ -82,10 +94,26 @@ def _limit_status(status: LimitStatus) -> pb.LimitStatus:
     return message
 
 
-def _status_for(error: QuotadError) -> grpc.Status:
-    code, details = code_pb2.INTERNAL, []
+def _code_of(error: QuotadError) -> int:
+    """The gRPC status code number for an error."""
     if isinstance(error, InvalidRequest):
-        code = code_pb2.INVALID_ARGUMENT
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    elif isinstance(error, NotFound):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(error, FailedPrecondition):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    elif isinstance(error, StoreUnavailable):
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        code = grpc.StatusCode.INTERNAL
+    number: int = code.value[0]
+    return number
+
+
+def _status_for(error: QuotadError) -> grpc.Status:
+    """The status a unary call fails with: field violations travel as google.rpc.BadRequest."""
+    details = []
+    if isinstance(error, InvalidRequest):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -95,16 +123,45 @@ def _status_for(error: QuotadError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
-    elif isinstance(error, NotFound):
-        code = code_pb2.NOT_FOUND
-    elif isinstance(error, FailedPrecondition):
-        code = code_pb2.FAILED_PRECONDITION
-    elif isinstance(error, StoreUnavailable):
-        code = code_pb2.UNAVAILABLE
-    status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code, message=str(error), details=details)
-    )
+    status_proto = status_pb2.Status(code=_code_of(error), message=str(error), details=details)
+    status: grpc.Status = rpc_status.to_status(status_proto)
     return status
+
+
+def _item_error(error: QuotadError) -> pb.Error:
+    """The error result of one batch or stream item."""
+    violations = error.violations if isinstance(error, InvalidRequest) else ()
+    return pb.Error(
+        code=_code_of(error),
+        message=str(error),
+        field_violations=[pb.FieldViolation(field=v.field, description=v.description) for v in violations],
+    )
+
+
+async def _in_order(
+    items: AsyncIterator[Item], decide: Callable[[Item], Awaitable[Result]]
+) -> AsyncIterator[tuple[Item, Result]]:
+    """Decide stream items concurrently (up to STREAM_WINDOW at once) and yield them in arrival order."""
+    pending: asyncio.Queue[tuple[Item, asyncio.Future[Result]] | None] = asyncio.Queue(STREAM_WINDOW)
+
+    async def feed() -> None:
+        try:
+            async for item in items:
+                await pending.put((item, asyncio.ensure_future(decide(item))))
+        finally:
+            await pending.put(None)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        while (entry := await pending.get()) is not None:
+            yield entry[0], await entry[1]
+        await feeder  # surfaces a failure to read the stream
+    finally:
+        feeder.cancel()
+        while not pending.empty():
+            entry = pending.get_nowait()
+            if entry is not None:
+                entry[1].cancel()
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
@@ -147,6 +204,86 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
                 **fields,
             )
 
+    # -- one item: proto -> core -> proto; raises QuotadError ---------------------------
+
+    async def _reserve(
+        self, request: pb.CheckAndReserveRequest, fields: dict[str, Any]
+    ) -> pb.CheckAndReserveResponse:
+        lease_us = None
+        if request.HasField("lease"):
+            lease_us = request.lease.seconds * 1_000_000 + request.lease.nanos // 1000
+        outcome = await self._core.check_and_reserve(
+            ReserveRequest(
+                subject=request.subject,
+                tenant=request.tenant,
+                tier=request.tier,
+                model=request.model,
+                input_tokens=request.input_tokens,
+                max_output_tokens=request.max_output_tokens,
+                lease_us=lease_us,
+                idempotency_key=request.idempotency_key,
+            )
+        )
+        fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
+        response = pb.CheckAndReserveResponse(
+            decision=_DECISION[outcome.decision],
+            tenant=outcome.tenant,
+            tier=outcome.tier,
+            limits=[_limit_status(s) for s in outcome.limits],
+            replayed=outcome.replayed,
+        )
+        if outcome.decision is Decision.ALLOWED:
+            assert outcome.reserved is not None
+            response.reservation_id = outcome.reservation_id
+            response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
+            response.reserved.CopyFrom(_cost(outcome.reserved))
+            fields["reservation_id"] = outcome.reservation_id
+        else:
+            assert outcome.deny_reason is not None
+            response.deny_reason = _DENY_REASON[outcome.deny_reason]
+            response.binding_limit = outcome.binding_limit or ""
+            if outcome.retry_after_us is not None:
+                response.retry_after.CopyFrom(duration_us(outcome.retry_after_us))
+            fields.update(binding_limit=outcome.binding_limit, retry_after_us=outcome.retry_after_us)
+        return response
+
+    async def _commit(self, request: pb.CommitRequest, fields: dict[str, Any]) -> pb.CommitResponse:
+        outcome = await self._core.commit(request.reservation_id, request.input_tokens, request.output_tokens)
+        fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
+        return pb.CommitResponse(
+            reserved=_cost(outcome.reserved),
+            committed=_cost(outcome.committed),
+            repeat=outcome.repeat,
+            lease_expired=outcome.lease_expired,
+        )
+
+    async def _reserve_result(
+        self, request: pb.CheckAndReserveRequest, tally: dict[str, Any]
+    ) -> pb.CheckAndReserveResult:
+        try:
+            response = await self._reserve(request, {})
+        except QuotadError as error:
+            tally["errors"] += 1
+            return pb.CheckAndReserveResult(error=_item_error(error))
+        tally["allowed" if response.decision == pb.DECISION_ALLOWED else "denied"] += 1
+        return pb.CheckAndReserveResult(response=response)
+
+    async def _commit_result(self, request: pb.CommitRequest, tally: dict[str, Any]) -> pb.CommitResult:
+        try:
+            response = await self._commit(request, {})
+        except QuotadError as error:
+            tally["errors"] += 1
+            return pb.CommitResult(error=_item_error(error))
+        tally["committed"] += 1
+        return pb.CommitResult(response=response)
+
+    @staticmethod
+    def _check_batch_size(count: int) -> None:
+        if count > MAX_BATCH:
+            raise InvalidRequest([FieldViolation("requests", f"at most {MAX_BATCH} items, got {count}")])
+
+    # -- unary ------------------------------------------------------------------------
+
     async def CheckAndReserve(
         self, request: pb.CheckAndReserveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CheckAndReserveResponse:
@@ -155,66 +292,13 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             "tenant": request.tenant,
             "model": request.model,
         }
-
-        async def call() -> pb.CheckAndReserveResponse:
-            lease_us = None
-            if request.HasField("lease"):
-                lease_us = request.lease.seconds * 1_000_000 + request.lease.nanos // 1000
-            outcome = await self._core.check_and_reserve(
-                ReserveRequest(
-                    subject=request.subject,
-                    tenant=request.tenant,
-                    tier=request.tier,
-                    model=request.model,
-                    input_tokens=request.input_tokens,
-                    max_output_tokens=request.max_output_tokens,
-                    lease_us=lease_us,
-                    idempotency_key=request.idempotency_key,
-                )
-            )
-            fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
-            response = pb.CheckAndReserveResponse(
-                decision=_DECISION[outcome.decision],
-                tenant=outcome.tenant,
-                tier=outcome.tier,
-                limits=[_limit_status(s) for s in outcome.limits],
-                replayed=outcome.replayed,
-            )
-            if outcome.decision is Decision.ALLOWED:
-                assert outcome.reserved is not None
-                response.reservation_id = outcome.reservation_id
-                response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
-                response.reserved.CopyFrom(_cost(outcome.reserved))
-                fields["reservation_id"] = outcome.reservation_id
-            else:
-                assert outcome.deny_reason is not None
-                response.deny_reason = _DENY_REASON[outcome.deny_reason]
-                response.binding_limit = outcome.binding_limit or ""
-                if outcome.retry_after_us is not None:
-                    response.retry_after.CopyFrom(duration_us(outcome.retry_after_us))
-                fields.update(binding_limit=outcome.binding_limit, retry_after_us=outcome.retry_after_us)
-            return response
-
-        return await self._handle("CheckAndReserve", context, fields, call)
+        return await self._handle("CheckAndReserve", context, fields, lambda: self._reserve(request, fields))
 
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CommitResponse:
         fields: dict[str, Any] = {"reservation_id": request.reservation_id}
-
-        async def call() -> pb.CommitResponse:
-            outcome = await self._core.commit(
-                request.reservation_id, request.input_tokens, request.output_tokens
-            )
-            fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
-            return pb.CommitResponse(
-                reserved=_cost(outcome.reserved),
-                committed=_cost(outcome.committed),
-                repeat=outcome.repeat,
-                lease_expired=outcome.lease_expired,
-            )
-
-        return await self._handle("Commit", context, fields, call)
+        return await self._handle("Commit", context, fields, lambda: self._commit(request, fields))
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -241,3 +325,69 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             )
 
         return await self._handle("GetUsage", context, fields, call)
+
+    # -- batches and streams: one log line per call, with the tally of its items ------
+
+    async def CheckAndReserveBatch(
+        self, request: pb.CheckAndReserveBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CheckAndReserveBatchResponse:
+        fields: dict[str, Any] = {"items": len(request.requests), "allowed": 0, "denied": 0, "errors": 0}
+
+        async def call() -> pb.CheckAndReserveBatchResponse:
+            self._check_batch_size(len(request.requests))
+            results = await asyncio.gather(*(self._reserve_result(item, fields) for item in request.requests))
+            return pb.CheckAndReserveBatchResponse(results=results)
+
+        return await self._handle("CheckAndReserveBatch", context, fields, call)
+
+    async def CommitBatch(
+        self, request: pb.CommitBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CommitBatchResponse:
+        fields: dict[str, Any] = {"items": len(request.requests), "committed": 0, "errors": 0}
+
+        async def call() -> pb.CommitBatchResponse:
+            self._check_batch_size(len(request.requests))
+            results = await asyncio.gather(*(self._commit_result(item, fields) for item in request.requests))
+            return pb.CommitBatchResponse(results=results)
+
+        return await self._handle("CommitBatch", context, fields, call)
+
+    async def CheckAndReserveStream(
+        self,
+        request_iterator: AsyncIterator[pb.CheckAndReserveStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.CheckAndReserveStreamResponse]:
+        tally: dict[str, Any] = {"items": 0, "allowed": 0, "denied": 0, "errors": 0}
+        started, code = time.perf_counter(), "OK"
+        try:
+            async for item, result in _in_order(
+                request_iterator, lambda item: self._reserve_result(item.request, tally)
+            ):
+                tally["items"] += 1
+                yield pb.CheckAndReserveStreamResponse(request_id=item.request_id, result=result)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+            _log.info("rpc", method="CheckAndReserveStream", code=code, latency_ms=elapsed_ms, **tally)
+
+    async def CommitStream(
+        self,
+        request_iterator: AsyncIterator[pb.CommitStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.CommitStreamResponse]:
+        tally: dict[str, Any] = {"items": 0, "committed": 0, "errors": 0}
+        started, code = time.perf_counter(), "OK"
+        try:
+            async for item, result in _in_order(
+                request_iterator, lambda item: self._commit_result(item.request, tally)
+            ):
+                tally["items"] += 1
+                yield pb.CommitStreamResponse(request_id=item.request_id, result=result)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+            _log.info("rpc", method="CommitStream", code=code, latency_ms=elapsed_ms, **tally)

@@ -18,12 +18,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
-
 from quotad_server.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -33,6 +27,7 @@ from quotad_server.errors import (
 )
 from quotad_server.model import Algorithm, Cost, Limit, LimitStatus, Metric, Scope, SettleOutcome
 from quotad_server.store import ReservePlan, ReserveResult
+from quotad_server.store.resp import RedisAddress, RespClient, Script
 
 T = TypeVar("T")
 Clock = Callable[[], int]
@@ -79,7 +74,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RespClient,
         *,
         timeout_s: float,
         key_prefix: str = "quotad",
@@ -89,8 +84,8 @@ class RedisStore:
         self._timeout_s = timeout_s
         self._prefix = key_prefix
         self._clock = clock
-        self._reserve: AsyncScript = client.register_script(_load_script("reserve.lua"))
-        self._settle: AsyncScript = client.register_script(_load_script("settle.lua"))
+        self._reserve = Script(_load_script("reserve.lua"))
+        self._settle = Script(_load_script("settle.lua"))
         # Redis clock minus ours, in microseconds; learnt from every script reply. It turns
         # our timeout into a deadline on Redis's clock, after which a script that was
         # delayed (a paused or overloaded server) gives up instead of acting on a request
@@ -101,14 +96,8 @@ class RedisStore:
     def from_url(
         cls, url: str, *, timeout_s: float, key_prefix: str = "quotad", clock: Clock | None = None
     ) -> RedisStore:
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # A retried script may run twice; an error is the honest answer.
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
+        # No retries: a retried script may run twice; UNAVAILABLE is the honest answer.
+        client = RespClient(RedisAddress.from_url(url), connect_timeout_s=timeout_s)
         return cls(client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -118,10 +107,9 @@ class RedisStore:
             async with asyncio.timeout(self._timeout_s):
                 return await operation()
         except TimeoutError as exc:
+            self._client.reset()  # Redis may be gone without a word: reconnect next time
             raise StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms") from exc
-        except ResponseError:
-            raise  # a script bug or a wrong server: not an outage, let it surface as one
-        except (RedisError, OSError) as exc:
+        except OSError as exc:  # ConnectionError included; RedisReplyError (a bug) is not wrapped
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
 
     def _now_arg(self) -> str:
@@ -136,8 +124,8 @@ class RedisStore:
         if self._clock is None:
             self._offset_us = redis_now_us - time.time_ns() // 1000
 
-    async def _run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        reply: list[Any] = await self._call(lambda: script(keys=list(keys), args=list(args)))
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> list[Any]:
+        reply: list[Any] = await self._call(lambda: self._client.run_script(script, keys, args))
         return reply
 
     def _record_key(self, tag: str, reservation_id: str) -> str:
@@ -187,12 +175,11 @@ class RedisStore:
 
     async def start(self) -> None:
         """Load the scripts and learn Redis's clock; raise StoreUnavailable if Redis is down."""
-        await self._call(self._client.ping)
-        seconds, micros = await self._call(self._client.time)
-        self._learn_clock(seconds * 1_000_000 + micros)
+        seconds, micros = await self._call(lambda: self._client.call("TIME"))
+        self._learn_clock(int(seconds) * 1_000_000 + int(micros))
 
     async def ping(self) -> None:
-        await self._call(self._client.ping)
+        await self._call(lambda: self._client.call("PING"))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -56,6 +56,26 @@ class QuotaServiceStub:
                 request_serializer=quotad_dot_v1_dot_quota__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=quotad_dot_v1_dot_quota__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.CheckAndReserveBatch = channel.unary_unary(
+                '/quotad.v1.QuotaService/CheckAndReserveBatch',
+                request_serializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveBatchRequest.SerializeToString,
+                response_deserializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveBatchResponse.FromString,
+                _registered_method=True)
+        self.CheckAndReserveStream = channel.stream_stream(
+                '/quotad.v1.QuotaService/CheckAndReserveStream',
+                request_serializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveStreamRequest.SerializeToString,
+                response_deserializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveStreamResponse.FromString,
+                _registered_method=True)
+        self.CommitBatch = channel.unary_unary(
+                '/quotad.v1.QuotaService/CommitBatch',
+                request_serializer=quotad_dot_v1_dot_quota__pb2.CommitBatchRequest.SerializeToString,
+                response_deserializer=quotad_dot_v1_dot_quota__pb2.CommitBatchResponse.FromString,
+                _registered_method=True)
+        self.CommitStream = channel.stream_stream(
+                '/quotad.v1.QuotaService/CommitStream',
+                request_serializer=quotad_dot_v1_dot_quota__pb2.CommitStreamRequest.SerializeToString,
+                response_deserializer=quotad_dot_v1_dot_quota__pb2.CommitStreamResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -96,6 +116,42 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckAndReserveBatch(self, request, context):
+        """CheckAndReserveBatch decides many requests in one call, for high-volume
+        callers such as gateways. Each item is decided on its own, all or nothing
+        for that item, exactly as CheckAndReserve would; one failing item never
+        fails the others. Results come back in request order. The call itself
+        fails (INVALID_ARGUMENT) only when it holds more than 1000 items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckAndReserveStream(self, request_iterator, context):
+        """CheckAndReserveStream decides requests sent over one long-lived stream.
+        Items are decided concurrently and answered in the order they were sent,
+        each answer echoing its request_id; a failing item gets an error result
+        and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitBatch(self, request, context):
+        """CommitBatch commits many reservations in one call, each on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitStream(self, request_iterator, context):
+        """CommitStream commits reservations sent over one long-lived stream,
+        answered in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +174,26 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=quotad_dot_v1_dot_quota__pb2.GetUsageRequest.FromString,
                     response_serializer=quotad_dot_v1_dot_quota__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'CheckAndReserveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckAndReserveBatch,
+                    request_deserializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveBatchRequest.FromString,
+                    response_serializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveBatchResponse.SerializeToString,
+            ),
+            'CheckAndReserveStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CheckAndReserveStream,
+                    request_deserializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveStreamRequest.FromString,
+                    response_serializer=quotad_dot_v1_dot_quota__pb2.CheckAndReserveStreamResponse.SerializeToString,
+            ),
+            'CommitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitBatch,
+                    request_deserializer=quotad_dot_v1_dot_quota__pb2.CommitBatchRequest.FromString,
+                    response_serializer=quotad_dot_v1_dot_quota__pb2.CommitBatchResponse.SerializeToString,
+            ),
+            'CommitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CommitStream,
+                    request_deserializer=quotad_dot_v1_dot_quota__pb2.CommitStreamRequest.FromString,
+                    response_serializer=quotad_dot_v1_dot_quota__pb2.CommitStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +306,114 @@ class QuotaService:
             '/quotad.v1.QuotaService/GetUsage',
             quotad_dot_v1_dot_quota__pb2.GetUsageRequest.SerializeToString,
             quotad_dot_v1_dot_quota__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAndReserveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotad.v1.QuotaService/CheckAndReserveBatch',
+            quotad_dot_v1_dot_quota__pb2.CheckAndReserveBatchRequest.SerializeToString,
+            quotad_dot_v1_dot_quota__pb2.CheckAndReserveBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckAndReserveStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/quotad.v1.QuotaService/CheckAndReserveStream',
+            quotad_dot_v1_dot_quota__pb2.CheckAndReserveStreamRequest.SerializeToString,
+            quotad_dot_v1_dot_quota__pb2.CheckAndReserveStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotad.v1.QuotaService/CommitBatch',
+            quotad_dot_v1_dot_quota__pb2.CommitBatchRequest.SerializeToString,
+            quotad_dot_v1_dot_quota__pb2.CommitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/quotad.v1.QuotaService/CommitStream',
+            quotad_dot_v1_dot_quota__pb2.CommitStreamRequest.SerializeToString,
+            quotad_dot_v1_dot_quota__pb2.CommitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,25 @@ class QuotaServiceStub:
     """GetUsage reports the status of every limit that applies to a caller,
     without changing anything.
     """
+    CheckAndReserveBatch: _grpc.UnaryUnaryMultiCallable[_quota_pb2.CheckAndReserveBatchRequest, _quota_pb2.CheckAndReserveBatchResponse]
+    """CheckAndReserveBatch decides many requests in one call, for high-volume
+    callers such as gateways. Each item is decided on its own, all or nothing
+    for that item, exactly as CheckAndReserve would; one failing item never
+    fails the others. Results come back in request order. The call itself
+    fails (INVALID_ARGUMENT) only when it holds more than 1000 items.
+    """
+    CheckAndReserveStream: _grpc.StreamStreamMultiCallable[_quota_pb2.CheckAndReserveStreamRequest, _quota_pb2.CheckAndReserveStreamResponse]
+    """CheckAndReserveStream decides requests sent over one long-lived stream.
+    Items are decided concurrently and answered in the order they were sent,
+    each answer echoing its request_id; a failing item gets an error result
+    and the stream goes on.
+    """
+    CommitBatch: _grpc.UnaryUnaryMultiCallable[_quota_pb2.CommitBatchRequest, _quota_pb2.CommitBatchResponse]
+    """CommitBatch commits many reservations in one call, each on its own."""
+    CommitStream: _grpc.StreamStreamMultiCallable[_quota_pb2.CommitStreamRequest, _quota_pb2.CommitStreamResponse]
+    """CommitStream commits reservations sent over one long-lived stream,
+    answered in order.
+    """
 
 @_typing.type_check_only
 class QuotaServiceAsyncStub(QuotaServiceStub):
@@ -84,6 +103,25 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     GetUsage: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetUsageRequest, _quota_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reports the status of every limit that applies to a caller,
     without changing anything.
+    """
+    CheckAndReserveBatch: _aio.UnaryUnaryMultiCallable[_quota_pb2.CheckAndReserveBatchRequest, _quota_pb2.CheckAndReserveBatchResponse]  # type: ignore[assignment]
+    """CheckAndReserveBatch decides many requests in one call, for high-volume
+    callers such as gateways. Each item is decided on its own, all or nothing
+    for that item, exactly as CheckAndReserve would; one failing item never
+    fails the others. Results come back in request order. The call itself
+    fails (INVALID_ARGUMENT) only when it holds more than 1000 items.
+    """
+    CheckAndReserveStream: _aio.StreamStreamMultiCallable[_quota_pb2.CheckAndReserveStreamRequest, _quota_pb2.CheckAndReserveStreamResponse]  # type: ignore[assignment]
+    """CheckAndReserveStream decides requests sent over one long-lived stream.
+    Items are decided concurrently and answered in the order they were sent,
+    each answer echoing its request_id; a failing item gets an error result
+    and the stream goes on.
+    """
+    CommitBatch: _aio.UnaryUnaryMultiCallable[_quota_pb2.CommitBatchRequest, _quota_pb2.CommitBatchResponse]  # type: ignore[assignment]
+    """CommitBatch commits many reservations in one call, each on its own."""
+    CommitStream: _aio.StreamStreamMultiCallable[_quota_pb2.CommitStreamRequest, _quota_pb2.CommitStreamResponse]  # type: ignore[assignment]
+    """CommitStream commits reservations sent over one long-lived stream,
+    answered in order.
     """
 
 class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -130,6 +168,49 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_quota_pb2.GetUsageResponse, _abc.Awaitable[_quota_pb2.GetUsageResponse]]:
         """GetUsage reports the status of every limit that applies to a caller,
         without changing anything.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckAndReserveBatch(
+        self,
+        request: _quota_pb2.CheckAndReserveBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.CheckAndReserveBatchResponse, _abc.Awaitable[_quota_pb2.CheckAndReserveBatchResponse]]:
+        """CheckAndReserveBatch decides many requests in one call, for high-volume
+        callers such as gateways. Each item is decided on its own, all or nothing
+        for that item, exactly as CheckAndReserve would; one failing item never
+        fails the others. Results come back in request order. The call itself
+        fails (INVALID_ARGUMENT) only when it holds more than 1000 items.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckAndReserveStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_quota_pb2.CheckAndReserveStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_quota_pb2.CheckAndReserveStreamResponse], _abc.AsyncIterator[_quota_pb2.CheckAndReserveStreamResponse]]:
+        """CheckAndReserveStream decides requests sent over one long-lived stream.
+        Items are decided concurrently and answered in the order they were sent,
+        each answer echoing its request_id; a failing item gets an error result
+        and the stream goes on.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitBatch(
+        self,
+        request: _quota_pb2.CommitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.CommitBatchResponse, _abc.Awaitable[_quota_pb2.CommitBatchResponse]]:
+        """CommitBatch commits many reservations in one call, each on its own."""
+
+    @_abc_1.abstractmethod
+    def CommitStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_quota_pb2.CommitStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_quota_pb2.CommitStreamResponse], _abc.AsyncIterator[_quota_pb2.CommitStreamResponse]]:
+        """CommitStream commits reservations sent over one long-lived stream,
+        answered in order.
         """
 
 def add_QuotaServiceServicer_to_server(servicer: QuotaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

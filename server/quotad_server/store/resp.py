@@ -1,0 +1,202 @@
+"""A small auto-pipelining Redis client: one connection, one write per event-loop turn.
+
+Every command issued during one turn of the event loop is written to the socket
+in one write, and the replies are matched to their callers in order (RESP
+replies arrive in request order). Under load, concurrent decisions coalesce
+into one pipeline per turn: one syscall and one round trip for many scripts,
+with the protocol encoded and parsed in C by hiredis.
+
+Only what quotad needs: connect (TCP, TLS or a Unix socket; AUTH, SELECT),
+commands, scripts by SHA with NOSCRIPT fallback. Errors: ConnectionError when
+the connection fails or is lost; error replies come back as hiredis.ReplyError
+values for the caller to inspect (see RespClient.call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import hiredis
+
+
+class RedisReplyError(Exception):
+    """Redis answered a command with an error reply (a bug or a misconfiguration, not an outage)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where and how to connect, parsed from a redis://, rediss:// or unix:// URL."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisAddress:
+        parsed = urlparse(url)
+        query = parse_qs(parsed.query)
+        username = unquote(parsed.username) if parsed.username else None
+        password = unquote(parsed.password) if parsed.password else None
+        if parsed.scheme == "unix":
+            return cls(
+                path=parsed.path, username=username, password=password, db=int(query.get("db", ["0"])[0])
+            )
+        if parsed.scheme not in ("redis", "rediss"):
+            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r}")
+        db = int(parsed.path.lstrip("/") or query.get("db", ["0"])[0])
+        return cls(
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 6379,
+            tls=parsed.scheme == "rediss",
+            username=username,
+            password=password,
+            db=db,
+        )
+
+
+class Script:
+    """A Lua script, called by SHA; the client loads it on NOSCRIPT."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            future = self._pending.popleft()
+            if not future.done():  # its caller may have timed out and gone
+                future.set_result(reply)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = exc or ConnectionError("connection closed by Redis")
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(f"lost the Redis connection: {self.lost}"))
+
+    def send(self, payload: bytes) -> asyncio.Future[Any]:
+        if self.lost is not None or self._transport is None:
+            raise ConnectionError(f"the Redis connection is closed: {self.lost}")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append(future)
+        self._outgoing.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._transport is not None and self._outgoing and self.lost is None:
+            self._transport.write(b"".join(self._outgoing))
+        self._outgoing.clear()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class RespClient:
+    """One lazily (re)connected, auto-pipelined connection to Redis."""
+
+    def __init__(self, address: RedisAddress, *, connect_timeout_s: float) -> None:
+        self._address = address
+        self._connect_timeout_s = connect_timeout_s
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connection(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None:
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._protocol is None or self._protocol.lost is not None:
+                self._protocol = await self._connect()
+            return self._protocol
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        address = self._address
+        async with asyncio.timeout(self._connect_timeout_s):
+            if address.path is not None:
+                _, protocol = await loop.create_unix_connection(_Protocol, address.path)
+            else:
+                context = ssl.create_default_context() if address.tls else None
+                _, protocol = await loop.create_connection(
+                    _Protocol,
+                    address.host,
+                    address.port,
+                    ssl=context,
+                    server_hostname=address.host if context else None,
+                )
+            handshake: list[tuple[Any, ...]] = []
+            if address.password is not None:
+                credentials = (
+                    (address.username, address.password) if address.username else (address.password,)
+                )
+                handshake.append(("AUTH", *credentials))
+            if address.db:
+                handshake.append(("SELECT", address.db))
+            for command in handshake:
+                reply = await protocol.send(hiredis.pack_command(command))
+                if isinstance(reply, hiredis.ReplyError):
+                    protocol.abort()
+                    raise ConnectionError(f"Redis refused {command[0]}: {reply}")
+        return protocol
+
+    async def call(self, *command: Any) -> Any:
+        """Run one command; raise RedisReplyError on an error reply, ConnectionError on a lost connection."""
+        protocol = await self._connection()
+        reply = await protocol.send(hiredis.pack_command(command))
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisReplyError(str(reply))
+        return reply
+
+    async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, falling back to EVAL (which also caches the script) when Redis does not know it."""
+        protocol = await self._connection()
+        reply = await protocol.send(hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)))
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            reply = await protocol.send(
+                hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
+            )
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisReplyError(str(reply))
+        return reply
+
+    def reset(self) -> None:
+        """Drop the connection (after a timeout Redis may be gone silently); the next call reconnects."""
+        if self._protocol is not None:
+            self._protocol.abort()
+            self._protocol = None
+
+    async def aclose(self) -> None:
+        self.reset()
