@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
+import subprocess
 import sys
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 
 import structlog
 
@@ -63,6 +65,7 @@ async def serve(settings: Settings) -> int:
             "serving",
             listen=settings.listen,
             port=server.port,
+            pid=os.getpid(),
             policy=settings.policy_path,
             version=__version__,
         )
@@ -76,6 +79,45 @@ async def serve(settings: Settings) -> int:
         await server.stop(settings.shutdown_grace_s)
         log.info("stopped")
     return 0
+
+
+def supervise(settings: Settings) -> int:
+    """Run `settings.workers` server processes on one port (SO_REUSEPORT) and stop them together.
+
+    The workers share one Redis: the embedded one is started here, once, when no URL is set.
+    If a worker dies, the others are stopped too and the exit code says so: let the
+    orchestrator restart the whole set rather than run with fewer workers unnoticed.
+    """
+    log = structlog.get_logger("quotad")
+    with ExitStack() as stack:
+        redis_url = settings.redis_url
+        if not redis_url:
+            redis_url = stack.enter_context(EmbeddedRedis()).url
+            log.warning("no QUOTAD_REDIS_URL: started an embedded Valkey server shared by the workers")
+        env = {**os.environ, "QUOTAD_REDIS_URL": redis_url, "QUOTAD_WORKERS": "1"}
+        workers = [
+            subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=env)
+            for _ in range(settings.workers)
+        ]
+        log.info("workers started", workers=settings.workers, pids=[w.pid for w in workers])
+
+        def forward(signum: int, _frame: object) -> None:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes: list[int] = []
+        while len(codes) < len(workers):
+            pid, status = os.wait()
+            codes.append(os.waitstatus_to_exitcode(status))
+            if codes[-1] != 0:
+                log.error("a worker exited; stopping the others", pid=pid, exit_code=codes[-1])
+                forward(signal.SIGTERM, None)
+        for worker in workers:
+            worker.returncode = 0  # reaped by os.wait above
+    return max((abs(code) for code in codes), default=0)
 
 
 def check_policy(path: str) -> int:
@@ -94,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quotad", description="Quota decisions for LLM calls.")
     parser.add_argument("--version", action="version", version=f"quotad {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="serve gRPC (settings from QUOTAD_* environment variables)")
+    serve_parser = commands.add_parser(
+        "serve", help="serve gRPC (settings from QUOTAD_* environment variables)"
+    )
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (SO_REUSEPORT); overrides QUOTAD_WORKERS",
+    )
     check = commands.add_parser("check-policy", help="validate a policy file offline")
     check.add_argument("file")
     args = parser.parse_args(argv)
@@ -106,8 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"quotad: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.workers is not None:
+        if not 1 <= args.workers <= 64:
+            print("quotad: --workers: expected 1 to 64", file=sys.stderr)
+            return EXIT_CONFIG
+        settings = dataclasses.replace(settings, workers=args.workers)
     configure_logging(settings.log_format, settings.log_level)
     try:
+        load_policy(settings.policy_path)  # refuse a bad policy before starting anything
+        if settings.workers > 1:
+            return supervise(settings)
         return asyncio.run(serve(settings))
     except PolicyError as error:
         structlog.get_logger("quotad").error("policy refused", error=str(error))

@@ -50,6 +50,7 @@ class Settings:
     log_level: str = "info"
     health_interval_ms: int = 1000
     shutdown_grace_s: int = 10
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -81,4 +82,5 @@ class Settings:
             log_level=log_level,
             health_interval_ms=_int(env, "QUOTAD_HEALTH_INTERVAL_MS", 1000, 50, 600_000),
             shutdown_grace_s=_int(env, "QUOTAD_SHUTDOWN_GRACE_S", 10, 0, 3600),
+            workers=_int(env, "QUOTAD_WORKERS", 1, 1, 64),
         )

@@ -175,3 +175,35 @@ def test_check_policy_offline(tmp_path: Path) -> None:
     result = subprocess.run([*QUOTAD, "check-policy", str(bad)], capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert f"{bad}: tiers.free.limits[0].metric: unknown metric 'tokens'" in result.stderr
+
+
+def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: EmbeddedRedis) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "QUOTAD_POLICY": str(EXAMPLE_POLICY),
+        "QUOTAD_LISTEN": address,
+        "QUOTAD_REDIS_URL": redis_server.url,
+        "QUOTAD_LOG_FORMAT": "json",
+        "QUOTAD_SHUTDOWN_GRACE_S": "2",
+    }
+    process = subprocess.Popen(
+        [*QUOTAD, "serve", "--workers", "2"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    server = Served(process, address)
+    try:
+        server.wait_serving()
+        for i in range(20):  # new connections spread over both workers; every one is served
+            request = {"subject": f"user-{i}", "model": "gpt-4o-mini", "input_tokens": 5}
+            assert "DECISION_ALLOWED" in server.grpcurl(
+                "quotad.v1.QuotaService/CheckAndReserve", data=request
+            )
+    finally:
+        code, stderr = server.stop()
+    assert code == 0
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    started = next(line for line in lines if line.get("event") == "workers started")
+    assert len(started["pids"]) == 2
+    serving_pids = {line["pid"] for line in lines if line.get("event") == "serving"}
+    assert serving_pids == set(started["pids"])
+    assert sum(line.get("event") == "stopped" for line in lines) == 2

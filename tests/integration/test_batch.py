@@ -74,13 +74,20 @@ async def test_commit_batch_settles_each_item_on_its_own(quotad: QuotadFactory) 
         )
         response = await q.stub.CommitBatch(batch, timeout=RPC_TIMEOUT_S)
 
-        assert [r.WhichOneof("outcome") for r in response.results] == ["response", "error", "error", "response"]
+        assert [r.WhichOneof("outcome") for r in response.results] == [
+            "response",
+            "error",
+            "error",
+            "response",
+        ]
         assert response.results[1].error.code == NOT_FOUND
         assert response.results[2].error.code == INVALID
         assert await q.usage(subject="alice") == {"tokens": 1000 - 100 - 250}
 
 
-async def _requests(items: list[pb.CheckAndReserveStreamRequest]) -> AsyncIterator[pb.CheckAndReserveStreamRequest]:
+async def _requests(
+    items: list[pb.CheckAndReserveStreamRequest],
+) -> AsyncIterator[pb.CheckAndReserveStreamRequest]:
     for item in items:
         yield item
         await asyncio.sleep(0)
@@ -89,7 +96,9 @@ async def _requests(items: list[pb.CheckAndReserveStreamRequest]) -> AsyncIterat
 async def test_stream_answers_in_order_and_survives_bad_items(quotad: QuotadFactory) -> None:
     async with quotad(POLICY, clock=ManualClock()) as q:
         items = [
-            pb.CheckAndReserveStreamRequest(request_id=f"r{i}", request=reserve("" if i == 3 else "alice", 100))
+            pb.CheckAndReserveStreamRequest(
+                request_id=f"r{i}", request=reserve("" if i == 3 else "alice", 100)
+            )
             for i in range(12)
         ]
         answers = [a async for a in q.stub.CheckAndReserveStream(_requests(items), timeout=RPC_TIMEOUT_S)]
@@ -109,7 +118,8 @@ async def test_commit_stream_settles_in_order(quotad: QuotadFactory) -> None:
         async def commits() -> AsyncIterator[pb.CommitStreamRequest]:
             for i, r in enumerate(reserved):
                 yield pb.CommitStreamRequest(
-                    request_id=str(i), request=pb.CommitRequest(reservation_id=r.reservation_id, input_tokens=10)
+                    request_id=str(i),
+                    request=pb.CommitRequest(reservation_id=r.reservation_id, input_tokens=10),
                 )
 
         answers = [a async for a in q.stub.CommitStream(commits(), timeout=RPC_TIMEOUT_S)]
