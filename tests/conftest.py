@@ -19,7 +19,7 @@ from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 
 RPC_TIMEOUT_S = 5.0
-START_US = 1_800_000_000_000_000  # 2027-01-15, a round, fixed start for the test clock
+START_US = 1_800_000_000_123_457  # 2027-01-15; not round, so microsecond precision is exercised
 
 
 @dataclass

@@ -6,13 +6,15 @@ Nothing is decided here; QuotaCore decides.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from quotad.v1 import quota_pb2 as pb
@@ -32,9 +34,12 @@ from quotad_server.model import (
     Cost,
     Decision,
     DenyReason,
+    Limit,
     LimitStatus,
     Metric,
+    ReserveOutcome,
     Scope,
+    SettleOutcome,
 )
 
 Response = TypeVar("Response")
@@ -76,22 +81,34 @@ def _cost(cost: Cost) -> pb.Cost:
     return pb.Cost(requests=cost.requests, input_tokens=cost.input_tokens, output_tokens=cost.output_tokens)
 
 
-def _limit_status(status: LimitStatus) -> pb.LimitStatus:
-    limit = status.limit
+@functools.lru_cache(maxsize=4096)
+def _limit_template(limit: Limit) -> pb.LimitStatus:
+    """The parts of a LimitStatus that come from the policy, built once per limit."""
     message = pb.LimitStatus(
         name=limit.name,
         scope=_SCOPE[limit.scope],
         metric=_METRIC[limit.metric],
         algorithm=_ALGORITHM[limit.algorithm],
         limit=limit.limit,
-        remaining=status.remaining,
-        reset_after=duration_us(status.reset_after_us),
-        denied=status.denied,
-        binding=status.binding,
     )
     if limit.period_us:
         message.period.CopyFrom(duration_us(limit.period_us))
     return message
+
+
+def _add_limit_statuses(
+    into: RepeatedCompositeFieldContainer[pb.LimitStatus], statuses: Sequence[LimitStatus]
+) -> None:
+    for status in statuses:
+        message = into.add()
+        message.CopyFrom(_limit_template(status.limit))
+        message.remaining = status.remaining
+        message.reset_after.seconds, micros = divmod(status.reset_after_us, 1_000_000)
+        message.reset_after.nanos = micros * 1000
+        if status.wait_us != 0:
+            message.denied = True
+        if status.binding:
+            message.binding = True
 
 
 def _code_of(error: QuotadError) -> int:
@@ -135,6 +152,56 @@ def _item_error(error: QuotadError) -> pb.Error:
         code=_code_of(error),
         message=str(error),
         field_violations=[pb.FieldViolation(field=v.field, description=v.description) for v in violations],
+    )
+
+
+def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
+    lease_us = None
+    if request.HasField("lease"):
+        lease_us = request.lease.seconds * 1_000_000 + request.lease.nanos // 1000
+    return ReserveRequest(
+        subject=request.subject,
+        tenant=request.tenant,
+        tier=request.tier,
+        model=request.model,
+        input_tokens=request.input_tokens,
+        max_output_tokens=request.max_output_tokens,
+        lease_us=lease_us,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def _fill_reserve_response(
+    response: pb.CheckAndReserveResponse, outcome: ReserveOutcome, fields: dict[str, Any]
+) -> None:
+    """Write a decision into `response`, and what the log line should say into `fields`."""
+    response.decision = _DECISION[outcome.decision]
+    response.tenant = outcome.tenant
+    response.tier = outcome.tier
+    response.replayed = outcome.replayed
+    _add_limit_statuses(response.limits, outcome.limits)
+    fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
+    if outcome.decision is Decision.ALLOWED:
+        assert outcome.reserved is not None
+        response.reservation_id = outcome.reservation_id
+        response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
+        response.reserved.CopyFrom(_cost(outcome.reserved))
+        fields["reservation_id"] = outcome.reservation_id
+    else:
+        assert outcome.deny_reason is not None
+        response.deny_reason = _DENY_REASON[outcome.deny_reason]
+        response.binding_limit = outcome.binding_limit or ""
+        if outcome.retry_after_us is not None:
+            response.retry_after.CopyFrom(duration_us(outcome.retry_after_us))
+        fields.update(binding_limit=outcome.binding_limit, retry_after_us=outcome.retry_after_us)
+
+
+def _commit_response(outcome: SettleOutcome) -> pb.CommitResponse:
+    return pb.CommitResponse(
+        reserved=_cost(outcome.reserved),
+        committed=_cost(outcome.committed),
+        repeat=outcome.repeat,
+        lease_expired=outcome.lease_expired,
     )
 
 
@@ -209,53 +276,15 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     async def _reserve(
         self, request: pb.CheckAndReserveRequest, fields: dict[str, Any]
     ) -> pb.CheckAndReserveResponse:
-        lease_us = None
-        if request.HasField("lease"):
-            lease_us = request.lease.seconds * 1_000_000 + request.lease.nanos // 1000
-        outcome = await self._core.check_and_reserve(
-            ReserveRequest(
-                subject=request.subject,
-                tenant=request.tenant,
-                tier=request.tier,
-                model=request.model,
-                input_tokens=request.input_tokens,
-                max_output_tokens=request.max_output_tokens,
-                lease_us=lease_us,
-                idempotency_key=request.idempotency_key,
-            )
-        )
-        fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
-        response = pb.CheckAndReserveResponse(
-            decision=_DECISION[outcome.decision],
-            tenant=outcome.tenant,
-            tier=outcome.tier,
-            limits=[_limit_status(s) for s in outcome.limits],
-            replayed=outcome.replayed,
-        )
-        if outcome.decision is Decision.ALLOWED:
-            assert outcome.reserved is not None
-            response.reservation_id = outcome.reservation_id
-            response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
-            response.reserved.CopyFrom(_cost(outcome.reserved))
-            fields["reservation_id"] = outcome.reservation_id
-        else:
-            assert outcome.deny_reason is not None
-            response.deny_reason = _DENY_REASON[outcome.deny_reason]
-            response.binding_limit = outcome.binding_limit or ""
-            if outcome.retry_after_us is not None:
-                response.retry_after.CopyFrom(duration_us(outcome.retry_after_us))
-            fields.update(binding_limit=outcome.binding_limit, retry_after_us=outcome.retry_after_us)
+        outcome = await self._core.check_and_reserve(_reserve_request(request))
+        response = pb.CheckAndReserveResponse()
+        _fill_reserve_response(response, outcome, fields)
         return response
 
     async def _commit(self, request: pb.CommitRequest, fields: dict[str, Any]) -> pb.CommitResponse:
         outcome = await self._core.commit(request.reservation_id, request.input_tokens, request.output_tokens)
         fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
-        return pb.CommitResponse(
-            reserved=_cost(outcome.reserved),
-            committed=_cost(outcome.committed),
-            repeat=outcome.repeat,
-            lease_expired=outcome.lease_expired,
-        )
+        return _commit_response(outcome)
 
     async def _reserve_result(
         self, request: pb.CheckAndReserveRequest, tally: dict[str, Any]
@@ -320,9 +349,9 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         async def call() -> pb.GetUsageResponse:
             report = await self._core.get_usage(request.subject, request.tenant, request.tier, request.model)
             fields.update(tenant=report.tenant, tier=report.tier)
-            return pb.GetUsageResponse(
-                tenant=report.tenant, tier=report.tier, limits=[_limit_status(s) for s in report.limits]
-            )
+            response = pb.GetUsageResponse(tenant=report.tenant, tier=report.tier)
+            _add_limit_statuses(response.limits, report.limits)
+            return response
 
         return await self._handle("GetUsage", context, fields, call)
 
@@ -335,8 +364,19 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
 
         async def call() -> pb.CheckAndReserveBatchResponse:
             self._check_batch_size(len(request.requests))
-            results = await asyncio.gather(*(self._reserve_result(item, fields) for item in request.requests))
-            return pb.CheckAndReserveBatchResponse(results=results)
+            outcomes = await self._core.check_and_reserve_many(
+                [_reserve_request(r) for r in request.requests]
+            )
+            response = pb.CheckAndReserveBatchResponse()
+            for outcome in outcomes:
+                result = response.results.add()
+                if isinstance(outcome, QuotadError):
+                    fields["errors"] += 1
+                    result.error.CopyFrom(_item_error(outcome))
+                else:
+                    fields["allowed" if outcome.decision is Decision.ALLOWED else "denied"] += 1
+                    _fill_reserve_response(result.response, outcome, {})
+            return response
 
         return await self._handle("CheckAndReserveBatch", context, fields, call)
 
@@ -347,8 +387,19 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
 
         async def call() -> pb.CommitBatchResponse:
             self._check_batch_size(len(request.requests))
-            results = await asyncio.gather(*(self._commit_result(item, fields) for item in request.requests))
-            return pb.CommitBatchResponse(results=results)
+            outcomes = await self._core.commit_many(
+                [(r.reservation_id, r.input_tokens, r.output_tokens) for r in request.requests]
+            )
+            response = pb.CommitBatchResponse()
+            for outcome in outcomes:
+                result = response.results.add()
+                if isinstance(outcome, QuotadError):
+                    fields["errors"] += 1
+                    result.error.CopyFrom(_item_error(outcome))
+                else:
+                    fields["committed"] += 1
+                    result.response.CopyFrom(_commit_response(outcome))
+            return response
 
         return await self._handle("CommitBatch", context, fields, call)
 

@@ -7,9 +7,11 @@ it knows neither gRPC nor Redis.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from quotad_server.errors import FieldViolation, InvalidRequest
+from quotad_server.errors import FieldViolation, InvalidRequest, QuotadError
 from quotad_server.model import (
     Cost,
     Decision,
@@ -20,10 +22,11 @@ from quotad_server.model import (
     UsageReport,
 )
 from quotad_server.policy import Policy
-from quotad_server.store import ReservePlan, Store
+from quotad_server.store import ReservePlan, ReserveResult, Store
 
 MAX_TOKENS = 10**9
 MAX_ID_BYTES = 256
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,7 @@ def _check_text(violations: list[FieldViolation], field: str, value: str, *, req
         return
     if len(value.encode()) > MAX_ID_BYTES:
         violations.append(FieldViolation(field, f"at most {MAX_ID_BYTES} bytes"))
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+    if _CONTROL.search(value):
         violations.append(FieldViolation(field, "must not contain control characters"))
 
 
@@ -100,8 +103,8 @@ class QuotaCore:
 
     # -- the decisions ----------------------------------------------------------------
 
-    async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
-        """Reserve the request's estimated cost on every applicable limit, or deny it."""
+    def _plan(self, request: ReserveRequest) -> tuple[ReservePlan, str]:
+        """Validate a request and resolve its limits; returns the plan and the tier."""
         policy = self.policy
         violations: list[FieldViolation] = []
         tenant, tier = self._resolve_caller(
@@ -121,39 +124,66 @@ class QuotaCore:
             )
         if violations:
             raise InvalidRequest(violations)
-
-        limits = policy.limits_for(tier, tenant, request.model)
         fingerprint = ""
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
                 f"{tier}\n{request.model}\n{request.input_tokens}\n{request.max_output_tokens}".encode()
             ).hexdigest()[:32]
-        result = await self._store.reserve(
-            ReservePlan(
-                partition=policy.partition(tenant),
-                tenant=tenant,
-                subject=request.subject,
-                limits=limits,
-                input_tokens=request.input_tokens,
-                output_tokens=request.max_output_tokens,
-                lease_us=lease_us,
-                record_ttl_us=lease_us + policy.retention_us,
-                idempotency_key=request.idempotency_key,
-                fingerprint=fingerprint,
-            )
+        plan = ReservePlan(
+            partition=policy.partition(tenant),
+            tenant=tenant,
+            subject=request.subject,
+            limits=policy.limits_for(tier, tenant, request.model),
+            input_tokens=request.input_tokens,
+            output_tokens=request.max_output_tokens,
+            lease_us=lease_us,
+            record_ttl_us=lease_us + policy.retention_us,
+            idempotency_key=request.idempotency_key,
+            fingerprint=fingerprint,
         )
-        if result.allowed:
-            return ReserveOutcome(
-                decision=Decision.ALLOWED,
-                tenant=tenant,
-                tier=tier,
-                limits=result.limits,
-                reservation_id=result.reservation_id,
-                lease_expires_at_us=result.lease_expires_at_us,
-                reserved=result.reserved,
-                replayed=result.replayed,
+        return plan, tier
+
+    def _outcome(self, plan: ReservePlan, tier: str, result: ReserveResult) -> ReserveOutcome:
+        if not result.allowed:
+            return self._denial(plan.tenant, tier, result.limits)
+        return ReserveOutcome(
+            decision=Decision.ALLOWED,
+            tenant=plan.tenant,
+            tier=tier,
+            limits=result.limits,
+            reservation_id=result.reservation_id,
+            lease_expires_at_us=result.lease_expires_at_us,
+            reserved=result.reserved,
+            replayed=result.replayed,
+        )
+
+    async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
+        """Reserve the request's estimated cost on every applicable limit, or deny it."""
+        plan, tier = self._plan(request)
+        return self._outcome(plan, tier, await self._store.reserve(plan))
+
+    async def check_and_reserve_many(
+        self, requests: Sequence[ReserveRequest]
+    ) -> list[ReserveOutcome | QuotadError]:
+        """Decide each request on its own, all in one round trip; a failed item is its error, in place."""
+        planned: list[tuple[ReservePlan, str] | QuotadError] = []
+        for request in requests:
+            try:
+                planned.append(self._plan(request))
+            except QuotadError as error:
+                planned.append(error)
+        plans = [item[0] for item in planned if not isinstance(item, QuotadError)]
+        results = iter(await self._store.reserve_many(plans))
+        outcomes: list[ReserveOutcome | QuotadError] = []
+        for item in planned:
+            if isinstance(item, QuotadError):
+                outcomes.append(item)
+                continue
+            result = next(results)
+            outcomes.append(
+                result if isinstance(result, QuotadError) else self._outcome(item[0], item[1], result)
             )
-        return self._denial(tenant, tier, result.limits)
+        return outcomes
 
     @staticmethod
     def _denial(tenant: str, tier: str, statuses: tuple[LimitStatus, ...]) -> ReserveOutcome:
@@ -189,6 +219,22 @@ class QuotaCore:
             raise InvalidRequest(violations)
         actual = Cost(1, input_tokens, output_tokens)
         return await self._store.settle(reservation_id, actual, self.policy.retention_us)
+
+    async def commit_many(self, commits: Sequence[tuple[str, int, int]]) -> list[SettleOutcome | QuotadError]:
+        """Commit each (reservation id, input tokens, output tokens) on its own, in one round trip."""
+        valid: list[tuple[str, Cost]] = []
+        checked: list[QuotadError | None] = []
+        for reservation_id, input_tokens, output_tokens in commits:
+            violations: list[FieldViolation] = []
+            _check_tokens(violations, "input_tokens", input_tokens)
+            _check_tokens(violations, "output_tokens", output_tokens)
+            if not reservation_id:
+                violations.append(FieldViolation("reservation_id", "required"))
+            checked.append(InvalidRequest(violations) if violations else None)
+            if not violations:
+                valid.append((reservation_id, Cost(1, input_tokens, output_tokens)))
+        settled = iter(await self._store.commit_many(valid, self.policy.retention_us))
+        return [error if error is not None else next(settled) for error in checked]
 
     async def release(self, reservation_id: str) -> SettleOutcome:
         """Refund a whole reservation (the call never happened); idempotent."""

@@ -6,9 +6,11 @@ Protocol. RedisStore (store/redis.py) is the one implementation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from quotad_server.errors import QuotadError
 from quotad_server.model import Cost, Limit, LimitStatus, SettleOutcome
 
 
@@ -50,6 +52,16 @@ class Store(Protocol):
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
         """Check every limit of the plan and reserve on all of them, or on none."""
+        ...
+
+    async def reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
+        """reserve() for each plan, in one round trip; a failed item is its error, in its place."""
+        ...
+
+    async def commit_many(
+        self, commits: Sequence[tuple[str, Cost]], retention_us: int
+    ) -> list[SettleOutcome | QuotadError]:
+        """settle() with actual usage for each (reservation id, usage), in one round trip."""
         ...
 
     async def peek(

@@ -9,7 +9,7 @@ Release find the reservation's slot from the id alone.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import re
 import secrets
@@ -23,6 +23,7 @@ from quotad_server.errors import (
     FieldViolation,
     InvalidRequest,
     NotFound,
+    QuotadError,
     StoreUnavailable,
 )
 from quotad_server.model import Algorithm, Cost, Limit, LimitStatus, Metric, Scope, SettleOutcome
@@ -65,6 +66,11 @@ def key(prefix: str, tag: str, kind: str, *parts: str) -> str:
     return ":".join((prefix, "{" + tag + "}", kind, *(_escape(p) for p in parts)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _limit_suffix(limit: Limit) -> str:
+    return f"{_ALGORITHM_CODE[limit.algorithm]}:{_escape(limit.name)}"
+
+
 def _load_script(name: str) -> str:
     return (resources.files("quotad_server.store") / "lua" / name).read_text(encoding="utf-8")
 
@@ -97,17 +103,15 @@ class RedisStore:
         cls, url: str, *, timeout_s: float, key_prefix: str = "quotad", clock: Clock | None = None
     ) -> RedisStore:
         # No retries: a retried script may run twice; UNAVAILABLE is the honest answer.
-        client = RespClient(RedisAddress.from_url(url), connect_timeout_s=timeout_s)
+        client = RespClient(RedisAddress.from_url(url), timeout_s=timeout_s)
         return cls(client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock)
 
     # -- plumbing ---------------------------------------------------------------------
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await operation()
-        except TimeoutError as exc:
-            self._client.reset()  # Redis may be gone without a word: reconnect next time
+            return await operation()
+        except TimeoutError as exc:  # the client dropped the connection; the next call reconnects
             raise StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms") from exc
         except OSError as exc:  # ConnectionError included; RedisReplyError (a bug) is not wrapped
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
@@ -128,26 +132,37 @@ class RedisStore:
         reply: list[Any] = await self._call(lambda: self._client.run_script(script, keys, args))
         return reply
 
+    async def _run_many(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Every call in one pipeline; a failed one comes back as its exception, in its place."""
+        if not calls:
+            return []
+        return await self._call(lambda: self._client.run_scripts(script, calls))
+
+    def _unwrap(self, reply: Any) -> list[Any]:
+        if isinstance(reply, TimeoutError):
+            raise StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
+        if isinstance(reply, OSError):
+            raise StoreUnavailable(f"redis unavailable: {reply}")
+        if isinstance(reply, Exception):
+            raise reply
+        result: list[Any] = reply
+        return result
+
     def _record_key(self, tag: str, reservation_id: str) -> str:
         return key(self._prefix, tag, "r", reservation_id)
 
-    def limit_key(self, tag: str, limit: Limit, tenant: str, subject: str) -> str:
-        owner: tuple[str, ...]
-        if limit.scope is Scope.SUBJECT:
-            owner = (tenant, subject)
-        elif limit.scope is Scope.TENANT:
-            owner = (tenant,)
-        else:
-            owner = ()
-        return key(
-            self._prefix,
-            tag,
-            "l",
-            _SCOPE_CODE[limit.scope],
-            *owner,
-            _ALGORITHM_CODE[limit.algorithm],
-            limit.name,
-        )
+    def limit_keys(self, tag: str, limits: Sequence[Limit], tenant: str, subject: str) -> list[str]:
+        """The counter key of each limit: `key(prefix, tag, "l", scope, *owner, algorithm, name)`.
+
+        Built from one escaped owner prefix per scope and a suffix cached per limit, since
+        this runs for every decision.
+        """
+        owners = {
+            Scope.SUBJECT: key(self._prefix, tag, "l", "s", tenant, subject, ""),
+            Scope.TENANT: key(self._prefix, tag, "l", "t", tenant, ""),
+            Scope.GLOBAL: key(self._prefix, tag, "l", "g", ""),
+        }
+        return [owners[limit.scope] + _limit_suffix(limit) for limit in limits]
 
     @staticmethod
     def _limit_args(limits: Sequence[Limit]) -> list[Any]:
@@ -184,14 +199,13 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def reserve(self, plan: ReservePlan) -> ReserveResult:
+    def _reserve_call(self, plan: ReservePlan) -> tuple[str, list[str], list[Any]]:
         tag = hash_tag(plan.partition)
         reservation_id = tag + secrets.token_hex(16)
-        idempotency_key = key(self._prefix, tag, "i", plan.tenant, plan.subject, plan.idempotency_key)
         keys = [
             self._record_key(tag, reservation_id),
-            idempotency_key,
-            *(self.limit_key(tag, limit, plan.tenant, plan.subject) for limit in plan.limits),
+            key(self._prefix, tag, "i", plan.tenant, plan.subject, plan.idempotency_key),
+            *self.limit_keys(tag, plan.limits, plan.tenant, plan.subject),
         ]
         args = [
             "reserve",
@@ -205,7 +219,9 @@ class RedisStore:
             plan.output_tokens,
             *self._limit_args(plan.limits),
         ]
-        reply = await self._run(self._reserve, keys, args)
+        return reservation_id, keys, args
+
+    def _reserve_result(self, plan: ReservePlan, reservation_id: str, reply: list[Any]) -> ReserveResult:
         code, now_us, lease_expires_us = reply[0], reply[1], reply[2]
         self._learn_clock(now_us)
         if code == _REPLY_PAST_DEADLINE:
@@ -233,6 +249,22 @@ class RedisStore:
             reserved=Cost(1, plan.input_tokens, plan.output_tokens) if allowed else None,
         )
 
+    async def reserve(self, plan: ReservePlan) -> ReserveResult:
+        reservation_id, keys, args = self._reserve_call(plan)
+        reply = await self._run(self._reserve, keys, args)
+        return self._reserve_result(plan, reservation_id, reply)
+
+    async def reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
+        calls = [self._reserve_call(plan) for plan in plans]
+        replies = await self._run_many(self._reserve, [(keys, args) for _, keys, args in calls])
+        results: list[ReserveResult | QuotadError] = []
+        for plan, (reservation_id, _, _), reply in zip(plans, calls, replies, strict=True):
+            try:
+                results.append(self._reserve_result(plan, reservation_id, self._unwrap(reply)))
+            except QuotadError as error:
+                results.append(error)
+        return results
+
     async def peek(
         self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
     ) -> tuple[LimitStatus, ...]:
@@ -240,30 +272,34 @@ class RedisStore:
         keys = [
             self._record_key(tag, "peek"),
             self._record_key(tag, "peek"),
-            *(self.limit_key(tag, limit, tenant, subject) for limit in limits),
+            *self.limit_keys(tag, limits, tenant, subject),
         ]
         args = ["peek", self._now_arg(), 0, "", 0, 1, "", 0, 0, *self._limit_args(limits)]
         reply = await self._run(self._reserve, keys, args)
         self._learn_clock(reply[1])
         return self._statuses(limits, reply)
 
-    async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
+    def _settle_call(
+        self, reservation_id: str, actual: Cost | None, retention_us: int
+    ) -> tuple[list[str], list[Any]]:
         if not RESERVATION_ID.match(reservation_id):
             raise InvalidRequest(
                 [FieldViolation("reservation_id", "malformed: expected the id CheckAndReserve returned")]
             )
-        mode = "release" if actual is None else "commit"
         used = actual or Cost()
         keys = [self._record_key(reservation_id[:_TAG_HEX], reservation_id)]
         args = [
-            mode,
+            "release" if actual is None else "commit",
             self._now_arg(),
             self._deadline_arg(),
             used.input_tokens,
             used.output_tokens,
             max(1, retention_us // 1000),
         ]
-        reply = await self._run(self._settle, keys, args)
+        return keys, args
+
+    @staticmethod
+    def _settle_result(reservation_id: str, reply: list[Any]) -> SettleOutcome:
         code, est_in, est_out, act_in, act_out, lease_expired, state = reply
         if code == _REPLY_NOT_FOUND:
             raise NotFound(f"reservation {reservation_id} does not exist or is past its retention")
@@ -279,3 +315,30 @@ class RedisStore:
             repeat=code != _REPLY_ALLOWED,
             lease_expired=bool(lease_expired),
         )
+
+    async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
+        keys, args = self._settle_call(reservation_id, actual, retention_us)
+        return self._settle_result(reservation_id, await self._run(self._settle, keys, args))
+
+    async def commit_many(
+        self, commits: Sequence[tuple[str, Cost]], retention_us: int
+    ) -> list[SettleOutcome | QuotadError]:
+        results: list[SettleOutcome | QuotadError | None] = []
+        calls: list[tuple[list[str], list[Any]]] = []
+        for reservation_id, actual in commits:
+            try:
+                calls.append(self._settle_call(reservation_id, actual, retention_us))
+                results.append(None)
+            except QuotadError as error:
+                results.append(error)
+        replies = iter(await self._run_many(self._settle, calls))
+        done: list[SettleOutcome | QuotadError] = []
+        for (reservation_id, _), result in zip(commits, results, strict=True):
+            if result is not None:
+                done.append(result)
+                continue
+            try:
+                done.append(self._settle_result(reservation_id, self._unwrap(next(replies))))
+            except QuotadError as error:
+                done.append(error)
+        return done

@@ -8,8 +8,13 @@ with the protocol encoded and parsed in C by hiredis.
 
 Only what quotad needs: connect (TCP, TLS or a Unix socket; AUTH, SELECT),
 commands, scripts by SHA with NOSCRIPT fallback. Errors: ConnectionError when
-the connection fails or is lost; error replies come back as hiredis.ReplyError
-values for the caller to inspect (see RespClient.call).
+the connection fails or is lost, TimeoutError when Redis does not answer in
+time, RedisReplyError for an error reply.
+
+Timeouts cost nothing per call: replies come in order, so the oldest pending
+request tells whether Redis is answering. A watchdog looks at it a few times
+per timeout and, when it is overdue, fails every pending request and drops the
+connection (the next call reconnects).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class Script:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
@@ -89,22 +94,35 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            future = self._pending.popleft()
-            if not future.done():  # its caller may have timed out and gone
+            future = self._pending.popleft()[0]
+            if not future.done():  # its caller may have been cancelled
                 future.set_result(reply)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = exc or ConnectionError("connection closed by Redis")
+        if self.lost is None:
+            self.lost = exc or ConnectionError("connection closed by Redis")
+        self._fail_pending(ConnectionError(f"lost the Redis connection: {self.lost}"))
+
+    def _fail_pending(self, error: Exception) -> None:
         while self._pending:
-            future = self._pending.popleft()
+            future = self._pending.popleft()[0]
             if not future.done():
-                future.set_exception(ConnectionError(f"lost the Redis connection: {self.lost}"))
+                future.set_exception(error)
+
+    def oldest_pending_since(self) -> float | None:
+        return self._pending[0][1] if self._pending else None
+
+    def time_out(self, error: TimeoutError) -> None:
+        """Redis stopped answering: fail everything pending and drop the connection."""
+        self.lost = error
+        self._fail_pending(error)
+        self.abort()
 
     def send(self, payload: bytes) -> asyncio.Future[Any]:
         if self.lost is not None or self._transport is None:
             raise ConnectionError(f"the Redis connection is closed: {self.lost}")
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending.append(future)
+        self._pending.append((future, self._loop.time()))
         self._outgoing.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -123,13 +141,18 @@ class _Protocol(asyncio.Protocol):
 
 
 class RespClient:
-    """One lazily (re)connected, auto-pipelined connection to Redis."""
+    """One lazily (re)connected, auto-pipelined connection to Redis.
 
-    def __init__(self, address: RedisAddress, *, connect_timeout_s: float) -> None:
+    Every call either answers or fails within `timeout_s` (plus a quarter of it, the
+    watchdog's period), connecting included.
+    """
+
+    def __init__(self, address: RedisAddress, *, timeout_s: float) -> None:
         self._address = address
-        self._connect_timeout_s = connect_timeout_s
+        self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def _connection(self) -> _Protocol:
         protocol = self._protocol
@@ -137,39 +160,48 @@ class RespClient:
             return protocol
         if self._connecting is None:
             self._connecting = asyncio.Lock()
-        async with self._connecting:
+            self._watchdog = asyncio.create_task(self._watch(), name="quotad-redis-watchdog")
+        async with asyncio.timeout(self._timeout_s), self._connecting:
             if self._protocol is None or self._protocol.lost is not None:
                 self._protocol = await self._connect()
             return self._protocol
 
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._timeout_s / 4)
+            protocol = self._protocol
+            since = protocol.oldest_pending_since() if protocol is not None else None
+            if protocol is not None and since is not None and loop.time() - since > self._timeout_s:
+                protocol.time_out(
+                    TimeoutError(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
+                )
+
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         address = self._address
-        async with asyncio.timeout(self._connect_timeout_s):
-            if address.path is not None:
-                _, protocol = await loop.create_unix_connection(_Protocol, address.path)
-            else:
-                context = ssl.create_default_context() if address.tls else None
-                _, protocol = await loop.create_connection(
-                    _Protocol,
-                    address.host,
-                    address.port,
-                    ssl=context,
-                    server_hostname=address.host if context else None,
-                )
-            handshake: list[tuple[Any, ...]] = []
-            if address.password is not None:
-                credentials = (
-                    (address.username, address.password) if address.username else (address.password,)
-                )
-                handshake.append(("AUTH", *credentials))
-            if address.db:
-                handshake.append(("SELECT", address.db))
-            for command in handshake:
-                reply = await protocol.send(hiredis.pack_command(command))
-                if isinstance(reply, hiredis.ReplyError):
-                    protocol.abort()
-                    raise ConnectionError(f"Redis refused {command[0]}: {reply}")
+        if address.path is not None:
+            _, protocol = await loop.create_unix_connection(_Protocol, address.path)
+        else:
+            context = ssl.create_default_context() if address.tls else None
+            _, protocol = await loop.create_connection(
+                _Protocol,
+                address.host,
+                address.port,
+                ssl=context,
+                server_hostname=address.host if context else None,
+            )
+        handshake: list[tuple[Any, ...]] = []
+        if address.password is not None:
+            credentials = (address.username, address.password) if address.username else (address.password,)
+            handshake.append(("AUTH", *credentials))
+        if address.db:
+            handshake.append(("SELECT", address.db))
+        for command in handshake:
+            reply = await protocol.send(hiredis.pack_command(command))
+            if isinstance(reply, hiredis.ReplyError):
+                protocol.abort()
+                raise ConnectionError(f"Redis refused {command[0]}: {reply}")
         return protocol
 
     async def call(self, *command: Any) -> Any:
@@ -192,6 +224,28 @@ class RespClient:
             raise RedisReplyError(str(reply))
         return reply
 
+    async def run_scripts(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Many script calls in one write; each reply, or its exception, in its place."""
+        protocol = await self._connection()
+        futures = [
+            protocol.send(hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)))
+            for keys, args in calls
+        ]
+        replies: list[Any] = []
+        for future, (keys, args) in zip(futures, calls, strict=True):
+            try:
+                reply = await future
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    reply = await protocol.send(
+                        hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
+                    )
+                replies.append(
+                    RedisReplyError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
+                )
+            except (ConnectionError, TimeoutError) as error:
+                replies.append(error)
+        return replies
+
     def reset(self) -> None:
         """Drop the connection (after a timeout Redis may be gone silently); the next call reconnects."""
         if self._protocol is not None:
@@ -199,4 +253,6 @@ class RespClient:
             self._protocol = None
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.reset()

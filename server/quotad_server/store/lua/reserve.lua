@@ -5,10 +5,11 @@ or concurrent callers over-admit (check-then-act), and a request denied by one
 limit must not be charged on the others. All or nothing, and a denial writes
 nothing at all.
 
-KEYS[1]   the reservation record (hash) this request would create
-KEYS[2]   the idempotency key (string: "<fingerprint>\n<record key>"); unused when ARGV[7] is ""
+KEYS[1]   the reservation record this request would create (a string, see below)
+KEYS[2]   the idempotency key (string "<fingerprint>\n<record key>"); unused when ARGV[7] is ""
 KEYS[3..] one counter key per limit, in the order of the limit specs in ARGV. A sliding
-          window also keeps its running sum at KEYS[i] .. ":sum" (same hash tag, same slot).
+          window over tokens also keeps its running sum at KEYS[i] .. ":sum" (same hash
+          tag, so the same Redis Cluster slot).
 
 ARGV[1]   mode: "reserve", or "peek" (compute the statuses at zero cost, write nothing)
 ARGV[2]   now in microseconds, or "" to read Redis TIME (the clock of every replica)
@@ -28,9 +29,15 @@ ARGV[10]  N, the number of limits; then 4 values per limit:
 State, per algorithm (units are requests or tokens, times are microseconds):
   b  string "<level> <updated_at>": units in use; it drains at limit/period. A level
      above the limit is debt (usage above estimates), which later requests wait out.
-  w  zset of "<reservation id>:<units>" scored by reservation time, and the sum of all
-     members' units at KEYS[i]:sum. Members at or before now - period are outside the window.
+  w  zset of "<reservation id>:<units>" scored by reservation time; members at or before
+     now - period are outside the window. Over requests every member is one unit, so the
+     zset's count is the usage; over tokens, KEYS[i]:sum holds the units of all members.
   c  zset of reservation ids scored by lease expiry; members at or before now are expired.
+
+The record (string, TTL = lease + retention) is what settle.lua needs, so a reservation
+is settled on the limits it was made under even if the policy changes meanwhile:
+  "r <lease_expires_at> <est_in> <est_out>" then one line per limit:
+  "<algorithm> <metric> <limit> <period> <key without the '<prefix>:{tag}:l:' part>"
 
 Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N}
   code 1 allowed, 0 denied, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
@@ -52,7 +59,6 @@ end
 local peek = mode == 'peek'
 local rid = ARGV[4]
 local lease_us = tonumber(ARGV[5])
-local record_ttl_ms = tonumber(ARGV[6])
 local fingerprint = ARGV[7]
 local est_in = tonumber(ARGV[8])
 local est_out = tonumber(ARGV[9])
@@ -64,9 +70,15 @@ if not peek and fingerprint ~= '' then
   if seen then
     local sep = string.find(seen, '\n', 1, true)
     if string.sub(seen, 1, sep - 1) ~= fingerprint then return {-2, now, 0, 0} end
-    local record = redis.call('HMGET', string.sub(seen, sep + 1), 'id', 'lx', 'ein', 'eout')
-    if record[1] then
-      return {2, now, tonumber(record[2]), 0, record[1], tonumber(record[3]), tonumber(record[4])}
+    local record_key = string.sub(seen, sep + 1)
+    local record = redis.call('GET', record_key)
+    if record then
+      local first_id = string.match(record_key, ':r:(%x+)$')
+      local lx, ein, eout = string.match(record, '^%a ([%d.]+) (%d+) (%d+)')
+      if not lx then  -- a settled record: "<state> <ain> <aout> <lease_expired> <ein> <eout> <lx>"
+        ein, eout, lx = string.match(record, '^%a %d+ %d+ %d (%d+) (%d+) ([%d.]+)')
+      end
+      return {2, now, tonumber(lx), 0, first_id, tonumber(ein), tonumber(eout)}
     end
   end
 end
@@ -79,35 +91,13 @@ local function units(metric)
   return est_in + est_out
 end
 
+-- Lua's own number-to-string conversion keeps 14 digits; microsecond times need 16.
+local function int(x) return string.format('%d', x) end
+
 -- Draining is continuous, so a bucket level is fractional; float noise must neither deny
 -- a request that fits nor round a wait up by a microsecond. Far below one unit.
 local EPSILON = 1e-9
 local function ceil(x) return math.ceil(x - EPSILON) end
-
--- Token bucket: units in use now, after draining since the last update.
-local function bucket_level(key, limit, period)
-  local raw = redis.call('GET', key)
-  if not raw then return 0 end
-  local sep = string.find(raw, ' ', 1, true)
-  local level = tonumber(string.sub(raw, 1, sep - 1))
-  local updated = tonumber(string.sub(raw, sep + 1))
-  if now > updated then
-    level = level - (now - updated) * limit / period
-    if level < 0 then level = 0 end
-  end
-  return level
-end
-
--- Sliding window: units inside (now - period, now], and the expired members' units.
-local function window_used(key, period)
-  local total = tonumber(redis.call('GET', key .. ':sum') or '0')
-  local expired = redis.call('ZRANGEBYSCORE', key, '-inf', now - period)
-  local gone = 0
-  for i = 1, #expired do
-    gone = gone + tonumber(string.match(expired[i], ':(%d+)$'))
-  end
-  return total - gone, gone
-end
 
 local statuses = {}
 local admit = true
@@ -117,9 +107,14 @@ for i = 1, n do
   local limit, period = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   local key = KEYS[i + 2]
   local cost = units(metric)
-  local used, wait, reset_after, extra = 0, 0, 0, 0
+  local used, wait, reset_after, expired = 0, 0, 0, 0
   if alg == 'b' then
-    used = bucket_level(key, limit, period)
+    local raw = redis.call('GET', key)
+    if raw then
+      local level, updated = string.match(raw, '^(%S+) (%d+)$')
+      used = tonumber(level) - (now - tonumber(updated)) * limit / period
+      if used < 0 then used = 0 elseif used > tonumber(level) then used = tonumber(level) end
+    end
     if cost > limit then
       wait = -1
     elseif used + cost - limit > EPSILON then
@@ -129,38 +124,56 @@ for i = 1, n do
     if wait == 0 then after = used + cost end
     reset_after = ceil(after * period / limit)
   elseif alg == 'w' then
-    used, extra = window_used(key, period)
+    local floor = now - period
+    if metric == 'r' then
+      used = redis.call('ZCOUNT', key, '(' .. int(floor), '+inf')
+    else
+      local total = tonumber(redis.call('GET', key .. ':sum') or '0')
+      local gone = redis.call('ZRANGEBYSCORE', key, '-inf', floor)
+      for j = 1, #gone do expired = expired + tonumber(string.match(gone[j], ':(%d+)$')) end
+      used = total - expired
+    end
     if cost > limit then
       wait = -1
     elseif used + cost > limit then
       -- The oldest members leave the window first: find the one whose exit makes room.
-      local members = redis.call('ZRANGEBYSCORE', key, '(' .. (now - period), '+inf', 'WITHSCORES')
-      local left = used
-      for j = 1, #members, 2 do
-        left = left - tonumber(string.match(members[j], ':(%d+)$'))
-        if left + cost <= limit then
-          wait = tonumber(members[j + 1]) + period - now
-          break
+      if metric == 'r' then
+        local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES', 'LIMIT', used + cost - limit - 1, 1)
+        wait = tonumber(nth[2]) + period - now
+      else
+        local members = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES')
+        local left = used
+        for j = 1, #members, 2 do
+          left = left - tonumber(string.match(members[j], ':(%d+)$'))
+          if left + cost <= limit then
+            wait = tonumber(members[j + 1]) + period - now
+            break
+          end
         end
       end
     end
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    if newest[2] then reset_after = math.max(0, tonumber(newest[2]) + period - now) end
-    if wait == 0 and cost > 0 then reset_after = period end
+    if wait == 0 and cost > 0 then
+      reset_after = period  -- this request's own member is the newest
+    elseif used > 0 then
+      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      reset_after = math.max(0, tonumber(newest[2]) + period - now)
+    end
   else -- 'c'
-    used = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+    used = redis.call('ZCOUNT', key, '(' .. int(now), '+inf')
     if cost > limit then
       wait = -1
     elseif used + cost > limit then
-      local nth = redis.call('ZRANGEBYSCORE', key, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', used + cost - limit - 1, 1)
+      local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', used + cost - limit - 1, 1)
       wait = tonumber(nth[2]) - now
     end
-    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    if last[2] then reset_after = math.max(0, tonumber(last[2]) - now) end
+    if used > 0 then
+      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      reset_after = math.max(0, tonumber(last[2]) - now)
+    end
     if wait == 0 and cost > 0 then reset_after = math.max(reset_after, lease_us) end
   end
   if wait ~= 0 then admit = false end
-  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra}
+  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, expired}
 end
 
 local lease_expires = now + lease_us
@@ -175,47 +188,50 @@ for i = 1, n do
 end
 
 if peek then return reply end
-
 if not admit then
   reply[1] = 0
   return reply
 end
 
-local keys, specs = {}, {}
+local prefix_len = #string.match(KEYS[1], '^(.*):r:%x+$') + 3  -- '<prefix>:{tag}' .. ':l:'
+-- Expired members of a request window or an in-flight set never count (every read is by
+-- score), so removing them only bounds memory. Doing it on one admission in 16, chosen by
+-- the random reservation id, keeps at most ~16 of them beyond the live ones and saves a
+-- call on the others. (Windows over tokens must trim to keep their running sum exact.)
+local trim = string.sub(rid, -1) == '0'
+local record = {'r ' .. int(lease_expires) .. ' ' .. int(est_in) .. ' ' .. int(est_out)}
 for i = 1, n do
   local s = statuses[i]
   local alg, limit, period, key, cost = s[1], s[3], s[4], s[5], s[6]
-  keys[i] = key
-  specs[i] = alg .. ' ' .. s[2] .. ' ' .. limit .. ' ' .. period
+  record[i + 1] = alg .. ' ' .. s[2] .. ' ' .. int(limit) .. ' ' .. int(period) .. ' ' .. string.sub(key, prefix_len + 1)
   if alg == 'b' then
     if cost > 0 then
       local level = s[7] + cost
       redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ceil(level * period / limit / 1000) + 1000)
     end
   elseif alg == 'w' then
-    if s[10] > 0 then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - period)
-      redis.call('DECRBY', key .. ':sum', s[10])
-    end
     if cost > 0 then
-      redis.call('ZADD', key, now, rid .. ':' .. cost)
-      redis.call('INCRBY', key .. ':sum', cost)
       local ttl = ceil(period / 1000) + 1000
+      if s[2] == 'r' then
+        if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period)) end
+      else
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
+        redis.call('SET', key .. ':sum', int(s[7] + cost), 'PX', ttl)
+      end
+      redis.call('ZADD', key, now, rid .. ':' .. int(cost))
       redis.call('PEXPIRE', key, ttl)
-      redis.call('PEXPIRE', key .. ':sum', ttl)
     end
   else
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now)) end
     redis.call('ZADD', key, lease_expires, rid)
+    -- The key must outlive every lease in it: only ever lengthen its TTL while any is live.
     local ttl = ceil(lease_us / 1000) + 1000
-    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+    if s[7] > 0 then redis.call('PEXPIRE', key, ttl, 'GT') else redis.call('PEXPIRE', key, ttl) end
   end
 end
 
-redis.call('HSET', KEYS[1], 'id', rid, 'st', 'r', 'lx', lease_expires, 'ein', est_in, 'eout', est_out,
-  'k', table.concat(keys, '\n'), 's', table.concat(specs, '\n'))
-redis.call('PEXPIRE', KEYS[1], record_ttl_ms)
+redis.call('SET', KEYS[1], table.concat(record, '\n'), 'PX', tonumber(ARGV[6]))
 if fingerprint ~= '' then
-  redis.call('SET', KEYS[2], fingerprint .. '\n' .. KEYS[1], 'PX', record_ttl_ms)
+  redis.call('SET', KEYS[2], fingerprint .. '\n' .. KEYS[1], 'PX', tonumber(ARGV[6]))
 end
 return reply

@@ -1,0 +1,577 @@
+"""quotad's benchmark harness: quotad against the ceilings of this machine, in one run.
+
+    python bench/run.py                      # the full run (make bench): 3 runs, medians with min-max
+    python bench/run.py --smoke              # seconds, one pass: the harness still works (make test)
+
+Starts a real Valkey, quotad (`quotad serve --workers N`) and the no-op grpc.aio
+server (bench/noop_server.py, answering with the very response bytes quotad
+gave), and drives each with the same Go load generator (bench/loadgen) at the
+same concurrency, message sizes and connections. It also measures the raw Redis
+cost of quotad's own decision script with redis-benchmark EVALSHA.
+
+Scenarios:
+  reserve         CheckAndReserve, numeric tokens, 4 limits, 100,000 distinct subjects
+  reserve+commit  CheckAndReserve then Commit of each admitted reservation
+  hot-subject     one subject at its limit: mostly denials
+  batch16         CheckAndReserveBatch, 16 decisions per RPC
+  stream          CheckAndReserveStream, one request in flight per stream
+(The 2 KB chat-prompt scenario arrives with server-side token counting.)
+
+Prints one table and writes the same as JSON (default bench/results/latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from quotad.v1 import quota_pb2 as pb
+from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.policy import load_policy
+from quotad_server.store.embedded import EmbeddedRedis, free_port
+from quotad_server.store.redis import RedisStore, hash_tag
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = ROOT / "bench" / "policy.yaml"
+LOADGEN = ROOT / ".tools" / "bin" / "quotad-loadgen"
+SERVICE = "/quotad.v1.QuotaService/"
+SUBJECTS = 100_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    mode: str  # loadgen mode
+    method: str
+    requests: str  # request file name
+    batch_response: bool = False
+
+
+SCENARIOS = [
+    Scenario("reserve", "unary", "CheckAndReserve", "reserve.bin"),
+    Scenario("reserve+commit", "pair", "CheckAndReserve", "reserve.bin"),
+    Scenario("hot-subject", "unary", "CheckAndReserve", "hot.bin"),
+    Scenario("batch16", "unary", "CheckAndReserveBatch", "batch16.bin", batch_response=True),
+    Scenario("stream", "stream", "CheckAndReserveStream", "stream.bin"),
+]
+
+
+# -- inputs ------------------------------------------------------------------------------
+
+
+def _reserve_request(rng: random.Random, subject: str) -> pb.CheckAndReserveRequest:
+    return pb.CheckAndReserveRequest(
+        subject=subject, model="gpt-4o", input_tokens=rng.randint(100, 2000), max_output_tokens=256
+    )
+
+
+def write_requests(directory: Path, count: int) -> None:
+    """Pre-encode every scenario's requests (length-prefixed), with the real generated classes."""
+    rng = random.Random(1)
+
+    def dump(name: str, messages: Iterator[Any]) -> None:
+        with (directory / name).open("wb") as out:
+            for message in messages:
+                data = message.SerializeToString()
+                out.write(struct.pack(">I", len(data)) + data)
+
+    def reserves() -> Iterator[pb.CheckAndReserveRequest]:
+        for _ in range(count):
+            yield _reserve_request(rng, f"user-{rng.randrange(SUBJECTS)}")
+
+    dump("reserve.bin", reserves())
+    dump("hot.bin", (_reserve_request(rng, "hot-user") for _ in range(1000)))
+    dump(
+        "batch16.bin",
+        (
+            pb.CheckAndReserveBatchRequest(requests=list(reserves_slice))
+            for reserves_slice in _chunks(reserves(), 16)
+        ),
+    )
+    dump(
+        "stream.bin",
+        (pb.CheckAndReserveStreamRequest(request_id=str(i), request=r) for i, r in enumerate(reserves())),
+    )
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def wait_serving(address: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed's stub lacks the methods
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{address} did not become SERVING")
+
+
+def wait_listening(address: str, timeout_s: float = 30) -> None:
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    finally:
+        channel.close()
+
+
+@contextmanager
+def process(command: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield child
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def loadgen(
+    address: str, scenario: Scenario, inputs: Path, concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    command = [
+        str(LOADGEN),
+        "-addr",
+        address,
+        "-mode",
+        scenario.mode,
+        "-method",
+        SERVICE + scenario.method,
+        "-requests",
+        str(inputs / scenario.requests),
+        "-concurrency",
+        str(concurrency),
+        "-duration",
+        f"{duration_s}s",
+        "-warmup",
+        f"{min(1.0, duration_s / 2)}s",
+    ]
+    if scenario.batch_response:
+        command.append("-batch-response")
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration_s + 60)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def measure(
+    address: str,
+    pids: list[int],
+    client: redis.Redis,
+    *,
+    scenario: Scenario,
+    inputs: Path,
+    concurrency: int,
+    duration_s: float,
+) -> dict[str, Any]:
+    """One loadgen run with the server's and Redis's CPU and Redis's own counters around it."""
+    redis_pid = int(client.info("server")["process_id"])
+    client.config_resetstat()
+    reads_before = int(client.info("stats")["total_reads_processed"])
+    cpu_before, redis_before, started = cpu_seconds(pids), cpu_seconds([redis_pid]), time.monotonic()
+    report = loadgen(address, scenario, inputs, concurrency, duration_s)
+    wall = time.monotonic() - started
+    report["server_cpu_cores"] = (cpu_seconds(pids) - cpu_before) / wall
+    report["redis_cpu_cores"] = (cpu_seconds([redis_pid]) - redis_before) / wall
+    stats = client.info("commandstats")
+    scripts = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
+    calls = sum(s.get("calls", 0) for s in scripts)
+    usec = sum(s.get("usec", 0) for s in scripts)
+    decisions = max(1, report["all_decisions"])
+    report["redis_us_per_script"] = usec / calls if calls else 0.0
+    report["redis_us_per_decision"] = usec / decisions
+    report["redis_scripts_per_decision"] = calls / decisions
+    reads = int(client.info("stats")["total_reads_processed"]) - reads_before
+    report["redis_round_trips_per_decision"] = reads / decisions
+    return report
+
+
+def redis_benchmark(url_port: int, client: redis.Redis, requests: int) -> dict[str, Any]:
+    """The raw Redis ceiling: redis-benchmark EVALSHA of quotad's own reserve script for the bench policy."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return {"skipped": "redis-benchmark not installed (Debian package redis-tools; `make bench-tools`)"}
+    policy = load_policy(POLICY)
+    limits = policy.limits_for("standard", "default", "gpt-4o")
+    store = RedisStore.from_url(f"redis://127.0.0.1:{url_port}", timeout_s=1)
+    tag = hash_tag(policy.partition("default"))
+    subject = "bench-__rand_int__"
+    keys = [
+        f"quotad:{{{tag}}}:r:__rand_int__",
+        f"quotad:{{{tag}}}:i:unused",
+        *store.limit_keys(tag, limits, "default", subject),
+    ]
+    args: list[str] = [
+        "reserve",
+        "",
+        "0",
+        "__rand_int__",
+        "30000000",
+        "86430000",
+        "",
+        "812",
+        "256",
+        str(len(limits)),
+    ]
+    for limit in limits:
+        args += [
+            {"token_bucket": "b", "sliding_window": "w", "concurrency": "c"}[limit.algorithm],
+            {
+                "requests": "r",
+                "input_tokens": "i",
+                "output_tokens": "o",
+                "total_tokens": "t",
+                "concurrent": "c",
+            }[limit.metric],
+            str(limit.limit),
+            str(limit.period_us),
+        ]
+    source = (ROOT / "server" / "quotad_server" / "store" / "lua" / "reserve.lua").read_bytes()
+    sha = client.script_load(source)
+    client.config_resetstat()
+    command = [
+        binary,
+        "-p",
+        str(url_port),
+        "-n",
+        str(requests),
+        "-c",
+        "32",
+        "-P",
+        "8",
+        "-r",
+        str(SUBJECTS),
+        "-q",
+        "--csv",
+        "EVALSHA",
+        sha,
+        str(len(keys)),
+        *keys,
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+    rps = float(result.stdout.strip().splitlines()[-1].split(",")[1].strip('"'))
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return {
+        "scripts_per_s": rps,
+        "redis_us_per_script": stats.get("usec_per_call", 0.0),
+        "requests": requests,
+    }
+
+
+# -- one pass -------------------------------------------------------------------------------
+
+
+def capture_responses(address: str, directory: Path) -> None:
+    """The response bytes the no-op server will send: quotad's own, for the same request shape."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.QuotaServiceStub(channel)
+        reserved = stub.CheckAndReserve(_reserve_request(random.Random(2), "capture-user"), timeout=5)
+        committed = stub.Commit(
+            pb.CommitRequest(reservation_id=reserved.reservation_id, input_tokens=100, output_tokens=50),
+            timeout=5,
+        )
+    (directory / "reserve.bin").write_bytes(reserved.SerializeToString())
+    (directory / "commit.bin").write_bytes(committed.SerializeToString())
+
+
+def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(valkey.url)
+    rows: list[dict[str, Any]] = []
+    for workers in args.workers:
+        quotad_address = f"127.0.0.1:{free_port()}"
+        noop_address = f"127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "QUOTAD_POLICY": str(POLICY),
+            "QUOTAD_LISTEN": quotad_address,
+            "QUOTAD_REDIS_URL": valkey.url,
+            "QUOTAD_LOG_FORMAT": "json",
+        }
+        quotad_cmd = [sys.executable, "-m", "quotad_server", "serve", "--workers", str(workers)]
+        with process(quotad_cmd, env) as quotad:
+            wait_serving(quotad_address)
+            responses = inputs / f"responses-{workers}"
+            responses.mkdir(exist_ok=True)
+            capture_responses(quotad_address, responses)
+            noop_cmd = [
+                sys.executable,
+                str(ROOT / "bench" / "noop_server.py"),
+                "--listen",
+                noop_address,
+                "--responses",
+                str(responses),
+                "--processes",
+                str(workers),
+            ]
+            with process(noop_cmd) as noop:
+                wait_listening(noop_address)
+                quotad_pids, noop_pids = descendants(quotad.pid), descendants(noop.pid)
+                for scenario in [s for s in SCENARIOS if s.name in args.scenarios]:
+                    for concurrency in args.concurrency:
+                        client.flushall()
+                        point: dict[str, Any] = {
+                            "scenario": scenario,
+                            "inputs": inputs,
+                            "concurrency": concurrency,
+                        }
+                        ours = measure(quotad_address, quotad_pids, client, **point, duration_s=args.duration)
+                        ceiling = measure(noop_address, noop_pids, client, **point, duration_s=args.duration)
+                        rows.append(
+                            {
+                                "scenario": scenario.name,
+                                "workers": workers,
+                                "concurrency": concurrency,
+                                "quotad": ours,
+                                "noop": ceiling,
+                            }
+                        )
+                        print(
+                            f"  {scenario.name:15} workers={workers} c={concurrency:<3} "
+                            f"quotad {ours['decisions_per_s']:>9.0f}/s  noop {ceiling['decisions_per_s']:>9.0f}/s",
+                            file=sys.stderr,
+                        )
+    return rows
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[float]]) -> list[dict[str, Any]]:
+    """Median (min-max) over the passes of each figure, per scenario x workers x concurrency."""
+    summary = []
+    for index, row in enumerate(passes[0]):
+        same = [p[index] for p in passes]
+        workers = row["workers"]
+
+        def figure(side: str, key: str, same: list[dict[str, Any]] = same) -> dict[str, float]:
+            return spread([float(r[side][key]) for r in same])
+
+        ratio_same = spread(
+            [r["quotad"]["decisions_per_s"] / max(1.0, r["noop"]["decisions_per_s"]) for r in same]
+        )
+        unary = noop_unary.get(workers * 1000 + row["concurrency"], [])
+        ratio_unary = (
+            spread([r["quotad"]["decisions_per_s"] / max(1.0, u) for r, u in zip(same, unary, strict=True)])
+            if len(unary) == len(same)
+            else None
+        )
+        summary.append(
+            {
+                "scenario": row["scenario"],
+                "workers": workers,
+                "concurrency": row["concurrency"],
+                "decisions_per_s": figure("quotad", "decisions_per_s"),
+                "allowed_share": spread(
+                    [r["quotad"]["allowed"] / max(1, r["quotad"]["decisions"]) for r in same]
+                ),
+                "rpc_errors": sum(sum(r["quotad"]["rpc_errors"].values()) for r in same),
+                "item_errors": sum(r["quotad"]["item_errors"] for r in same),
+                "p50_us": figure("quotad", "latency_p50_us"),
+                "p99_us": figure("quotad", "latency_p99_us"),
+                "p999_us": figure("quotad", "latency_p999_us"),
+                "server_cpu_cores": figure("quotad", "server_cpu_cores"),
+                "redis_cpu_cores": figure("quotad", "redis_cpu_cores"),
+                "redis_us_per_decision": figure("quotad", "redis_us_per_decision"),
+                "redis_round_trips_per_decision": figure("quotad", "redis_round_trips_per_decision"),
+                "noop_decisions_per_s": figure("noop", "decisions_per_s"),
+                "noop_p99_us": figure("noop", "latency_p99_us"),
+                "ratio_to_noop_same_scenario": ratio_same,
+                "ratio_to_noop_unary": ratio_unary,
+            }
+        )
+    return summary
+
+
+def fmt(value: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    median, low, high = (value[k] * scale for k in ("median", "min", "max"))
+    if low == high:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any]]) -> None:
+    headers = [
+        "scenario",
+        "w",
+        "c",
+        "decisions/s",
+        "x noop",
+        "x noop unary",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "quotad cpu",
+        "redis cpu",
+        "redis us/dec",
+        "rtt/dec",
+        "noop/s",
+    ]
+    rows = [
+        [
+            s["scenario"],
+            str(s["workers"]),
+            str(s["concurrency"]),
+            fmt(s["decisions_per_s"]),
+            fmt(s["ratio_to_noop_same_scenario"], digits=2),
+            fmt(s["ratio_to_noop_unary"], digits=2),
+            fmt(s["p50_us"], 1e-3, 2),
+            fmt(s["p99_us"], 1e-3, 2),
+            fmt(s["p999_us"], 1e-3, 2),
+            fmt(s["server_cpu_cores"], digits=2),
+            fmt(s["redis_cpu_cores"], digits=2),
+            fmt(s["redis_us_per_decision"], digits=1),
+            fmt(s["redis_round_trips_per_decision"], digits=2),
+            fmt(s["noop_decisions_per_s"]),
+        ]
+        for s in summary
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    valid = [c for c in redis_ceiling if "scripts_per_s" in c]
+    if valid:
+        scripts = spread([c["scripts_per_s"] for c in valid])
+        micros = spread([c["redis_us_per_script"] for c in valid])
+        print(
+            f"redis ceiling (redis-benchmark EVALSHA reserve.lua, 4 limits): {fmt(scripts)} scripts/s, "
+            f"{fmt(micros, digits=1)} us/script (INFO commandstats)"
+        )
+    elif redis_ceiling:
+        print(f"redis ceiling: {redis_ceiling[0].get('skipped')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[8, 64])
+    parser.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument("--scenarios", type=lambda s: s.split(","), default=[s.name for s in SCENARIOS])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--smoke", action="store_true", help="one short pass: check the harness works")
+    args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.duration, args.concurrency, args.workers = 1, 0.5, [8], [1]
+    if not LOADGEN.exists():
+        sys.exit(f"{LOADGEN} is missing: `make bench-tools` builds it")
+
+    with tempfile.TemporaryDirectory(prefix="quotad-bench-") as tmp, EmbeddedRedis() as valkey:
+        inputs = Path(tmp)
+        write_requests(inputs, 2_000 if args.smoke else 50_000)
+        passes, ceilings = [], []
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs}", file=sys.stderr)
+            passes.append(one_pass(args, inputs, valkey))
+            ceilings.append(
+                redis_benchmark(
+                    valkey.port, redis.Redis.from_url(valkey.url), 20_000 if args.smoke else 300_000
+                )
+            )
+
+    noop_unary: dict[int, list[float]] = {}
+    for rows in passes:
+        for row in rows:
+            if row["scenario"] == "reserve":
+                key = row["workers"] * 1000 + row["concurrency"]
+                noop_unary.setdefault(key, []).append(row["noop"]["decisions_per_s"])
+    summary = summarize(passes, noop_unary)
+    print_table(summary, ceilings)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": machine,
+                "runs": args.runs,
+                "duration_s": args.duration,
+                "summary": summary,
+                "redis_ceiling": ceilings,
+                "passes": passes,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+
+
+if __name__ == "__main__":
+    main()
