@@ -11,7 +11,7 @@ GRPCURL_VERSION := v1.9.3
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install tools run test lint typecheck pytest proto proto-check clean
+.PHONY: help install tools bench-tools run test lint typecheck pytest proto bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,10 +24,19 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl ## install grpcurl (from the Go module proxy) into .tools/bin
+tools: $(TOOLS)/grpcurl bench-tools ## install grpcurl and the benchmark tools into .tools/bin
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-benchmark (Debian redis-tools) if missing
+	@command -v redis-benchmark >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q redis-tools >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q redis-tools >/dev/null)); } || \
+	  echo "redis-benchmark not installed: the benchmark will skip the raw Redis ceiling"
+
+$(TOOLS)/quotad-loadgen: bench/loadgen/main.go bench/loadgen/go.mod bench/loadgen/go.sum
+	cd bench/loadgen && go build -o $(TOOLS)/quotad-loadgen .
 
 run: install ## serve on localhost:50051 with the example policy and an embedded Redis
 	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} $(BIN)/quotad serve
@@ -44,6 +53,9 @@ typecheck: install ## mypy --strict over the server, the client and the tests
 
 pytest: install tools ## unit, integration and e2e tests (real Valkey, real gRPC)
 	$(BIN)/pytest -q
+
+bench: install bench-tools ## the benchmark: quotad vs the no-op gRPC and raw Redis ceilings, 3 runs
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 proto: install ## regenerate the Python stubs from proto/
 	$(BIN)/python scripts/genproto.py

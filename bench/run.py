@@ -12,7 +12,7 @@ cost of quotad's own decision script with redis-benchmark EVALSHA.
 Scenarios:
   reserve         CheckAndReserve, numeric tokens, 4 limits, 100,000 distinct subjects
   reserve+commit  CheckAndReserve then Commit of each admitted reservation
-  hot-subject     one subject at its limit: mostly denials
+  hot-subject     one subject at its limit (20 requests/min): mostly denials
   batch16         CheckAndReserveBatch, 16 decisions per RPC
   stream          CheckAndReserveStream, one request in flight per stream
 (The 2 KB chat-prompt scenario arrives with server-side token counting.)
@@ -79,9 +79,9 @@ SCENARIOS = [
 # -- inputs ------------------------------------------------------------------------------
 
 
-def _reserve_request(rng: random.Random, subject: str) -> pb.CheckAndReserveRequest:
+def _reserve_request(rng: random.Random, subject: str, tier: str = "") -> pb.CheckAndReserveRequest:
     return pb.CheckAndReserveRequest(
-        subject=subject, model="gpt-4o", input_tokens=rng.randint(100, 2000), max_output_tokens=256
+        subject=subject, tier=tier, model="gpt-4o", input_tokens=rng.randint(100, 2000), max_output_tokens=256
     )
 
 
@@ -100,7 +100,7 @@ def write_requests(directory: Path, count: int) -> None:
             yield _reserve_request(rng, f"user-{rng.randrange(SUBJECTS)}")
 
     dump("reserve.bin", reserves())
-    dump("hot.bin", (_reserve_request(rng, "hot-user") for _ in range(1000)))
+    dump("hot.bin", (_reserve_request(rng, "hot-user", tier="hot") for _ in range(1000)))
     dump(
         "batch16.bin",
         (

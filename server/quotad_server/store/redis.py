@@ -157,12 +157,19 @@ class RedisStore:
         Built from one escaped owner prefix per scope and a suffix cached per limit, since
         this runs for every decision.
         """
-        owners = {
-            Scope.SUBJECT: key(self._prefix, tag, "l", "s", tenant, subject, ""),
-            Scope.TENANT: key(self._prefix, tag, "l", "t", tenant, ""),
-            Scope.GLOBAL: key(self._prefix, tag, "l", "g", ""),
-        }
-        return [owners[limit.scope] + _limit_suffix(limit) for limit in limits]
+        owners: dict[Scope, str] = {}
+        keys = []
+        for limit in limits:
+            owner = owners.get(limit.scope)
+            if owner is None:
+                parts = {
+                    Scope.SUBJECT: ("s", tenant, subject),
+                    Scope.TENANT: ("t", tenant),
+                    Scope.GLOBAL: ("g",),
+                }
+                owner = owners[limit.scope] = key(self._prefix, tag, "l", *parts[limit.scope], "")
+            keys.append(owner + _limit_suffix(limit))
+        return keys
 
     @staticmethod
     def _limit_args(limits: Sequence[Limit]) -> list[Any]:
@@ -202,11 +209,13 @@ class RedisStore:
     def _reserve_call(self, plan: ReservePlan) -> tuple[str, list[str], list[Any]]:
         tag = hash_tag(plan.partition)
         reservation_id = tag + secrets.token_hex(16)
-        keys = [
-            self._record_key(tag, reservation_id),
-            key(self._prefix, tag, "i", plan.tenant, plan.subject, plan.idempotency_key),
-            *self.limit_keys(tag, plan.limits, plan.tenant, plan.subject),
-        ]
+        record_key = self._record_key(tag, reservation_id)
+        idempotency_key = (
+            key(self._prefix, tag, "i", plan.tenant, plan.subject, plan.idempotency_key)
+            if plan.idempotency_key
+            else record_key  # unused by the script; any key of the same slot will do
+        )
+        keys = [record_key, idempotency_key, *self.limit_keys(tag, plan.limits, plan.tenant, plan.subject)]
         args = [
             "reserve",
             self._now_arg(),

@@ -1,0 +1,43 @@
+"""The benchmark harness still works: a one-second pass prints the table and writes the JSON.
+
+Benchmarks are not tests: this asserts only that the harness runs end to end and reports
+every scenario with real, successful traffic, never on speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path: Path) -> None:
+    if not (ROOT / ".tools" / "bin" / "quotad-loadgen").exists():
+        pytest.fail("the load generator is not built: `make bench-tools`")
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "decisions/s" in result.stdout
+    assert "redis ceiling" in result.stdout
+    report = json.loads(out.read_text())
+    scenarios = {row["scenario"] for row in report["summary"]}
+    assert scenarios == {"reserve", "reserve+commit", "hot-subject", "batch16", "stream"}
+    for row in report["summary"]:
+        assert row["decisions_per_s"]["median"] > 0, row["scenario"]
+        assert row["noop_decisions_per_s"]["median"] > 0, row["scenario"]
+        assert row["rpc_errors"] == 0, row["scenario"]
+        assert row["item_errors"] == 0, row["scenario"]
+    hot = next(row for row in report["summary"] if row["scenario"] == "hot-subject")
+    assert hot["allowed_share"]["median"] < 0.5  # one subject at its limit: mostly denials
