@@ -61,7 +61,9 @@ def test_first_commit_has_nothing_to_break(repo: Path) -> None:
 
 def test_compatible_change_passes(repo: Path) -> None:
     proto = repo / PROTO
-    proto.write_text(proto.read_text().replace("  string tier = 11;\n", "  string tier = 11;\n  int32 x = 12;\n"))
+    proto.write_text(
+        proto.read_text().replace("  string tier = 11;\n", "  string tier = 11;\n  int32 x = 12;\n")
+    )
     git(repo, "commit", "-q", "-am", "add a field")
     result = check(repo)
     assert result.returncode == 0, result.stderr
