@@ -8,6 +8,7 @@ proxy sits between the client and quotad and forwards raw bytes.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,12 +87,15 @@ class Proxy:
 
 
 @asynccontextmanager
-async def proxied(q: Quotad) -> AsyncIterator[tuple[Proxy, int]]:
+async def proxied(q: Quotad, tls: grpc.ServerCredentials | None = None) -> AsyncIterator[tuple[Proxy, int]]:
     upstream = grpc.aio.insecure_channel(f"127.0.0.1:{q.port}")
     proxy = Proxy(upstream)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((proxy.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", tls)
     await server.start()
     try:
         yield proxy, port
@@ -254,6 +258,35 @@ async def test_metadata_and_the_metadata_hook_reach_the_server(quotad: QuotadFac
     assert [m["authorization"] for m in sent] == ["Bearer token-1", "Bearer token-2"]
     assert all(m["x-team"] == "search" for m in sent)
     assert sent[0]["user-agent"].startswith("quotad-test")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    """A self-signed certificate for localhost (and its key), made by openssl."""
+    directory = tmp_path_factory.mktemp("tls")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return key.read_bytes(), cert.read_bytes()
+
+
+async def test_tls_credentials_are_used(quotad: QuotadFactory, certificate: tuple[bytes, bytes]) -> None:
+    key, cert = certificate
+    tls = grpc.ssl_server_credentials([(key, cert)])
+    async with quotad(POLICY) as q, proxied(q, tls) as (proxy, port):
+        trusted = grpc.ssl_channel_credentials(root_certificates=cert)
+        async with QuotaClient(f"localhost:{port}", credentials=trusted, timeout=5) as quota:
+            allowed = await quota.check_and_reserve("frank", model=MODEL)
+        async with QuotaClient(f"localhost:{port}", timeout=1, retries=0) as plaintext:
+            with pytest.raises(Unavailable):
+                await plaintext.get_usage("frank", model=MODEL)
+    assert allowed.decision == pb.DECISION_ALLOWED
+    assert [method for method, _ in proxy.calls] == ["/quotad.v1.QuotaService/CheckAndReserve"]
 
 
 async def test_sync_client_reserves_commits_and_releases(quotad: QuotadFactory) -> None:
