@@ -18,6 +18,7 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 MAVEN_PLATFORM := linux-$(shell uname -m | sed 's/aarch64/aarch_64/')
 MVN := mvn -B -q -Dmaven.repo.local=$(CURDIR)/.tools/m2
+MVN_COPY := org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy
 TS_DEPS := clients/typescript/node_modules/.package-lock.json
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
@@ -25,7 +26,7 @@ export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 .PHONY: help install tools run test lint typecheck pytest proto proto-breaking clients clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## create .venv with the server, the client and the dev tools
 
@@ -48,12 +49,12 @@ $(TOOLS)/protoc-gen-go-grpc:
 
 # protoc (for buf's built-in Java generator) and grpc-java's plugin, as Maven Central ships them.
 $(TOOLS)/protoc:
-	$(MVN) dependency:copy -Dartifact=com.google.protobuf:protoc:$(PROTOC_VERSION):exe:$(MAVEN_PLATFORM) \
+	$(MVN) $(MVN_COPY) -Dartifact=com.google.protobuf:protoc:$(PROTOC_VERSION):exe:$(MAVEN_PLATFORM) \
 		-DoutputDirectory=$(CURDIR)/.tools/dl
 	install -D -m 0755 .tools/dl/protoc-$(PROTOC_VERSION)-$(MAVEN_PLATFORM).exe $@
 
 $(TOOLS)/protoc-gen-grpc-java:
-	$(MVN) dependency:copy -Dartifact=io.grpc:protoc-gen-grpc-java:$(GRPC_JAVA_VERSION):exe:$(MAVEN_PLATFORM) \
+	$(MVN) $(MVN_COPY) -Dartifact=io.grpc:protoc-gen-grpc-java:$(GRPC_JAVA_VERSION):exe:$(MAVEN_PLATFORM) \
 		-DoutputDirectory=$(CURDIR)/.tools/dl
 	install -D -m 0755 .tools/dl/protoc-gen-grpc-java-$(GRPC_JAVA_VERSION)-$(MAVEN_PLATFORM).exe $@
 

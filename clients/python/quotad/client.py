@@ -113,7 +113,7 @@ class QuotaClient:
     ) -> pb.CheckAndReserveResponse:
         """Reserve the estimated cost of one call on every limit, or get a denial (a value).
 
-        Without an `idempotency_key` one is generated, so retries never reserve twice.
+        Without an `idempotency_key` (None or "") one is generated, so retries never reserve twice.
         """
         request = reserve_request(
             subject,
@@ -123,7 +123,7 @@ class QuotaClient:
             input_tokens=input_tokens,
             max_output_tokens=max_output_tokens,
             lease=lease,
-            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+            idempotency_key=idempotency_key or new_idempotency_key(),
         )
         response: pb.CheckAndReserveResponse = await self._call(self._stub.CheckAndReserve, request)
         return response
@@ -197,7 +197,7 @@ class QuotaClient:
             input_tokens=input_tokens,
             max_output_tokens=max_output_tokens,
             lease=lease,
-            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+            idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return AsyncReservation(self, request, seconds(max_wait), exclude_cached)
 

@@ -111,7 +111,7 @@ class SyncQuotaClient:
             input_tokens=input_tokens,
             max_output_tokens=max_output_tokens,
             lease=lease,
-            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+            idempotency_key=idempotency_key or new_idempotency_key(),
         )
         response: pb.CheckAndReserveResponse = self._call(self._stub.CheckAndReserve, request)
         return response
@@ -174,7 +174,7 @@ class SyncQuotaClient:
             input_tokens=input_tokens,
             max_output_tokens=max_output_tokens,
             lease=lease,
-            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+            idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return Reservation(self, request, seconds(max_wait), exclude_cached)
 

@@ -67,7 +67,7 @@ export interface ReserveRequest {
   maxOutputTokens?: number;
   /** Lease of the reservation in milliseconds; the policy's default when omitted. */
   leaseMs?: number;
-  /** Makes retries safe; one is generated when omitted. */
+  /** Makes retries safe; one is generated when omitted or empty. */
   idempotencyKey?: string;
 }
 
@@ -163,7 +163,7 @@ export class QuotaClient {
             leaseMs === undefined
               ? undefined
               : { seconds: Math.floor(leaseMs / 1000), nanos: (leaseMs % 1000) * 1_000_000 },
-          idempotencyKey: request.idempotencyKey ?? randomUUID(),
+          idempotencyKey: request.idempotencyKey || randomUUID(),
         },
         metadata,
         options,
