@@ -47,7 +47,7 @@ class LiveQuotad:
             client.close()
 
 
-def wait_serving(address: str, process: subprocess.Popen[str], timeout_s: float = 30) -> None:
+def wait_serving(address: str, process: subprocess.Popen[str], log: Path, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         check = channel.unary_unary(
@@ -57,7 +57,7 @@ def wait_serving(address: str, process: subprocess.Popen[str], timeout_s: float 
         )
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"quotad exited with {process.returncode}")
+                pytest.fail(f"quotad exited with {process.returncode}:\n{log.read_text()}")
             try:
                 answer = check(health_pb2.HealthCheckRequest(), timeout=1)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -65,11 +65,11 @@ def wait_serving(address: str, process: subprocess.Popen[str], timeout_s: float 
             except grpc.RpcError:
                 pass
             time.sleep(0.05)
-    pytest.fail(f"quotad at {address} did not become SERVING within {timeout_s} s")
+    pytest.fail(f"quotad at {address} did not become SERVING within {timeout_s} s:\n{log.read_text()}")
 
 
-def serve(policy: Path) -> Iterator[LiveQuotad]:
-    with EmbeddedRedis() as store:
+def serve(policy: Path, log: Path) -> Iterator[LiveQuotad]:
+    with EmbeddedRedis() as store, log.open("w") as log_file:
         address = f"127.0.0.1:{free_port()}"
         env = {
             **os.environ,
@@ -82,12 +82,12 @@ def serve(policy: Path) -> Iterator[LiveQuotad]:
         process = subprocess.Popen(
             [sys.executable, "-m", "quotad_server", "serve"],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         try:
-            wait_serving(address, process)
+            wait_serving(address, process, log)
             yield LiveQuotad(address, store, process)
         finally:
             process.terminate()
@@ -99,15 +99,15 @@ def serve(policy: Path) -> Iterator[LiveQuotad]:
 
 
 @pytest.fixture(scope="module")
-def conformance_quotad() -> Iterator[LiveQuotad]:
+def conformance_quotad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveQuotad]:
     """quotad with tests/conformance/policy.yaml: what every client's own suite expects."""
-    yield from serve(CONFORMANCE_POLICY)
+    yield from serve(CONFORMANCE_POLICY, tmp_path_factory.mktemp("quotad") / "quotad.log")
 
 
 @pytest.fixture(scope="module")
-def example_quotad() -> Iterator[LiveQuotad]:
+def example_quotad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveQuotad]:
     """quotad with the example policy, as `make run` serves it: what the READMEs' examples expect."""
-    yield from serve(EXAMPLE_POLICY)
+    yield from serve(EXAMPLE_POLICY, tmp_path_factory.mktemp("quotad") / "quotad.log")
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 600) -> str:
