@@ -1,20 +1,32 @@
 # quotad developer targets. `make help` lists them.
 #
-# Everything installs into the repository: the virtualenv in .venv, Go tools in .tools/bin.
-# A fresh Debian machine with Python 3.11+ and Go needs nothing else.
+# Everything installs into the repository: the virtualenv in .venv, Go tools and protoc
+# plugins in .tools/bin, Maven's downloads in .tools/m2, npm's in clients/typescript.
+# A fresh Debian machine with Python 3.11+, Go, Node 20+ and Java 17+ with Maven needs
+# nothing else. After changing a version below, `make clean` reinstalls.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := $(CURDIR)/.tools/bin
 GRPCURL_VERSION := v1.9.3
+# Code generation (buf.gen.yaml) and the clients. protoc 35.1 is the protoc of grpcio-tools
+# 1.85.1 and of protobuf-java 4.35.1; grpc-java's plugin is not published for 1.85 on linux.
+PROTOC_VERSION := 4.35.1
+GRPC_JAVA_VERSION := 1.83.1
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+MAVEN_PLATFORM := linux-$(shell uname -m | sed 's/aarch64/aarch_64/')
+MVN := mvn -B -q -Dmaven.repo.local=$(CURDIR)/.tools/m2
+MVN_COPY := org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy
+TS_DEPS := clients/typescript/node_modules/.package-lock.json
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install tools bench-tools run test lint typecheck pytest proto bench clean
+.PHONY: help install tools bench-tools run test lint typecheck pytest proto proto-breaking clients bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## create .venv with the server, the client and the dev tools
 
@@ -24,7 +36,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl bench-tools ## install grpcurl and the benchmark tools into .tools/bin
+tools: $(TOOLS)/grpcurl $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) bench-tools ## install grpcurl, the pinned protoc plugins and the benchmark tools
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
@@ -38,20 +50,49 @@ bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-benc
 $(TOOLS)/quotad-loadgen: bench/loadgen/main.go bench/loadgen/go.mod bench/loadgen/go.sum
 	cd bench/loadgen && go build -o $(TOOLS)/quotad-loadgen .
 
+$(TOOLS)/protoc-gen-go:
+	GOBIN=$(TOOLS) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+
+$(TOOLS)/protoc-gen-go-grpc:
+	GOBIN=$(TOOLS) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+# protoc (for buf's built-in Java generator) and grpc-java's plugin, as Maven Central ships them.
+$(TOOLS)/protoc:
+	$(MVN) $(MVN_COPY) -Dartifact=com.google.protobuf:protoc:$(PROTOC_VERSION):exe:$(MAVEN_PLATFORM) \
+		-DoutputDirectory=$(CURDIR)/.tools/dl
+	install -D -m 0755 .tools/dl/protoc-$(PROTOC_VERSION)-$(MAVEN_PLATFORM).exe $@
+
+$(TOOLS)/protoc-gen-grpc-java:
+	$(MVN) $(MVN_COPY) -Dartifact=io.grpc:protoc-gen-grpc-java:$(GRPC_JAVA_VERSION):exe:$(MAVEN_PLATFORM) \
+		-DoutputDirectory=$(CURDIR)/.tools/dl
+	install -D -m 0755 .tools/dl/protoc-gen-grpc-java-$(GRPC_JAVA_VERSION)-$(MAVEN_PLATFORM).exe $@
+
+# The TypeScript client's dependencies, ts-proto (its protoc plugin) among them.
+$(TS_DEPS): clients/typescript/package.json clients/typescript/package-lock.json
+	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error
+
+clients: install tools ## build the TypeScript, Go and Java clients (fetching their dependencies)
+	cd clients/typescript && npm run --silent build
+	cd clients/go && go vet ./...
+	cd clients/java && $(MVN) test-compile
+
 run: install ## serve on localhost:50051 with the example policy and an embedded Redis
 	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} $(BIN)/quotad serve
 
 test: install tools lint typecheck pytest ## everything CI checks: lint, types, proto, all tests
 
-lint: install ## ruff, ruff format, buf lint
+lint: install proto-breaking ## ruff, ruff format, buf lint, buf breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd proto && $(CURDIR)/$(BIN)/buf lint
 
+proto-breaking: install ## buf breaking: proto/ against the previous commit (QUOTAD_PROTO_BASE=<ref> for another)
+	BUF=$(CURDIR)/$(BIN)/buf scripts/proto_breaking.sh
+
 typecheck: install ## mypy --strict over the server, the client and the tests
 	$(BIN)/mypy
 
-pytest: install tools ## unit, integration and e2e tests (real Valkey, real gRPC)
+pytest: install tools clients ## unit, integration, e2e and every client's tests (real Valkey, real gRPC)
 	$(BIN)/pytest -q
 
 bench: install bench-tools ## the benchmark: quotad vs the no-op gRPC and raw Redis ceilings, 3 runs
@@ -60,5 +101,9 @@ bench: install bench-tools ## the benchmark: quotad vs the no-op gRPC and raw Re
 proto: install ## regenerate the Python stubs from proto/
 	$(BIN)/python scripts/genproto.py
 
+proto: install tools ## regenerate every language's stubs from proto/ (buf generate, buf.gen.yaml)
+	$(BIN)/buf generate
+
 clean: ## remove the virtualenv and the tools
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf clients/typescript/node_modules clients/typescript/dist clients/java/target

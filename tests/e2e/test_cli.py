@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,3 +209,41 @@ def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: Emb
     serving_pids = {line["pid"] for line in lines if line.get("event") == "serving"}
     assert serving_pids == set(started["pids"])
     assert sum(line.get("event") == "stopped" for line in lines) == 2
+
+
+def readme_operating_block() -> str:
+    """The sh block of the README's "Operating quotad" section, as an operator would paste it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Operating quotad\n", 1)[1].split("\n## ", 1)[0]
+    blocks: list[str] = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 1, "the Operating quotad section has one sh block"
+    return blocks[0]
+
+
+def test_readme_operating_commands_run_as_written(served: Served, redis_server: EmbeddedRedis) -> None:
+    block = readme_operating_block()
+    for command in (" list", " describe", "Health/Check", "/CheckAndReserve", "/GetUsage", "/Commit"):
+        assert command in block, f"the README lost its {command.strip()} command"
+    flush = redis.Redis.from_url(redis_server.url)
+    flush.flushall()
+    flush.close()
+
+    env = {**os.environ, "QUOTAD_ADDR": served.address}
+    env["PATH"] = f"{Path(grpcurl_binary()).parent}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "quotad.v1.QuotaService\n" in out
+    assert "rpc CheckAndReserve ( .quotad.v1.CheckAndReserveRequest )" in out
+    assert '"status": "SERVING"' in out
+    assert '"decision": "DECISION_ALLOWED"' in out
+    assert '"remaining": "500"' in out  # GetUsage: tokens-per-minute after reserving 500 of 1000
+    committed = json.loads(out[out.rindex('{\n  "reserved"') :])
+    assert committed["committed"] == {"requests": "1", "input_tokens": "300", "output_tokens": "97"}

@@ -1,16 +1,42 @@
 """Python client for quotad, the quota-decision service for LLM calls.
 
-from quotad import QuotaClient
+    from quotad import QuotaClient, QuotaDenied
 
-async with QuotaClient("localhost:50051") as quota:
-    decision = await quota.check_and_reserve(subject="user-42", model="gpt-4o",
-                                             input_tokens=812, max_output_tokens=256)
-    if decision.decision == pb.DECISION_ALLOWED:
-        ...  # call the LLM, then:
-        await quota.commit(decision.reservation_id, input_tokens=812, output_tokens=97)
+    async with QuotaClient("localhost:50051") as quota:
+        async with quota.reserve("user-42", model="gpt-4o", input_tokens=812, max_output_tokens=256) as r:
+            response = await openai.chat.completions.create(...)
+            r.record(response.usage)       # committed on exit; released if the body raises
+
+`SyncQuotaClient` is the same for blocking code. `quotad.v1.quota_pb2` (also exported as
+`pb`) holds the generated messages.
 """
 
-from quotad.client import QuotaClient
+from quotad.client import AsyncReservation, QuotaClient
+from quotad.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaDenied,
+    QuotadError,
+    Unavailable,
+)
+from quotad.sync import Reservation, SyncQuotaClient
+from quotad.usage import Usage
 from quotad.v1 import quota_pb2 as pb
 
-__all__ = ["QuotaClient", "pb"]
+__all__ = [
+    "AsyncReservation",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "QuotaClient",
+    "QuotaDenied",
+    "QuotadError",
+    "Reservation",
+    "SyncQuotaClient",
+    "Unavailable",
+    "Usage",
+    "pb",
+]

@@ -1,28 +1,77 @@
-"""A small typed asyncio client over the generated stub.
+"""The asyncio client: `QuotaClient`, and `reserve()` as an async context manager.
 
-A denial is a value (`decision == DECISION_DENIED`), not an exception; gRPC
-errors (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...) raise grpc.aio.AioRpcError.
+A denial from `check_and_reserve` is a value (`decision == DECISION_DENIED`); only
+`reserve()`, whose body cannot run without the quota, raises `QuotaDenied`. Error
+statuses raise the QuotadError subclasses of `quotad.errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Sequence
 from datetime import timedelta
 from types import TracebackType
+from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 
+from quotad._common import (
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_BACKOFF_S,
+    DEFAULT_TIMEOUT_S,
+    Metadata,
+    MetadataProvider,
+    Outcome,
+    Settings,
+    commit_request,
+    is_retryable,
+    new_idempotency_key,
+    reserve_request,
+    seconds,
+    wait_before_retrying,
+)
+from quotad.errors import from_rpc_error
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
 
 class QuotaClient:
-    """One channel to quotad. Use as `async with QuotaClient(target) as client:`."""
+    """One channel to quotad. Use as `async with QuotaClient("host:50051") as quota:`.
 
-    def __init__(self, target: str, *, timeout: float = 1.0, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.QuotaServiceStub(self._channel)
-        self._timeout = timeout
+    - `timeout`: the deadline of each RPC attempt, in seconds.
+    - `credentials`: `grpc.ssl_channel_credentials(...)` (optionally composed with call
+      credentials) for TLS; plaintext when None.
+    - `metadata`: sent with every RPC, e.g. `[("authorization", "Bearer ...")]`;
+      `metadata_provider` is called before every RPC for metadata that changes.
+    - `options`: gRPC channel options, e.g. `[("grpc.keepalive_time_ms", 30_000)]`.
+    - `retries`: how many times an UNAVAILABLE call is retried (exponential backoff from
+      `retry_backoff` seconds). Safe: every call is idempotent on the server (see
+      `quotad._common.is_retryable`).
+    - `channel`: use this channel instead of opening one (`credentials`/`options` unused).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        metadata_provider: MetadataProvider | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        retries: int = DEFAULT_RETRIES,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF_S,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._settings = Settings(timeout, tuple(metadata), metadata_provider, retries, retry_backoff)
+        if channel is None:
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(target, options=list(options))
+            else:
+                channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        self._channel = channel
+        self._stub = pb_grpc.QuotaServiceStub(channel)
 
     async def __aenter__(self) -> QuotaClient:
         return self
@@ -35,6 +84,21 @@ class QuotaClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _call(self, method: Any, request: Any) -> Any:
+        """One RPC with the deadline, the metadata and the retries of UNAVAILABLE."""
+        delays = self._settings.retry_delays()
+        for attempt in range(len(delays) + 1):
+            try:
+                return await method(
+                    request, timeout=self._settings.timeout_s, metadata=self._settings.call_metadata()
+                )
+            except grpc.aio.AioRpcError as error:
+                if attempt < len(delays) and is_retryable(error.code()):
+                    await asyncio.sleep(delays[attempt])
+                    continue
+                raise from_rpc_error(error) from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def check_and_reserve(
         self,
         subject: str,
@@ -45,42 +109,170 @@ class QuotaClient:
         input_tokens: int = 0,
         max_output_tokens: int = 0,
         lease: timedelta | None = None,
-        idempotency_key: str = "",
+        idempotency_key: str | None = None,
     ) -> pb.CheckAndReserveResponse:
-        """Reserve the estimated cost of one call on every limit, or get a denial."""
-        request = pb.CheckAndReserveRequest(
-            subject=subject,
+        """Reserve the estimated cost of one call on every limit, or get a denial (a value).
+
+        Without an `idempotency_key` (None or "") one is generated, so retries never reserve twice.
+        """
+        request = reserve_request(
+            subject,
             tenant=tenant,
             tier=tier,
             model=model,
             input_tokens=input_tokens,
             max_output_tokens=max_output_tokens,
-            idempotency_key=idempotency_key,
+            lease=lease,
+            idempotency_key=idempotency_key or new_idempotency_key(),
         )
-        if lease is not None:
-            duration = duration_pb2.Duration()
-            duration.FromTimedelta(lease)
-            request.lease.CopyFrom(duration)
-        return await self._stub.CheckAndReserve(request, timeout=self._timeout)
+        response: pb.CheckAndReserveResponse = await self._call(self._stub.CheckAndReserve, request)
+        return response
 
     async def commit(
-        self, reservation_id: str, *, input_tokens: int, output_tokens: int
+        self,
+        reservation_id: str,
+        usage: object | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        exclude_cached: bool = False,
     ) -> pb.CommitResponse:
-        """Settle a reservation with the call's actual usage."""
-        request = pb.CommitRequest(
-            reservation_id=reservation_id, input_tokens=input_tokens, output_tokens=output_tokens
+        """Settle a reservation with the call's actual usage.
+
+        `usage` is an OpenAI or Anthropic usage object (see `quotad.usage`); or pass
+        `input_tokens` and `output_tokens`. `exclude_cached` leaves prompt-cache reads
+        uncharged.
+        """
+        request = commit_request(
+            reservation_id,
+            usage,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            exclude_cached=exclude_cached,
         )
-        return await self._stub.Commit(request, timeout=self._timeout)
+        response: pb.CommitResponse = await self._call(self._stub.Commit, request)
+        return response
 
     async def release(self, reservation_id: str) -> pb.ReleaseResponse:
         """Give a reservation back: the call never happened."""
-        return await self._stub.Release(
-            pb.ReleaseRequest(reservation_id=reservation_id), timeout=self._timeout
+        response: pb.ReleaseResponse = await self._call(
+            self._stub.Release, pb.ReleaseRequest(reservation_id=reservation_id)
         )
+        return response
 
     async def get_usage(
         self, subject: str, *, tenant: str = "", tier: str = "", model: str = ""
     ) -> pb.GetUsageResponse:
-        """The status of every limit that applies to a caller."""
+        """The status of every limit that applies to a caller; changes nothing."""
         request = pb.GetUsageRequest(subject=subject, tenant=tenant, tier=tier, model=model)
-        return await self._stub.GetUsage(request, timeout=self._timeout)
+        response: pb.GetUsageResponse = await self._call(self._stub.GetUsage, request)
+        return response
+
+    def reserve(
+        self,
+        subject: str,
+        *,
+        tenant: str = "",
+        tier: str = "",
+        model: str = "",
+        input_tokens: int = 0,
+        max_output_tokens: int = 0,
+        lease: timedelta | None = None,
+        idempotency_key: str | None = None,
+        max_wait: float | timedelta = 0,
+        exclude_cached: bool = False,
+    ) -> AsyncReservation:
+        """`async with quota.reserve(...) as reservation:` reserve, run the body, settle.
+
+        On enter: reserve, or raise QuotaDenied; with `max_wait` (seconds), a denial that
+        fits within it is waited out (sleeping its retry_after) and asked again. On a
+        clean exit: commit what the body recorded with `reservation.record(usage)`, or
+        the reserved estimate. When the body raises: release.
+        """
+        request = reserve_request(
+            subject,
+            tenant=tenant,
+            tier=tier,
+            model=model,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            lease=lease,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return AsyncReservation(self, request, seconds(max_wait), exclude_cached)
+
+
+class AsyncReservation:
+    """One reservation held for the body of an `async with`; see QuotaClient.reserve."""
+
+    def __init__(
+        self, client: QuotaClient, request: pb.CheckAndReserveRequest, max_wait_s: float, exclude_cached: bool
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._max_wait_s = max_wait_s
+        self._exclude_cached = exclude_cached
+        self._outcome = Outcome()
+        self.response = pb.CheckAndReserveResponse()
+
+    @property
+    def reservation_id(self) -> str:
+        return self.response.reservation_id
+
+    def record(
+        self,
+        usage: object | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """What to commit on exit: a provider usage object, or plain numbers."""
+        self._outcome.record(usage, input_tokens, output_tokens)
+
+    async def commit(
+        self,
+        usage: object | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> pb.CommitResponse:
+        """Commit now (the exit then settles nothing)."""
+        self._outcome.settled = True
+        return await self._client.commit(
+            self.reservation_id,
+            usage,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            exclude_cached=self._exclude_cached,
+        )
+
+    async def release(self) -> pb.ReleaseResponse:
+        """Release now (the exit then settles nothing)."""
+        self._outcome.settled = True
+        return await self._client.release(self.reservation_id)
+
+    async def __aenter__(self) -> AsyncReservation:
+        give_up_at = time.monotonic() + self._max_wait_s
+        while True:
+            response: pb.CheckAndReserveResponse = await self._client._call(
+                self._client._stub.CheckAndReserve, self._request
+            )
+            if response.decision == pb.DECISION_ALLOWED:
+                self.response = response
+                return self
+            # A denial writes nothing, so asking again with the same idempotency key is safe.
+            await asyncio.sleep(wait_before_retrying(response, give_up_at - time.monotonic()))
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._outcome.settled:
+            return
+        if exc is None:
+            usage, input_tokens, output_tokens = self._outcome.commit_fields(self.response.reserved)
+            await self.commit(usage, input_tokens=input_tokens, output_tokens=output_tokens)
+            return
+        try:
+            await self.release()
+        except Exception as release_error:  # the body's exception matters more; the lease frees the slot
+            exc.add_note(f"quotad: releasing reservation {self.reservation_id} failed: {release_error}")

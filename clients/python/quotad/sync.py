@@ -1,0 +1,259 @@
+"""The blocking client: `SyncQuotaClient`, and `reserve()` as a context manager.
+
+The same calls, settings and semantics as the asyncio `QuotaClient`, for code that
+does not run an event loop (threads, WSGI, scripts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from quotad._common import (
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_BACKOFF_S,
+    DEFAULT_TIMEOUT_S,
+    Metadata,
+    MetadataProvider,
+    Outcome,
+    Settings,
+    commit_request,
+    is_retryable,
+    new_idempotency_key,
+    reserve_request,
+    seconds,
+    wait_before_retrying,
+)
+from quotad.errors import from_rpc_error
+from quotad.v1 import quota_pb2 as pb
+from quotad.v1 import quota_pb2_grpc as pb_grpc
+
+
+class SyncQuotaClient:
+    """One channel to quotad. Use as `with SyncQuotaClient("host:50051") as quota:`.
+
+    The arguments mean what they mean for `quotad.QuotaClient`; `channel` is a
+    blocking `grpc.Channel`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        metadata_provider: MetadataProvider | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        retries: int = DEFAULT_RETRIES,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF_S,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._settings = Settings(timeout, tuple(metadata), metadata_provider, retries, retry_backoff)
+        if channel is None:
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=list(options))
+            else:
+                channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._channel = channel
+        self._stub = pb_grpc.QuotaServiceStub(channel)
+
+    def __enter__(self) -> SyncQuotaClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        """One RPC with the deadline, the metadata and the retries of UNAVAILABLE."""
+        delays = self._settings.retry_delays()
+        for attempt in range(len(delays) + 1):
+            try:
+                return method(
+                    request, timeout=self._settings.timeout_s, metadata=self._settings.call_metadata()
+                )
+            except grpc.RpcError as error:
+                call: grpc.Call = error  # type: ignore[assignment]  # a failed call's error is the Call
+                if attempt < len(delays) and is_retryable(call.code()):
+                    time.sleep(delays[attempt])
+                    continue
+                raise from_rpc_error(error) from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def check_and_reserve(
+        self,
+        subject: str,
+        *,
+        tenant: str = "",
+        tier: str = "",
+        model: str = "",
+        input_tokens: int = 0,
+        max_output_tokens: int = 0,
+        lease: timedelta | None = None,
+        idempotency_key: str | None = None,
+    ) -> pb.CheckAndReserveResponse:
+        """Reserve the estimated cost of one call on every limit, or get a denial (a value)."""
+        request = reserve_request(
+            subject,
+            tenant=tenant,
+            tier=tier,
+            model=model,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            lease=lease,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        response: pb.CheckAndReserveResponse = self._call(self._stub.CheckAndReserve, request)
+        return response
+
+    def commit(
+        self,
+        reservation_id: str,
+        usage: object | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        exclude_cached: bool = False,
+    ) -> pb.CommitResponse:
+        """Settle a reservation with the call's actual usage (a usage object, or numbers)."""
+        request = commit_request(
+            reservation_id,
+            usage,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            exclude_cached=exclude_cached,
+        )
+        response: pb.CommitResponse = self._call(self._stub.Commit, request)
+        return response
+
+    def release(self, reservation_id: str) -> pb.ReleaseResponse:
+        """Give a reservation back: the call never happened."""
+        response: pb.ReleaseResponse = self._call(
+            self._stub.Release, pb.ReleaseRequest(reservation_id=reservation_id)
+        )
+        return response
+
+    def get_usage(
+        self, subject: str, *, tenant: str = "", tier: str = "", model: str = ""
+    ) -> pb.GetUsageResponse:
+        """The status of every limit that applies to a caller; changes nothing."""
+        request = pb.GetUsageRequest(subject=subject, tenant=tenant, tier=tier, model=model)
+        response: pb.GetUsageResponse = self._call(self._stub.GetUsage, request)
+        return response
+
+    def reserve(
+        self,
+        subject: str,
+        *,
+        tenant: str = "",
+        tier: str = "",
+        model: str = "",
+        input_tokens: int = 0,
+        max_output_tokens: int = 0,
+        lease: timedelta | None = None,
+        idempotency_key: str | None = None,
+        max_wait: float | timedelta = 0,
+        exclude_cached: bool = False,
+    ) -> Reservation:
+        """`with quota.reserve(...) as reservation:` as `QuotaClient.reserve`, blocking."""
+        request = reserve_request(
+            subject,
+            tenant=tenant,
+            tier=tier,
+            model=model,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            lease=lease,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return Reservation(self, request, seconds(max_wait), exclude_cached)
+
+
+class Reservation:
+    """One reservation held for the body of a `with`; see SyncQuotaClient.reserve."""
+
+    def __init__(
+        self,
+        client: SyncQuotaClient,
+        request: pb.CheckAndReserveRequest,
+        max_wait_s: float,
+        exclude_cached: bool,
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._max_wait_s = max_wait_s
+        self._exclude_cached = exclude_cached
+        self._outcome = Outcome()
+        self.response = pb.CheckAndReserveResponse()
+
+    @property
+    def reservation_id(self) -> str:
+        return self.response.reservation_id
+
+    def record(
+        self,
+        usage: object | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """What to commit on exit: a provider usage object, or plain numbers."""
+        self._outcome.record(usage, input_tokens, output_tokens)
+
+    def commit(
+        self,
+        usage: object | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> pb.CommitResponse:
+        """Commit now (the exit then settles nothing)."""
+        self._outcome.settled = True
+        return self._client.commit(
+            self.reservation_id,
+            usage,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            exclude_cached=self._exclude_cached,
+        )
+
+    def release(self) -> pb.ReleaseResponse:
+        """Release now (the exit then settles nothing)."""
+        self._outcome.settled = True
+        return self._client.release(self.reservation_id)
+
+    def __enter__(self) -> Reservation:
+        give_up_at = time.monotonic() + self._max_wait_s
+        while True:
+            response: pb.CheckAndReserveResponse = self._client._call(
+                self._client._stub.CheckAndReserve, self._request
+            )
+            if response.decision == pb.DECISION_ALLOWED:
+                self.response = response
+                return self
+            # A denial writes nothing, so asking again with the same idempotency key is safe.
+            time.sleep(wait_before_retrying(response, give_up_at - time.monotonic()))
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._outcome.settled:
+            return
+        if exc is None:
+            usage, input_tokens, output_tokens = self._outcome.commit_fields(self.response.reserved)
+            self.commit(usage, input_tokens=input_tokens, output_tokens=output_tokens)
+            return
+        try:
+            self.release()
+        except Exception as release_error:  # the body's exception matters more; the lease frees the slot
+            exc.add_note(f"quotad: releasing reservation {self.reservation_id} failed: {release_error}")

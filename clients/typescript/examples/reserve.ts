@@ -1,0 +1,32 @@
+// Reserve quota for one LLM call, commit what it used, print the caller's limits.
+// With quotad running (`make run` at the repository root): `npm run example`.
+import { QuotaClient, QuotadError } from "../src";
+
+async function main(): Promise<void> {
+  const quota = new QuotaClient(process.env.QUOTAD_ADDR ?? "localhost:50051");
+  try {
+    const decision = await quota.reserve({ subject: "user-42", model: "gpt-4o", inputTokens: 300, maxOutputTokens: 200 });
+    if (!decision.allowed) {
+      // A denial is a value: say when to come back (retryAfterMs is undefined when it never fits).
+      console.log(`denied by ${decision.bindingLimit} (${decision.reason}), retry after ${decision.retryAfterMs} ms`);
+      return;
+    }
+    // ... call the LLM here; if it fails: await quota.release(decision.reservationId) ...
+    await quota.commit(decision.reservationId, { inputTokens: 300, outputTokens: 97 });
+
+    const usage = await quota.usage({ subject: "user-42", model: "gpt-4o" });
+    for (const limit of usage.limits) console.log(`${limit.name}: ${limit.remaining} of ${limit.limit} left`);
+  } catch (error) {
+    if (error instanceof QuotadError) {
+      // e.g. INVALID_ARGUMENT with error.fieldViolations, or UNAVAILABLE: fail open or closed, your call.
+      console.error(error.message, error.fieldViolations);
+      process.exitCode = 1;
+      return;
+    }
+    throw error;
+  } finally {
+    quota.close();
+  }
+}
+
+void main();
