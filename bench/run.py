@@ -46,9 +46,10 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.policy import load_policy
 from quotad_server.store.embedded import EmbeddedRedis, free_port
-from quotad_server.store.redis import RedisStore, hash_tag
+from quotad_server.store.redis import RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "bench" / "policy.yaml"
@@ -259,43 +260,17 @@ def redis_benchmark(url_port: int, client: redis.Redis, requests: int) -> dict[s
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return {"skipped": "redis-benchmark not installed (Debian package redis-tools; `make bench-tools`)"}
-    policy = load_policy(POLICY)
-    limits = policy.limits_for("standard", "default", "gpt-4o")
+    # The very EVALSHA quotad sends for a scenario-1 request, with the subject and the
+    # reservation id varied by redis-benchmark's __rand_int__.
     store = RedisStore.from_url(f"redis://127.0.0.1:{url_port}", timeout_s=1)
-    tag = hash_tag(policy.partition("default"))
-    subject = "bench-__rand_int__"
-    keys = [
-        f"quotad:{{{tag}}}:r:__rand_int__",
-        f"quotad:{{{tag}}}:i:unused",
-        *store.limit_keys(tag, limits, "default", subject),
-    ]
-    args: list[str] = [
-        "reserve",
-        "",
-        "0",
-        "__rand_int__",
-        "30000000",
-        "86430000",
-        "",
-        "812",
-        "256",
-        str(len(limits)),
-    ]
-    for limit in limits:
-        args += [
-            {"token_bucket": "b", "sliding_window": "w", "concurrency": "c"}[limit.algorithm],
-            {
-                "requests": "r",
-                "input_tokens": "i",
-                "output_tokens": "o",
-                "total_tokens": "t",
-                "concurrent": "c",
-            }[limit.metric],
-            str(limit.limit),
-            str(limit.period_us),
-        ]
-    source = (ROOT / "server" / "quotad_server" / "store" / "lua" / "reserve.lua").read_bytes()
-    sha = client.script_load(source)
+    core = QuotaCore(load_policy(POLICY), store)
+    request = ReserveRequest(
+        subject="bench-__rand_int__", model="gpt-4o", input_tokens=812, max_output_tokens=256
+    )
+    sha, reservation_id, keys, args = store.reserve_command(core.plan_for(request, request.input_tokens))
+    keys = [k.replace(reservation_id, "__rand_int__") for k in keys]
+    args = [str(a).replace(reservation_id, "__rand_int__") for a in args]
+    client.script_load((ROOT / "server" / "quotad_server" / "store" / "lua" / "reserve.lua").read_bytes())
     client.config_resetstat()
     command = [
         binary,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import tiktoken
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.core import QuotaCore
@@ -17,6 +18,7 @@ from quotad_server.policy import parse_policy
 from quotad_server.server import QuotadServer
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
+from quotad_server.tokens import load_encodings
 
 RPC_TIMEOUT_S = 5.0
 START_US = 1_800_000_000_123_457  # 2027-01-15; not round, so microsecond precision is exercised
@@ -74,6 +76,16 @@ class Quotad:
 QuotadFactory = Callable[..., AbstractAsyncContextManager[Quotad]]
 
 
+_ENCODINGS: dict[str, tiktoken.Encoding] = {}
+
+
+def encodings() -> dict[str, tiktoken.Encoding]:
+    """The tokenizers, loaded once per test session (as quotad loads them once at start)."""
+    if not _ENCODINGS:
+        _ENCODINGS.update(load_encodings())
+    return _ENCODINGS
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     """One real Valkey server for the session (tests flush it between them)."""
@@ -102,14 +114,14 @@ async def running_quotad(
     clock: ManualClock | None = None,
     timeout_s: float = 0.25,
     health_interval_s: float = 0.05,
+    max_prompt_bytes: int = 1 << 20,
     **defaults: object,
 ) -> AsyncIterator[Quotad]:
     policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
     store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
     await store.start()
-    server = QuotadServer(
-        QuotaCore(policy, store), store, listen="127.0.0.1:0", health_interval_s=health_interval_s
-    )
+    core = QuotaCore(policy, store, encodings=encodings(), max_prompt_bytes=max_prompt_bytes)
+    server = QuotadServer(core, store, listen="127.0.0.1:0", health_interval_s=health_interval_s)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

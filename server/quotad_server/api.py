@@ -26,6 +26,7 @@ from quotad_server.errors import (
     FieldViolation,
     InvalidRequest,
     NotFound,
+    NotReady,
     QuotadError,
     StoreUnavailable,
 )
@@ -41,6 +42,7 @@ from quotad_server.model import (
     Scope,
     SettleOutcome,
 )
+from quotad_server.tokens import ChatMessage
 
 Response = TypeVar("Response")
 Item = TypeVar("Item")
@@ -53,6 +55,7 @@ _DECISION = {Decision.ALLOWED: pb.DECISION_ALLOWED, Decision.DENIED: pb.DECISION
 _DENY_REASON = {
     DenyReason.LIMIT_EXCEEDED: pb.DENY_REASON_LIMIT_EXCEEDED,
     DenyReason.EXCEEDS_CAPACITY: pb.DENY_REASON_EXCEEDS_CAPACITY,
+    DenyReason.BUDGET_EXHAUSTED: pb.DENY_REASON_BUDGET_EXHAUSTED,
 }
 _SCOPE = {Scope.SUBJECT: pb.SCOPE_SUBJECT, Scope.TENANT: pb.SCOPE_TENANT, Scope.GLOBAL: pb.SCOPE_GLOBAL}
 _METRIC = {
@@ -61,11 +64,13 @@ _METRIC = {
     Metric.OUTPUT_TOKENS: pb.METRIC_OUTPUT_TOKENS,
     Metric.TOTAL_TOKENS: pb.METRIC_TOTAL_TOKENS,
     Metric.CONCURRENT: pb.METRIC_CONCURRENT,
+    Metric.COST_USD: pb.METRIC_COST_USD,
 }
 _ALGORITHM = {
     Algorithm.TOKEN_BUCKET: pb.ALGORITHM_TOKEN_BUCKET,
     Algorithm.SLIDING_WINDOW: pb.ALGORITHM_SLIDING_WINDOW,
     Algorithm.CONCURRENCY: pb.ALGORITHM_CONCURRENCY,
+    Algorithm.CALENDAR: pb.ALGORITHM_CALENDAR,
 }
 
 
@@ -78,7 +83,13 @@ def timestamp_us(us: int) -> timestamp_pb2.Timestamp:
 
 
 def _cost(cost: Cost) -> pb.Cost:
-    return pb.Cost(requests=cost.requests, input_tokens=cost.input_tokens, output_tokens=cost.output_tokens)
+    return pb.Cost(
+        requests=cost.requests,
+        input_tokens=cost.input_tokens,
+        output_tokens=cost.output_tokens,
+        cached_input_tokens=cost.cached_input_tokens,
+        cost_micro_usd=cost.cost_micro_usd,
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -93,6 +104,8 @@ def _limit_template(limit: Limit) -> pb.LimitStatus:
     )
     if limit.period_us:
         message.period.CopyFrom(duration_us(limit.period_us))
+    if limit.calendar:
+        message.calendar = limit.calendar.value
     return message
 
 
@@ -119,7 +132,7 @@ def _code_of(error: QuotadError) -> int:
         code = grpc.StatusCode.NOT_FOUND
     elif isinstance(error, FailedPrecondition):
         code = grpc.StatusCode.FAILED_PRECONDITION
-    elif isinstance(error, StoreUnavailable):
+    elif isinstance(error, StoreUnavailable | NotReady):
         code = grpc.StatusCode.UNAVAILABLE
     else:
         code = grpc.StatusCode.INTERNAL
@@ -168,6 +181,8 @@ def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
         max_output_tokens=request.max_output_tokens,
         lease_us=lease_us,
         idempotency_key=request.idempotency_key,
+        prompt=request.prompt,
+        messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages),
     )
 
 
@@ -183,6 +198,7 @@ def _fill_reserve_response(
     fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
     if outcome.decision is Decision.ALLOWED:
         assert outcome.reserved is not None
+        response.counted_input_tokens = outcome.counted_input_tokens
         response.reservation_id = outcome.reservation_id
         response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
         response.reserved.CopyFrom(_cost(outcome.reserved))
@@ -282,7 +298,9 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         return response
 
     async def _commit(self, request: pb.CommitRequest, fields: dict[str, Any]) -> pb.CommitResponse:
-        outcome = await self._core.commit(request.reservation_id, request.input_tokens, request.output_tokens)
+        outcome = await self._core.commit(
+            request.reservation_id, request.input_tokens, request.output_tokens, request.cached_input_tokens
+        )
         fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
         return _commit_response(outcome)
 
@@ -388,7 +406,10 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         async def call() -> pb.CommitBatchResponse:
             self._check_batch_size(len(request.requests))
             outcomes = await self._core.commit_many(
-                [(r.reservation_id, r.input_tokens, r.output_tokens) for r in request.requests]
+                [
+                    (r.reservation_id, r.input_tokens, r.output_tokens, r.cached_input_tokens)
+                    for r in request.requests
+                ]
             )
             response = pb.CommitBatchResponse()
             for outcome in outcomes:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
 
 import structlog
 
@@ -26,6 +27,7 @@ from quotad_server.server import QuotadServer
 from quotad_server.settings import Settings, SettingsError
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
+from quotad_server.tokens import load_encodings, prepare_cache
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
@@ -54,13 +56,16 @@ async def serve(settings: Settings) -> int:
             log.error(
                 "redis is not reachable at start; health stays NOT_SERVING until it is", error=str(error)
             )
+        core = QuotaCore(policy, store, max_prompt_bytes=settings.max_prompt_bytes)
         server = QuotadServer(
-            QuotaCore(policy, store),
+            core,
             store,
             listen=settings.listen,
             health_interval_s=settings.health_interval_ms / 1000,
         )
         await server.start()
+        # Health stays NOT_SERVING until the tokenizers are in memory (off the event loop).
+        core.encodings = await asyncio.to_thread(load_encodings, settings.tiktoken_cache_dir)
         log.info(
             "serving",
             listen=settings.listen,
@@ -146,10 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     check = commands.add_parser("check-policy", help="validate a policy file offline")
     check.add_argument("file")
+    prepare = commands.add_parser(
+        "prepare-encodings", help="write the bundled tiktoken encodings into DIR (use as TIKTOKEN_CACHE_DIR)"
+    )
+    prepare.add_argument("dir")
     args = parser.parse_args(argv)
 
     if args.command == "check-policy":
         return check_policy(args.file)
+    if args.command == "prepare-encodings":
+        prepare_cache(Path(args.dir))
+        print(f"{args.dir}: cl100k_base, o200k_base ready; set TIKTOKEN_CACHE_DIR={args.dir}")
+        return 0
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as error:

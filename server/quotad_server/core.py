@@ -6,26 +6,34 @@ it knows neither gRPC nor Redis.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from quotad_server.errors import FieldViolation, InvalidRequest, QuotadError
+import tiktoken
+
+from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError
 from quotad_server.model import (
+    Algorithm,
     Cost,
     Decision,
     DenyReason,
     LimitStatus,
+    Metric,
     ReserveOutcome,
     SettleOutcome,
     UsageReport,
 )
-from quotad_server.policy import Policy
+from quotad_server.policy import Policy, default_encoding
 from quotad_server.store import ReservePlan, ReserveResult, Store
+from quotad_server.tokens import ChatMessage, TokenCounter
 
 MAX_TOKENS = 10**9
 MAX_ID_BYTES = 256
+# Counting this much text takes well under a millisecond: cheaper in place than a thread hop.
+INLINE_COUNT_BYTES = 2048
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -41,6 +49,8 @@ class ReserveRequest:
     max_output_tokens: int = 0
     lease_us: int | None = None
     idempotency_key: str = ""
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -59,16 +69,115 @@ def _check_tokens(violations: list[FieldViolation], field: str, value: int) -> N
         violations.append(FieldViolation(field, f"must be between 0 and {MAX_TOKENS}, got {value}"))
 
 
+def _actual_usage(
+    reservation_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int
+) -> Cost:
+    violations: list[FieldViolation] = []
+    _check_tokens(violations, "input_tokens", input_tokens)
+    _check_tokens(violations, "output_tokens", output_tokens)
+    if cached_input_tokens < 0:
+        violations.append(
+            FieldViolation("cached_input_tokens", f"must not be negative, got {cached_input_tokens}")
+        )
+    elif cached_input_tokens > input_tokens:
+        violations.append(
+            FieldViolation(
+                "cached_input_tokens",
+                f"{cached_input_tokens} is more than input_tokens ({input_tokens}), which include cache reads",
+            )
+        )
+    if not reservation_id:
+        violations.append(FieldViolation("reservation_id", "required"))
+    if violations:
+        raise InvalidRequest(violations)
+    return Cost(1, input_tokens, output_tokens, cached_input_tokens)
+
+
 def _format_us(us: int) -> str:
     return f"{us / 1_000_000:g}s"
 
 
 class QuotaCore:
-    """Answers CheckAndReserve, Commit, Release and GetUsage against a policy and a store."""
+    """Answers CheckAndReserve, Commit, Release and GetUsage against a policy and a store.
 
-    def __init__(self, policy: Policy, store: Store) -> None:
+    `encodings` (name -> tiktoken encoding) arrive after start-up (see cli.py); until
+    then requests that need counting fail with NotReady (UNAVAILABLE) and health
+    stays NOT_SERVING.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        store: Store,
+        *,
+        encodings: Mapping[str, tiktoken.Encoding] | None = None,
+        max_prompt_bytes: int = 1 << 20,
+    ) -> None:
         self.policy = policy
         self._store = store
+        self.encodings = encodings
+        self._max_prompt_bytes = max_prompt_bytes
+        self._counters: dict[tuple[str, float], TokenCounter] = {}
+
+    @property
+    def ready(self) -> bool:
+        """True once the tokenizers are loaded."""
+        return self.encodings is not None
+
+    # -- counting ---------------------------------------------------------------------
+
+    def _counter(self, model: str) -> TokenCounter:
+        settings = self.policy.models.get(model)
+        encoding_name = settings.encoding if settings else default_encoding(model)
+        if encoding_name is None:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "model",
+                        f"no tokenizer for {model!r}: set models.{model}.encoding (and calibration) in the policy",
+                    )
+                ]
+            )
+        if self.encodings is None:
+            raise NotReady("the tokenizers are still loading")
+        calibration = settings.calibration if settings else 1.0
+        counter = self._counters.get((encoding_name, calibration))
+        if counter is None:
+            counter = TokenCounter(self.encodings[encoding_name], calibration)
+            self._counters[(encoding_name, calibration)] = counter
+        return counter
+
+    async def _input_tokens(self, request: ReserveRequest) -> int:
+        """The caller's input_tokens, or the count of its prompt or messages."""
+        if not request.prompt and not request.messages:
+            return request.input_tokens
+        violations: list[FieldViolation] = []
+        if request.prompt and request.messages:
+            violations.append(FieldViolation("prompt", "give prompt or messages, not both"))
+        if request.input_tokens:
+            field = "prompt" if request.prompt else "messages"
+            violations.append(FieldViolation("input_tokens", f"give input_tokens or {field}, not both"))
+        if not request.model:
+            violations.append(FieldViolation("model", "required to count a prompt"))
+        size = len(request.prompt.encode()) + sum(
+            len(m.content.encode()) + len(m.role) + len(m.name) for m in request.messages
+        )
+        if size > self._max_prompt_bytes:
+            field = "prompt" if request.prompt else "messages"
+            violations.append(FieldViolation(field, f"{size} bytes; at most {self._max_prompt_bytes}"))
+        for index, message in enumerate(request.messages):
+            _check_text(violations, f"messages[{index}].role", message.role, required=True)
+            _check_text(violations, f"messages[{index}].name", message.name, required=False)
+        if violations:
+            raise InvalidRequest(violations)
+        counter = self._counter(request.model)
+        if request.prompt:
+            if size <= INLINE_COUNT_BYTES:
+                return counter.count_text(request.prompt)
+            return await asyncio.to_thread(counter.count_text, request.prompt)
+        if size <= INLINE_COUNT_BYTES:
+            return counter.count_messages(request.messages)
+        return await asyncio.to_thread(counter.count_messages, request.messages)
 
     # -- validation -------------------------------------------------------------------
 
@@ -103,14 +212,18 @@ class QuotaCore:
 
     # -- the decisions ----------------------------------------------------------------
 
-    def _plan(self, request: ReserveRequest) -> tuple[ReservePlan, str]:
-        """Validate a request and resolve its limits; returns the plan and the tier."""
+    def plan_for(self, request: ReserveRequest, input_tokens: int) -> ReservePlan:
+        """What `request` would reserve, with `input_tokens` counted: for tools such as the benchmark."""
+        return self._plan(request, input_tokens)[0]
+
+    def _plan(self, request: ReserveRequest, input_tokens: int) -> tuple[ReservePlan, str]:
+        """Validate a request and resolve its limits and cost; returns the plan and the tier."""
         policy = self.policy
         violations: list[FieldViolation] = []
         tenant, tier = self._resolve_caller(
             violations, request.subject, request.tenant, request.tier, request.model, need_model=True
         )
-        _check_tokens(violations, "input_tokens", request.input_tokens)
+        _check_tokens(violations, "input_tokens", input_tokens)
         _check_tokens(violations, "max_output_tokens", request.max_output_tokens)
         _check_text(violations, "idempotency_key", request.idempotency_key, required=False)
         lease_us = policy.lease_default_us if request.lease_us is None else request.lease_us
@@ -122,24 +235,38 @@ class QuotaCore:
                     f" and {_format_us(policy.lease_max_us)}, got {_format_us(lease_us)}",
                 )
             )
+        limits = () if violations else policy.limits_for(tier, tenant, request.model)
+        model = policy.models.get(request.model)
+        price = model.price if model else None
+        if price is None and any(limit.metric is Metric.COST_USD for limit in limits):
+            violations.append(
+                FieldViolation(
+                    "model", f"{request.model!r} has no price in the policy, which cost limits need"
+                )
+            )
         if violations:
             raise InvalidRequest(violations)
+        output_tokens = request.max_output_tokens
         fingerprint = ""
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
-                f"{tier}\n{request.model}\n{request.input_tokens}\n{request.max_output_tokens}".encode()
+                f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}".encode()
             ).hexdigest()[:32]
         plan = ReservePlan(
             partition=policy.partition(tenant),
             tenant=tenant,
             subject=request.subject,
-            limits=policy.limits_for(tier, tenant, request.model),
-            input_tokens=request.input_tokens,
-            output_tokens=request.max_output_tokens,
+            limits=limits,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             lease_us=lease_us,
             record_ttl_us=lease_us + policy.retention_us,
             idempotency_key=request.idempotency_key,
             fingerprint=fingerprint,
+            cost_micro_usd=price.cost_micro_usd(input_tokens, 0, output_tokens) if price else 0,
+            price=price,
+            model=request.model,
+            tier=tier,
         )
         return plan, tier
 
@@ -154,12 +281,13 @@ class QuotaCore:
             reservation_id=result.reservation_id,
             lease_expires_at_us=result.lease_expires_at_us,
             reserved=result.reserved,
+            counted_input_tokens=plan.input_tokens,
             replayed=result.replayed,
         )
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
         """Reserve the request's estimated cost on every applicable limit, or deny it."""
-        plan, tier = self._plan(request)
+        plan, tier = self._plan(request, await self._input_tokens(request))
         return self._outcome(plan, tier, await self._store.reserve(plan))
 
     async def check_and_reserve_many(
@@ -169,7 +297,7 @@ class QuotaCore:
         planned: list[tuple[ReservePlan, str] | QuotadError] = []
         for request in requests:
             try:
-                planned.append(self._plan(request))
+                planned.append(self._plan(request, await self._input_tokens(request)))
             except QuotadError as error:
                 planned.append(error)
         plans = [item[0] for item in planned if not isinstance(item, QuotadError)]
@@ -193,7 +321,9 @@ class QuotaCore:
             binding, reason, retry_after = never[0], DenyReason.EXCEEDS_CAPACITY, None
         else:
             binding = max(range(len(statuses)), key=lambda i: statuses[i].wait_us or 0)
-            reason, retry_after = DenyReason.LIMIT_EXCEEDED, statuses[binding].wait_us
+            retry_after = statuses[binding].wait_us
+            calendar = statuses[binding].limit.algorithm is Algorithm.CALENDAR
+            reason = DenyReason.BUDGET_EXHAUSTED if calendar else DenyReason.LIMIT_EXCEEDED
         marked = tuple(
             LimitStatus(s.limit, s.remaining, s.reset_after_us, s.wait_us, binding=i == binding)
             for i, s in enumerate(statuses)
@@ -208,31 +338,27 @@ class QuotaCore:
             binding_limit=statuses[binding].limit.name,
         )
 
-    async def commit(self, reservation_id: str, input_tokens: int, output_tokens: int) -> SettleOutcome:
+    async def commit(
+        self, reservation_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    ) -> SettleOutcome:
         """Reconcile a reservation with the actual usage; idempotent."""
-        violations: list[FieldViolation] = []
-        _check_tokens(violations, "input_tokens", input_tokens)
-        _check_tokens(violations, "output_tokens", output_tokens)
-        if not reservation_id:
-            violations.append(FieldViolation("reservation_id", "required"))
-        if violations:
-            raise InvalidRequest(violations)
-        actual = Cost(1, input_tokens, output_tokens)
+        actual = _actual_usage(reservation_id, input_tokens, output_tokens, cached_input_tokens)
         return await self._store.settle(reservation_id, actual, self.policy.retention_us)
 
-    async def commit_many(self, commits: Sequence[tuple[str, int, int]]) -> list[SettleOutcome | QuotadError]:
-        """Commit each (reservation id, input tokens, output tokens) on its own, in one round trip."""
+    async def commit_many(
+        self, commits: Sequence[tuple[str, int, int, int]]
+    ) -> list[SettleOutcome | QuotadError]:
+        """Commit each (reservation id, input, output, cached input tokens) on its own, in one round trip."""
         valid: list[tuple[str, Cost]] = []
         checked: list[QuotadError | None] = []
-        for reservation_id, input_tokens, output_tokens in commits:
-            violations: list[FieldViolation] = []
-            _check_tokens(violations, "input_tokens", input_tokens)
-            _check_tokens(violations, "output_tokens", output_tokens)
-            if not reservation_id:
-                violations.append(FieldViolation("reservation_id", "required"))
-            checked.append(InvalidRequest(violations) if violations else None)
-            if not violations:
-                valid.append((reservation_id, Cost(1, input_tokens, output_tokens)))
+        for reservation_id, input_tokens, output_tokens, cached_input_tokens in commits:
+            try:
+                actual = _actual_usage(reservation_id, input_tokens, output_tokens, cached_input_tokens)
+            except InvalidRequest as error:
+                checked.append(error)
+                continue
+            checked.append(None)
+            valid.append((reservation_id, actual))
         settled = iter(await self._store.commit_many(valid, self.policy.retention_us))
         return [error if error is not None else next(settled) for error in checked]
 

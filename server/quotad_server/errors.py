@@ -8,6 +8,7 @@ gRPC layer knows about status codes.
     +-- NotFound             an unknown reservation                   -> NOT_FOUND
     +-- FailedPrecondition   e.g. Commit after Release                 -> FAILED_PRECONDITION
     +-- StoreUnavailable     Redis unreachable, slow or gave up        -> UNAVAILABLE
+    +-- NotReady             still starting (tokenizers loading)       -> UNAVAILABLE
 """
 
 from __future__ import annotations
@@ -45,3 +46,7 @@ class FailedPrecondition(QuotadError):
 
 class StoreUnavailable(QuotadError):
     """The store did not answer in time or at all; nothing is known to have changed."""
+
+
+class NotReady(QuotadError):
+    """The service is still starting (e.g. loading tokenizers); retry shortly."""

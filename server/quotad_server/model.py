@@ -18,6 +18,7 @@ class Metric(StrEnum):
     OUTPUT_TOKENS = "output_tokens"
     TOTAL_TOKENS = "total_tokens"
     CONCURRENT = "concurrent"
+    COST_USD = "cost_usd"  # counted in micro-dollars
 
 
 class Algorithm(StrEnum):
@@ -26,6 +27,7 @@ class Algorithm(StrEnum):
     TOKEN_BUCKET = "token_bucket"
     SLIDING_WINDOW = "sliding_window"
     CONCURRENCY = "concurrency"
+    CALENDAR = "calendar"  # a budget that resets at UTC midnight or on the first of the month
 
 
 class Scope(StrEnum):
@@ -44,14 +46,23 @@ class Decision(StrEnum):
 class DenyReason(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     EXCEEDS_CAPACITY = "exceeds_capacity"
+    BUDGET_EXHAUSTED = "budget_exhausted"  # a calendar budget, until it resets
+
+
+class Calendar(StrEnum):
+    DAY = "day"
+    MONTH = "month"
 
 
 @dataclass(frozen=True, slots=True)
 class Limit:
     """One limit of the policy.
 
-    `period_us` is 0 for concurrency limits. `model` restricts the limit to
-    requests for that model; None applies it to every model.
+    `period_us` is 0 for concurrency and calendar limits (`calendar` says which
+    calendar period). `model` restricts the limit to requests for that model;
+    None applies it to every model. `exclude_cached` leaves prompt-cache reads
+    out of an input or total token limit (as Anthropic's ITPM does). Cost limits
+    count micro-dollars.
     """
 
     name: str
@@ -61,6 +72,8 @@ class Limit:
     limit: int
     period_us: int
     model: str | None = None
+    calendar: Calendar | None = None
+    exclude_cached: bool = False
 
     def applies_to(self, model: str) -> bool:
         return self.model is None or self.model == model
@@ -68,11 +81,40 @@ class Limit:
 
 @dataclass(frozen=True, slots=True)
 class Cost:
-    """An amount charged to limits: one request's estimate or actual usage."""
+    """An amount charged to limits: one request's estimate or actual usage.
+
+    `input_tokens` includes `cached_input_tokens` (prompt-cache reads, priced lower).
+    """
 
     requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cost_micro_usd: int = 0
+
+
+MICROS_PER_MILLION_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's prices in micro-dollars per million tokens ($2.50/M is 2_500_000)."""
+
+    input: int
+    cached_input: int
+    output: int
+
+    def cost_micro_usd(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> int:
+        """The cost in whole micro-dollars, rounded up once for the whole call.
+
+        settle.lua computes the same integer with the same formula.
+        """
+        numerator = (
+            (input_tokens - cached_input_tokens) * self.input
+            + cached_input_tokens * self.cached_input
+            + output_tokens * self.output
+        )
+        return -(-numerator // MICROS_PER_MILLION_TOKENS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +149,7 @@ class ReserveOutcome:
     reservation_id: str = ""
     lease_expires_at_us: int = 0
     reserved: Cost | None = None
+    counted_input_tokens: int = 0
     deny_reason: DenyReason | None = None
     retry_after_us: int | None = None
     binding_limit: str | None = None
@@ -115,12 +158,17 @@ class ReserveOutcome:
 
 @dataclass(frozen=True, slots=True)
 class SettleOutcome:
-    """The answer to Commit (committed is the actual usage) or Release (committed is zero)."""
+    """The answer to Commit (committed is the actual usage) or Release (committed is zero).
+
+    `model` and `tier` are those the reservation was made for.
+    """
 
     reserved: Cost
     committed: Cost
     repeat: bool
     lease_expired: bool
+    model: str = ""
+    tier: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quotad_server.model import Algorithm, Limit, Metric, Scope
+from quotad_server.model import Algorithm, Calendar, Limit, Metric, Price, Scope
 
 MAX_LIMIT = 10**15
+MAX_PRICE_USD = 1000  # per million tokens: keeps exact integer cost arithmetic in Lua (< 2^53)
+CALENDARS = ("day", "month")
 WILDCARD_TENANT = "*"
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_US = {"ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
@@ -44,13 +47,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _micro_usd(value: float | int, what: str) -> int:
+    """Dollars (as written in the policy) to whole micro-dollars, refusing sub-micro precision."""
+    micros = Decimal(str(value)) * 1_000_000
+    if micros != micros.to_integral_value():
+        raise ValueError(f"{what} {value!r} has more than 6 decimal places")
+    return int(micros)
+
+
 class LimitSpec(_Strict):
     name: str
     metric: Metric
-    limit: int = Field(gt=0, le=MAX_LIMIT)
+    limit: int | float = Field(gt=0, le=MAX_LIMIT)
     period: Duration | None = None
     algorithm: Literal["token_bucket", "sliding_window"] | None = None
     model: str | None = None
+    exclude_cached: bool = False
 
     @field_validator("metric", mode="before")
     @classmethod
@@ -69,7 +81,7 @@ class LimitSpec(_Strict):
     @field_validator("period")
     @classmethod
     def _period(cls, value: str | None) -> str | None:
-        if value is not None and parse_duration_us(value) <= 0:
+        if value is not None and value not in CALENDARS and parse_duration_us(value) <= 0:
             raise ValueError(f"period must be positive, got {value!r}")
         return value
 
@@ -79,17 +91,39 @@ class LimitSpec(_Strict):
             if self.period is not None or self.algorithm is not None:
                 raise ValueError("a concurrent limit takes neither period nor algorithm")
         elif self.period is None:
-            raise ValueError(f"a {self.metric} limit needs a period (e.g. 1m)")
+            raise ValueError(f"a {self.metric} limit needs a period (e.g. 1m, or day / month)")
+        elif self.period in CALENDARS and self.algorithm is not None:
+            raise ValueError(f"a {self.period} budget resets on the calendar; it takes no algorithm")
+        if isinstance(self.limit, float) and self.metric is not Metric.COST_USD:
+            raise ValueError(f"a {self.metric} limit is a whole number, got {self.limit}")
+        if self.metric is Metric.COST_USD:
+            _micro_usd(self.limit, "limit")
+        if self.exclude_cached and self.metric not in (Metric.INPUT_TOKENS, Metric.TOTAL_TOKENS):
+            raise ValueError("exclude_cached applies to input_tokens and total_tokens limits only")
         return self
 
     def to_limit(self, scope: Scope) -> Limit:
+        calendar = None
         if self.metric is Metric.CONCURRENT:
             algorithm, period_us = Algorithm.CONCURRENCY, 0
+        elif self.period in CALENDARS:
+            algorithm, period_us, calendar = Algorithm.CALENDAR, 0, Calendar(self.period)
         else:
             assert self.period is not None  # guaranteed by _shape
             algorithm = Algorithm(self.algorithm or Algorithm.TOKEN_BUCKET)
             period_us = parse_duration_us(self.period)
-        return Limit(self.name, scope, self.metric, algorithm, self.limit, period_us, self.model)
+        limit = _micro_usd(self.limit, "limit") if self.metric is Metric.COST_USD else int(self.limit)
+        return Limit(
+            self.name,
+            scope,
+            self.metric,
+            algorithm,
+            limit,
+            period_us,
+            self.model,
+            calendar,
+            self.exclude_cached,
+        )
 
 
 class LimitGroup(_Strict):
@@ -124,8 +158,61 @@ class Leases(_Strict):
         return self
 
 
+class PriceSpec(_Strict):
+    """US dollars per million tokens."""
+
+    input: float | int = Field(ge=0, le=MAX_PRICE_USD)
+    output: float | int = Field(ge=0, le=MAX_PRICE_USD)
+    cached_input: float | int | None = Field(default=None, ge=0, le=MAX_PRICE_USD)
+
+    @model_validator(mode="after")
+    def _precision(self) -> PriceSpec:
+        for what in ("input", "output", "cached_input"):
+            value = getattr(self, what)
+            if value is not None:
+                _micro_usd(value, what)
+        return self
+
+    def to_price(self) -> Price:
+        cached = self.input if self.cached_input is None else self.cached_input
+        return Price(
+            _micro_usd(self.input, "input"),
+            _micro_usd(cached, "cached_input"),
+            _micro_usd(self.output, "output"),
+        )
+
+
 class ModelSpec(_Strict):
-    """Per-model settings; later issues add pricing and the tokenizer here."""
+    """How to count and price one model's calls."""
+
+    encoding: Literal["cl100k_base", "o200k_base"] | None = None
+    calibration: float | int = Field(default=1.0, ge=0.1, le=10.0)
+    price: PriceSpec | None = None
+    output_estimate: Literal["max_tokens", "learned"] = "max_tokens"
+    learned_quantile: float = Field(default=0.95, gt=0.5, lt=1.0)
+    learned_min_samples: int = Field(default=100, ge=1, le=1_000_000)
+
+
+def default_encoding(model: str) -> str | None:
+    """The tiktoken encoding of OpenAI's model families; None for other vendors' models."""
+    if model.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")):
+        return "o200k_base"
+    if model.startswith(("gpt-4", "gpt-3.5")):
+        return "cl100k_base"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    """A model's resolved settings."""
+
+    name: str
+    encoding: str | None
+    calibration: float
+    price: Price | None
+    learned: bool
+    learned_quantile: float
+    learned_min_samples: int
 
 
 class PolicyDocument(_Strict):
@@ -153,6 +240,8 @@ class PolicyDocument(_Strict):
             for spec in group.limits:
                 if spec.model is not None and self.models and spec.model not in self.models:
                     raise ValueError(f"limit {spec.name!r} names model {spec.model!r}, not in models")
+                if spec.metric is Metric.COST_USD and not self.models:
+                    raise ValueError(f"cost limit {spec.name!r} needs a models section with prices")
         return self
 
 
@@ -167,7 +256,7 @@ class Policy:
     lease_min_us: int
     lease_max_us: int
     retention_us: int
-    models: frozenset[str]
+    models: dict[str, ModelPolicy]
     tier_limits: dict[str, tuple[Limit, ...]]
     tenant_limits: dict[str, tuple[Limit, ...]]
     global_limits: tuple[Limit, ...]
@@ -233,7 +322,18 @@ def parse_policy(text: str, source: str) -> Policy:
         lease_min_us=parse_duration_us(doc.leases.min),
         lease_max_us=parse_duration_us(doc.leases.max),
         retention_us=parse_duration_us(doc.retention),
-        models=frozenset(doc.models),
+        models={
+            name: ModelPolicy(
+                name=name,
+                encoding=spec.encoding or default_encoding(name),
+                calibration=float(spec.calibration),
+                price=spec.price.to_price() if spec.price else None,
+                learned=spec.output_estimate == "learned",
+                learned_quantile=spec.learned_quantile,
+                learned_min_samples=spec.learned_min_samples,
+            )
+            for name, spec in doc.models.items()
+        },
         tier_limits={
             name: tuple(s.to_limit(Scope.SUBJECT) for s in g.limits) for name, g in doc.tiers.items()
         },

@@ -24,12 +24,13 @@ _log = structlog.get_logger("quotad.server")
 class QuotadServer:
     """One gRPC server process.
 
-    Health is SERVING only while the store answers: a monitor pings it every
-    `health_interval_s` and flips the overall ("") and the QuotaService status.
-    The policy is loaded before the server is built, so it is always in force.
+    Health is SERVING only once the tokenizers are loaded and while the store
+    answers: a monitor checks every `health_interval_s` and flips the overall ("")
+    and the QuotaService status. The policy is loaded before the server is built.
     """
 
     def __init__(self, core: QuotaCore, store: Store, *, listen: str, health_interval_s: float = 1.0) -> None:
+        self._core = core
         self._store = store
         self._health_interval_s = health_interval_s
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
@@ -68,7 +69,7 @@ class QuotadServer:
         while True:
             try:
                 await self._store.ping()
-                await self._set_serving(True)
+                await self._set_serving(self._core.ready)
             except StoreUnavailable as error:
                 _log.debug("store ping failed", error=str(error))
                 await self._set_serving(False)

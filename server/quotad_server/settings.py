@@ -51,6 +51,8 @@ class Settings:
     health_interval_ms: int = 1000
     shutdown_grace_s: int = 10
     workers: int = 1
+    max_prompt_bytes: int = 1 << 20
+    tiktoken_cache_dir: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -83,4 +85,6 @@ class Settings:
             health_interval_ms=_int(env, "QUOTAD_HEALTH_INTERVAL_MS", 1000, 50, 600_000),
             shutdown_grace_s=_int(env, "QUOTAD_SHUTDOWN_GRACE_S", 10, 0, 3600),
             workers=_int(env, "QUOTAD_WORKERS", 1, 1, 64),
+            max_prompt_bytes=_int(env, "QUOTAD_MAX_PROMPT_BYTES", 1 << 20, 1, 64 << 20),
+            tiktoken_cache_dir=env.get("TIKTOKEN_CACHE_DIR", "").strip(),
         )

@@ -17,9 +17,12 @@ import {
 } from "@grpc/grpc-js";
 import { BinaryReader } from "@bufbuild/protobuf/wire";
 import {
+  type ChatMessage,
+  CheckAndReserveRequest,
   type CheckAndReserveResponse,
+  CommitRequest,
   type CommitResponse,
-  type Cost,
+  Cost,
   type GetUsageResponse,
   type LimitStatus,
   type ReleaseResponse,
@@ -69,6 +72,10 @@ export interface ReserveRequest {
   leaseMs?: number;
   /** Makes retries safe; one is generated when omitted or empty. */
   idempotencyKey?: string;
+  /** Instead of inputTokens: the prompt text, counted by the server. */
+  prompt?: string;
+  /** Instead of inputTokens: chat messages, counted by the server. */
+  messages?: ChatMessage[];
 }
 
 interface DecisionCommon {
@@ -87,7 +94,7 @@ export interface Allowed extends DecisionCommon {
 
 export interface Denied extends DecisionCommon {
   allowed: false;
-  reason: "limit_exceeded" | "exceeds_capacity";
+  reason: "limit_exceeded" | "exceeds_capacity" | "budget_exhausted";
   bindingLimit: string;
   /** When this same request fits, in milliseconds; undefined when it never can. */
   retryAfterMs: number | undefined;
@@ -152,7 +159,7 @@ export class QuotaClient {
     const leaseMs = request.leaseMs;
     const response = await this.call<CheckAndReserveResponse>((metadata, options, done) =>
       this.stub.checkAndReserve(
-        {
+        CheckAndReserveRequest.fromPartial({
           subject: request.subject,
           tenant: request.tenant ?? "",
           tier: request.tier ?? "",
@@ -164,7 +171,9 @@ export class QuotaClient {
               ? undefined
               : { seconds: Math.floor(leaseMs / 1000), nanos: (leaseMs % 1000) * 1_000_000 },
           idempotencyKey: request.idempotencyKey || randomUUID(),
-        },
+          prompt: request.prompt ?? "",
+          messages: request.messages ?? [],
+        }),
         metadata,
         options,
         done,
@@ -175,7 +184,7 @@ export class QuotaClient {
       return {
         allowed: true,
         reservationId: response.reservationId,
-        reserved: response.reserved ?? { requests: 0, inputTokens: 0, outputTokens: 0 },
+        reserved: response.reserved ?? Cost.fromPartial({}),
         replayed: response.replayed,
         remaining,
         response,
@@ -183,7 +192,12 @@ export class QuotaClient {
     }
     return {
       allowed: false,
-      reason: response.denyReason === DenyReason.DENY_REASON_EXCEEDS_CAPACITY ? "exceeds_capacity" : "limit_exceeded",
+      reason:
+        response.denyReason === DenyReason.DENY_REASON_EXCEEDS_CAPACITY
+          ? "exceeds_capacity"
+          : response.denyReason === DenyReason.DENY_REASON_BUDGET_EXHAUSTED
+            ? "budget_exhausted"
+            : "limit_exceeded",
       bindingLimit: response.bindingLimit,
       retryAfterMs:
         response.retryAfter === undefined
@@ -195,10 +209,18 @@ export class QuotaClient {
   }
 
   /** Settle a reservation with the tokens the call really used. */
-  commit(reservationId: string, usage: { inputTokens: number; outputTokens: number }): Promise<CommitResponse> {
+  commit(
+    reservationId: string,
+    usage: { inputTokens: number; outputTokens: number; cachedInputTokens?: number },
+  ): Promise<CommitResponse> {
     return this.call<CommitResponse>((metadata, options, done) =>
       this.stub.commit(
-        { reservationId, inputTokens: usage.inputTokens, outputTokens: usage.outputTokens },
+        CommitRequest.fromPartial({
+          reservationId,
+          inputTokens: usage.inputTokens,
+          outputTokens: usage.outputTokens,
+          cachedInputTokens: usage.cachedInputTokens ?? 0,
+        }),
         metadata,
         options,
         done,

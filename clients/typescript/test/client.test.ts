@@ -17,7 +17,13 @@ test("reserve then commit", async () => {
   const subject = unique("ts-commit");
   const decision = await client.reserve({ subject, model: MODEL, inputTokens: 300, maxOutputTokens: 200 });
   assert.ok(decision.allowed, `expected an allowed reservation, got ${JSON.stringify(decision)}`);
-  assert.deepEqual(decision.reserved, { requests: 1, inputTokens: 300, outputTokens: 200 });
+  assert.deepEqual(decision.reserved, {
+    requests: 1,
+    inputTokens: 300,
+    outputTokens: 200,
+    cachedInputTokens: 0,
+    costMicroUsd: 0,
+  });
 
   const committed = await client.commit(decision.reservationId, { inputTokens: 300, outputTokens: 50 });
   assert.equal(committed.repeat, false);

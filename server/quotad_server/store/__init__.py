@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from quotad_server.errors import QuotadError
-from quotad_server.model import Cost, Limit, LimitStatus, SettleOutcome
+from quotad_server.model import Cost, Limit, LimitStatus, Price, SettleOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,10 @@ class ReservePlan:
     record_ttl_us: int
     idempotency_key: str = ""
     fingerprint: str = ""
+    cost_micro_usd: int = 0
+    price: Price | None = None
+    model: str = ""
+    tier: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,8 @@ class Store(Protocol):
         ...
 
     async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
-        """Commit `actual` usage, or release when `actual` is None. Idempotent.
+        """Commit `actual` usage (its cost is computed from the reservation's prices), or
+        release when `actual` is None. Idempotent.
 
         Raises InvalidRequest for a malformed id, NotFound for an unknown one and
         FailedPrecondition when the reservation was settled the other way.

@@ -26,7 +26,17 @@ from quotad_server.errors import (
     QuotadError,
     StoreUnavailable,
 )
-from quotad_server.model import Algorithm, Cost, Limit, LimitStatus, Metric, Scope, SettleOutcome
+from quotad_server.model import (
+    Algorithm,
+    Calendar,
+    Cost,
+    Limit,
+    LimitStatus,
+    Metric,
+    Price,
+    Scope,
+    SettleOutcome,
+)
 from quotad_server.store import ReservePlan, ReserveResult
 from quotad_server.store.resp import RedisAddress, RespClient, Script
 
@@ -35,13 +45,26 @@ Clock = Callable[[], int]
 """Returns now in microseconds. Tests inject one; in production the scripts read Redis TIME."""
 
 _ALGORITHM_CODE = {Algorithm.TOKEN_BUCKET: "b", Algorithm.SLIDING_WINDOW: "w", Algorithm.CONCURRENCY: "c"}
+_CALENDAR_CODE = {Calendar.DAY: "d", Calendar.MONTH: "m"}
 _METRIC_CODE = {
     Metric.REQUESTS: "r",
     Metric.INPUT_TOKENS: "i",
     Metric.OUTPUT_TOKENS: "o",
     Metric.TOTAL_TOKENS: "t",
     Metric.CONCURRENT: "c",
+    Metric.COST_USD: "u",
 }
+_EXCLUDING_CACHED = {Metric.INPUT_TOKENS: "I", Metric.TOTAL_TOKENS: "T"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _codes(limit: Limit) -> tuple[str, str]:
+    """The (algorithm, metric) codes of a limit in the scripts' ARGV (see reserve.lua)."""
+    algorithm = _CALENDAR_CODE[limit.calendar] if limit.calendar else _ALGORITHM_CODE[limit.algorithm]
+    metric = _EXCLUDING_CACHED[limit.metric] if limit.exclude_cached else _METRIC_CODE[limit.metric]
+    return algorithm, metric
+
+
 _SCOPE_CODE = {Scope.SUBJECT: "s", Scope.TENANT: "t", Scope.GLOBAL: "g"}
 _TAG_HEX = 8
 RESERVATION_ID = re.compile(rf"^[0-9a-f]{{{_TAG_HEX + 32}}}$")
@@ -68,7 +91,11 @@ def key(prefix: str, tag: str, kind: str, *parts: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _limit_suffix(limit: Limit) -> str:
-    return f"{_ALGORITHM_CODE[limit.algorithm]}:{_escape(limit.name)}"
+    return f"{_codes(limit)[0]}:{_escape(limit.name)}"
+
+
+def _price_arg(price: Price | None) -> str:
+    return "0 0 0" if price is None else f"{price.input} {price.cached_input} {price.output}"
 
 
 def _load_script(name: str) -> str:
@@ -176,8 +203,7 @@ class RedisStore:
         args: list[Any] = [len(limits)]
         for limit in limits:
             args += (
-                _ALGORITHM_CODE[limit.algorithm],
-                _METRIC_CODE[limit.metric],
+                *_codes(limit),
                 limit.limit,
                 limit.period_us,
             )
@@ -226,6 +252,9 @@ class RedisStore:
             plan.fingerprint,
             plan.input_tokens,
             plan.output_tokens,
+            plan.cost_micro_usd,
+            _price_arg(plan.price),
+            f"{plan.model}\t{plan.tier}",
             *self._limit_args(plan.limits),
         ]
         return reservation_id, keys, args
@@ -240,14 +269,14 @@ class RedisStore:
                 "idempotency_key was already used for a different request by this subject; use a new key"
             )
         if code == _REPLY_REPLAYED:
-            first_id, input_tokens, output_tokens = reply[4].decode(), reply[5], reply[6]
+            first_id, input_tokens, output_tokens, cost = reply[4].decode(), reply[5], reply[6], reply[7]
             return ReserveResult(
                 allowed=True,
                 reservation_id=first_id,
                 lease_expires_at_us=lease_expires_us,
                 limits=(),
                 replayed=True,
-                reserved=Cost(1, int(input_tokens), int(output_tokens)),
+                reserved=Cost(1, int(input_tokens), int(output_tokens), cost_micro_usd=int(cost)),
             )
         allowed = code == _REPLY_ALLOWED
         return ReserveResult(
@@ -255,8 +284,15 @@ class RedisStore:
             reservation_id=reservation_id if allowed else "",
             lease_expires_at_us=lease_expires_us if allowed else 0,
             limits=self._statuses(plan.limits, reply),
-            reserved=Cost(1, plan.input_tokens, plan.output_tokens) if allowed else None,
+            reserved=Cost(1, plan.input_tokens, plan.output_tokens, cost_micro_usd=plan.cost_micro_usd)
+            if allowed
+            else None,
         )
+
+    def reserve_command(self, plan: ReservePlan) -> tuple[str, str, list[str], list[Any]]:
+        """(script SHA, reservation id, KEYS, ARGV) of the EVALSHA reserve() sends: for tools."""
+        reservation_id, keys, args = self._reserve_call(plan)
+        return self._reserve.sha.decode(), reservation_id, keys, args
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
         reservation_id, keys, args = self._reserve_call(plan)
@@ -283,7 +319,7 @@ class RedisStore:
             self._record_key(tag, "peek"),
             *self.limit_keys(tag, limits, tenant, subject),
         ]
-        args = ["peek", self._now_arg(), 0, "", 0, 1, "", 0, 0, *self._limit_args(limits)]
+        args = ["peek", self._now_arg(), 0, "", 0, 1, "", 0, 0, 0, "0 0 0", "", *self._limit_args(limits)]
         reply = await self._run(self._reserve, keys, args)
         self._learn_clock(reply[1])
         return self._statuses(limits, reply)
@@ -303,13 +339,16 @@ class RedisStore:
             self._deadline_arg(),
             used.input_tokens,
             used.output_tokens,
+            used.cached_input_tokens,
             max(1, retention_us // 1000),
         ]
         return keys, args
 
     @staticmethod
     def _settle_result(reservation_id: str, reply: list[Any]) -> SettleOutcome:
-        code, est_in, est_out, act_in, act_out, lease_expired, state = reply
+        code, est_in, est_out, act_in, act_out, lease_expired, state, est_cost, act_cost, act_cached, meta = (
+            reply
+        )
         if code == _REPLY_NOT_FOUND:
             raise NotFound(f"reservation {reservation_id} does not exist or is past its retention")
         if code == _REPLY_PAST_DEADLINE:
@@ -318,11 +357,16 @@ class RedisStore:
             done = "committed" if state == b"c" else "released"
             raise FailedPrecondition(f"reservation {reservation_id} was already {done}")
         committed = state == b"c"
+        model, _, tier = meta.decode().partition("\t")
         return SettleOutcome(
-            reserved=Cost(1, int(est_in), int(est_out)),
-            committed=Cost(1, int(act_in), int(act_out)) if committed else Cost(),
+            reserved=Cost(1, int(est_in), int(est_out), cost_micro_usd=int(est_cost)),
+            committed=Cost(1, int(act_in), int(act_out), int(act_cached), int(act_cost))
+            if committed
+            else Cost(),
             repeat=code != _REPLY_ALLOWED,
             lease_expired=bool(lease_expired),
+            model=model,
+            tier=tier,
         )
 
     async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:

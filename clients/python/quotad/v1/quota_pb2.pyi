@@ -67,6 +67,10 @@ class _DenyReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenyReason
     """The cost of this request exceeds a limit's whole capacity: it can never
     be admitted as it is (shrink it or raise the limit). No retry_after.
     """
+    DENY_REASON_BUDGET_EXHAUSTED: _DenyReason.ValueType  # 3
+    """A calendar budget (per day or per month) is spent: it reopens when the
+    calendar period resets, which retry_after points at.
+    """
 
 class DenyReason(_DenyReason, metaclass=_DenyReasonEnumTypeWrapper):
     """DenyReason tells a caller what to do with a denial."""
@@ -78,6 +82,10 @@ DENY_REASON_LIMIT_EXCEEDED: DenyReason.ValueType  # 1
 DENY_REASON_EXCEEDS_CAPACITY: DenyReason.ValueType  # 2
 """The cost of this request exceeds a limit's whole capacity: it can never
 be admitted as it is (shrink it or raise the limit). No retry_after.
+"""
+DENY_REASON_BUDGET_EXHAUSTED: DenyReason.ValueType  # 3
+"""A calendar budget (per day or per month) is spent: it reopens when the
+calendar period resets, which retry_after points at.
 """
 Global___DenyReason: _TypeAlias = DenyReason  # noqa: Y015
 
@@ -129,6 +137,10 @@ class _MetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Metric.ValueTy
     """Reservations in flight (reserved and neither committed, released nor
     expired).
     """
+    METRIC_COST_USD: _Metric.ValueType  # 6
+    """Money, in micro-dollars (1,000,000 = one US dollar), from the policy's
+    price table: estimated at admission, settled on Commit.
+    """
 
 class Metric(_Metric, metaclass=_MetricEnumTypeWrapper):
     """Metric is what a limit counts."""
@@ -147,6 +159,10 @@ METRIC_CONCURRENT: Metric.ValueType  # 5
 """Reservations in flight (reserved and neither committed, released nor
 expired).
 """
+METRIC_COST_USD: Metric.ValueType  # 6
+"""Money, in micro-dollars (1,000,000 = one US dollar), from the policy's
+price table: estimated at admission, settled on Commit.
+"""
 Global___Metric: _TypeAlias = Metric  # noqa: Y015
 
 class _Algorithm:
@@ -163,6 +179,8 @@ class _AlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Algorithm.V
     """Never more than limit units in any window of length period."""
     ALGORITHM_CONCURRENCY: _Algorithm.ValueType  # 3
     """At most limit reservations in flight at once."""
+    ALGORITHM_CALENDAR: _Algorithm.ValueType  # 4
+    """A budget per calendar period (UTC day or month) that resets at its end."""
 
 class Algorithm(_Algorithm, metaclass=_AlgorithmEnumTypeWrapper):
     """Algorithm is how a limit replenishes."""
@@ -175,6 +193,8 @@ ALGORITHM_SLIDING_WINDOW: Algorithm.ValueType  # 2
 """Never more than limit units in any window of length period."""
 ALGORITHM_CONCURRENCY: Algorithm.ValueType  # 3
 """At most limit reservations in flight at once."""
+ALGORITHM_CALENDAR: Algorithm.ValueType  # 4
+"""A budget per calendar period (UTC day or month) that resets at its end."""
 Global___Algorithm: _TypeAlias = Algorithm  # noqa: Y015
 
 @_typing.final
@@ -186,26 +206,66 @@ class Cost(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_MICRO_USD_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """Calls (1 for a reservation)."""
     input_tokens: _builtins.int
-    """Prompt tokens."""
+    """Prompt tokens, prompt-cache reads included."""
     output_tokens: _builtins.int
     """Completion tokens."""
+    cached_input_tokens: _builtins.int
+    """The part of input_tokens read from the provider's prompt cache."""
+    cost_micro_usd: _builtins.int
+    """The price of it all in micro-dollars, when the model has prices."""
     def __init__(
         self,
         *,
         requests: _builtins.int = ...,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
+        cached_input_tokens: _builtins.int = ...,
+        cost_micro_usd: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "cost_micro_usd", b"cost_micro_usd", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cost: _TypeAlias = Cost  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """ChatMessage is one message of a chat completion request, counted the way
+    OpenAI documents for its chat models.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user", "assistant", "tool", ..."""
+    content: _builtins.str
+    """The text of the message."""
+    name: _builtins.str
+    """Optional participant name."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class LimitStatus(_message.Message):
@@ -223,6 +283,7 @@ class LimitStatus(_message.Message):
     RESET_AFTER_FIELD_NUMBER: _builtins.int
     DENIED_FIELD_NUMBER: _builtins.int
     BINDING_FIELD_NUMBER: _builtins.int
+    CALENDAR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The limit's name from the policy."""
     scope: Global___Scope.ValueType
@@ -245,6 +306,8 @@ class LimitStatus(_message.Message):
     """True for the limit that decided the denial: the one that takes longest
     to fit (or can never fit).
     """
+    calendar: _builtins.str
+    """For calendar budgets: "day" or "month" (UTC)."""
     @_builtins.property
     def period(self) -> _duration_pb2.Duration:
         """The period the limit refers to; absent for concurrency limits."""
@@ -266,10 +329,11 @@ class LimitStatus(_message.Message):
         reset_after: _duration_pb2.Duration | None = ...,
         denied: _builtins.bool = ...,
         binding: _builtins.bool = ...,
+        calendar: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period", b"period", "reset_after", b"reset_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "binding", b"binding", "denied", b"denied", "limit", b"limit", "metric", b"metric", "name", b"name", "period", b"period", "remaining", b"remaining", "reset_after", b"reset_after", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "binding", b"binding", "calendar", b"calendar", "denied", b"denied", "limit", b"limit", "metric", b"metric", "name", b"name", "period", b"period", "remaining", b"remaining", "reset_after", b"reset_after", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,6 +353,8 @@ class CheckAndReserveRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Required. The end user or API consumer the call is made for. At most
     256 bytes, no control characters.
@@ -306,17 +372,29 @@ class CheckAndReserveRequest(_message.Message):
     names models; selects model-specific limits.
     """
     input_tokens: _builtins.int
-    """Prompt tokens of the call, 0 to 10^9."""
+    """Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+    Leave it 0 and send prompt or messages to let the server count.
+    """
     max_output_tokens: _builtins.int
     """The call's max_tokens: the output reserved until Commit, 0 to 10^9."""
     idempotency_key: _builtins.str
     """Optional. Retries with the same key (per tenant and subject) return
     the first reservation instead of reserving twice. At most 256 bytes.
     """
+    prompt: _builtins.str
+    """The prompt text, counted by the server with the model's tokenizer.
+    Exclusive with input_tokens and messages. At most 1 MiB by default.
+    """
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
         """How long the reservation holds its concurrency slot before it expires
         on its own. Empty: the policy's default lease. Bounded by the policy.
+        """
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """The chat messages, counted by the server with the model's tokenizer plus
+        the chat format's overhead. Exclusive with input_tokens and prompt.
         """
 
     def __init__(
@@ -330,10 +408,12 @@ class CheckAndReserveRequest(_message.Message):
         max_output_tokens: _builtins.int = ...,
         lease: _duration_pb2.Duration | None = ...,
         idempotency_key: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_tokens", b"input_tokens", "lease", b"lease", "max_output_tokens", b"max_output_tokens", "model", b"model", "subject", b"subject", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_tokens", b"input_tokens", "lease", b"lease", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "subject", b"subject", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,6 +436,7 @@ class CheckAndReserveResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    COUNTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     """ALLOWED or DENIED."""
     deny_reason: Global___DenyReason.ValueType
@@ -372,6 +453,10 @@ class CheckAndReserveResponse(_message.Message):
     """The tenant the request was counted under (after defaults)."""
     tier: _builtins.str
     """The tier the request was counted under (after defaults)."""
+    counted_input_tokens: _builtins.int
+    """The input tokens the decision used: counted by the server from prompt or
+    messages, or the caller's input_tokens.
+    """
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the reservation's lease ends (ALLOWED only)."""
@@ -404,10 +489,11 @@ class CheckAndReserveResponse(_message.Message):
         replayed: _builtins.bool = ...,
         tenant: _builtins.str = ...,
         tier: _builtins.str = ...,
+        counted_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "reserved", b"reserved", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "decision", b"decision", "deny_reason", b"deny_reason", "lease_expires_at", b"lease_expires_at", "limits", b"limits", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "counted_input_tokens", b"counted_input_tokens", "decision", b"decision", "deny_reason", b"deny_reason", "lease_expires_at", b"lease_expires_at", "limits", b"limits", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,22 +508,29 @@ class CommitRequest(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Required. The id CheckAndReserve returned."""
     input_tokens: _builtins.int
     """Prompt tokens actually used, 0 to 10^9."""
     output_tokens: _builtins.int
     """Completion tokens actually used, 0 to 10^9."""
+    cached_input_tokens: _builtins.int
+    """The part of input_tokens read from the provider's prompt cache, 0 to
+    input_tokens: priced at the cached rate, and left out of limits that
+    exclude cache reads.
+    """
     def __init__(
         self,
         *,
         reservation_id: _builtins.str = ...,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
+        cached_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,9 +7,10 @@ nothing at all.
 
 KEYS[1]   the reservation record this request would create (a string, see below)
 KEYS[2]   the idempotency key (string "<fingerprint>\n<record key>"); unused when ARGV[7] is ""
-KEYS[3..] one counter key per limit, in the order of the limit specs in ARGV. A sliding
-          window over tokens also keeps its running sum at KEYS[i] .. ":sum" (same hash
-          tag, so the same Redis Cluster slot).
+KEYS[3..] one counter key per limit, in the order of the limit specs in ARGV. Derived keys
+          share its hash tag (so the Redis Cluster slot): a sliding window over tokens keeps
+          its running sum at KEYS[i] .. ':sum', a calendar budget its period's usage at
+          KEYS[i] .. ':' .. <first day of the period, in days since 1970-01-01>.
 
 ARGV[1]   mode: "reserve", or "peek" (compute the statuses at zero cost, write nothing)
 ARGV[2]   now in microseconds, or "" to read Redis TIME (the clock of every replica)
@@ -21,27 +22,36 @@ ARGV[6]   record TTL in milliseconds (lease + retention)
 ARGV[7]   idempotency fingerprint, "" for none
 ARGV[8]   estimated input tokens
 ARGV[9]   estimated output tokens
-ARGV[10]  N, the number of limits; then 4 values per limit:
-          algorithm (b = token bucket, w = sliding window, c = concurrency),
-          metric (r = requests, i = input, o = output, t = total tokens, c = concurrent),
-          limit (units), period (microseconds; 0 for concurrency)
+ARGV[10]  estimated cost in micro-dollars
+ARGV[11]  prices "<input> <cached input> <output>" in micro-dollars per million tokens
+ARGV[12]  "<model>\t<tier>", kept in the record for usage statistics
+ARGV[13]  N, the number of limits; then 4 values per limit:
+          algorithm (b token bucket, w sliding window, c concurrency, d calendar day,
+            m calendar month),
+          metric (r requests, c concurrent, i input tokens, I input tokens less cache reads,
+            o output tokens, t total tokens, T total tokens less cache reads, u micro-dollars),
+          limit (units), period (microseconds; 0 for concurrency and calendar budgets)
 
-State, per algorithm (units are requests or tokens, times are microseconds):
+State, per algorithm (units are requests, tokens or micro-dollars; times are microseconds):
   b  string "<level> <updated_at>": units in use; it drains at limit/period. A level
      above the limit is debt (usage above estimates), which later requests wait out.
   w  zset of "<reservation id>:<units>" scored by reservation time; members at or before
      now - period are outside the window. Over requests every member is one unit, so the
-     zset's count is the usage; over tokens, KEYS[i]:sum holds the units of all members.
+     zset's count is the usage; otherwise KEYS[i]:sum holds the units of all members.
   c  zset of reservation ids scored by lease expiry; members at or before now are expired.
+  d/m  integer units used in the current UTC day / month.
 
 The record (string, TTL = lease + retention) is what settle.lua needs, so a reservation
-is settled on the limits it was made under even if the policy changes meanwhile:
-  "r <lease_expires_at> <est_in> <est_out>" then one line per limit:
-  "<algorithm> <metric> <limit> <period> <key without the '<prefix>:{tag}:l:' part>"
+is settled on the limits and prices it was made under even if the policy changes:
+  "r <lease_expires_at> <est_in> <est_out> <est_cost> <price_in> <price_cached> <price_out>"
+  "<model>\t<tier>"
+  then one line per limit: "<algorithm> <metric> <limit> <period> <key suffix>", where the
+  key suffix is the key without '<prefix>:{tag}:l:' and, for a calendar budget, period is
+  the first day of the period it was charged to.
 
 Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N}
   code 1 allowed, 0 denied, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
-  est. input, est. output} (the first reservation; no limit is evaluated),
+  est. input, est. output, est. cost} (the first reservation; no limit is evaluated),
   -1 past the deadline (nothing written), -2 idempotency key reused for another request.
   wait is 0 when the cost fits now, -1 when it never can, else microseconds until it fits.
 ]]
@@ -60,9 +70,8 @@ local peek = mode == 'peek'
 local rid = ARGV[4]
 local lease_us = tonumber(ARGV[5])
 local fingerprint = ARGV[7]
-local est_in = tonumber(ARGV[8])
-local est_out = tonumber(ARGV[9])
-local n = tonumber(ARGV[10])
+local est_in, est_out, est_cost = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local n = tonumber(ARGV[13])
 
 -- Idempotent retry: hand back the first reservation and change nothing.
 if not peek and fingerprint ~= '' then
@@ -74,11 +83,11 @@ if not peek and fingerprint ~= '' then
     local record = redis.call('GET', record_key)
     if record then
       local first_id = string.match(record_key, ':r:(%x+)$')
-      local lx, ein, eout = string.match(record, '^%a ([%d.]+) (%d+) (%d+)')
-      if not lx then  -- a settled record: "<state> <ain> <aout> <lease_expired> <ein> <eout> <lx>"
-        ein, eout, lx = string.match(record, '^%a %d+ %d+ %d (%d+) (%d+) ([%d.]+)')
+      local lx, ein, eout, ecost = string.match(record, '^r (%d+) (%d+) (%d+) (%d+)')
+      if not lx then  -- settled: "<state> <ain> <aout> <lease_expired> <ein> <eout> <lx> <ecost> ..."
+        ein, eout, lx, ecost = string.match(record, '^%a %d+ %d+ %d (%d+) (%d+) (%d+) (%d+)')
       end
-      return {2, now, tonumber(lx), 0, first_id, tonumber(ein), tonumber(eout)}
+      return {2, now, tonumber(lx), 0, first_id, tonumber(ein), tonumber(eout), tonumber(ecost)}
     end
   end
 end
@@ -86,8 +95,9 @@ end
 local function units(metric)
   if peek then return 0 end
   if metric == 'r' or metric == 'c' then return 1 end
-  if metric == 'i' then return est_in end
+  if metric == 'i' or metric == 'I' then return est_in end
   if metric == 'o' then return est_out end
+  if metric == 'u' then return est_cost end
   return est_in + est_out
 end
 
@@ -99,15 +109,47 @@ local function int(x) return string.format('%d', x) end
 local EPSILON = 1e-9
 local function ceil(x) return math.ceil(x - EPSILON) end
 
+-- Calendar periods in UTC, from days since 1970-01-01 (H. Hinnant's civil-date algorithms).
+local DAY = 86400000000
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function days_from_civil(y, m)  -- the first of month m
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5)
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+-- The current period of a calendar budget: its first day, and when it ends (microseconds).
+local function calendar_period(alg)
+  local day = math.floor(now / DAY)
+  if alg == 'd' then return day, (day + 1) * DAY end
+  local y, m = civil_from_days(day)
+  local first = days_from_civil(y, m)
+  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+  return first, days_from_civil(y, m) * DAY
+end
+
 local statuses = {}
 local admit = true
 for i = 1, n do
-  local base = 10 + (i - 1) * 4
+  local base = 13 + (i - 1) * 4
   local alg, metric = ARGV[base + 1], ARGV[base + 2]
   local limit, period = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   local key = KEYS[i + 2]
   local cost = units(metric)
-  local used, wait, reset_after, expired = 0, 0, 0, 0
+  local used, wait, reset_after, extra = 0, 0, 0, 0
   if alg == 'b' then
     local raw = redis.call('GET', key)
     if raw then
@@ -129,9 +171,9 @@ for i = 1, n do
       used = redis.call('ZCOUNT', key, '(' .. int(floor), '+inf')
     else
       local total = tonumber(redis.call('GET', key .. ':sum') or '0')
-      local gone = redis.call('ZRANGEBYSCORE', key, '-inf', floor)
-      for j = 1, #gone do expired = expired + tonumber(string.match(gone[j], ':(%d+)$')) end
-      used = total - expired
+      local gone = redis.call('ZRANGEBYSCORE', key, '-inf', int(floor))
+      for j = 1, #gone do extra = extra + tonumber(string.match(gone[j], ':(%d+)$')) end
+      used = total - extra
     end
     if cost > limit then
       wait = -1
@@ -158,7 +200,7 @@ for i = 1, n do
       local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
       reset_after = math.max(0, tonumber(newest[2]) + period - now)
     end
-  else -- 'c'
+  elseif alg == 'c' then
     used = redis.call('ZCOUNT', key, '(' .. int(now), '+inf')
     if cost > limit then
       wait = -1
@@ -171,9 +213,19 @@ for i = 1, n do
       reset_after = math.max(0, tonumber(last[2]) - now)
     end
     if wait == 0 and cost > 0 then reset_after = math.max(reset_after, lease_us) end
+  else -- 'd', 'm': calendar budgets
+    local first_day, ends = calendar_period(alg)
+    extra = first_day
+    used = tonumber(redis.call('GET', key .. ':' .. int(first_day)) or '0')
+    reset_after = ends - now
+    if cost > limit then
+      wait = -1
+    elseif used + cost > limit then
+      wait = ends - now
+    end
   end
   if wait ~= 0 then admit = false end
-  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, expired}
+  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra}
 end
 
 local lease_expires = now + lease_us
@@ -199,11 +251,14 @@ local prefix_len = #string.match(KEYS[1], '^(.*):r:%x+$') + 3  -- '<prefix>:{tag
 -- the random reservation id, keeps at most ~16 of them beyond the live ones and saves a
 -- call on the others. (Windows over tokens must trim to keep their running sum exact.)
 local trim = string.sub(rid, -1) == '0'
-local record = {'r ' .. int(lease_expires) .. ' ' .. int(est_in) .. ' ' .. int(est_out)}
+local record = {
+  'r ' .. int(lease_expires) .. ' ' .. int(est_in) .. ' ' .. int(est_out) .. ' ' .. int(est_cost) .. ' ' .. ARGV[11],
+  ARGV[12],
+}
 for i = 1, n do
   local s = statuses[i]
   local alg, limit, period, key, cost = s[1], s[3], s[4], s[5], s[6]
-  record[i + 1] = alg .. ' ' .. s[2] .. ' ' .. int(limit) .. ' ' .. int(period) .. ' ' .. string.sub(key, prefix_len + 1)
+  local recorded_period = period
   if alg == 'b' then
     if cost > 0 then
       local level = s[7] + cost
@@ -221,13 +276,22 @@ for i = 1, n do
       redis.call('ZADD', key, now, rid .. ':' .. int(cost))
       redis.call('PEXPIRE', key, ttl)
     end
-  else
+  elseif alg == 'c' then
     if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now)) end
     redis.call('ZADD', key, lease_expires, rid)
     -- The key must outlive every lease in it: only ever lengthen its TTL while any is live.
     local ttl = ceil(lease_us / 1000) + 1000
     if s[7] > 0 then redis.call('PEXPIRE', key, ttl, 'GT') else redis.call('PEXPIRE', key, ttl) end
+  else
+    recorded_period = s[10]  -- the first day of the period charged
+    if cost > 0 then
+      local period_key = key .. ':' .. int(s[10])
+      redis.call('INCRBY', period_key, int(cost))
+      -- Kept a day past the period's end: a call made in it is settled in it.
+      redis.call('PEXPIRE', period_key, ceil(s[9] / 1000) + 86400000)
+    end
   end
+  record[i + 2] = alg .. ' ' .. s[2] .. ' ' .. int(limit) .. ' ' .. int(recorded_period) .. ' ' .. string.sub(key, prefix_len + 1)
 end
 
 redis.call('SET', KEYS[1], table.concat(record, '\n'), 'PX', tonumber(ARGV[6]))

@@ -4,31 +4,40 @@ Why one script: the record's state change and the adjustment of every limit the
 reservation touched must happen together and exactly once, however often a
 caller retries; and a Commit racing a Release must see one winner.
 
-The limits come from the reservation record (see reserve.lua), not the current
-policy: a reservation is settled on the limits it was made under. Their keys
-are rebuilt from KEYS[1]'s '<prefix>:{tag}' part, so they share its hash tag and
-live on its Redis Cluster slot.
+The limits and prices come from the reservation record (see reserve.lua), not the
+current policy: a reservation is settled on the terms it was made under. Their
+keys are rebuilt from KEYS[1]'s '<prefix>:{tag}' part, so they share its hash tag
+and live on its Redis Cluster slot.
 
 KEYS[1]  the reservation record "<prefix>:{tag}:r:<reservation id>"
 
 ARGV[1]  mode: "commit" or "release"
 ARGV[2]  now in microseconds, or "" to read Redis TIME
 ARGV[3]  deadline in Redis-clock microseconds (see reserve.lua); 0 = none
-ARGV[4]  actual input tokens (commit)
+ARGV[4]  actual input tokens (commit), cache reads included
 ARGV[5]  actual output tokens (commit)
-ARGV[6]  TTL of the settled record in milliseconds (so retries still see the first result)
+ARGV[6]  actual input tokens read from the prompt cache (commit), <= ARGV[4]
+ARGV[7]  TTL of the settled record in milliseconds (so retries still see the first result)
+
+The actual cost, in whole micro-dollars, is computed here with the record's prices P
+(micro-dollars per million tokens) exactly as Price.cost_micro_usd computes estimates:
+  ceil(((input - cached) * P_in + cached * P_cached + output * P_out) / 10^6)
+using integer arithmetic that stays exact in Lua's doubles (every term below 2^53).
 
 Per limit, delta = actual units - reserved units (release: actual is zero):
-  b  level += delta after draining, never below 0 (a refund cannot create credit;
-     a charge above capacity is debt that later requests wait out)
-  w  the member "<id>:<units>" becomes "<id>:<actual>" at its original time while it is
-     in the window; past the window, a charge above the estimate is added at now
-  c  the reservation leaves the in-flight set
+  b    level += delta after draining, never below 0 (a refund cannot create credit;
+       a charge above capacity is debt that later requests wait out)
+  w    the member "<id>:<units>" becomes "<id>:<actual>" at its original time while it is
+       in the window; past the window, a charge above the estimate is added at now
+  c    the reservation leaves the in-flight set
+  d/m  the period the reservation was charged to takes the difference (never below 0)
 
 The settled record shrinks to "<c|x> <actual_in> <actual_out> <lease_expired> <est_in>
-<est_out> <lease_expires_at>": enough to answer retries and idempotent replays.
+<est_out> <lease_expires_at> <est_cost> <actual_cost> <actual_cached>" and the
+"<model>\t<tier>" line: enough to answer retries and idempotent replays.
 
-Returns {code, est_in, est_out, actual_in, actual_out, lease_expired, state}
+Returns {code, est_in, est_out, actual_in, actual_out, lease_expired, state, est_cost,
+  actual_cost, actual_cached, "<model>\t<tier>"}
   code 1 settled now, 2 already settled this way (first result returned, nothing changed),
   0 no such reservation, -1 past the deadline (nothing written),
   -3 settled the other way (commit after release or release after commit; state says which)
@@ -42,42 +51,64 @@ if not now then
 end
 local deadline = tonumber(ARGV[3])
 if deadline > 0 and now > deadline then
-  return {-1, 0, 0, 0, 0, 0, ''}
+  return {-1, 0, 0, 0, 0, 0, '', 0, 0, 0, ''}
 end
 
 local record = redis.call('GET', KEYS[1])
 if not record then
-  return {0, 0, 0, 0, 0, 0, ''}
+  return {0, 0, 0, 0, 0, 0, '', 0, 0, 0, ''}
 end
 local target = 'c'
 if mode == 'release' then target = 'x' end
-local state = string.sub(record, 1, 1)
+local lines = string.gmatch(record, '[^\n]+')
+local head, meta = lines(), lines()
+local state = string.sub(head, 1, 1)
 if state ~= 'r' then
-  local ain, aout, lease_expired, ein, eout = string.match(record, '^%a (%d+) (%d+) (%d) (%d+) (%d+)')
+  local ain, aout, lease_expired, ein, eout, _, ecost, acost, acached =
+    string.match(head, '^%a (%d+) (%d+) (%d) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
   local code = 2
   if state ~= target then code = -3 end
-  return {code, tonumber(ein), tonumber(eout), tonumber(ain), tonumber(aout), tonumber(lease_expired), state}
+  return {code, tonumber(ein), tonumber(eout), tonumber(ain), tonumber(aout), tonumber(lease_expired), state,
+    tonumber(ecost), tonumber(acost), tonumber(acached), meta}
 end
 
 local function int(x) return string.format('%d', x) end
 local EPSILON = 1e-9
 local function ceil(x) return math.ceil(x - EPSILON) end
 
-local act_in, act_out, act_requests = tonumber(ARGV[4]), tonumber(ARGV[5]), 1
-if mode == 'release' then act_in, act_out, act_requests = 0, 0, 0 end
+local lease_expires, est_in, est_out, est_cost, p_in, p_cached, p_out =
+  string.match(head, '^r (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+lease_expires, est_in, est_out, est_cost = tonumber(lease_expires), tonumber(est_in), tonumber(est_out), tonumber(est_cost)
+p_in, p_cached, p_out = tonumber(p_in), tonumber(p_cached), tonumber(p_out)
 
-local function units(metric, requests, input, output)
+local act_in, act_out, act_cached, act_requests = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 1
+if mode == 'release' then act_in, act_out, act_cached, act_requests = 0, 0, 0, 0 end
+
+local M = 1000000
+local function cost_of(uncached, cached, output)
+  local whole, fraction = 0, 0
+  for _, term in ipairs({{uncached, p_in}, {cached, p_cached}, {output, p_out}}) do
+    local high = math.floor(term[1] / M)
+    whole = whole + high * term[2]
+    fraction = fraction + (term[1] - high * M) * term[2]
+  end
+  return whole + math.ceil(fraction / M)
+end
+local act_cost = 0
+if mode == 'commit' then act_cost = cost_of(act_in - act_cached, act_cached, act_out) end
+
+local function units(metric, requests, input, output, cached, cost)
   if metric == 'r' then return requests end
   if metric == 'i' then return input end
+  if metric == 'I' then return input - cached end
   if metric == 'o' then return output end
+  if metric == 'u' then return cost end
+  if metric == 'T' then return input - cached + output end
   return input + output
 end
 
 local base, rid = string.match(KEYS[1], '^(.*):r:(%x+)$')
 base = base .. ':l:'
-local lines = string.gmatch(record, '[^\n]+')
-local lease_expires, est_in, est_out = string.match(lines(), '^r (%d+) (%d+) (%d+)$')
-lease_expires, est_in, est_out = tonumber(lease_expires), tonumber(est_in), tonumber(est_out)
 
 for line in lines do
   local alg, metric, limit, period, suffix = string.match(line, '^(%a) (%a) (%d+) (%d+) (.+)$')
@@ -86,8 +117,8 @@ for line in lines do
   if alg == 'c' then
     redis.call('ZREM', key, rid)
   else
-    local reserved = units(metric, 1, est_in, est_out)
-    local delta = units(metric, act_requests, act_in, act_out) - reserved
+    local reserved = units(metric, 1, est_in, est_out, 0, est_cost)
+    local delta = units(metric, act_requests, act_in, act_out, act_cached, act_cost) - reserved
     if delta ~= 0 and alg == 'b' then
       local level = 0
       local raw = redis.call('GET', key)
@@ -121,6 +152,14 @@ for line in lines do
           redis.call('PEXPIRE', key .. ':sum', ttl)
         end
       end
+    elseif delta ~= 0 then  -- 'd', 'm': the period charged at reservation (its first day is `period`)
+      local period_key = key .. ':' .. int(period)
+      local used = redis.call('INCRBY', period_key, int(delta))
+      if used <= 0 then
+        redis.call('DEL', period_key)
+      elseif redis.call('PTTL', period_key) < 0 then  -- the period had ended and gone: keep the debt a day
+        redis.call('PEXPIRE', period_key, 86400000)
+      end
     end
   end
 end
@@ -128,5 +167,5 @@ end
 local lease_expired = 0
 if now > lease_expires then lease_expired = 1 end
 redis.call('SET', KEYS[1], table.concat({target, int(act_in), int(act_out), lease_expired, int(est_in), int(est_out),
-  int(lease_expires)}, ' '), 'PX', tonumber(ARGV[6]))
-return {1, est_in, est_out, act_in, act_out, lease_expired, target}
+  int(lease_expires), int(est_cost), int(act_cost), int(act_cached)}, ' ') .. '\n' .. meta, 'PX', tonumber(ARGV[7]))
+return {1, est_in, est_out, act_in, act_out, lease_expired, target, est_cost, act_cost, act_cached, meta}

@@ -96,6 +96,9 @@ const (
 	// The cost of this request exceeds a limit's whole capacity: it can never
 	// be admitted as it is (shrink it or raise the limit). No retry_after.
 	DenyReason_DENY_REASON_EXCEEDS_CAPACITY DenyReason = 2
+	// A calendar budget (per day or per month) is spent: it reopens when the
+	// calendar period resets, which retry_after points at.
+	DenyReason_DENY_REASON_BUDGET_EXHAUSTED DenyReason = 3
 )
 
 // Enum value maps for DenyReason.
@@ -104,11 +107,13 @@ var (
 		0: "DENY_REASON_UNSPECIFIED",
 		1: "DENY_REASON_LIMIT_EXCEEDED",
 		2: "DENY_REASON_EXCEEDS_CAPACITY",
+		3: "DENY_REASON_BUDGET_EXHAUSTED",
 	}
 	DenyReason_value = map[string]int32{
 		"DENY_REASON_UNSPECIFIED":      0,
 		"DENY_REASON_LIMIT_EXCEEDED":   1,
 		"DENY_REASON_EXCEEDS_CAPACITY": 2,
+		"DENY_REASON_BUDGET_EXHAUSTED": 3,
 	}
 )
 
@@ -213,6 +218,9 @@ const (
 	// Reservations in flight (reserved and neither committed, released nor
 	// expired).
 	Metric_METRIC_CONCURRENT Metric = 5
+	// Money, in micro-dollars (1,000,000 = one US dollar), from the policy's
+	// price table: estimated at admission, settled on Commit.
+	Metric_METRIC_COST_USD Metric = 6
 )
 
 // Enum value maps for Metric.
@@ -224,6 +232,7 @@ var (
 		3: "METRIC_OUTPUT_TOKENS",
 		4: "METRIC_TOTAL_TOKENS",
 		5: "METRIC_CONCURRENT",
+		6: "METRIC_COST_USD",
 	}
 	Metric_value = map[string]int32{
 		"METRIC_UNSPECIFIED":   0,
@@ -232,6 +241,7 @@ var (
 		"METRIC_OUTPUT_TOKENS": 3,
 		"METRIC_TOTAL_TOKENS":  4,
 		"METRIC_CONCURRENT":    5,
+		"METRIC_COST_USD":      6,
 	}
 )
 
@@ -274,6 +284,8 @@ const (
 	Algorithm_ALGORITHM_SLIDING_WINDOW Algorithm = 2
 	// At most limit reservations in flight at once.
 	Algorithm_ALGORITHM_CONCURRENCY Algorithm = 3
+	// A budget per calendar period (UTC day or month) that resets at its end.
+	Algorithm_ALGORITHM_CALENDAR Algorithm = 4
 )
 
 // Enum value maps for Algorithm.
@@ -283,12 +295,14 @@ var (
 		1: "ALGORITHM_TOKEN_BUCKET",
 		2: "ALGORITHM_SLIDING_WINDOW",
 		3: "ALGORITHM_CONCURRENCY",
+		4: "ALGORITHM_CALENDAR",
 	}
 	Algorithm_value = map[string]int32{
 		"ALGORITHM_UNSPECIFIED":    0,
 		"ALGORITHM_TOKEN_BUCKET":   1,
 		"ALGORITHM_SLIDING_WINDOW": 2,
 		"ALGORITHM_CONCURRENCY":    3,
+		"ALGORITHM_CALENDAR":       4,
 	}
 )
 
@@ -324,10 +338,14 @@ type Cost struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Calls (1 for a reservation).
 	Requests int64 `protobuf:"varint,1,opt,name=requests,proto3" json:"requests,omitempty"`
-	// Prompt tokens.
+	// Prompt tokens, prompt-cache reads included.
 	InputTokens int64 `protobuf:"varint,2,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
 	// Completion tokens.
-	OutputTokens  int64 `protobuf:"varint,3,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	OutputTokens int64 `protobuf:"varint,3,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	// The part of input_tokens read from the provider's prompt cache.
+	CachedInputTokens int64 `protobuf:"varint,4,opt,name=cached_input_tokens,json=cachedInputTokens,proto3" json:"cached_input_tokens,omitempty"`
+	// The price of it all in micro-dollars, when the model has prices.
+	CostMicroUsd  int64 `protobuf:"varint,5,opt,name=cost_micro_usd,json=costMicroUsd,proto3" json:"cost_micro_usd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -383,6 +401,85 @@ func (x *Cost) GetOutputTokens() int64 {
 	return 0
 }
 
+func (x *Cost) GetCachedInputTokens() int64 {
+	if x != nil {
+		return x.CachedInputTokens
+	}
+	return 0
+}
+
+func (x *Cost) GetCostMicroUsd() int64 {
+	if x != nil {
+		return x.CostMicroUsd
+	}
+	return 0
+}
+
+// ChatMessage is one message of a chat completion request, counted the way
+// OpenAI documents for its chat models.
+type ChatMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "system", "user", "assistant", "tool", ...
+	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	// The text of the message.
+	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// Optional participant name.
+	Name          string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessage) Reset() {
+	*x = ChatMessage{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessage) ProtoMessage() {}
+
+func (x *ChatMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
+func (*ChatMessage) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ChatMessage) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetContent() string {
+	if x != nil {
+		return x.Content
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // LimitStatus is the state of one limit as seen by one request.
 type LimitStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -408,14 +505,16 @@ type LimitStatus struct {
 	Denied bool `protobuf:"varint,9,opt,name=denied,proto3" json:"denied,omitempty"`
 	// True for the limit that decided the denial: the one that takes longest
 	// to fit (or can never fit).
-	Binding       bool `protobuf:"varint,10,opt,name=binding,proto3" json:"binding,omitempty"`
+	Binding bool `protobuf:"varint,10,opt,name=binding,proto3" json:"binding,omitempty"`
+	// For calendar budgets: "day" or "month" (UTC).
+	Calendar      string `protobuf:"bytes,11,opt,name=calendar,proto3" json:"calendar,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LimitStatus) Reset() {
 	*x = LimitStatus{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	mi := &file_quotad_v1_quota_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -427,7 +526,7 @@ func (x *LimitStatus) String() string {
 func (*LimitStatus) ProtoMessage() {}
 
 func (x *LimitStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	mi := &file_quotad_v1_quota_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -440,7 +539,7 @@ func (x *LimitStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LimitStatus.ProtoReflect.Descriptor instead.
 func (*LimitStatus) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{1}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *LimitStatus) GetName() string {
@@ -513,6 +612,13 @@ func (x *LimitStatus) GetBinding() bool {
 	return false
 }
 
+func (x *LimitStatus) GetCalendar() string {
+	if x != nil {
+		return x.Calendar
+	}
+	return ""
+}
+
 // CheckAndReserveRequest describes one LLM call about to be made.
 type CheckAndReserveRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -528,7 +634,8 @@ type CheckAndReserveRequest struct {
 	// The model to be called. Must be one the policy names when the policy
 	// names models; selects model-specific limits.
 	Model string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
-	// Prompt tokens of the call, 0 to 10^9.
+	// Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+	// Leave it 0 and send prompt or messages to let the server count.
 	InputTokens int64 `protobuf:"varint,5,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
 	// The call's max_tokens: the output reserved until Commit, 0 to 10^9.
 	MaxOutputTokens int64 `protobuf:"varint,6,opt,name=max_output_tokens,json=maxOutputTokens,proto3" json:"max_output_tokens,omitempty"`
@@ -538,13 +645,19 @@ type CheckAndReserveRequest struct {
 	// Optional. Retries with the same key (per tenant and subject) return
 	// the first reservation instead of reserving twice. At most 256 bytes.
 	IdempotencyKey string `protobuf:"bytes,8,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The prompt text, counted by the server with the model's tokenizer.
+	// Exclusive with input_tokens and messages. At most 1 MiB by default.
+	Prompt string `protobuf:"bytes,9,opt,name=prompt,proto3" json:"prompt,omitempty"`
+	// The chat messages, counted by the server with the model's tokenizer plus
+	// the chat format's overhead. Exclusive with input_tokens and prompt.
+	Messages      []*ChatMessage `protobuf:"bytes,10,rep,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckAndReserveRequest) Reset() {
 	*x = CheckAndReserveRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[2]
+	mi := &file_quotad_v1_quota_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -556,7 +669,7 @@ func (x *CheckAndReserveRequest) String() string {
 func (*CheckAndReserveRequest) ProtoMessage() {}
 
 func (x *CheckAndReserveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[2]
+	mi := &file_quotad_v1_quota_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -569,7 +682,7 @@ func (x *CheckAndReserveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveRequest.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{2}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CheckAndReserveRequest) GetSubject() string {
@@ -628,6 +741,20 @@ func (x *CheckAndReserveRequest) GetIdempotencyKey() string {
 	return ""
 }
 
+func (x *CheckAndReserveRequest) GetPrompt() string {
+	if x != nil {
+		return x.Prompt
+	}
+	return ""
+}
+
+func (x *CheckAndReserveRequest) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
 // CheckAndReserveResponse is the decision on one call.
 type CheckAndReserveResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -654,14 +781,17 @@ type CheckAndReserveResponse struct {
 	// The tenant the request was counted under (after defaults).
 	Tenant string `protobuf:"bytes,10,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	// The tier the request was counted under (after defaults).
-	Tier          string `protobuf:"bytes,11,opt,name=tier,proto3" json:"tier,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Tier string `protobuf:"bytes,11,opt,name=tier,proto3" json:"tier,omitempty"`
+	// The input tokens the decision used: counted by the server from prompt or
+	// messages, or the caller's input_tokens.
+	CountedInputTokens int64 `protobuf:"varint,12,opt,name=counted_input_tokens,json=countedInputTokens,proto3" json:"counted_input_tokens,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *CheckAndReserveResponse) Reset() {
 	*x = CheckAndReserveResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[3]
+	mi := &file_quotad_v1_quota_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -673,7 +803,7 @@ func (x *CheckAndReserveResponse) String() string {
 func (*CheckAndReserveResponse) ProtoMessage() {}
 
 func (x *CheckAndReserveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[3]
+	mi := &file_quotad_v1_quota_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -686,7 +816,7 @@ func (x *CheckAndReserveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveResponse.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{3}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CheckAndReserveResponse) GetDecision() Decision {
@@ -766,6 +896,13 @@ func (x *CheckAndReserveResponse) GetTier() string {
 	return ""
 }
 
+func (x *CheckAndReserveResponse) GetCountedInputTokens() int64 {
+	if x != nil {
+		return x.CountedInputTokens
+	}
+	return 0
+}
+
 // CommitRequest reports the actual usage of a reserved call.
 type CommitRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -774,14 +911,18 @@ type CommitRequest struct {
 	// Prompt tokens actually used, 0 to 10^9.
 	InputTokens int64 `protobuf:"varint,2,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
 	// Completion tokens actually used, 0 to 10^9.
-	OutputTokens  int64 `protobuf:"varint,3,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	OutputTokens int64 `protobuf:"varint,3,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	// The part of input_tokens read from the provider's prompt cache, 0 to
+	// input_tokens: priced at the cached rate, and left out of limits that
+	// exclude cache reads.
+	CachedInputTokens int64 `protobuf:"varint,4,opt,name=cached_input_tokens,json=cachedInputTokens,proto3" json:"cached_input_tokens,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[4]
+	mi := &file_quotad_v1_quota_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -793,7 +934,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[4]
+	mi := &file_quotad_v1_quota_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -806,7 +947,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{4}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CommitRequest) GetReservationId() string {
@@ -830,6 +971,13 @@ func (x *CommitRequest) GetOutputTokens() int64 {
 	return 0
 }
 
+func (x *CommitRequest) GetCachedInputTokens() int64 {
+	if x != nil {
+		return x.CachedInputTokens
+	}
+	return 0
+}
+
 // CommitResponse is the settlement of a reservation.
 type CommitResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -849,7 +997,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[5]
+	mi := &file_quotad_v1_quota_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -861,7 +1009,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[5]
+	mi := &file_quotad_v1_quota_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -874,7 +1022,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{5}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CommitResponse) GetReserved() *Cost {
@@ -916,7 +1064,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[6]
+	mi := &file_quotad_v1_quota_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1076,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[6]
+	mi := &file_quotad_v1_quota_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1089,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{6}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReleaseRequest) GetReservationId() string {
@@ -964,7 +1112,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[7]
+	mi := &file_quotad_v1_quota_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -976,7 +1124,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[7]
+	mi := &file_quotad_v1_quota_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1137,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{7}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReleaseResponse) GetRefunded() *Cost {
@@ -1023,7 +1171,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[8]
+	mi := &file_quotad_v1_quota_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +1183,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[8]
+	mi := &file_quotad_v1_quota_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +1196,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{8}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetUsageRequest) GetSubject() string {
@@ -1095,7 +1243,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[9]
+	mi := &file_quotad_v1_quota_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1255,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[9]
+	mi := &file_quotad_v1_quota_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1268,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{9}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetUsageResponse) GetLimits() []*LimitStatus {
@@ -1157,7 +1305,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[10]
+	mi := &file_quotad_v1_quota_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1169,7 +1317,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[10]
+	mi := &file_quotad_v1_quota_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1182,7 +1330,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{10}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -1216,7 +1364,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[11]
+	mi := &file_quotad_v1_quota_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1228,7 +1376,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[11]
+	mi := &file_quotad_v1_quota_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1241,7 +1389,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{11}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Error) GetCode() int32 {
@@ -1281,7 +1429,7 @@ type CheckAndReserveResult struct {
 
 func (x *CheckAndReserveResult) Reset() {
 	*x = CheckAndReserveResult{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[12]
+	mi := &file_quotad_v1_quota_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1441,7 @@ func (x *CheckAndReserveResult) String() string {
 func (*CheckAndReserveResult) ProtoMessage() {}
 
 func (x *CheckAndReserveResult) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[12]
+	mi := &file_quotad_v1_quota_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1454,7 @@ func (x *CheckAndReserveResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveResult.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveResult) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{12}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CheckAndReserveResult) GetOutcome() isCheckAndReserveResult_Outcome {
@@ -1363,7 +1511,7 @@ type CheckAndReserveBatchRequest struct {
 
 func (x *CheckAndReserveBatchRequest) Reset() {
 	*x = CheckAndReserveBatchRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[13]
+	mi := &file_quotad_v1_quota_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1375,7 +1523,7 @@ func (x *CheckAndReserveBatchRequest) String() string {
 func (*CheckAndReserveBatchRequest) ProtoMessage() {}
 
 func (x *CheckAndReserveBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[13]
+	mi := &file_quotad_v1_quota_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1388,7 +1536,7 @@ func (x *CheckAndReserveBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveBatchRequest.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveBatchRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{13}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CheckAndReserveBatchRequest) GetRequests() []*CheckAndReserveRequest {
@@ -1409,7 +1557,7 @@ type CheckAndReserveBatchResponse struct {
 
 func (x *CheckAndReserveBatchResponse) Reset() {
 	*x = CheckAndReserveBatchResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[14]
+	mi := &file_quotad_v1_quota_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1421,7 +1569,7 @@ func (x *CheckAndReserveBatchResponse) String() string {
 func (*CheckAndReserveBatchResponse) ProtoMessage() {}
 
 func (x *CheckAndReserveBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[14]
+	mi := &file_quotad_v1_quota_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1434,7 +1582,7 @@ func (x *CheckAndReserveBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveBatchResponse.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveBatchResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{14}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CheckAndReserveBatchResponse) GetResults() []*CheckAndReserveResult {
@@ -1457,7 +1605,7 @@ type CheckAndReserveStreamRequest struct {
 
 func (x *CheckAndReserveStreamRequest) Reset() {
 	*x = CheckAndReserveStreamRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[15]
+	mi := &file_quotad_v1_quota_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1617,7 @@ func (x *CheckAndReserveStreamRequest) String() string {
 func (*CheckAndReserveStreamRequest) ProtoMessage() {}
 
 func (x *CheckAndReserveStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[15]
+	mi := &file_quotad_v1_quota_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1630,7 @@ func (x *CheckAndReserveStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveStreamRequest.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveStreamRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{15}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CheckAndReserveStreamRequest) GetRequestId() string {
@@ -1512,7 +1660,7 @@ type CheckAndReserveStreamResponse struct {
 
 func (x *CheckAndReserveStreamResponse) Reset() {
 	*x = CheckAndReserveStreamResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[16]
+	mi := &file_quotad_v1_quota_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +1672,7 @@ func (x *CheckAndReserveStreamResponse) String() string {
 func (*CheckAndReserveStreamResponse) ProtoMessage() {}
 
 func (x *CheckAndReserveStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[16]
+	mi := &file_quotad_v1_quota_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +1685,7 @@ func (x *CheckAndReserveStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveStreamResponse.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveStreamResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{16}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CheckAndReserveStreamResponse) GetRequestId() string {
@@ -1570,7 +1718,7 @@ type CommitResult struct {
 
 func (x *CommitResult) Reset() {
 	*x = CommitResult{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[17]
+	mi := &file_quotad_v1_quota_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1582,7 +1730,7 @@ func (x *CommitResult) String() string {
 func (*CommitResult) ProtoMessage() {}
 
 func (x *CommitResult) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[17]
+	mi := &file_quotad_v1_quota_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1595,7 +1743,7 @@ func (x *CommitResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResult.ProtoReflect.Descriptor instead.
 func (*CommitResult) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{17}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CommitResult) GetOutcome() isCommitResult_Outcome {
@@ -1652,7 +1800,7 @@ type CommitBatchRequest struct {
 
 func (x *CommitBatchRequest) Reset() {
 	*x = CommitBatchRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[18]
+	mi := &file_quotad_v1_quota_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1664,7 +1812,7 @@ func (x *CommitBatchRequest) String() string {
 func (*CommitBatchRequest) ProtoMessage() {}
 
 func (x *CommitBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[18]
+	mi := &file_quotad_v1_quota_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1677,7 +1825,7 @@ func (x *CommitBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitBatchRequest.ProtoReflect.Descriptor instead.
 func (*CommitBatchRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{18}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CommitBatchRequest) GetRequests() []*CommitRequest {
@@ -1698,7 +1846,7 @@ type CommitBatchResponse struct {
 
 func (x *CommitBatchResponse) Reset() {
 	*x = CommitBatchResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[19]
+	mi := &file_quotad_v1_quota_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1710,7 +1858,7 @@ func (x *CommitBatchResponse) String() string {
 func (*CommitBatchResponse) ProtoMessage() {}
 
 func (x *CommitBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[19]
+	mi := &file_quotad_v1_quota_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1723,7 +1871,7 @@ func (x *CommitBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitBatchResponse.ProtoReflect.Descriptor instead.
 func (*CommitBatchResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{19}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CommitBatchResponse) GetResults() []*CommitResult {
@@ -1746,7 +1894,7 @@ type CommitStreamRequest struct {
 
 func (x *CommitStreamRequest) Reset() {
 	*x = CommitStreamRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[20]
+	mi := &file_quotad_v1_quota_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1758,7 +1906,7 @@ func (x *CommitStreamRequest) String() string {
 func (*CommitStreamRequest) ProtoMessage() {}
 
 func (x *CommitStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[20]
+	mi := &file_quotad_v1_quota_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1771,7 +1919,7 @@ func (x *CommitStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitStreamRequest.ProtoReflect.Descriptor instead.
 func (*CommitStreamRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{20}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CommitStreamRequest) GetRequestId() string {
@@ -1801,7 +1949,7 @@ type CommitStreamResponse struct {
 
 func (x *CommitStreamResponse) Reset() {
 	*x = CommitStreamResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[21]
+	mi := &file_quotad_v1_quota_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1813,7 +1961,7 @@ func (x *CommitStreamResponse) String() string {
 func (*CommitStreamResponse) ProtoMessage() {}
 
 func (x *CommitStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[21]
+	mi := &file_quotad_v1_quota_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1826,7 +1974,7 @@ func (x *CommitStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitStreamResponse.ProtoReflect.Descriptor instead.
 func (*CommitStreamResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{21}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CommitStreamResponse) GetRequestId() string {
@@ -1847,11 +1995,17 @@ var File_quotad_v1_quota_proto protoreflect.FileDescriptor
 
 const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\n" +
-	"\x15quotad/v1/quota.proto\x12\tquotad.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n" +
+	"\x15quotad/v1/quota.proto\x12\tquotad.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n" +
 	"\x04Cost\x12\x1a\n" +
 	"\brequests\x18\x01 \x01(\x03R\brequests\x12!\n" +
 	"\finput_tokens\x18\x02 \x01(\x03R\vinputTokens\x12#\n" +
-	"\routput_tokens\x18\x03 \x01(\x03R\foutputTokens\"\xfd\x02\n" +
+	"\routput_tokens\x18\x03 \x01(\x03R\foutputTokens\x12.\n" +
+	"\x13cached_input_tokens\x18\x04 \x01(\x03R\x11cachedInputTokens\x12$\n" +
+	"\x0ecost_micro_usd\x18\x05 \x01(\x03R\fcostMicroUsd\"O\n" +
+	"\vChatMessage\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\x99\x03\n" +
 	"\vLimitStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
 	"\x05scope\x18\x02 \x01(\x0e2\x10.quotad.v1.ScopeR\x05scope\x12)\n" +
@@ -1864,7 +2018,8 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"resetAfter\x12\x16\n" +
 	"\x06denied\x18\t \x01(\bR\x06denied\x12\x18\n" +
 	"\abinding\x18\n" +
-	" \x01(\bR\abinding\"\x9d\x02\n" +
+	" \x01(\bR\abinding\x12\x1a\n" +
+	"\bcalendar\x18\v \x01(\tR\bcalendar\"\xe9\x02\n" +
 	"\x16CheckAndReserveRequest\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x12\n" +
@@ -1873,7 +2028,10 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\finput_tokens\x18\x05 \x01(\x03R\vinputTokens\x12*\n" +
 	"\x11max_output_tokens\x18\x06 \x01(\x03R\x0fmaxOutputTokens\x12/\n" +
 	"\x05lease\x18\a \x01(\v2\x19.google.protobuf.DurationR\x05lease\x12'\n" +
-	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\"\xf5\x03\n" +
+	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\x12\x16\n" +
+	"\x06prompt\x18\t \x01(\tR\x06prompt\x122\n" +
+	"\bmessages\x18\n" +
+	" \x03(\v2\x16.quotad.v1.ChatMessageR\bmessages\"\xa7\x04\n" +
 	"\x17CheckAndReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.quotad.v1.DecisionR\bdecision\x126\n" +
 	"\vdeny_reason\x18\x02 \x01(\x0e2\x15.quotad.v1.DenyReasonR\n" +
@@ -1888,11 +2046,13 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\breplayed\x18\t \x01(\bR\breplayed\x12\x16\n" +
 	"\x06tenant\x18\n" +
 	" \x01(\tR\x06tenant\x12\x12\n" +
-	"\x04tier\x18\v \x01(\tR\x04tier\"~\n" +
+	"\x04tier\x18\v \x01(\tR\x04tier\x120\n" +
+	"\x14counted_input_tokens\x18\f \x01(\x03R\x12countedInputTokens\"\xae\x01\n" +
 	"\rCommitRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12!\n" +
 	"\finput_tokens\x18\x02 \x01(\x03R\vinputTokens\x12#\n" +
-	"\routput_tokens\x18\x03 \x01(\x03R\foutputTokens\"\xa9\x01\n" +
+	"\routput_tokens\x18\x03 \x01(\x03R\foutputTokens\x12.\n" +
+	"\x13cached_input_tokens\x18\x04 \x01(\x03R\x11cachedInputTokens\"\xa9\x01\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\breserved\x18\x01 \x01(\v2\x0f.quotad.v1.CostR\breserved\x12-\n" +
 	"\tcommitted\x18\x02 \x01(\v2\x0f.quotad.v1.CostR\tcommitted\x12\x16\n" +
@@ -1954,29 +2114,32 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10DECISION_ALLOWED\x10\x01\x12\x13\n" +
-	"\x0fDECISION_DENIED\x10\x02*k\n" +
+	"\x0fDECISION_DENIED\x10\x02*\x8d\x01\n" +
 	"\n" +
 	"DenyReason\x12\x1b\n" +
 	"\x17DENY_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aDENY_REASON_LIMIT_EXCEEDED\x10\x01\x12 \n" +
-	"\x1cDENY_REASON_EXCEEDS_CAPACITY\x10\x02*U\n" +
+	"\x1cDENY_REASON_EXCEEDS_CAPACITY\x10\x02\x12 \n" +
+	"\x1cDENY_REASON_BUDGET_EXHAUSTED\x10\x03*U\n" +
 	"\x05Scope\x12\x15\n" +
 	"\x11SCOPE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rSCOPE_SUBJECT\x10\x01\x12\x10\n" +
 	"\fSCOPE_TENANT\x10\x02\x12\x10\n" +
-	"\fSCOPE_GLOBAL\x10\x03*\x98\x01\n" +
+	"\fSCOPE_GLOBAL\x10\x03*\xad\x01\n" +
 	"\x06Metric\x12\x16\n" +
 	"\x12METRIC_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fMETRIC_REQUESTS\x10\x01\x12\x17\n" +
 	"\x13METRIC_INPUT_TOKENS\x10\x02\x12\x18\n" +
 	"\x14METRIC_OUTPUT_TOKENS\x10\x03\x12\x17\n" +
 	"\x13METRIC_TOTAL_TOKENS\x10\x04\x12\x15\n" +
-	"\x11METRIC_CONCURRENT\x10\x05*{\n" +
+	"\x11METRIC_CONCURRENT\x10\x05\x12\x13\n" +
+	"\x0fMETRIC_COST_USD\x10\x06*\x93\x01\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16ALGORITHM_TOKEN_BUCKET\x10\x01\x12\x1c\n" +
 	"\x18ALGORITHM_SLIDING_WINDOW\x10\x02\x12\x19\n" +
-	"\x15ALGORITHM_CONCURRENCY\x10\x032\xaa\x05\n" +
+	"\x15ALGORITHM_CONCURRENCY\x10\x03\x12\x16\n" +
+	"\x12ALGORITHM_CALENDAR\x10\x042\xaa\x05\n" +
 	"\fQuotaService\x12X\n" +
 	"\x0fCheckAndReserve\x12!.quotad.v1.CheckAndReserveRequest\x1a\".quotad.v1.CheckAndReserveResponse\x12=\n" +
 	"\x06Commit\x12\x18.quotad.v1.CommitRequest\x1a\x19.quotad.v1.CommitResponse\x12@\n" +
@@ -2002,7 +2165,7 @@ func file_quotad_v1_quota_proto_rawDescGZIP() []byte {
 }
 
 var file_quotad_v1_quota_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_quotad_v1_quota_proto_goTypes = []any{
 	(Decision)(0),                         // 0: quotad.v1.Decision
 	(DenyReason)(0),                       // 1: quotad.v1.DenyReason
@@ -2010,81 +2173,83 @@ var file_quotad_v1_quota_proto_goTypes = []any{
 	(Metric)(0),                           // 3: quotad.v1.Metric
 	(Algorithm)(0),                        // 4: quotad.v1.Algorithm
 	(*Cost)(nil),                          // 5: quotad.v1.Cost
-	(*LimitStatus)(nil),                   // 6: quotad.v1.LimitStatus
-	(*CheckAndReserveRequest)(nil),        // 7: quotad.v1.CheckAndReserveRequest
-	(*CheckAndReserveResponse)(nil),       // 8: quotad.v1.CheckAndReserveResponse
-	(*CommitRequest)(nil),                 // 9: quotad.v1.CommitRequest
-	(*CommitResponse)(nil),                // 10: quotad.v1.CommitResponse
-	(*ReleaseRequest)(nil),                // 11: quotad.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),               // 12: quotad.v1.ReleaseResponse
-	(*GetUsageRequest)(nil),               // 13: quotad.v1.GetUsageRequest
-	(*GetUsageResponse)(nil),              // 14: quotad.v1.GetUsageResponse
-	(*FieldViolation)(nil),                // 15: quotad.v1.FieldViolation
-	(*Error)(nil),                         // 16: quotad.v1.Error
-	(*CheckAndReserveResult)(nil),         // 17: quotad.v1.CheckAndReserveResult
-	(*CheckAndReserveBatchRequest)(nil),   // 18: quotad.v1.CheckAndReserveBatchRequest
-	(*CheckAndReserveBatchResponse)(nil),  // 19: quotad.v1.CheckAndReserveBatchResponse
-	(*CheckAndReserveStreamRequest)(nil),  // 20: quotad.v1.CheckAndReserveStreamRequest
-	(*CheckAndReserveStreamResponse)(nil), // 21: quotad.v1.CheckAndReserveStreamResponse
-	(*CommitResult)(nil),                  // 22: quotad.v1.CommitResult
-	(*CommitBatchRequest)(nil),            // 23: quotad.v1.CommitBatchRequest
-	(*CommitBatchResponse)(nil),           // 24: quotad.v1.CommitBatchResponse
-	(*CommitStreamRequest)(nil),           // 25: quotad.v1.CommitStreamRequest
-	(*CommitStreamResponse)(nil),          // 26: quotad.v1.CommitStreamResponse
-	(*durationpb.Duration)(nil),           // 27: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),         // 28: google.protobuf.Timestamp
+	(*ChatMessage)(nil),                   // 6: quotad.v1.ChatMessage
+	(*LimitStatus)(nil),                   // 7: quotad.v1.LimitStatus
+	(*CheckAndReserveRequest)(nil),        // 8: quotad.v1.CheckAndReserveRequest
+	(*CheckAndReserveResponse)(nil),       // 9: quotad.v1.CheckAndReserveResponse
+	(*CommitRequest)(nil),                 // 10: quotad.v1.CommitRequest
+	(*CommitResponse)(nil),                // 11: quotad.v1.CommitResponse
+	(*ReleaseRequest)(nil),                // 12: quotad.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),               // 13: quotad.v1.ReleaseResponse
+	(*GetUsageRequest)(nil),               // 14: quotad.v1.GetUsageRequest
+	(*GetUsageResponse)(nil),              // 15: quotad.v1.GetUsageResponse
+	(*FieldViolation)(nil),                // 16: quotad.v1.FieldViolation
+	(*Error)(nil),                         // 17: quotad.v1.Error
+	(*CheckAndReserveResult)(nil),         // 18: quotad.v1.CheckAndReserveResult
+	(*CheckAndReserveBatchRequest)(nil),   // 19: quotad.v1.CheckAndReserveBatchRequest
+	(*CheckAndReserveBatchResponse)(nil),  // 20: quotad.v1.CheckAndReserveBatchResponse
+	(*CheckAndReserveStreamRequest)(nil),  // 21: quotad.v1.CheckAndReserveStreamRequest
+	(*CheckAndReserveStreamResponse)(nil), // 22: quotad.v1.CheckAndReserveStreamResponse
+	(*CommitResult)(nil),                  // 23: quotad.v1.CommitResult
+	(*CommitBatchRequest)(nil),            // 24: quotad.v1.CommitBatchRequest
+	(*CommitBatchResponse)(nil),           // 25: quotad.v1.CommitBatchResponse
+	(*CommitStreamRequest)(nil),           // 26: quotad.v1.CommitStreamRequest
+	(*CommitStreamResponse)(nil),          // 27: quotad.v1.CommitStreamResponse
+	(*durationpb.Duration)(nil),           // 28: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),         // 29: google.protobuf.Timestamp
 }
 var file_quotad_v1_quota_proto_depIdxs = []int32{
 	2,  // 0: quotad.v1.LimitStatus.scope:type_name -> quotad.v1.Scope
 	3,  // 1: quotad.v1.LimitStatus.metric:type_name -> quotad.v1.Metric
 	4,  // 2: quotad.v1.LimitStatus.algorithm:type_name -> quotad.v1.Algorithm
-	27, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
-	27, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
-	27, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
-	0,  // 6: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
-	1,  // 7: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
-	28, // 8: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
-	5,  // 9: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
-	27, // 10: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	6,  // 11: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
-	5,  // 12: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
-	5,  // 13: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
-	5,  // 14: quotad.v1.ReleaseResponse.refunded:type_name -> quotad.v1.Cost
-	6,  // 15: quotad.v1.GetUsageResponse.limits:type_name -> quotad.v1.LimitStatus
-	15, // 16: quotad.v1.Error.field_violations:type_name -> quotad.v1.FieldViolation
-	8,  // 17: quotad.v1.CheckAndReserveResult.response:type_name -> quotad.v1.CheckAndReserveResponse
-	16, // 18: quotad.v1.CheckAndReserveResult.error:type_name -> quotad.v1.Error
-	7,  // 19: quotad.v1.CheckAndReserveBatchRequest.requests:type_name -> quotad.v1.CheckAndReserveRequest
-	17, // 20: quotad.v1.CheckAndReserveBatchResponse.results:type_name -> quotad.v1.CheckAndReserveResult
-	7,  // 21: quotad.v1.CheckAndReserveStreamRequest.request:type_name -> quotad.v1.CheckAndReserveRequest
-	17, // 22: quotad.v1.CheckAndReserveStreamResponse.result:type_name -> quotad.v1.CheckAndReserveResult
-	10, // 23: quotad.v1.CommitResult.response:type_name -> quotad.v1.CommitResponse
-	16, // 24: quotad.v1.CommitResult.error:type_name -> quotad.v1.Error
-	9,  // 25: quotad.v1.CommitBatchRequest.requests:type_name -> quotad.v1.CommitRequest
-	22, // 26: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
-	9,  // 27: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
-	22, // 28: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
-	7,  // 29: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
-	9,  // 30: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
-	11, // 31: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
-	13, // 32: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
-	18, // 33: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
-	20, // 34: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
-	23, // 35: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
-	25, // 36: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
-	8,  // 37: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
-	10, // 38: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
-	12, // 39: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
-	14, // 40: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
-	19, // 41: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
-	21, // 42: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
-	24, // 43: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
-	26, // 44: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
-	37, // [37:45] is the sub-list for method output_type
-	29, // [29:37] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	28, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
+	28, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
+	28, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
+	6,  // 6: quotad.v1.CheckAndReserveRequest.messages:type_name -> quotad.v1.ChatMessage
+	0,  // 7: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
+	1,  // 8: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
+	29, // 9: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
+	5,  // 10: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
+	28, // 11: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	7,  // 12: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
+	5,  // 13: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
+	5,  // 14: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
+	5,  // 15: quotad.v1.ReleaseResponse.refunded:type_name -> quotad.v1.Cost
+	7,  // 16: quotad.v1.GetUsageResponse.limits:type_name -> quotad.v1.LimitStatus
+	16, // 17: quotad.v1.Error.field_violations:type_name -> quotad.v1.FieldViolation
+	9,  // 18: quotad.v1.CheckAndReserveResult.response:type_name -> quotad.v1.CheckAndReserveResponse
+	17, // 19: quotad.v1.CheckAndReserveResult.error:type_name -> quotad.v1.Error
+	8,  // 20: quotad.v1.CheckAndReserveBatchRequest.requests:type_name -> quotad.v1.CheckAndReserveRequest
+	18, // 21: quotad.v1.CheckAndReserveBatchResponse.results:type_name -> quotad.v1.CheckAndReserveResult
+	8,  // 22: quotad.v1.CheckAndReserveStreamRequest.request:type_name -> quotad.v1.CheckAndReserveRequest
+	18, // 23: quotad.v1.CheckAndReserveStreamResponse.result:type_name -> quotad.v1.CheckAndReserveResult
+	11, // 24: quotad.v1.CommitResult.response:type_name -> quotad.v1.CommitResponse
+	17, // 25: quotad.v1.CommitResult.error:type_name -> quotad.v1.Error
+	10, // 26: quotad.v1.CommitBatchRequest.requests:type_name -> quotad.v1.CommitRequest
+	23, // 27: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
+	10, // 28: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
+	23, // 29: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
+	8,  // 30: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
+	10, // 31: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
+	12, // 32: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
+	14, // 33: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
+	19, // 34: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
+	21, // 35: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
+	24, // 36: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
+	26, // 37: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
+	9,  // 38: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
+	11, // 39: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
+	13, // 40: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
+	15, // 41: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
+	20, // 42: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
+	22, // 43: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
+	25, // 44: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
+	27, // 45: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
+	38, // [38:46] is the sub-list for method output_type
+	30, // [30:38] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_quotad_v1_quota_proto_init() }
@@ -2092,11 +2257,11 @@ func file_quotad_v1_quota_proto_init() {
 	if File_quotad_v1_quota_proto != nil {
 		return
 	}
-	file_quotad_v1_quota_proto_msgTypes[12].OneofWrappers = []any{
+	file_quotad_v1_quota_proto_msgTypes[13].OneofWrappers = []any{
 		(*CheckAndReserveResult_Response)(nil),
 		(*CheckAndReserveResult_Error)(nil),
 	}
-	file_quotad_v1_quota_proto_msgTypes[17].OneofWrappers = []any{
+	file_quotad_v1_quota_proto_msgTypes[18].OneofWrappers = []any{
 		(*CommitResult_Response)(nil),
 		(*CommitResult_Error)(nil),
 	}
@@ -2106,7 +2271,7 @@ func file_quotad_v1_quota_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_quotad_v1_quota_proto_rawDesc), len(file_quotad_v1_quota_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

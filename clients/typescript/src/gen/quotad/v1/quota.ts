@@ -92,6 +92,11 @@ export enum DenyReason {
    * be admitted as it is (shrink it or raise the limit). No retry_after.
    */
   DENY_REASON_EXCEEDS_CAPACITY = 2,
+  /**
+   * DENY_REASON_BUDGET_EXHAUSTED - A calendar budget (per day or per month) is spent: it reopens when the
+   * calendar period resets, which retry_after points at.
+   */
+  DENY_REASON_BUDGET_EXHAUSTED = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -106,6 +111,9 @@ export function denyReasonFromJSON(object: any): DenyReason {
     case 2:
     case "DENY_REASON_EXCEEDS_CAPACITY":
       return DenyReason.DENY_REASON_EXCEEDS_CAPACITY;
+    case 3:
+    case "DENY_REASON_BUDGET_EXHAUSTED":
+      return DenyReason.DENY_REASON_BUDGET_EXHAUSTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -121,6 +129,8 @@ export function denyReasonToJSON(object: DenyReason): string {
       return "DENY_REASON_LIMIT_EXCEEDED";
     case DenyReason.DENY_REASON_EXCEEDS_CAPACITY:
       return "DENY_REASON_EXCEEDS_CAPACITY";
+    case DenyReason.DENY_REASON_BUDGET_EXHAUSTED:
+      return "DENY_REASON_BUDGET_EXHAUSTED";
     case DenyReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -194,6 +204,11 @@ export enum Metric {
    * expired).
    */
   METRIC_CONCURRENT = 5,
+  /**
+   * METRIC_COST_USD - Money, in micro-dollars (1,000,000 = one US dollar), from the policy's
+   * price table: estimated at admission, settled on Commit.
+   */
+  METRIC_COST_USD = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -217,6 +232,9 @@ export function metricFromJSON(object: any): Metric {
     case 5:
     case "METRIC_CONCURRENT":
       return Metric.METRIC_CONCURRENT;
+    case 6:
+    case "METRIC_COST_USD":
+      return Metric.METRIC_COST_USD;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -238,6 +256,8 @@ export function metricToJSON(object: Metric): string {
       return "METRIC_TOTAL_TOKENS";
     case Metric.METRIC_CONCURRENT:
       return "METRIC_CONCURRENT";
+    case Metric.METRIC_COST_USD:
+      return "METRIC_COST_USD";
     case Metric.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -254,6 +274,8 @@ export enum Algorithm {
   ALGORITHM_SLIDING_WINDOW = 2,
   /** ALGORITHM_CONCURRENCY - At most limit reservations in flight at once. */
   ALGORITHM_CONCURRENCY = 3,
+  /** ALGORITHM_CALENDAR - A budget per calendar period (UTC day or month) that resets at its end. */
+  ALGORITHM_CALENDAR = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -271,6 +293,9 @@ export function algorithmFromJSON(object: any): Algorithm {
     case 3:
     case "ALGORITHM_CONCURRENCY":
       return Algorithm.ALGORITHM_CONCURRENCY;
+    case 4:
+    case "ALGORITHM_CALENDAR":
+      return Algorithm.ALGORITHM_CALENDAR;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -288,6 +313,8 @@ export function algorithmToJSON(object: Algorithm): string {
       return "ALGORITHM_SLIDING_WINDOW";
     case Algorithm.ALGORITHM_CONCURRENCY:
       return "ALGORITHM_CONCURRENCY";
+    case Algorithm.ALGORITHM_CALENDAR:
+      return "ALGORITHM_CALENDAR";
     case Algorithm.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -298,10 +325,27 @@ export function algorithmToJSON(object: Algorithm): string {
 export interface Cost {
   /** Calls (1 for a reservation). */
   requests: number;
-  /** Prompt tokens. */
+  /** Prompt tokens, prompt-cache reads included. */
   inputTokens: number;
   /** Completion tokens. */
   outputTokens: number;
+  /** The part of input_tokens read from the provider's prompt cache. */
+  cachedInputTokens: number;
+  /** The price of it all in micro-dollars, when the model has prices. */
+  costMicroUsd: number;
+}
+
+/**
+ * ChatMessage is one message of a chat completion request, counted the way
+ * OpenAI documents for its chat models.
+ */
+export interface ChatMessage {
+  /** "system", "user", "assistant", "tool", ... */
+  role: string;
+  /** The text of the message. */
+  content: string;
+  /** Optional participant name. */
+  name: string;
 }
 
 /** LimitStatus is the state of one limit as seen by one request. */
@@ -339,6 +383,8 @@ export interface LimitStatus {
    * to fit (or can never fit).
    */
   binding: boolean;
+  /** For calendar budgets: "day" or "month" (UTC). */
+  calendar: string;
 }
 
 /** CheckAndReserveRequest describes one LLM call about to be made. */
@@ -363,7 +409,10 @@ export interface CheckAndReserveRequest {
    * names models; selects model-specific limits.
    */
   model: string;
-  /** Prompt tokens of the call, 0 to 10^9. */
+  /**
+   * Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+   * Leave it 0 and send prompt or messages to let the server count.
+   */
   inputTokens: number;
   /** The call's max_tokens: the output reserved until Commit, 0 to 10^9. */
   maxOutputTokens: number;
@@ -379,6 +428,16 @@ export interface CheckAndReserveRequest {
    * the first reservation instead of reserving twice. At most 256 bytes.
    */
   idempotencyKey: string;
+  /**
+   * The prompt text, counted by the server with the model's tokenizer.
+   * Exclusive with input_tokens and messages. At most 1 MiB by default.
+   */
+  prompt: string;
+  /**
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   */
+  messages: ChatMessage[];
 }
 
 /** CheckAndReserveResponse is the decision on one call. */
@@ -417,6 +476,11 @@ export interface CheckAndReserveResponse {
   tenant: string;
   /** The tier the request was counted under (after defaults). */
   tier: string;
+  /**
+   * The input tokens the decision used: counted by the server from prompt or
+   * messages, or the caller's input_tokens.
+   */
+  countedInputTokens: number;
 }
 
 /** CommitRequest reports the actual usage of a reserved call. */
@@ -427,6 +491,12 @@ export interface CommitRequest {
   inputTokens: number;
   /** Completion tokens actually used, 0 to 10^9. */
   outputTokens: number;
+  /**
+   * The part of input_tokens read from the provider's prompt cache, 0 to
+   * input_tokens: priced at the cached rate, and left out of limits that
+   * exclude cache reads.
+   */
+  cachedInputTokens: number;
 }
 
 /** CommitResponse is the settlement of a reservation. */
@@ -593,7 +663,7 @@ export interface CommitStreamResponse {
 }
 
 function createBaseCost(): Cost {
-  return { requests: 0, inputTokens: 0, outputTokens: 0 };
+  return { requests: 0, inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, costMicroUsd: 0 };
 }
 
 export const Cost: MessageFns<Cost> = {
@@ -606,6 +676,12 @@ export const Cost: MessageFns<Cost> = {
     }
     if (message.outputTokens !== 0) {
       writer.uint32(24).int64(message.outputTokens);
+    }
+    if (message.cachedInputTokens !== 0) {
+      writer.uint32(32).int64(message.cachedInputTokens);
+    }
+    if (message.costMicroUsd !== 0) {
+      writer.uint32(40).int64(message.costMicroUsd);
     }
     return writer;
   },
@@ -647,6 +723,22 @@ export const Cost: MessageFns<Cost> = {
             message.outputTokens = longToNumber(reader.int64());
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.cachedInputTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.costMicroUsd = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -672,6 +764,16 @@ export const Cost: MessageFns<Cost> = {
         : isSet(object.output_tokens)
         ? globalThis.Number(object.output_tokens)
         : 0,
+      cachedInputTokens: isSet(object.cachedInputTokens)
+        ? globalThis.Number(object.cachedInputTokens)
+        : isSet(object.cached_input_tokens)
+        ? globalThis.Number(object.cached_input_tokens)
+        : 0,
+      costMicroUsd: isSet(object.costMicroUsd)
+        ? globalThis.Number(object.costMicroUsd)
+        : isSet(object.cost_micro_usd)
+        ? globalThis.Number(object.cost_micro_usd)
+        : 0,
     };
   },
 
@@ -686,6 +788,12 @@ export const Cost: MessageFns<Cost> = {
     if (message.outputTokens !== 0) {
       obj.outputTokens = Math.round(message.outputTokens);
     }
+    if (message.cachedInputTokens !== 0) {
+      obj.cachedInputTokens = Math.round(message.cachedInputTokens);
+    }
+    if (message.costMicroUsd !== 0) {
+      obj.costMicroUsd = Math.round(message.costMicroUsd);
+    }
     return obj;
   },
 
@@ -697,6 +805,109 @@ export const Cost: MessageFns<Cost> = {
     message.requests = object.requests ?? 0;
     message.inputTokens = object.inputTokens ?? 0;
     message.outputTokens = object.outputTokens ?? 0;
+    message.cachedInputTokens = object.cachedInputTokens ?? 0;
+    message.costMicroUsd = object.costMicroUsd ?? 0;
+    return message;
+  },
+};
+
+function createBaseChatMessage(): ChatMessage {
+  return { role: "", content: "", name: "" };
+}
+
+export const ChatMessage: MessageFns<ChatMessage> = {
+  encode(message: ChatMessage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.role !== "") {
+      writer.uint32(10).string(message.role);
+    }
+    if (message.content !== "") {
+      writer.uint32(18).string(message.content);
+    }
+    if (message.name !== "") {
+      writer.uint32(26).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ChatMessage {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseChatMessage();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.role = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.content = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ChatMessage {
+    return {
+      role: isSet(object.role) ? globalThis.String(object.role) : "",
+      content: isSet(object.content) ? globalThis.String(object.content) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+    };
+  },
+
+  toJSON(message: ChatMessage): unknown {
+    const obj: any = {};
+    if (message.role !== "") {
+      obj.role = message.role;
+    }
+    if (message.content !== "") {
+      obj.content = message.content;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ChatMessage>, I>>(base?: I): ChatMessage {
+    return ChatMessage.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ChatMessage>, I>>(object: I): ChatMessage {
+    const message = createBaseChatMessage();
+    message.role = object.role ?? "";
+    message.content = object.content ?? "";
+    message.name = object.name ?? "";
     return message;
   },
 };
@@ -713,6 +924,7 @@ function createBaseLimitStatus(): LimitStatus {
     resetAfter: undefined,
     denied: false,
     binding: false,
+    calendar: "",
   };
 }
 
@@ -747,6 +959,9 @@ export const LimitStatus: MessageFns<LimitStatus> = {
     }
     if (message.binding !== false) {
       writer.uint32(80).bool(message.binding);
+    }
+    if (message.calendar !== "") {
+      writer.uint32(90).string(message.calendar);
     }
     return writer;
   },
@@ -844,6 +1059,14 @@ export const LimitStatus: MessageFns<LimitStatus> = {
             message.binding = reader.bool();
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.calendar = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -872,6 +1095,7 @@ export const LimitStatus: MessageFns<LimitStatus> = {
         : undefined,
       denied: isSet(object.denied) ? globalThis.Boolean(object.denied) : false,
       binding: isSet(object.binding) ? globalThis.Boolean(object.binding) : false,
+      calendar: isSet(object.calendar) ? globalThis.String(object.calendar) : "",
     };
   },
 
@@ -907,6 +1131,9 @@ export const LimitStatus: MessageFns<LimitStatus> = {
     if (message.binding !== false) {
       obj.binding = message.binding;
     }
+    if (message.calendar !== "") {
+      obj.calendar = message.calendar;
+    }
     return obj;
   },
 
@@ -929,6 +1156,7 @@ export const LimitStatus: MessageFns<LimitStatus> = {
       : undefined;
     message.denied = object.denied ?? false;
     message.binding = object.binding ?? false;
+    message.calendar = object.calendar ?? "";
     return message;
   },
 };
@@ -943,6 +1171,8 @@ function createBaseCheckAndReserveRequest(): CheckAndReserveRequest {
     maxOutputTokens: 0,
     lease: undefined,
     idempotencyKey: "",
+    prompt: "",
+    messages: [],
   };
 }
 
@@ -971,6 +1201,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     }
     if (message.idempotencyKey !== "") {
       writer.uint32(66).string(message.idempotencyKey);
+    }
+    if (message.prompt !== "") {
+      writer.uint32(74).string(message.prompt);
+    }
+    for (const v of message.messages) {
+      ChatMessage.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -1052,6 +1288,22 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
             message.idempotencyKey = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.prompt = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.messages.push(ChatMessage.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1086,6 +1338,10 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
         : isSet(object.idempotency_key)
         ? globalThis.String(object.idempotency_key)
         : "",
+      prompt: isSet(object.prompt) ? globalThis.String(object.prompt) : "",
+      messages: globalThis.Array.isArray(object?.messages)
+        ? object.messages.map((e: any) => ChatMessage.fromJSON(e))
+        : [],
     };
   },
 
@@ -1115,6 +1371,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     if (message.idempotencyKey !== "") {
       obj.idempotencyKey = message.idempotencyKey;
     }
+    if (message.prompt !== "") {
+      obj.prompt = message.prompt;
+    }
+    if (message.messages?.length) {
+      obj.messages = message.messages.map((e) => ChatMessage.toJSON(e));
+    }
     return obj;
   },
 
@@ -1133,6 +1395,8 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
       ? Duration.fromPartial(object.lease)
       : undefined;
     message.idempotencyKey = object.idempotencyKey ?? "";
+    message.prompt = object.prompt ?? "";
+    message.messages = object.messages?.map((e) => ChatMessage.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1150,6 +1414,7 @@ function createBaseCheckAndReserveResponse(): CheckAndReserveResponse {
     replayed: false,
     tenant: "",
     tier: "",
+    countedInputTokens: 0,
   };
 }
 
@@ -1187,6 +1452,9 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     }
     if (message.tier !== "") {
       writer.uint32(90).string(message.tier);
+    }
+    if (message.countedInputTokens !== 0) {
+      writer.uint32(96).int64(message.countedInputTokens);
     }
     return writer;
   },
@@ -1292,6 +1560,14 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
             message.tier = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.countedInputTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1339,6 +1615,11 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
       replayed: isSet(object.replayed) ? globalThis.Boolean(object.replayed) : false,
       tenant: isSet(object.tenant) ? globalThis.String(object.tenant) : "",
       tier: isSet(object.tier) ? globalThis.String(object.tier) : "",
+      countedInputTokens: isSet(object.countedInputTokens)
+        ? globalThis.Number(object.countedInputTokens)
+        : isSet(object.counted_input_tokens)
+        ? globalThis.Number(object.counted_input_tokens)
+        : 0,
     };
   },
 
@@ -1377,6 +1658,9 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     if (message.tier !== "") {
       obj.tier = message.tier;
     }
+    if (message.countedInputTokens !== 0) {
+      obj.countedInputTokens = Math.round(message.countedInputTokens);
+    }
     return obj;
   },
 
@@ -1400,12 +1684,13 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     message.replayed = object.replayed ?? false;
     message.tenant = object.tenant ?? "";
     message.tier = object.tier ?? "";
+    message.countedInputTokens = object.countedInputTokens ?? 0;
     return message;
   },
 };
 
 function createBaseCommitRequest(): CommitRequest {
-  return { reservationId: "", inputTokens: 0, outputTokens: 0 };
+  return { reservationId: "", inputTokens: 0, outputTokens: 0, cachedInputTokens: 0 };
 }
 
 export const CommitRequest: MessageFns<CommitRequest> = {
@@ -1418,6 +1703,9 @@ export const CommitRequest: MessageFns<CommitRequest> = {
     }
     if (message.outputTokens !== 0) {
       writer.uint32(24).int64(message.outputTokens);
+    }
+    if (message.cachedInputTokens !== 0) {
+      writer.uint32(32).int64(message.cachedInputTokens);
     }
     return writer;
   },
@@ -1459,6 +1747,14 @@ export const CommitRequest: MessageFns<CommitRequest> = {
             message.outputTokens = longToNumber(reader.int64());
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.cachedInputTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1488,6 +1784,11 @@ export const CommitRequest: MessageFns<CommitRequest> = {
         : isSet(object.output_tokens)
         ? globalThis.Number(object.output_tokens)
         : 0,
+      cachedInputTokens: isSet(object.cachedInputTokens)
+        ? globalThis.Number(object.cachedInputTokens)
+        : isSet(object.cached_input_tokens)
+        ? globalThis.Number(object.cached_input_tokens)
+        : 0,
     };
   },
 
@@ -1502,6 +1803,9 @@ export const CommitRequest: MessageFns<CommitRequest> = {
     if (message.outputTokens !== 0) {
       obj.outputTokens = Math.round(message.outputTokens);
     }
+    if (message.cachedInputTokens !== 0) {
+      obj.cachedInputTokens = Math.round(message.cachedInputTokens);
+    }
     return obj;
   },
 
@@ -1513,6 +1817,7 @@ export const CommitRequest: MessageFns<CommitRequest> = {
     message.reservationId = object.reservationId ?? "";
     message.inputTokens = object.inputTokens ?? 0;
     message.outputTokens = object.outputTokens ?? 0;
+    message.cachedInputTokens = object.cachedInputTokens ?? 0;
     return message;
   },
 };

@@ -47,6 +47,14 @@ public enum Algorithm
    * <code>ALGORITHM_CONCURRENCY = 3;</code>
    */
   ALGORITHM_CONCURRENCY(3),
+  /**
+   * <pre>
+   * A budget per calendar period (UTC day or month) that resets at its end.
+   * </pre>
+   *
+   * <code>ALGORITHM_CALENDAR = 4;</code>
+   */
+  ALGORITHM_CALENDAR(4),
   UNRECOGNIZED(-1),
   ;
 
@@ -91,6 +99,14 @@ public enum Algorithm
    * <code>ALGORITHM_CONCURRENCY = 3;</code>
    */
   public static final int ALGORITHM_CONCURRENCY_VALUE = 3;
+  /**
+   * <pre>
+   * A budget per calendar period (UTC day or month) that resets at its end.
+   * </pre>
+   *
+   * <code>ALGORITHM_CALENDAR = 4;</code>
+   */
+  public static final int ALGORITHM_CALENDAR_VALUE = 4;
 
 
   public final int getNumber() {
@@ -121,6 +137,7 @@ public enum Algorithm
       case 1: return ALGORITHM_TOKEN_BUCKET;
       case 2: return ALGORITHM_SLIDING_WINDOW;
       case 3: return ALGORITHM_CONCURRENCY;
+      case 4: return ALGORITHM_CALENDAR;
       default: return null;
     }
   }

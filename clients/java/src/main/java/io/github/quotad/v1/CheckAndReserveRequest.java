@@ -37,6 +37,8 @@ private static final long serialVersionUID = 0L;
     tier_ = "";
     model_ = "";
     idempotencyKey_ = "";
+    prompt_ = "";
+    messages_ = java.util.Collections.emptyList();
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -258,7 +260,8 @@ private static final long serialVersionUID = 0L;
   private long inputTokens_ = 0L;
   /**
    * <pre>
-   * Prompt tokens of the call, 0 to 10^9.
+   * Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+   * Leave it 0 and send prompt or messages to let the server count.
    * </pre>
    *
    * <code>int64 input_tokens = 5 [json_name = "inputTokens"];</code>
@@ -374,6 +377,121 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int PROMPT_FIELD_NUMBER = 9;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object prompt_ = "";
+  /**
+   * <pre>
+   * The prompt text, counted by the server with the model's tokenizer.
+   * Exclusive with input_tokens and messages. At most 1 MiB by default.
+   * </pre>
+   *
+   * <code>string prompt = 9 [json_name = "prompt"];</code>
+   * @return The prompt.
+   */
+  @java.lang.Override
+  public java.lang.String getPrompt() {
+    java.lang.Object ref = prompt_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      prompt_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * The prompt text, counted by the server with the model's tokenizer.
+   * Exclusive with input_tokens and messages. At most 1 MiB by default.
+   * </pre>
+   *
+   * <code>string prompt = 9 [json_name = "prompt"];</code>
+   * @return The bytes for prompt.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getPromptBytes() {
+    java.lang.Object ref = prompt_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      prompt_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
+  public static final int MESSAGES_FIELD_NUMBER = 10;
+  @SuppressWarnings("serial")
+  private java.util.List<io.github.quotad.v1.ChatMessage> messages_;
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<io.github.quotad.v1.ChatMessage> getMessagesList() {
+    return messages_;
+  }
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends io.github.quotad.v1.ChatMessageOrBuilder> 
+      getMessagesOrBuilderList() {
+    return messages_;
+  }
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  @java.lang.Override
+  public int getMessagesCount() {
+    return messages_.size();
+  }
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ChatMessage getMessages(int index) {
+    return messages_.get(index);
+  }
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ChatMessageOrBuilder getMessagesOrBuilder(
+      int index) {
+    return messages_.get(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -412,6 +530,12 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(idempotencyKey_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 8, idempotencyKey_);
     }
+    if (!com.google.protobuf.GeneratedMessage.isStringEmpty(prompt_)) {
+      com.google.protobuf.GeneratedMessage.writeString(output, 9, prompt_);
+    }
+    for (int i = 0; i < messages_.size(); i++) {
+      output.writeMessage(10, messages_.get(i));
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -443,6 +567,18 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(idempotencyKey_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(8, idempotencyKey_);
     }
+    if (!com.google.protobuf.GeneratedMessage.isStringEmpty(prompt_)) {
+      size += com.google.protobuf.GeneratedMessage.computeStringSize(9, prompt_);
+    }
+
+        {
+          final int count = messages_.size();
+          for (int i = 0; i < count; i++) {
+            size += com.google.protobuf.CodedOutputStream
+              .computeMessageSizeNoTag(messages_.get(i));
+          }
+          size += 1 * count;
+        }
     return size;
   }
   @java.lang.Override
@@ -486,6 +622,10 @@ private static final long serialVersionUID = 0L;
     }
     if (!getIdempotencyKey()
         .equals(other.getIdempotencyKey())) return false;
+    if (!getPrompt()
+        .equals(other.getPrompt())) return false;
+    if (!getMessagesList()
+        .equals(other.getMessagesList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -517,6 +657,12 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + IDEMPOTENCY_KEY_FIELD_NUMBER;
     hash = (53 * hash) + getIdempotencyKey().hashCode();
+    hash = (37 * hash) + PROMPT_FIELD_NUMBER;
+    hash = (53 * hash) + getPrompt().hashCode();
+    if (getMessagesCount() > 0) {
+      hash = (37 * hash) + MESSAGES_FIELD_NUMBER;
+      hash = (53 * hash) + getMessagesList().hashCode();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -652,6 +798,7 @@ private static final long serialVersionUID = 0L;
       if (com.google.protobuf.GeneratedMessage
               .alwaysUseFieldBuilders) {
         internalGetLeaseFieldBuilder();
+        internalGetMessagesFieldBuilder();
       }
     }
     @java.lang.Override
@@ -670,6 +817,14 @@ private static final long serialVersionUID = 0L;
         leaseBuilder_ = null;
       }
       idempotencyKey_ = "";
+      prompt_ = "";
+      if (messagesBuilder_ == null) {
+        messages_ = java.util.Collections.emptyList();
+      } else {
+        messages_ = null;
+        messagesBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000200);
       return this;
     }
 
@@ -696,9 +851,22 @@ private static final long serialVersionUID = 0L;
     @java.lang.Override
     public io.github.quotad.v1.CheckAndReserveRequest buildPartial() {
       io.github.quotad.v1.CheckAndReserveRequest result = new io.github.quotad.v1.CheckAndReserveRequest(this);
+      buildPartialRepeatedFields(result);
       if (bitField0_ != 0) { buildPartial0(result); }
       onBuilt();
       return result;
+    }
+
+    private void buildPartialRepeatedFields(io.github.quotad.v1.CheckAndReserveRequest result) {
+      if (messagesBuilder_ == null) {
+        if (((bitField0_ & 0x00000200) != 0)) {
+          messages_ = java.util.Collections.unmodifiableList(messages_);
+          bitField0_ = (bitField0_ & ~0x00000200);
+        }
+        result.messages_ = messages_;
+      } else {
+        result.messages_ = messagesBuilder_.build();
+      }
     }
 
     private void buildPartial0(io.github.quotad.v1.CheckAndReserveRequest result) {
@@ -730,6 +898,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000080) != 0)) {
         result.idempotencyKey_ = idempotencyKey_;
+      }
+      if (((from_bitField0_ & 0x00000100) != 0)) {
+        result.prompt_ = prompt_;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -779,6 +950,37 @@ private static final long serialVersionUID = 0L;
         idempotencyKey_ = other.idempotencyKey_;
         bitField0_ |= 0x00000080;
         onChanged();
+      }
+      if (!other.getPrompt().isEmpty()) {
+        prompt_ = other.prompt_;
+        bitField0_ |= 0x00000100;
+        onChanged();
+      }
+      if (messagesBuilder_ == null) {
+        if (!other.messages_.isEmpty()) {
+          if (messages_.isEmpty()) {
+            messages_ = other.messages_;
+            bitField0_ = (bitField0_ & ~0x00000200);
+          } else {
+            ensureMessagesIsMutable();
+            messages_.addAll(other.messages_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.messages_.isEmpty()) {
+          if (messagesBuilder_.isEmpty()) {
+            messagesBuilder_.dispose();
+            messagesBuilder_ = null;
+            messages_ = other.messages_;
+            bitField0_ = (bitField0_ & ~0x00000200);
+            messagesBuilder_ = 
+              com.google.protobuf.GeneratedMessage.alwaysUseFieldBuilders ?
+                 internalGetMessagesFieldBuilder() : null;
+          } else {
+            messagesBuilder_.addAllMessages(other.messages_);
+          }
+        }
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -848,6 +1050,24 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000080;
               break;
             } // case 66
+            case 74: {
+              prompt_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000100;
+              break;
+            } // case 74
+            case 82: {
+              io.github.quotad.v1.ChatMessage m =
+                  input.readMessage(
+                      io.github.quotad.v1.ChatMessage.parser(),
+                      extensionRegistry);
+              if (messagesBuilder_ == null) {
+                ensureMessagesIsMutable();
+                messages_.add(m);
+              } else {
+                messagesBuilder_.addMessage(m);
+              }
+              break;
+            } // case 82
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1256,7 +1476,8 @@ private static final long serialVersionUID = 0L;
     private long inputTokens_ ;
     /**
      * <pre>
-     * Prompt tokens of the call, 0 to 10^9.
+     * Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+     * Leave it 0 and send prompt or messages to let the server count.
      * </pre>
      *
      * <code>int64 input_tokens = 5 [json_name = "inputTokens"];</code>
@@ -1268,7 +1489,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Prompt tokens of the call, 0 to 10^9.
+     * Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+     * Leave it 0 and send prompt or messages to let the server count.
      * </pre>
      *
      * <code>int64 input_tokens = 5 [json_name = "inputTokens"];</code>
@@ -1284,7 +1506,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Prompt tokens of the call, 0 to 10^9.
+     * Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+     * Leave it 0 and send prompt or messages to let the server count.
      * </pre>
      *
      * <code>int64 input_tokens = 5 [json_name = "inputTokens"];</code>
@@ -1602,6 +1825,433 @@ private static final long serialVersionUID = 0L;
       bitField0_ |= 0x00000080;
       onChanged();
       return this;
+    }
+
+    private java.lang.Object prompt_ = "";
+    /**
+     * <pre>
+     * The prompt text, counted by the server with the model's tokenizer.
+     * Exclusive with input_tokens and messages. At most 1 MiB by default.
+     * </pre>
+     *
+     * <code>string prompt = 9 [json_name = "prompt"];</code>
+     * @return The prompt.
+     */
+    public java.lang.String getPrompt() {
+      java.lang.Object ref = prompt_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        prompt_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The prompt text, counted by the server with the model's tokenizer.
+     * Exclusive with input_tokens and messages. At most 1 MiB by default.
+     * </pre>
+     *
+     * <code>string prompt = 9 [json_name = "prompt"];</code>
+     * @return The bytes for prompt.
+     */
+    public com.google.protobuf.ByteString
+        getPromptBytes() {
+      java.lang.Object ref = prompt_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        prompt_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * The prompt text, counted by the server with the model's tokenizer.
+     * Exclusive with input_tokens and messages. At most 1 MiB by default.
+     * </pre>
+     *
+     * <code>string prompt = 9 [json_name = "prompt"];</code>
+     * @param value The prompt to set.
+     * @return This builder for chaining.
+     */
+    public Builder setPrompt(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      prompt_ = value;
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The prompt text, counted by the server with the model's tokenizer.
+     * Exclusive with input_tokens and messages. At most 1 MiB by default.
+     * </pre>
+     *
+     * <code>string prompt = 9 [json_name = "prompt"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearPrompt() {
+      prompt_ = getDefaultInstance().getPrompt();
+      bitField0_ = (bitField0_ & ~0x00000100);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The prompt text, counted by the server with the model's tokenizer.
+     * Exclusive with input_tokens and messages. At most 1 MiB by default.
+     * </pre>
+     *
+     * <code>string prompt = 9 [json_name = "prompt"];</code>
+     * @param value The bytes for prompt to set.
+     * @return This builder for chaining.
+     */
+    public Builder setPromptBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      prompt_ = value;
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+
+    private java.util.List<io.github.quotad.v1.ChatMessage> messages_ =
+      java.util.Collections.emptyList();
+    private void ensureMessagesIsMutable() {
+      if (!((bitField0_ & 0x00000200) != 0)) {
+        messages_ = new java.util.ArrayList<io.github.quotad.v1.ChatMessage>(messages_);
+        bitField0_ |= 0x00000200;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ChatMessage, io.github.quotad.v1.ChatMessage.Builder, io.github.quotad.v1.ChatMessageOrBuilder> messagesBuilder_;
+
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ChatMessage> getMessagesList() {
+      if (messagesBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(messages_);
+      } else {
+        return messagesBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public int getMessagesCount() {
+      if (messagesBuilder_ == null) {
+        return messages_.size();
+      } else {
+        return messagesBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public io.github.quotad.v1.ChatMessage getMessages(int index) {
+      if (messagesBuilder_ == null) {
+        return messages_.get(index);
+      } else {
+        return messagesBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder setMessages(
+        int index, io.github.quotad.v1.ChatMessage value) {
+      if (messagesBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureMessagesIsMutable();
+        messages_.set(index, value);
+        onChanged();
+      } else {
+        messagesBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder setMessages(
+        int index, io.github.quotad.v1.ChatMessage.Builder builderForValue) {
+      if (messagesBuilder_ == null) {
+        ensureMessagesIsMutable();
+        messages_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        messagesBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder addMessages(io.github.quotad.v1.ChatMessage value) {
+      if (messagesBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureMessagesIsMutable();
+        messages_.add(value);
+        onChanged();
+      } else {
+        messagesBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder addMessages(
+        int index, io.github.quotad.v1.ChatMessage value) {
+      if (messagesBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureMessagesIsMutable();
+        messages_.add(index, value);
+        onChanged();
+      } else {
+        messagesBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder addMessages(
+        io.github.quotad.v1.ChatMessage.Builder builderForValue) {
+      if (messagesBuilder_ == null) {
+        ensureMessagesIsMutable();
+        messages_.add(builderForValue.build());
+        onChanged();
+      } else {
+        messagesBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder addMessages(
+        int index, io.github.quotad.v1.ChatMessage.Builder builderForValue) {
+      if (messagesBuilder_ == null) {
+        ensureMessagesIsMutable();
+        messages_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        messagesBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder addAllMessages(
+        java.lang.Iterable<? extends io.github.quotad.v1.ChatMessage> values) {
+      if (messagesBuilder_ == null) {
+        ensureMessagesIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, messages_);
+        onChanged();
+      } else {
+        messagesBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder clearMessages() {
+      if (messagesBuilder_ == null) {
+        messages_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000200);
+        onChanged();
+      } else {
+        messagesBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public Builder removeMessages(int index) {
+      if (messagesBuilder_ == null) {
+        ensureMessagesIsMutable();
+        messages_.remove(index);
+        onChanged();
+      } else {
+        messagesBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public io.github.quotad.v1.ChatMessage.Builder getMessagesBuilder(
+        int index) {
+      return internalGetMessagesFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public io.github.quotad.v1.ChatMessageOrBuilder getMessagesOrBuilder(
+        int index) {
+      if (messagesBuilder_ == null) {
+        return messages_.get(index);  } else {
+        return messagesBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public java.util.List<? extends io.github.quotad.v1.ChatMessageOrBuilder> 
+         getMessagesOrBuilderList() {
+      if (messagesBuilder_ != null) {
+        return messagesBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(messages_);
+      }
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public io.github.quotad.v1.ChatMessage.Builder addMessagesBuilder() {
+      return internalGetMessagesFieldBuilder().addBuilder(
+          io.github.quotad.v1.ChatMessage.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public io.github.quotad.v1.ChatMessage.Builder addMessagesBuilder(
+        int index) {
+      return internalGetMessagesFieldBuilder().addBuilder(
+          index, io.github.quotad.v1.ChatMessage.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The chat messages, counted by the server with the model's tokenizer plus
+     * the chat format's overhead. Exclusive with input_tokens and prompt.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ChatMessage.Builder> 
+         getMessagesBuilderList() {
+      return internalGetMessagesFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ChatMessage, io.github.quotad.v1.ChatMessage.Builder, io.github.quotad.v1.ChatMessageOrBuilder> 
+        internalGetMessagesFieldBuilder() {
+      if (messagesBuilder_ == null) {
+        messagesBuilder_ = new com.google.protobuf.RepeatedFieldBuilder<
+            io.github.quotad.v1.ChatMessage, io.github.quotad.v1.ChatMessage.Builder, io.github.quotad.v1.ChatMessageOrBuilder>(
+                messages_,
+                ((bitField0_ & 0x00000200) != 0),
+                getParentForChildren(),
+                isClean());
+        messages_ = null;
+      }
+      return messagesBuilder_;
     }
 
     // @@protoc_insertion_point(builder_scope:quotad.v1.CheckAndReserveRequest)

@@ -100,7 +100,8 @@ public interface CheckAndReserveRequestOrBuilder extends
 
   /**
    * <pre>
-   * Prompt tokens of the call, 0 to 10^9.
+   * Prompt tokens of the call, 0 to 10^9, when the caller counted them.
+   * Leave it 0 and send prompt or messages to let the server count.
    * </pre>
    *
    * <code>int64 input_tokens = 5 [json_name = "inputTokens"];</code>
@@ -169,4 +170,75 @@ public interface CheckAndReserveRequestOrBuilder extends
    */
   com.google.protobuf.ByteString
       getIdempotencyKeyBytes();
+
+  /**
+   * <pre>
+   * The prompt text, counted by the server with the model's tokenizer.
+   * Exclusive with input_tokens and messages. At most 1 MiB by default.
+   * </pre>
+   *
+   * <code>string prompt = 9 [json_name = "prompt"];</code>
+   * @return The prompt.
+   */
+  java.lang.String getPrompt();
+  /**
+   * <pre>
+   * The prompt text, counted by the server with the model's tokenizer.
+   * Exclusive with input_tokens and messages. At most 1 MiB by default.
+   * </pre>
+   *
+   * <code>string prompt = 9 [json_name = "prompt"];</code>
+   * @return The bytes for prompt.
+   */
+  com.google.protobuf.ByteString
+      getPromptBytes();
+
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  java.util.List<io.github.quotad.v1.ChatMessage> 
+      getMessagesList();
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  io.github.quotad.v1.ChatMessage getMessages(int index);
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  int getMessagesCount();
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  java.util.List<? extends io.github.quotad.v1.ChatMessageOrBuilder> 
+      getMessagesOrBuilderList();
+  /**
+   * <pre>
+   * The chat messages, counted by the server with the model's tokenizer plus
+   * the chat format's overhead. Exclusive with input_tokens and prompt.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ChatMessage messages = 10 [json_name = "messages"];</code>
+   */
+  io.github.quotad.v1.ChatMessageOrBuilder getMessagesOrBuilder(
+      int index);
 }

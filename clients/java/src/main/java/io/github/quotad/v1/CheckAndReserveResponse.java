@@ -494,6 +494,22 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int COUNTED_INPUT_TOKENS_FIELD_NUMBER = 12;
+  private long countedInputTokens_ = 0L;
+  /**
+   * <pre>
+   * The input tokens the decision used: counted by the server from prompt or
+   * messages, or the caller's input_tokens.
+   * </pre>
+   *
+   * <code>int64 counted_input_tokens = 12 [json_name = "countedInputTokens"];</code>
+   * @return The countedInputTokens.
+   */
+  @java.lang.Override
+  public long getCountedInputTokens() {
+    return countedInputTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -540,6 +556,9 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(tier_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 11, tier_);
+    }
+    if (countedInputTokens_ != 0L) {
+      output.writeInt64(12, countedInputTokens_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -589,6 +608,10 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(tier_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(11, tier_);
+    }
+    if (countedInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(12, countedInputTokens_);
     }
     return size;
   }
@@ -643,6 +666,8 @@ private static final long serialVersionUID = 0L;
         .equals(other.getTenant())) return false;
     if (!getTier()
         .equals(other.getTier())) return false;
+    if (getCountedInputTokens()
+        != other.getCountedInputTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -685,6 +710,9 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + getTenant().hashCode();
     hash = (37 * hash) + TIER_FIELD_NUMBER;
     hash = (53 * hash) + getTier().hashCode();
+    hash = (37 * hash) + COUNTED_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCountedInputTokens());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -858,6 +886,7 @@ private static final long serialVersionUID = 0L;
       replayed_ = false;
       tenant_ = "";
       tier_ = "";
+      countedInputTokens_ = 0L;
       return this;
     }
 
@@ -944,6 +973,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000400) != 0)) {
         result.tier_ = tier_;
       }
+      if (((from_bitField0_ & 0x00000800) != 0)) {
+        result.countedInputTokens_ = countedInputTokens_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -1022,6 +1054,9 @@ private static final long serialVersionUID = 0L;
         tier_ = other.tier_;
         bitField0_ |= 0x00000400;
         onChanged();
+      }
+      if (other.getCountedInputTokens() != 0L) {
+        setCountedInputTokens(other.getCountedInputTokens());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -1118,6 +1153,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000400;
               break;
             } // case 90
+            case 96: {
+              countedInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000800;
+              break;
+            } // case 96
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2482,6 +2522,53 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       tier_ = value;
       bitField0_ |= 0x00000400;
+      onChanged();
+      return this;
+    }
+
+    private long countedInputTokens_ ;
+    /**
+     * <pre>
+     * The input tokens the decision used: counted by the server from prompt or
+     * messages, or the caller's input_tokens.
+     * </pre>
+     *
+     * <code>int64 counted_input_tokens = 12 [json_name = "countedInputTokens"];</code>
+     * @return The countedInputTokens.
+     */
+    @java.lang.Override
+    public long getCountedInputTokens() {
+      return countedInputTokens_;
+    }
+    /**
+     * <pre>
+     * The input tokens the decision used: counted by the server from prompt or
+     * messages, or the caller's input_tokens.
+     * </pre>
+     *
+     * <code>int64 counted_input_tokens = 12 [json_name = "countedInputTokens"];</code>
+     * @param value The countedInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCountedInputTokens(long value) {
+
+      countedInputTokens_ = value;
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The input tokens the decision used: counted by the server from prompt or
+     * messages, or the caller's input_tokens.
+     * </pre>
+     *
+     * <code>int64 counted_input_tokens = 12 [json_name = "countedInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCountedInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000800);
+      countedInputTokens_ = 0L;
       onChanged();
       return this;
     }

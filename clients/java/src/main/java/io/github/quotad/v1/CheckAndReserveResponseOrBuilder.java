@@ -266,4 +266,15 @@ public interface CheckAndReserveResponseOrBuilder extends
    */
   com.google.protobuf.ByteString
       getTierBytes();
+
+  /**
+   * <pre>
+   * The input tokens the decision used: counted by the server from prompt or
+   * messages, or the caller's input_tokens.
+   * </pre>
+   *
+   * <code>int64 counted_input_tokens = 12 [json_name = "countedInputTokens"];</code>
+   * @return The countedInputTokens.
+   */
+  long getCountedInputTokens();
 }

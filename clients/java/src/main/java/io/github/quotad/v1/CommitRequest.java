@@ -130,6 +130,23 @@ private static final long serialVersionUID = 0L;
     return outputTokens_;
   }
 
+  public static final int CACHED_INPUT_TOKENS_FIELD_NUMBER = 4;
+  private long cachedInputTokens_ = 0L;
+  /**
+   * <pre>
+   * The part of input_tokens read from the provider's prompt cache, 0 to
+   * input_tokens: priced at the cached rate, and left out of limits that
+   * exclude cache reads.
+   * </pre>
+   *
+   * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+   * @return The cachedInputTokens.
+   */
+  @java.lang.Override
+  public long getCachedInputTokens() {
+    return cachedInputTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -153,6 +170,9 @@ private static final long serialVersionUID = 0L;
     if (outputTokens_ != 0L) {
       output.writeInt64(3, outputTokens_);
     }
+    if (cachedInputTokens_ != 0L) {
+      output.writeInt64(4, cachedInputTokens_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -167,6 +187,10 @@ private static final long serialVersionUID = 0L;
     if (outputTokens_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(3, outputTokens_);
+    }
+    if (cachedInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(4, cachedInputTokens_);
     }
     return size;
   }
@@ -198,6 +222,8 @@ private static final long serialVersionUID = 0L;
         != other.getInputTokens()) return false;
     if (getOutputTokens()
         != other.getOutputTokens()) return false;
+    if (getCachedInputTokens()
+        != other.getCachedInputTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -217,6 +243,9 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + OUTPUT_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getOutputTokens());
+    hash = (37 * hash) + CACHED_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCachedInputTokens());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -355,6 +384,7 @@ private static final long serialVersionUID = 0L;
       reservationId_ = "";
       inputTokens_ = 0L;
       outputTokens_ = 0L;
+      cachedInputTokens_ = 0L;
       return this;
     }
 
@@ -397,6 +427,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.outputTokens_ = outputTokens_;
       }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.cachedInputTokens_ = cachedInputTokens_;
+      }
     }
 
     @java.lang.Override
@@ -421,6 +454,9 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getOutputTokens() != 0L) {
         setOutputTokens(other.getOutputTokens());
+      }
+      if (other.getCachedInputTokens() != 0L) {
+        setCachedInputTokens(other.getCachedInputTokens());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -463,6 +499,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 24
+            case 32: {
+              cachedInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -656,6 +697,56 @@ private static final long serialVersionUID = 0L;
     public Builder clearOutputTokens() {
       bitField0_ = (bitField0_ & ~0x00000004);
       outputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long cachedInputTokens_ ;
+    /**
+     * <pre>
+     * The part of input_tokens read from the provider's prompt cache, 0 to
+     * input_tokens: priced at the cached rate, and left out of limits that
+     * exclude cache reads.
+     * </pre>
+     *
+     * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+     * @return The cachedInputTokens.
+     */
+    @java.lang.Override
+    public long getCachedInputTokens() {
+      return cachedInputTokens_;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens read from the provider's prompt cache, 0 to
+     * input_tokens: priced at the cached rate, and left out of limits that
+     * exclude cache reads.
+     * </pre>
+     *
+     * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+     * @param value The cachedInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCachedInputTokens(long value) {
+
+      cachedInputTokens_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens read from the provider's prompt cache, 0 to
+     * input_tokens: priced at the cached rate, and left out of limits that
+     * exclude cache reads.
+     * </pre>
+     *
+     * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCachedInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      cachedInputTokens_ = 0L;
       onChanged();
       return this;
     }

@@ -49,4 +49,16 @@ public interface CommitRequestOrBuilder extends
    * @return The outputTokens.
    */
   long getOutputTokens();
+
+  /**
+   * <pre>
+   * The part of input_tokens read from the provider's prompt cache, 0 to
+   * input_tokens: priced at the cached rate, and left out of limits that
+   * exclude cache reads.
+   * </pre>
+   *
+   * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+   * @return The cachedInputTokens.
+   */
+  long getCachedInputTokens();
 }

@@ -71,7 +71,7 @@ private static final long serialVersionUID = 0L;
   private long inputTokens_ = 0L;
   /**
    * <pre>
-   * Prompt tokens.
+   * Prompt tokens, prompt-cache reads included.
    * </pre>
    *
    * <code>int64 input_tokens = 2 [json_name = "inputTokens"];</code>
@@ -97,6 +97,36 @@ private static final long serialVersionUID = 0L;
     return outputTokens_;
   }
 
+  public static final int CACHED_INPUT_TOKENS_FIELD_NUMBER = 4;
+  private long cachedInputTokens_ = 0L;
+  /**
+   * <pre>
+   * The part of input_tokens read from the provider's prompt cache.
+   * </pre>
+   *
+   * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+   * @return The cachedInputTokens.
+   */
+  @java.lang.Override
+  public long getCachedInputTokens() {
+    return cachedInputTokens_;
+  }
+
+  public static final int COST_MICRO_USD_FIELD_NUMBER = 5;
+  private long costMicroUsd_ = 0L;
+  /**
+   * <pre>
+   * The price of it all in micro-dollars, when the model has prices.
+   * </pre>
+   *
+   * <code>int64 cost_micro_usd = 5 [json_name = "costMicroUsd"];</code>
+   * @return The costMicroUsd.
+   */
+  @java.lang.Override
+  public long getCostMicroUsd() {
+    return costMicroUsd_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -120,6 +150,12 @@ private static final long serialVersionUID = 0L;
     if (outputTokens_ != 0L) {
       output.writeInt64(3, outputTokens_);
     }
+    if (cachedInputTokens_ != 0L) {
+      output.writeInt64(4, cachedInputTokens_);
+    }
+    if (costMicroUsd_ != 0L) {
+      output.writeInt64(5, costMicroUsd_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -135,6 +171,14 @@ private static final long serialVersionUID = 0L;
     if (outputTokens_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(3, outputTokens_);
+    }
+    if (cachedInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(4, cachedInputTokens_);
+    }
+    if (costMicroUsd_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(5, costMicroUsd_);
     }
     return size;
   }
@@ -166,6 +210,10 @@ private static final long serialVersionUID = 0L;
         != other.getInputTokens()) return false;
     if (getOutputTokens()
         != other.getOutputTokens()) return false;
+    if (getCachedInputTokens()
+        != other.getCachedInputTokens()) return false;
+    if (getCostMicroUsd()
+        != other.getCostMicroUsd()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -186,6 +234,12 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + OUTPUT_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getOutputTokens());
+    hash = (37 * hash) + CACHED_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCachedInputTokens());
+    hash = (37 * hash) + COST_MICRO_USD_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCostMicroUsd());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -324,6 +378,8 @@ private static final long serialVersionUID = 0L;
       requests_ = 0L;
       inputTokens_ = 0L;
       outputTokens_ = 0L;
+      cachedInputTokens_ = 0L;
+      costMicroUsd_ = 0L;
       return this;
     }
 
@@ -366,6 +422,12 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.outputTokens_ = outputTokens_;
       }
+      if (((from_bitField0_ & 0x00000008) != 0)) {
+        result.cachedInputTokens_ = cachedInputTokens_;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.costMicroUsd_ = costMicroUsd_;
+      }
     }
 
     @java.lang.Override
@@ -388,6 +450,12 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getOutputTokens() != 0L) {
         setOutputTokens(other.getOutputTokens());
+      }
+      if (other.getCachedInputTokens() != 0L) {
+        setCachedInputTokens(other.getCachedInputTokens());
+      }
+      if (other.getCostMicroUsd() != 0L) {
+        setCostMicroUsd(other.getCostMicroUsd());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -430,6 +498,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 24
+            case 32: {
+              cachedInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000008;
+              break;
+            } // case 32
+            case 40: {
+              costMicroUsd_ = input.readInt64();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -494,7 +572,7 @@ private static final long serialVersionUID = 0L;
     private long inputTokens_ ;
     /**
      * <pre>
-     * Prompt tokens.
+     * Prompt tokens, prompt-cache reads included.
      * </pre>
      *
      * <code>int64 input_tokens = 2 [json_name = "inputTokens"];</code>
@@ -506,7 +584,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Prompt tokens.
+     * Prompt tokens, prompt-cache reads included.
      * </pre>
      *
      * <code>int64 input_tokens = 2 [json_name = "inputTokens"];</code>
@@ -522,7 +600,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Prompt tokens.
+     * Prompt tokens, prompt-cache reads included.
      * </pre>
      *
      * <code>int64 input_tokens = 2 [json_name = "inputTokens"];</code>
@@ -575,6 +653,94 @@ private static final long serialVersionUID = 0L;
     public Builder clearOutputTokens() {
       bitField0_ = (bitField0_ & ~0x00000004);
       outputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long cachedInputTokens_ ;
+    /**
+     * <pre>
+     * The part of input_tokens read from the provider's prompt cache.
+     * </pre>
+     *
+     * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+     * @return The cachedInputTokens.
+     */
+    @java.lang.Override
+    public long getCachedInputTokens() {
+      return cachedInputTokens_;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens read from the provider's prompt cache.
+     * </pre>
+     *
+     * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+     * @param value The cachedInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCachedInputTokens(long value) {
+
+      cachedInputTokens_ = value;
+      bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens read from the provider's prompt cache.
+     * </pre>
+     *
+     * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCachedInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000008);
+      cachedInputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long costMicroUsd_ ;
+    /**
+     * <pre>
+     * The price of it all in micro-dollars, when the model has prices.
+     * </pre>
+     *
+     * <code>int64 cost_micro_usd = 5 [json_name = "costMicroUsd"];</code>
+     * @return The costMicroUsd.
+     */
+    @java.lang.Override
+    public long getCostMicroUsd() {
+      return costMicroUsd_;
+    }
+    /**
+     * <pre>
+     * The price of it all in micro-dollars, when the model has prices.
+     * </pre>
+     *
+     * <code>int64 cost_micro_usd = 5 [json_name = "costMicroUsd"];</code>
+     * @param value The costMicroUsd to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCostMicroUsd(long value) {
+
+      costMicroUsd_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The price of it all in micro-dollars, when the model has prices.
+     * </pre>
+     *
+     * <code>int64 cost_micro_usd = 5 [json_name = "costMicroUsd"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCostMicroUsd() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      costMicroUsd_ = 0L;
       onChanged();
       return this;
     }

@@ -22,7 +22,7 @@ public interface CostOrBuilder extends
 
   /**
    * <pre>
-   * Prompt tokens.
+   * Prompt tokens, prompt-cache reads included.
    * </pre>
    *
    * <code>int64 input_tokens = 2 [json_name = "inputTokens"];</code>
@@ -39,4 +39,24 @@ public interface CostOrBuilder extends
    * @return The outputTokens.
    */
   long getOutputTokens();
+
+  /**
+   * <pre>
+   * The part of input_tokens read from the provider's prompt cache.
+   * </pre>
+   *
+   * <code>int64 cached_input_tokens = 4 [json_name = "cachedInputTokens"];</code>
+   * @return The cachedInputTokens.
+   */
+  long getCachedInputTokens();
+
+  /**
+   * <pre>
+   * The price of it all in micro-dollars, when the model has prices.
+   * </pre>
+   *
+   * <code>int64 cost_micro_usd = 5 [json_name = "costMicroUsd"];</code>
+   * @return The costMicroUsd.
+   */
+  long getCostMicroUsd();
 }

@@ -40,6 +40,15 @@ public enum DenyReason
    * <code>DENY_REASON_EXCEEDS_CAPACITY = 2;</code>
    */
   DENY_REASON_EXCEEDS_CAPACITY(2),
+  /**
+   * <pre>
+   * A calendar budget (per day or per month) is spent: it reopens when the
+   * calendar period resets, which retry_after points at.
+   * </pre>
+   *
+   * <code>DENY_REASON_BUDGET_EXHAUSTED = 3;</code>
+   */
+  DENY_REASON_BUDGET_EXHAUSTED(3),
   UNRECOGNIZED(-1),
   ;
 
@@ -77,6 +86,15 @@ public enum DenyReason
    * <code>DENY_REASON_EXCEEDS_CAPACITY = 2;</code>
    */
   public static final int DENY_REASON_EXCEEDS_CAPACITY_VALUE = 2;
+  /**
+   * <pre>
+   * A calendar budget (per day or per month) is spent: it reopens when the
+   * calendar period resets, which retry_after points at.
+   * </pre>
+   *
+   * <code>DENY_REASON_BUDGET_EXHAUSTED = 3;</code>
+   */
+  public static final int DENY_REASON_BUDGET_EXHAUSTED_VALUE = 3;
 
 
   public final int getNumber() {
@@ -106,6 +124,7 @@ public enum DenyReason
       case 0: return DENY_REASON_UNSPECIFIED;
       case 1: return DENY_REASON_LIMIT_EXCEEDED;
       case 2: return DENY_REASON_EXCEEDS_CAPACITY;
+      case 3: return DENY_REASON_BUDGET_EXHAUSTED;
       default: return null;
     }
   }

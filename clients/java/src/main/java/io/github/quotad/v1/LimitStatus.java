@@ -36,6 +36,7 @@ private static final long serialVersionUID = 0L;
     scope_ = 0;
     metric_ = 0;
     algorithm_ = 0;
+    calendar_ = "";
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -321,6 +322,53 @@ private static final long serialVersionUID = 0L;
     return binding_;
   }
 
+  public static final int CALENDAR_FIELD_NUMBER = 11;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object calendar_ = "";
+  /**
+   * <pre>
+   * For calendar budgets: "day" or "month" (UTC).
+   * </pre>
+   *
+   * <code>string calendar = 11 [json_name = "calendar"];</code>
+   * @return The calendar.
+   */
+  @java.lang.Override
+  public java.lang.String getCalendar() {
+    java.lang.Object ref = calendar_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      calendar_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * For calendar budgets: "day" or "month" (UTC).
+   * </pre>
+   *
+   * <code>string calendar = 11 [json_name = "calendar"];</code>
+   * @return The bytes for calendar.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getCalendarBytes() {
+    java.lang.Object ref = calendar_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      calendar_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -365,6 +413,9 @@ private static final long serialVersionUID = 0L;
     if (binding_ != false) {
       output.writeBool(10, binding_);
     }
+    if (!com.google.protobuf.GeneratedMessage.isStringEmpty(calendar_)) {
+      com.google.protobuf.GeneratedMessage.writeString(output, 11, calendar_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -407,6 +458,9 @@ private static final long serialVersionUID = 0L;
     if (binding_ != false) {
       size += com.google.protobuf.CodedOutputStream
         .computeBoolSize(10, binding_);
+    }
+    if (!com.google.protobuf.GeneratedMessage.isStringEmpty(calendar_)) {
+      size += com.google.protobuf.GeneratedMessage.computeStringSize(11, calendar_);
     }
     return size;
   }
@@ -455,6 +509,8 @@ private static final long serialVersionUID = 0L;
         != other.getDenied()) return false;
     if (getBinding()
         != other.getBinding()) return false;
+    if (!getCalendar()
+        .equals(other.getCalendar())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -494,6 +550,8 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + BINDING_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
         getBinding());
+    hash = (37 * hash) + CALENDAR_FIELD_NUMBER;
+    hash = (53 * hash) + getCalendar().hashCode();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -654,6 +712,7 @@ private static final long serialVersionUID = 0L;
       }
       denied_ = false;
       binding_ = false;
+      calendar_ = "";
       return this;
     }
 
@@ -724,6 +783,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000200) != 0)) {
         result.binding_ = binding_;
       }
+      if (((from_bitField0_ & 0x00000400) != 0)) {
+        result.calendar_ = calendar_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -770,6 +832,11 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getBinding() != false) {
         setBinding(other.getBinding());
+      }
+      if (!other.getCalendar().isEmpty()) {
+        calendar_ = other.calendar_;
+        bitField0_ |= 0x00000400;
+        onChanged();
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -851,6 +918,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000200;
               break;
             } // case 80
+            case 90: {
+              calendar_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000400;
+              break;
+            } // case 90
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1671,6 +1743,98 @@ private static final long serialVersionUID = 0L;
     public Builder clearBinding() {
       bitField0_ = (bitField0_ & ~0x00000200);
       binding_ = false;
+      onChanged();
+      return this;
+    }
+
+    private java.lang.Object calendar_ = "";
+    /**
+     * <pre>
+     * For calendar budgets: "day" or "month" (UTC).
+     * </pre>
+     *
+     * <code>string calendar = 11 [json_name = "calendar"];</code>
+     * @return The calendar.
+     */
+    public java.lang.String getCalendar() {
+      java.lang.Object ref = calendar_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        calendar_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * For calendar budgets: "day" or "month" (UTC).
+     * </pre>
+     *
+     * <code>string calendar = 11 [json_name = "calendar"];</code>
+     * @return The bytes for calendar.
+     */
+    public com.google.protobuf.ByteString
+        getCalendarBytes() {
+      java.lang.Object ref = calendar_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        calendar_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * For calendar budgets: "day" or "month" (UTC).
+     * </pre>
+     *
+     * <code>string calendar = 11 [json_name = "calendar"];</code>
+     * @param value The calendar to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCalendar(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      calendar_ = value;
+      bitField0_ |= 0x00000400;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * For calendar budgets: "day" or "month" (UTC).
+     * </pre>
+     *
+     * <code>string calendar = 11 [json_name = "calendar"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCalendar() {
+      calendar_ = getDefaultInstance().getCalendar();
+      bitField0_ = (bitField0_ & ~0x00000400);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * For calendar budgets: "day" or "month" (UTC).
+     * </pre>
+     *
+     * <code>string calendar = 11 [json_name = "calendar"];</code>
+     * @param value The bytes for calendar to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCalendarBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      calendar_ = value;
+      bitField0_ |= 0x00000400;
       onChanged();
       return this;
     }

@@ -183,4 +183,24 @@ public interface LimitStatusOrBuilder extends
    * @return The binding.
    */
   boolean getBinding();
+
+  /**
+   * <pre>
+   * For calendar budgets: "day" or "month" (UTC).
+   * </pre>
+   *
+   * <code>string calendar = 11 [json_name = "calendar"];</code>
+   * @return The calendar.
+   */
+  java.lang.String getCalendar();
+  /**
+   * <pre>
+   * For calendar budgets: "day" or "month" (UTC).
+   * </pre>
+   *
+   * <code>string calendar = 11 [json_name = "calendar"];</code>
+   * @return The bytes for calendar.
+   */
+  com.google.protobuf.ByteString
+      getCalendarBytes();
 }

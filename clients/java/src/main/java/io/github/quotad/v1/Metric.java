@@ -64,6 +64,15 @@ public enum Metric
    * <code>METRIC_CONCURRENT = 5;</code>
    */
   METRIC_CONCURRENT(5),
+  /**
+   * <pre>
+   * Money, in micro-dollars (1,000,000 = one US dollar), from the policy's
+   * price table: estimated at admission, settled on Commit.
+   * </pre>
+   *
+   * <code>METRIC_COST_USD = 6;</code>
+   */
+  METRIC_COST_USD(6),
   UNRECOGNIZED(-1),
   ;
 
@@ -125,6 +134,15 @@ public enum Metric
    * <code>METRIC_CONCURRENT = 5;</code>
    */
   public static final int METRIC_CONCURRENT_VALUE = 5;
+  /**
+   * <pre>
+   * Money, in micro-dollars (1,000,000 = one US dollar), from the policy's
+   * price table: estimated at admission, settled on Commit.
+   * </pre>
+   *
+   * <code>METRIC_COST_USD = 6;</code>
+   */
+  public static final int METRIC_COST_USD_VALUE = 6;
 
 
   public final int getNumber() {
@@ -157,6 +175,7 @@ public enum Metric
       case 3: return METRIC_OUTPUT_TOKENS;
       case 4: return METRIC_TOTAL_TOKENS;
       case 5: return METRIC_CONCURRENT;
+      case 6: return METRIC_COST_USD;
       default: return null;
     }
   }

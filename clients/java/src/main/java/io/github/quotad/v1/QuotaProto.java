@@ -32,6 +32,11 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
       internal_static_quotad_v1_Cost_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_ChatMessage_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_ChatMessage_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_quotad_v1_LimitStatus_descriptor;
   static final 
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
@@ -147,121 +152,132 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     java.lang.String[] descriptorData = {
       "\n\025quotad/v1/quota.proto\022\tquotad.v1\032\036goog" +
       "le/protobuf/duration.proto\032\037google/proto" +
-      "buf/timestamp.proto\"j\n\004Cost\022\032\n\010requests\030" +
-      "\001 \001(\003R\010requests\022!\n\014input_tokens\030\002 \001(\003R\013i" +
-      "nputTokens\022#\n\routput_tokens\030\003 \001(\003R\014outpu" +
-      "tTokens\"\375\002\n\013LimitStatus\022\022\n\004name\030\001 \001(\tR\004n" +
-      "ame\022&\n\005scope\030\002 \001(\0162\020.quotad.v1.ScopeR\005sc" +
-      "ope\022)\n\006metric\030\003 \001(\0162\021.quotad.v1.MetricR\006" +
-      "metric\0222\n\talgorithm\030\004 \001(\0162\024.quotad.v1.Al" +
-      "gorithmR\talgorithm\022\024\n\005limit\030\005 \001(\003R\005limit" +
-      "\0221\n\006period\030\006 \001(\0132\031.google.protobuf.Durat" +
-      "ionR\006period\022\034\n\tremaining\030\007 \001(\003R\tremainin" +
-      "g\022:\n\013reset_after\030\010 \001(\0132\031.google.protobuf" +
-      ".DurationR\nresetAfter\022\026\n\006denied\030\t \001(\010R\006d" +
-      "enied\022\030\n\007binding\030\n \001(\010R\007binding\"\235\002\n\026Chec" +
-      "kAndReserveRequest\022\030\n\007subject\030\001 \001(\tR\007sub" +
+      "buf/timestamp.proto\"\300\001\n\004Cost\022\032\n\010requests" +
+      "\030\001 \001(\003R\010requests\022!\n\014input_tokens\030\002 \001(\003R\013" +
+      "inputTokens\022#\n\routput_tokens\030\003 \001(\003R\014outp" +
+      "utTokens\022.\n\023cached_input_tokens\030\004 \001(\003R\021c" +
+      "achedInputTokens\022$\n\016cost_micro_usd\030\005 \001(\003" +
+      "R\014costMicroUsd\"O\n\013ChatMessage\022\022\n\004role\030\001 " +
+      "\001(\tR\004role\022\030\n\007content\030\002 \001(\tR\007content\022\022\n\004n" +
+      "ame\030\003 \001(\tR\004name\"\231\003\n\013LimitStatus\022\022\n\004name\030" +
+      "\001 \001(\tR\004name\022&\n\005scope\030\002 \001(\0162\020.quotad.v1.S" +
+      "copeR\005scope\022)\n\006metric\030\003 \001(\0162\021.quotad.v1." +
+      "MetricR\006metric\0222\n\talgorithm\030\004 \001(\0162\024.quot" +
+      "ad.v1.AlgorithmR\talgorithm\022\024\n\005limit\030\005 \001(" +
+      "\003R\005limit\0221\n\006period\030\006 \001(\0132\031.google.protob" +
+      "uf.DurationR\006period\022\034\n\tremaining\030\007 \001(\003R\t" +
+      "remaining\022:\n\013reset_after\030\010 \001(\0132\031.google." +
+      "protobuf.DurationR\nresetAfter\022\026\n\006denied\030" +
+      "\t \001(\010R\006denied\022\030\n\007binding\030\n \001(\010R\007binding\022" +
+      "\032\n\010calendar\030\013 \001(\tR\010calendar\"\351\002\n\026CheckAnd" +
+      "ReserveRequest\022\030\n\007subject\030\001 \001(\tR\007subject" +
+      "\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004" +
+      "tier\022\024\n\005model\030\004 \001(\tR\005model\022!\n\014input_toke" +
+      "ns\030\005 \001(\003R\013inputTokens\022*\n\021max_output_toke" +
+      "ns\030\006 \001(\003R\017maxOutputTokens\022/\n\005lease\030\007 \001(\013" +
+      "2\031.google.protobuf.DurationR\005lease\022\'\n\017id" +
+      "empotency_key\030\010 \001(\tR\016idempotencyKey\022\026\n\006p" +
+      "rompt\030\t \001(\tR\006prompt\0222\n\010messages\030\n \003(\0132\026." +
+      "quotad.v1.ChatMessageR\010messages\"\247\004\n\027Chec" +
+      "kAndReserveResponse\022/\n\010decision\030\001 \001(\0162\023." +
+      "quotad.v1.DecisionR\010decision\0226\n\013deny_rea" +
+      "son\030\002 \001(\0162\025.quotad.v1.DenyReasonR\ndenyRe" +
+      "ason\022%\n\016reservation_id\030\003 \001(\tR\rreservatio" +
+      "nId\022D\n\020lease_expires_at\030\004 \001(\0132\032.google.p" +
+      "rotobuf.TimestampR\016leaseExpiresAt\022+\n\010res" +
+      "erved\030\005 \001(\0132\017.quotad.v1.CostR\010reserved\022:" +
+      "\n\013retry_after\030\006 \001(\0132\031.google.protobuf.Du" +
+      "rationR\nretryAfter\022#\n\rbinding_limit\030\007 \001(" +
+      "\tR\014bindingLimit\022.\n\006limits\030\010 \003(\0132\026.quotad" +
+      ".v1.LimitStatusR\006limits\022\032\n\010replayed\030\t \001(" +
+      "\010R\010replayed\022\026\n\006tenant\030\n \001(\tR\006tenant\022\022\n\004t" +
+      "ier\030\013 \001(\tR\004tier\0220\n\024counted_input_tokens\030" +
+      "\014 \001(\003R\022countedInputTokens\"\256\001\n\rCommitRequ" +
+      "est\022%\n\016reservation_id\030\001 \001(\tR\rreservation" +
+      "Id\022!\n\014input_tokens\030\002 \001(\003R\013inputTokens\022#\n" +
+      "\routput_tokens\030\003 \001(\003R\014outputTokens\022.\n\023ca" +
+      "ched_input_tokens\030\004 \001(\003R\021cachedInputToke" +
+      "ns\"\251\001\n\016CommitResponse\022+\n\010reserved\030\001 \001(\0132" +
+      "\017.quotad.v1.CostR\010reserved\022-\n\tcommitted\030" +
+      "\002 \001(\0132\017.quotad.v1.CostR\tcommitted\022\026\n\006rep" +
+      "eat\030\003 \001(\010R\006repeat\022#\n\rlease_expired\030\004 \001(\010" +
+      "R\014leaseExpired\"7\n\016ReleaseRequest\022%\n\016rese" +
+      "rvation_id\030\001 \001(\tR\rreservationId\"V\n\017Relea" +
+      "seResponse\022+\n\010refunded\030\001 \001(\0132\017.quotad.v1" +
+      ".CostR\010refunded\022\026\n\006repeat\030\002 \001(\010R\006repeat\"" +
+      "m\n\017GetUsageRequest\022\030\n\007subject\030\001 \001(\tR\007sub" +
       "ject\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001" +
-      "(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\022!\n\014input_" +
-      "tokens\030\005 \001(\003R\013inputTokens\022*\n\021max_output_" +
-      "tokens\030\006 \001(\003R\017maxOutputTokens\022/\n\005lease\030\007" +
-      " \001(\0132\031.google.protobuf.DurationR\005lease\022\'" +
-      "\n\017idempotency_key\030\010 \001(\tR\016idempotencyKey\"" +
-      "\365\003\n\027CheckAndReserveResponse\022/\n\010decision\030" +
-      "\001 \001(\0162\023.quotad.v1.DecisionR\010decision\0226\n\013" +
-      "deny_reason\030\002 \001(\0162\025.quotad.v1.DenyReason" +
-      "R\ndenyReason\022%\n\016reservation_id\030\003 \001(\tR\rre" +
-      "servationId\022D\n\020lease_expires_at\030\004 \001(\0132\032." +
-      "google.protobuf.TimestampR\016leaseExpiresA" +
-      "t\022+\n\010reserved\030\005 \001(\0132\017.quotad.v1.CostR\010re" +
-      "served\022:\n\013retry_after\030\006 \001(\0132\031.google.pro" +
-      "tobuf.DurationR\nretryAfter\022#\n\rbinding_li" +
-      "mit\030\007 \001(\tR\014bindingLimit\022.\n\006limits\030\010 \003(\0132" +
-      "\026.quotad.v1.LimitStatusR\006limits\022\032\n\010repla" +
-      "yed\030\t \001(\010R\010replayed\022\026\n\006tenant\030\n \001(\tR\006ten" +
-      "ant\022\022\n\004tier\030\013 \001(\tR\004tier\"~\n\rCommitRequest" +
-      "\022%\n\016reservation_id\030\001 \001(\tR\rreservationId\022" +
-      "!\n\014input_tokens\030\002 \001(\003R\013inputTokens\022#\n\rou" +
-      "tput_tokens\030\003 \001(\003R\014outputTokens\"\251\001\n\016Comm" +
-      "itResponse\022+\n\010reserved\030\001 \001(\0132\017.quotad.v1" +
-      ".CostR\010reserved\022-\n\tcommitted\030\002 \001(\0132\017.quo" +
-      "tad.v1.CostR\tcommitted\022\026\n\006repeat\030\003 \001(\010R\006" +
-      "repeat\022#\n\rlease_expired\030\004 \001(\010R\014leaseExpi" +
-      "red\"7\n\016ReleaseRequest\022%\n\016reservation_id\030" +
-      "\001 \001(\tR\rreservationId\"V\n\017ReleaseResponse\022" +
-      "+\n\010refunded\030\001 \001(\0132\017.quotad.v1.CostR\010refu" +
-      "nded\022\026\n\006repeat\030\002 \001(\010R\006repeat\"m\n\017GetUsage" +
-      "Request\022\030\n\007subject\030\001 \001(\tR\007subject\022\026\n\006ten" +
-      "ant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004tier\022\024\n" +
-      "\005model\030\004 \001(\tR\005model\"n\n\020GetUsageResponse\022" +
-      ".\n\006limits\030\001 \003(\0132\026.quotad.v1.LimitStatusR" +
-      "\006limits\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030" +
-      "\003 \001(\tR\004tier\"H\n\016FieldViolation\022\024\n\005field\030\001" +
-      " \001(\tR\005field\022 \n\013description\030\002 \001(\tR\013descri" +
-      "ption\"{\n\005Error\022\022\n\004code\030\001 \001(\005R\004code\022\030\n\007me" +
-      "ssage\030\002 \001(\tR\007message\022D\n\020field_violations" +
-      "\030\003 \003(\0132\031.quotad.v1.FieldViolationR\017field" +
-      "Violations\"\216\001\n\025CheckAndReserveResult\022@\n\010" +
-      "response\030\001 \001(\0132\".quotad.v1.CheckAndReser" +
-      "veResponseH\000R\010response\022(\n\005error\030\002 \001(\0132\020." +
-      "quotad.v1.ErrorH\000R\005errorB\t\n\007outcome\"\\\n\033C" +
-      "heckAndReserveBatchRequest\022=\n\010requests\030\001" +
-      " \003(\0132!.quotad.v1.CheckAndReserveRequestR" +
-      "\010requests\"Z\n\034CheckAndReserveBatchRespons" +
-      "e\022:\n\007results\030\001 \003(\0132 .quotad.v1.CheckAndR" +
-      "eserveResultR\007results\"z\n\034CheckAndReserve" +
-      "StreamRequest\022\035\n\nrequest_id\030\001 \001(\tR\treque" +
-      "stId\022;\n\007request\030\002 \001(\0132!.quotad.v1.CheckA" +
-      "ndReserveRequestR\007request\"x\n\035CheckAndRes" +
-      "erveStreamResponse\022\035\n\nrequest_id\030\001 \001(\tR\t" +
-      "requestId\0228\n\006result\030\002 \001(\0132 .quotad.v1.Ch" +
-      "eckAndReserveResultR\006result\"|\n\014CommitRes" +
-      "ult\0227\n\010response\030\001 \001(\0132\031.quotad.v1.Commit" +
-      "ResponseH\000R\010response\022(\n\005error\030\002 \001(\0132\020.qu" +
-      "otad.v1.ErrorH\000R\005errorB\t\n\007outcome\"J\n\022Com" +
-      "mitBatchRequest\0224\n\010requests\030\001 \003(\0132\030.quot" +
-      "ad.v1.CommitRequestR\010requests\"H\n\023CommitB" +
-      "atchResponse\0221\n\007results\030\001 \003(\0132\027.quotad.v" +
-      "1.CommitResultR\007results\"h\n\023CommitStreamR" +
-      "equest\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\0222\n" +
-      "\007request\030\002 \001(\0132\030.quotad.v1.CommitRequest" +
-      "R\007request\"f\n\024CommitStreamResponse\022\035\n\nreq" +
-      "uest_id\030\001 \001(\tR\trequestId\022/\n\006result\030\002 \001(\013" +
-      "2\027.quotad.v1.CommitResultR\006result*O\n\010Dec" +
-      "ision\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024\n\020DECIS" +
-      "ION_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020\002*k\n\nDe" +
-      "nyReason\022\033\n\027DENY_REASON_UNSPECIFIED\020\000\022\036\n" +
-      "\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n\034DENY_RE" +
-      "ASON_EXCEEDS_CAPACITY\020\002*U\n\005Scope\022\025\n\021SCOP" +
-      "E_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014SC" +
-      "OPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\230\001\n\006Metri" +
-      "c\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRIC_REQU" +
-      "ESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n\024METRI" +
-      "C_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_TOKENS" +
-      "\020\004\022\025\n\021METRIC_CONCURRENT\020\005*{\n\tAlgorithm\022\031" +
-      "\n\025ALGORITHM_UNSPECIFIED\020\000\022\032\n\026ALGORITHM_T" +
-      "OKEN_BUCKET\020\001\022\034\n\030ALGORITHM_SLIDING_WINDO" +
-      "W\020\002\022\031\n\025ALGORITHM_CONCURRENCY\020\0032\252\005\n\014Quota" +
-      "Service\022X\n\017CheckAndReserve\022!.quotad.v1.C" +
-      "heckAndReserveRequest\032\".quotad.v1.CheckA" +
-      "ndReserveResponse\022=\n\006Commit\022\030.quotad.v1." +
-      "CommitRequest\032\031.quotad.v1.CommitResponse" +
-      "\022@\n\007Release\022\031.quotad.v1.ReleaseRequest\032\032" +
-      ".quotad.v1.ReleaseResponse\022C\n\010GetUsage\022\032" +
-      ".quotad.v1.GetUsageRequest\032\033.quotad.v1.G" +
-      "etUsageResponse\022g\n\024CheckAndReserveBatch\022" +
-      "&.quotad.v1.CheckAndReserveBatchRequest\032" +
-      "\'.quotad.v1.CheckAndReserveBatchResponse" +
-      "\022n\n\025CheckAndReserveStream\022\'.quotad.v1.Ch" +
-      "eckAndReserveStreamRequest\032(.quotad.v1.C" +
-      "heckAndReserveStreamResponse(\0010\001\022L\n\013Comm" +
-      "itBatch\022\035.quotad.v1.CommitBatchRequest\032\036" +
-      ".quotad.v1.CommitBatchResponse\022S\n\014Commit" +
-      "Stream\022\036.quotad.v1.CommitStreamRequest\032\037" +
-      ".quotad.v1.CommitStreamResponse(\0010\001B_\n\023i" +
-      "o.github.quotad.v1B\nQuotaProtoP\001Z:github" +
-      ".com/quotad/quotad/clients/go/gen/quotad" +
-      "/v1;quotadv1b\006proto3"
+      "(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\"n\n\020GetUsa" +
+      "geResponse\022.\n\006limits\030\001 \003(\0132\026.quotad.v1.L" +
+      "imitStatusR\006limits\022\026\n\006tenant\030\002 \001(\tR\006tena" +
+      "nt\022\022\n\004tier\030\003 \001(\tR\004tier\"H\n\016FieldViolation" +
+      "\022\024\n\005field\030\001 \001(\tR\005field\022 \n\013description\030\002 " +
+      "\001(\tR\013description\"{\n\005Error\022\022\n\004code\030\001 \001(\005R" +
+      "\004code\022\030\n\007message\030\002 \001(\tR\007message\022D\n\020field" +
+      "_violations\030\003 \003(\0132\031.quotad.v1.FieldViola" +
+      "tionR\017fieldViolations\"\216\001\n\025CheckAndReserv" +
+      "eResult\022@\n\010response\030\001 \001(\0132\".quotad.v1.Ch" +
+      "eckAndReserveResponseH\000R\010response\022(\n\005err" +
+      "or\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007o" +
+      "utcome\"\\\n\033CheckAndReserveBatchRequest\022=\n" +
+      "\010requests\030\001 \003(\0132!.quotad.v1.CheckAndRese" +
+      "rveRequestR\010requests\"Z\n\034CheckAndReserveB" +
+      "atchResponse\022:\n\007results\030\001 \003(\0132 .quotad.v" +
+      "1.CheckAndReserveResultR\007results\"z\n\034Chec" +
+      "kAndReserveStreamRequest\022\035\n\nrequest_id\030\001" +
+      " \001(\tR\trequestId\022;\n\007request\030\002 \001(\0132!.quota" +
+      "d.v1.CheckAndReserveRequestR\007request\"x\n\035" +
+      "CheckAndReserveStreamResponse\022\035\n\nrequest" +
+      "_id\030\001 \001(\tR\trequestId\0228\n\006result\030\002 \001(\0132 .q" +
+      "uotad.v1.CheckAndReserveResultR\006result\"|" +
+      "\n\014CommitResult\0227\n\010response\030\001 \001(\0132\031.quota" +
+      "d.v1.CommitResponseH\000R\010response\022(\n\005error" +
+      "\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007out" +
+      "come\"J\n\022CommitBatchRequest\0224\n\010requests\030\001" +
+      " \003(\0132\030.quotad.v1.CommitRequestR\010requests" +
+      "\"H\n\023CommitBatchResponse\0221\n\007results\030\001 \003(\013" +
+      "2\027.quotad.v1.CommitResultR\007results\"h\n\023Co" +
+      "mmitStreamRequest\022\035\n\nrequest_id\030\001 \001(\tR\tr" +
+      "equestId\0222\n\007request\030\002 \001(\0132\030.quotad.v1.Co" +
+      "mmitRequestR\007request\"f\n\024CommitStreamResp" +
+      "onse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/\n\006r" +
+      "esult\030\002 \001(\0132\027.quotad.v1.CommitResultR\006re" +
+      "sult*O\n\010Decision\022\030\n\024DECISION_UNSPECIFIED" +
+      "\020\000\022\024\n\020DECISION_ALLOWED\020\001\022\023\n\017DECISION_DEN" +
+      "IED\020\002*\215\001\n\nDenyReason\022\033\n\027DENY_REASON_UNSP" +
+      "ECIFIED\020\000\022\036\n\032DENY_REASON_LIMIT_EXCEEDED\020" +
+      "\001\022 \n\034DENY_REASON_EXCEEDS_CAPACITY\020\002\022 \n\034D" +
+      "ENY_REASON_BUDGET_EXHAUSTED\020\003*U\n\005Scope\022\025" +
+      "\n\021SCOPE_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001" +
+      "\022\020\n\014SCOPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n" +
+      "\006Metric\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRI" +
+      "C_REQUESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n" +
+      "\024METRIC_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_" +
+      "TOKENS\020\004\022\025\n\021METRIC_CONCURRENT\020\005\022\023\n\017METRI" +
+      "C_COST_USD\020\006*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_" +
+      "UNSPECIFIED\020\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020" +
+      "\001\022\034\n\030ALGORITHM_SLIDING_WINDOW\020\002\022\031\n\025ALGOR" +
+      "ITHM_CONCURRENCY\020\003\022\026\n\022ALGORITHM_CALENDAR" +
+      "\020\0042\252\005\n\014QuotaService\022X\n\017CheckAndReserve\022!" +
+      ".quotad.v1.CheckAndReserveRequest\032\".quot" +
+      "ad.v1.CheckAndReserveResponse\022=\n\006Commit\022" +
+      "\030.quotad.v1.CommitRequest\032\031.quotad.v1.Co" +
+      "mmitResponse\022@\n\007Release\022\031.quotad.v1.Rele" +
+      "aseRequest\032\032.quotad.v1.ReleaseResponse\022C" +
+      "\n\010GetUsage\022\032.quotad.v1.GetUsageRequest\032\033" +
+      ".quotad.v1.GetUsageResponse\022g\n\024CheckAndR" +
+      "eserveBatch\022&.quotad.v1.CheckAndReserveB" +
+      "atchRequest\032\'.quotad.v1.CheckAndReserveB" +
+      "atchResponse\022n\n\025CheckAndReserveStream\022\'." +
+      "quotad.v1.CheckAndReserveStreamRequest\032(" +
+      ".quotad.v1.CheckAndReserveStreamResponse" +
+      "(\0010\001\022L\n\013CommitBatch\022\035.quotad.v1.CommitBa" +
+      "tchRequest\032\036.quotad.v1.CommitBatchRespon" +
+      "se\022S\n\014CommitStream\022\036.quotad.v1.CommitStr" +
+      "eamRequest\032\037.quotad.v1.CommitStreamRespo" +
+      "nse(\0010\001B_\n\023io.github.quotad.v1B\nQuotaPro" +
+      "toP\001Z:github.com/quotad/quotad/clients/g" +
+      "o/gen/quotad/v1;quotadv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -274,129 +290,135 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     internal_static_quotad_v1_Cost_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_Cost_descriptor,
-        new java.lang.String[] { "Requests", "InputTokens", "OutputTokens", });
-    internal_static_quotad_v1_LimitStatus_descriptor =
+        new java.lang.String[] { "Requests", "InputTokens", "OutputTokens", "CachedInputTokens", "CostMicroUsd", });
+    internal_static_quotad_v1_ChatMessage_descriptor =
       getDescriptor().getMessageType(1);
+    internal_static_quotad_v1_ChatMessage_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_ChatMessage_descriptor,
+        new java.lang.String[] { "Role", "Content", "Name", });
+    internal_static_quotad_v1_LimitStatus_descriptor =
+      getDescriptor().getMessageType(2);
     internal_static_quotad_v1_LimitStatus_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_LimitStatus_descriptor,
-        new java.lang.String[] { "Name", "Scope", "Metric", "Algorithm", "Limit", "Period", "Remaining", "ResetAfter", "Denied", "Binding", });
+        new java.lang.String[] { "Name", "Scope", "Metric", "Algorithm", "Limit", "Period", "Remaining", "ResetAfter", "Denied", "Binding", "Calendar", });
     internal_static_quotad_v1_CheckAndReserveRequest_descriptor =
-      getDescriptor().getMessageType(2);
+      getDescriptor().getMessageType(3);
     internal_static_quotad_v1_CheckAndReserveRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveRequest_descriptor,
-        new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", "InputTokens", "MaxOutputTokens", "Lease", "IdempotencyKey", });
+        new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", "InputTokens", "MaxOutputTokens", "Lease", "IdempotencyKey", "Prompt", "Messages", });
     internal_static_quotad_v1_CheckAndReserveResponse_descriptor =
-      getDescriptor().getMessageType(3);
+      getDescriptor().getMessageType(4);
     internal_static_quotad_v1_CheckAndReserveResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveResponse_descriptor,
-        new java.lang.String[] { "Decision", "DenyReason", "ReservationId", "LeaseExpiresAt", "Reserved", "RetryAfter", "BindingLimit", "Limits", "Replayed", "Tenant", "Tier", });
+        new java.lang.String[] { "Decision", "DenyReason", "ReservationId", "LeaseExpiresAt", "Reserved", "RetryAfter", "BindingLimit", "Limits", "Replayed", "Tenant", "Tier", "CountedInputTokens", });
     internal_static_quotad_v1_CommitRequest_descriptor =
-      getDescriptor().getMessageType(4);
+      getDescriptor().getMessageType(5);
     internal_static_quotad_v1_CommitRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitRequest_descriptor,
-        new java.lang.String[] { "ReservationId", "InputTokens", "OutputTokens", });
+        new java.lang.String[] { "ReservationId", "InputTokens", "OutputTokens", "CachedInputTokens", });
     internal_static_quotad_v1_CommitResponse_descriptor =
-      getDescriptor().getMessageType(5);
+      getDescriptor().getMessageType(6);
     internal_static_quotad_v1_CommitResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitResponse_descriptor,
         new java.lang.String[] { "Reserved", "Committed", "Repeat", "LeaseExpired", });
     internal_static_quotad_v1_ReleaseRequest_descriptor =
-      getDescriptor().getMessageType(6);
+      getDescriptor().getMessageType(7);
     internal_static_quotad_v1_ReleaseRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_ReleaseRequest_descriptor,
         new java.lang.String[] { "ReservationId", });
     internal_static_quotad_v1_ReleaseResponse_descriptor =
-      getDescriptor().getMessageType(7);
+      getDescriptor().getMessageType(8);
     internal_static_quotad_v1_ReleaseResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_ReleaseResponse_descriptor,
         new java.lang.String[] { "Refunded", "Repeat", });
     internal_static_quotad_v1_GetUsageRequest_descriptor =
-      getDescriptor().getMessageType(8);
+      getDescriptor().getMessageType(9);
     internal_static_quotad_v1_GetUsageRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_GetUsageRequest_descriptor,
         new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", });
     internal_static_quotad_v1_GetUsageResponse_descriptor =
-      getDescriptor().getMessageType(9);
+      getDescriptor().getMessageType(10);
     internal_static_quotad_v1_GetUsageResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_GetUsageResponse_descriptor,
         new java.lang.String[] { "Limits", "Tenant", "Tier", });
     internal_static_quotad_v1_FieldViolation_descriptor =
-      getDescriptor().getMessageType(10);
+      getDescriptor().getMessageType(11);
     internal_static_quotad_v1_FieldViolation_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_FieldViolation_descriptor,
         new java.lang.String[] { "Field", "Description", });
     internal_static_quotad_v1_Error_descriptor =
-      getDescriptor().getMessageType(11);
+      getDescriptor().getMessageType(12);
     internal_static_quotad_v1_Error_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_Error_descriptor,
         new java.lang.String[] { "Code", "Message", "FieldViolations", });
     internal_static_quotad_v1_CheckAndReserveResult_descriptor =
-      getDescriptor().getMessageType(12);
+      getDescriptor().getMessageType(13);
     internal_static_quotad_v1_CheckAndReserveResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveResult_descriptor,
         new java.lang.String[] { "Response", "Error", "Outcome", });
     internal_static_quotad_v1_CheckAndReserveBatchRequest_descriptor =
-      getDescriptor().getMessageType(13);
+      getDescriptor().getMessageType(14);
     internal_static_quotad_v1_CheckAndReserveBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveBatchRequest_descriptor,
         new java.lang.String[] { "Requests", });
     internal_static_quotad_v1_CheckAndReserveBatchResponse_descriptor =
-      getDescriptor().getMessageType(14);
+      getDescriptor().getMessageType(15);
     internal_static_quotad_v1_CheckAndReserveBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveBatchResponse_descriptor,
         new java.lang.String[] { "Results", });
     internal_static_quotad_v1_CheckAndReserveStreamRequest_descriptor =
-      getDescriptor().getMessageType(15);
+      getDescriptor().getMessageType(16);
     internal_static_quotad_v1_CheckAndReserveStreamRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveStreamRequest_descriptor,
         new java.lang.String[] { "RequestId", "Request", });
     internal_static_quotad_v1_CheckAndReserveStreamResponse_descriptor =
-      getDescriptor().getMessageType(16);
+      getDescriptor().getMessageType(17);
     internal_static_quotad_v1_CheckAndReserveStreamResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveStreamResponse_descriptor,
         new java.lang.String[] { "RequestId", "Result", });
     internal_static_quotad_v1_CommitResult_descriptor =
-      getDescriptor().getMessageType(17);
+      getDescriptor().getMessageType(18);
     internal_static_quotad_v1_CommitResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitResult_descriptor,
         new java.lang.String[] { "Response", "Error", "Outcome", });
     internal_static_quotad_v1_CommitBatchRequest_descriptor =
-      getDescriptor().getMessageType(18);
+      getDescriptor().getMessageType(19);
     internal_static_quotad_v1_CommitBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitBatchRequest_descriptor,
         new java.lang.String[] { "Requests", });
     internal_static_quotad_v1_CommitBatchResponse_descriptor =
-      getDescriptor().getMessageType(19);
+      getDescriptor().getMessageType(20);
     internal_static_quotad_v1_CommitBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitBatchResponse_descriptor,
         new java.lang.String[] { "Results", });
     internal_static_quotad_v1_CommitStreamRequest_descriptor =
-      getDescriptor().getMessageType(20);
+      getDescriptor().getMessageType(21);
     internal_static_quotad_v1_CommitStreamRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitStreamRequest_descriptor,
         new java.lang.String[] { "RequestId", "Request", });
     internal_static_quotad_v1_CommitStreamResponse_descriptor =
-      getDescriptor().getMessageType(21);
+      getDescriptor().getMessageType(22);
     internal_static_quotad_v1_CommitStreamResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitStreamResponse_descriptor,
