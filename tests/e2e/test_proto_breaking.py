@@ -61,10 +61,11 @@ def test_first_commit_has_nothing_to_break(repo: Path) -> None:
 
 def test_compatible_change_passes(repo: Path) -> None:
     proto = repo / PROTO
+    # A new message is a compatible change whatever the existing messages hold.
     proto.write_text(
-        proto.read_text().replace("  string tier = 11;\n", "  string tier = 11;\n  int32 x = 12;\n")
+        proto.read_text() + "\n// Extra is new.\nmessage Extra {\n  // X is new.\n  int32 x = 1;\n}\n"
     )
-    git(repo, "commit", "-q", "-am", "add a field")
+    git(repo, "commit", "-q", "-am", "add a message")
     result = check(repo)
     assert result.returncode == 0, result.stderr
 
