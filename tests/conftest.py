@@ -120,7 +120,9 @@ async def running_quotad(
     policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
     store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
     await store.start()
-    core = QuotaCore(policy, store, encodings=encodings(), max_prompt_bytes=max_prompt_bytes)
+    core = QuotaCore(
+        policy, store, encodings=encodings(), max_prompt_bytes=max_prompt_bytes, learning_refresh_s=0
+    )
     server = QuotadServer(core, store, listen="127.0.0.1:0", health_interval_s=health_interval_s)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

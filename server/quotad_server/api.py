@@ -373,6 +373,29 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
 
         return await self._handle("GetUsage", context, fields, call)
 
+    async def GetAccuracy(
+        self, request: pb.GetAccuracyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetAccuracyResponse:
+        fields: dict[str, Any] = {"model": request.model, "tier": request.tier}
+
+        async def call() -> pb.GetAccuracyResponse:
+            report = await self._core.accuracy(request.model, request.tier)
+            return pb.GetAccuracyResponse(
+                model=report.model,
+                tier=report.tier,
+                commits=report.commits,
+                input_ratio=pb.Spread(p50=report.input_ratio[0], p95=report.input_ratio[1]),
+                output_ratio=pb.Spread(p50=report.output_ratio[0], p95=report.output_ratio[1]),
+                estimated_tokens=report.estimated_tokens,
+                actual_tokens=report.actual_tokens,
+                refunded_tokens=report.refunded_tokens,
+                overrun_tokens=report.overrun_tokens,
+                learning=report.learning,
+                learned_output_tokens=report.learned_output_tokens or 0,
+            )
+
+        return await self._handle("GetAccuracy", context, fields, call)
+
     # -- batches and streams: one log line per call, with the tally of its items ------
 
     async def CheckAndReserveBatch(

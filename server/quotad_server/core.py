@@ -12,10 +12,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import structlog
 import tiktoken
 
-from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError
+from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError, StoreUnavailable
+from quotad_server.learning import OutputEstimator
 from quotad_server.model import (
+    AccuracyReport,
     Algorithm,
     Cost,
     Decision,
@@ -29,6 +32,10 @@ from quotad_server.model import (
 from quotad_server.policy import Policy, default_encoding
 from quotad_server.store import ReservePlan, ReserveResult, Store
 from quotad_server.tokens import ChatMessage, TokenCounter
+from quotad_server.usage_stats import UsageSample, merge, output_quantile, ratio_quantile
+
+_log = structlog.get_logger("quotad.core")
+DEFAULT_WINDOW = 10_000
 
 MAX_TOKENS = 10**9
 MAX_ID_BYTES = 256
@@ -112,12 +119,14 @@ class QuotaCore:
         *,
         encodings: Mapping[str, tiktoken.Encoding] | None = None,
         max_prompt_bytes: int = 1 << 20,
+        learning_refresh_s: float = 5.0,
     ) -> None:
         self.policy = policy
         self._store = store
         self.encodings = encodings
         self._max_prompt_bytes = max_prompt_bytes
         self._counters: dict[tuple[str, float], TokenCounter] = {}
+        self._outputs = OutputEstimator(store, refresh_s=learning_refresh_s)
 
     @property
     def ready(self) -> bool:
@@ -212,11 +221,23 @@ class QuotaCore:
 
     # -- the decisions ----------------------------------------------------------------
 
+    async def _output_tokens(self, request: ReserveRequest) -> int:
+        """What to reserve for the output: max_output_tokens, or less once the model has learned."""
+        model = self.policy.models.get(request.model)
+        tier = request.tier or self.policy.default_tier
+        if model is None or not model.learned or tier not in self.policy.tier_limits:
+            return request.max_output_tokens
+        if not 0 <= request.max_output_tokens <= MAX_TOKENS:
+            return request.max_output_tokens  # _plan refuses it
+        return await self._outputs.estimate(model, tier, request.max_output_tokens)
+
     def plan_for(self, request: ReserveRequest, input_tokens: int) -> ReservePlan:
         """What `request` would reserve, with `input_tokens` counted: for tools such as the benchmark."""
-        return self._plan(request, input_tokens)[0]
+        return self._plan(request, input_tokens, request.max_output_tokens)[0]
 
-    def _plan(self, request: ReserveRequest, input_tokens: int) -> tuple[ReservePlan, str]:
+    def _plan(
+        self, request: ReserveRequest, input_tokens: int, output_tokens: int
+    ) -> tuple[ReservePlan, str]:
         """Validate a request and resolve its limits and cost; returns the plan and the tier."""
         policy = self.policy
         violations: list[FieldViolation] = []
@@ -246,7 +267,6 @@ class QuotaCore:
             )
         if violations:
             raise InvalidRequest(violations)
-        output_tokens = request.max_output_tokens
         fingerprint = ""
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
@@ -287,7 +307,9 @@ class QuotaCore:
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
         """Reserve the request's estimated cost on every applicable limit, or deny it."""
-        plan, tier = self._plan(request, await self._input_tokens(request))
+        plan, tier = self._plan(
+            request, await self._input_tokens(request), await self._output_tokens(request)
+        )
         return self._outcome(plan, tier, await self._store.reserve(plan))
 
     async def check_and_reserve_many(
@@ -297,7 +319,8 @@ class QuotaCore:
         planned: list[tuple[ReservePlan, str] | QuotadError] = []
         for request in requests:
             try:
-                planned.append(self._plan(request, await self._input_tokens(request)))
+                counted = await self._input_tokens(request)
+                planned.append(self._plan(request, counted, await self._output_tokens(request)))
             except QuotadError as error:
                 planned.append(error)
         plans = [item[0] for item in planned if not isinstance(item, QuotadError)]
@@ -343,7 +366,35 @@ class QuotaCore:
     ) -> SettleOutcome:
         """Reconcile a reservation with the actual usage; idempotent."""
         actual = _actual_usage(reservation_id, input_tokens, output_tokens, cached_input_tokens)
-        return await self._store.settle(reservation_id, actual, self.policy.retention_us)
+        outcome = await self._store.settle(reservation_id, actual, self.policy.retention_us)
+        await self._learn([outcome])
+        return outcome
+
+    async def _learn(self, outcomes: Sequence[SettleOutcome | QuotadError]) -> None:
+        """Add first-time commits to their model's usage statistics (advice: a failure is not the caller's)."""
+        samples = [
+            UsageSample(
+                o.model,
+                o.tier,
+                o.reserved.input_tokens,
+                o.committed.input_tokens,
+                o.reserved.output_tokens,
+                o.committed.output_tokens,
+            )
+            for o in outcomes
+            if isinstance(o, SettleOutcome) and not o.repeat and o.model
+        ]
+        if not samples:
+            return
+        windows = {name: model.learned_window for name, model in self.policy.models.items()}
+        by_window: dict[int, list[UsageSample]] = {}
+        for sample in samples:
+            by_window.setdefault(windows.get(sample.model, DEFAULT_WINDOW), []).append(sample)
+        try:
+            for window, group in by_window.items():
+                await self._store.record_usage(group, window)
+        except StoreUnavailable as error:
+            _log.warning("usage statistics not recorded", error=str(error), samples=len(samples))
 
     async def commit_many(
         self, commits: Sequence[tuple[str, int, int, int]]
@@ -360,7 +411,37 @@ class QuotaCore:
             checked.append(None)
             valid.append((reservation_id, actual))
         settled = iter(await self._store.commit_many(valid, self.policy.retention_us))
-        return [error if error is not None else next(settled) for error in checked]
+        outcomes = [error if error is not None else next(settled) for error in checked]
+        await self._learn(outcomes)
+        return outcomes
+
+    async def accuracy(self, model: str, tier: str) -> AccuracyReport:
+        """How far estimates were from actual usage for `model` (and `tier`, or every tier)."""
+        violations: list[FieldViolation] = []
+        _check_text(violations, "model", model, required=True)
+        if tier and tier not in self.policy.tier_limits:
+            violations.append(FieldViolation("tier", f"unknown tier {tier!r}"))
+        if violations:
+            raise InvalidRequest(violations)
+        tiers = [tier] if tier else sorted(self.policy.tier_limits)
+        stats = merge([await self._store.read_usage_stats(model, t) for t in tiers])
+        settings = self.policy.models.get(model)
+        learned = None
+        if settings is not None and settings.learned:
+            learned = output_quantile(stats, settings.learned_quantile, settings.learned_min_samples)
+        return AccuracyReport(
+            model=model,
+            tier=tier,
+            commits=stats.get("n", 0),
+            input_ratio=(ratio_quantile(stats, "ri:", 0.5), ratio_quantile(stats, "ri:", 0.95)),
+            output_ratio=(ratio_quantile(stats, "ro:", 0.5), ratio_quantile(stats, "ro:", 0.95)),
+            estimated_tokens=stats.get("ei", 0) + stats.get("eo", 0),
+            actual_tokens=stats.get("ai", 0) + stats.get("ao", 0),
+            refunded_tokens=stats.get("rf", 0),
+            overrun_tokens=stats.get("ov", 0),
+            learning=bool(settings and settings.learned),
+            learned_output_tokens=learned,
+        )
 
     async def release(self, reservation_id: str) -> SettleOutcome:
         """Refund a whole reservation (the call never happened); idempotent."""

@@ -178,3 +178,24 @@ class UsageReport:
     tenant: str
     tier: str
     limits: tuple[LimitStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AccuracyReport:
+    """How far estimates were from actual usage, over a decaying window of recent Commits.
+
+    Ratios are actual/estimate as (median, p95); `learned_output_tokens` is the output
+    reservation learned for the model (None while samples are too few or not learning).
+    """
+
+    model: str
+    tier: str
+    commits: int
+    input_ratio: tuple[float, float]
+    output_ratio: tuple[float, float]
+    estimated_tokens: int
+    actual_tokens: int
+    refunded_tokens: int
+    overrun_tokens: int
+    learning: bool
+    learned_output_tokens: int | None

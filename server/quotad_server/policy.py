@@ -191,6 +191,7 @@ class ModelSpec(_Strict):
     output_estimate: Literal["max_tokens", "learned"] = "max_tokens"
     learned_quantile: float = Field(default=0.95, gt=0.5, lt=1.0)
     learned_min_samples: int = Field(default=100, ge=1, le=1_000_000)
+    learned_window: int = Field(default=10_000, ge=10, le=10_000_000)
 
 
 def default_encoding(model: str) -> str | None:
@@ -213,6 +214,7 @@ class ModelPolicy:
     learned: bool
     learned_quantile: float
     learned_min_samples: int
+    learned_window: int = 10_000
 
 
 class PolicyDocument(_Strict):
@@ -331,6 +333,7 @@ def parse_policy(text: str, source: str) -> Policy:
                 learned=spec.output_estimate == "learned",
                 learned_quantile=spec.learned_quantile,
                 learned_min_samples=spec.learned_min_samples,
+                learned_window=spec.learned_window,
             )
             for name, spec in doc.models.items()
         },

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from quotad_server.errors import QuotadError
 from quotad_server.model import Cost, Limit, LimitStatus, Price, SettleOutcome
+from quotad_server.usage_stats import UsageSample
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,14 @@ class Store(Protocol):
         Raises InvalidRequest for a malformed id, NotFound for an unknown one and
         FailedPrecondition when the reservation was settled the other way.
         """
+        ...
+
+    async def record_usage(self, samples: Sequence[UsageSample], window: int) -> None:
+        """Add committed calls to their (model, tier) usage statistics."""
+        ...
+
+    async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
+        """The usage statistics of one (model, tier); see usage_stats.py."""
         ...
 
     async def ping(self) -> None:

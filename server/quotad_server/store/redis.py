@@ -39,6 +39,7 @@ from quotad_server.model import (
 )
 from quotad_server.store import ReservePlan, ReserveResult
 from quotad_server.store.resp import RedisAddress, RespClient, Script
+from quotad_server.usage_stats import UsageSample, increments
 
 T = TypeVar("T")
 Clock = Callable[[], int]
@@ -119,6 +120,7 @@ class RedisStore:
         self._clock = clock
         self._reserve = Script(_load_script("reserve.lua"))
         self._settle = Script(_load_script("settle.lua"))
+        self._stats = Script(_load_script("stats.lua"))
         # Redis clock minus ours, in microseconds; learnt from every script reply. It turns
         # our timeout into a deadline on Redis's clock, after which a script that was
         # delayed (a paused or overloaded server) gives up instead of acting on a request
@@ -395,3 +397,26 @@ class RedisStore:
             except QuotadError as error:
                 done.append(error)
         return done
+
+    # -- usage statistics (their own hash tag: they steer estimates, never admission) ----
+
+    def _stats_key(self, model: str, tier: str) -> str:
+        return key(self._prefix, "stats", "s", model, tier)
+
+    async def record_usage(self, samples: Sequence[UsageSample], window: int) -> None:
+        calls: list[tuple[list[str], list[Any]]] = []
+        for sample in samples:
+            args: list[Any] = [window]
+            for field, increment in increments(sample).items():
+                args += (field, increment)
+            calls.append(([self._stats_key(sample.model, sample.tier)], args))
+        for reply in await self._run_many(self._stats, calls):
+            self._unwrap_count(reply)
+
+    def _unwrap_count(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            self._unwrap(reply)
+
+    async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
+        raw = await self._call(lambda: self._client.call("HGETALL", self._stats_key(model, tier)))
+        return {raw[i].decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}

@@ -1029,3 +1029,123 @@ class CommitStreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommitStreamResponse: _TypeAlias = CommitStreamResponse  # noqa: Y015
+
+@_typing.final
+class GetAccuracyRequest(_message.Message):
+    """GetAccuracyRequest names the model (and optionally the tier) to report on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Required. The model."""
+    tier: _builtins.str
+    """The tier; empty: all tiers together."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tier: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccuracyRequest: _TypeAlias = GetAccuracyRequest  # noqa: Y015
+
+@_typing.final
+class Spread(_message.Message):
+    """Spread is the median and 95th percentile of a distribution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    p50: _builtins.float
+    """The median."""
+    p95: _builtins.float
+    """The 95th percentile."""
+    def __init__(
+        self,
+        *,
+        p50: _builtins.float = ...,
+        p95: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["p50", b"p50", "p95", b"p95"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Spread: _TypeAlias = Spread  # noqa: Y015
+
+@_typing.final
+class GetAccuracyResponse(_message.Message):
+    """GetAccuracyResponse compares estimates with actual usage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    COMMITS_FIELD_NUMBER: _builtins.int
+    INPUT_RATIO_FIELD_NUMBER: _builtins.int
+    OUTPUT_RATIO_FIELD_NUMBER: _builtins.int
+    ESTIMATED_TOKENS_FIELD_NUMBER: _builtins.int
+    ACTUAL_TOKENS_FIELD_NUMBER: _builtins.int
+    REFUNDED_TOKENS_FIELD_NUMBER: _builtins.int
+    OVERRUN_TOKENS_FIELD_NUMBER: _builtins.int
+    LEARNING_FIELD_NUMBER: _builtins.int
+    LEARNED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model reported on."""
+    tier: _builtins.str
+    """The tier reported on; empty for all tiers."""
+    commits: _builtins.int
+    """Commits in the window (older ones weigh less: the window halves as it fills)."""
+    estimated_tokens: _builtins.int
+    """Tokens reserved (input and output) by the calls in the window."""
+    actual_tokens: _builtins.int
+    """Tokens the same calls really used."""
+    refunded_tokens: _builtins.int
+    """Capacity reservations held and Commits later refunded."""
+    overrun_tokens: _builtins.int
+    """Tokens used beyond the reservation (charged on Commit as debt)."""
+    learning: _builtins.bool
+    """True when the policy has this model reserve learned output estimates."""
+    learned_output_tokens: _builtins.int
+    """The output reservation learned (a high quantile of actual output
+    tokens); 0 while there are too few samples or when not learning.
+    """
+    @_builtins.property
+    def input_ratio(self) -> Global___Spread:
+        """Actual input tokens / estimated input tokens, per call."""
+
+    @_builtins.property
+    def output_ratio(self) -> Global___Spread:
+        """Actual output tokens / reserved output tokens, per call."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        commits: _builtins.int = ...,
+        input_ratio: Global___Spread | None = ...,
+        output_ratio: Global___Spread | None = ...,
+        estimated_tokens: _builtins.int = ...,
+        actual_tokens: _builtins.int = ...,
+        refunded_tokens: _builtins.int = ...,
+        overrun_tokens: _builtins.int = ...,
+        learning: _builtins.bool = ...,
+        learned_output_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_ratio", b"input_ratio", "output_ratio", b"output_ratio"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_tokens", b"actual_tokens", "commits", b"commits", "estimated_tokens", b"estimated_tokens", "input_ratio", b"input_ratio", "learned_output_tokens", b"learned_output_tokens", "learning", b"learning", "model", b"model", "output_ratio", b"output_ratio", "overrun_tokens", b"overrun_tokens", "refunded_tokens", b"refunded_tokens", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAccuracyResponse: _TypeAlias = GetAccuracyResponse  # noqa: Y015

@@ -76,6 +76,11 @@ class QuotaServiceStub:
                 request_serializer=quotad_dot_v1_dot_quota__pb2.CommitStreamRequest.SerializeToString,
                 response_deserializer=quotad_dot_v1_dot_quota__pb2.CommitStreamResponse.FromString,
                 _registered_method=True)
+        self.GetAccuracy = channel.unary_unary(
+                '/quotad.v1.QuotaService/GetAccuracy',
+                request_serializer=quotad_dot_v1_dot_quota__pb2.GetAccuracyRequest.SerializeToString,
+                response_deserializer=quotad_dot_v1_dot_quota__pb2.GetAccuracyResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -152,6 +157,15 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAccuracy(self, request, context):
+        """GetAccuracy reports how far estimates were from actual usage for a model,
+        over a decaying window of the recent Commits that every replica has seen,
+        and the output reservation it has learned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +208,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.CommitStream,
                     request_deserializer=quotad_dot_v1_dot_quota__pb2.CommitStreamRequest.FromString,
                     response_serializer=quotad_dot_v1_dot_quota__pb2.CommitStreamResponse.SerializeToString,
+            ),
+            'GetAccuracy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccuracy,
+                    request_deserializer=quotad_dot_v1_dot_quota__pb2.GetAccuracyRequest.FromString,
+                    response_serializer=quotad_dot_v1_dot_quota__pb2.GetAccuracyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -414,6 +433,33 @@ class QuotaService:
             '/quotad.v1.QuotaService/CommitStream',
             quotad_dot_v1_dot_quota__pb2.CommitStreamRequest.SerializeToString,
             quotad_dot_v1_dot_quota__pb2.CommitStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccuracy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quotad.v1.QuotaService/GetAccuracy',
+            quotad_dot_v1_dot_quota__pb2.GetAccuracyRequest.SerializeToString,
+            quotad_dot_v1_dot_quota__pb2.GetAccuracyResponse.FromString,
             options,
             channel_credentials,
             insecure,

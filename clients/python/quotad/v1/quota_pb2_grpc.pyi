@@ -79,6 +79,11 @@ class QuotaServiceStub:
     """CommitStream commits reservations sent over one long-lived stream,
     answered in order.
     """
+    GetAccuracy: _grpc.UnaryUnaryMultiCallable[_quota_pb2.GetAccuracyRequest, _quota_pb2.GetAccuracyResponse]
+    """GetAccuracy reports how far estimates were from actual usage for a model,
+    over a decaying window of the recent Commits that every replica has seen,
+    and the output reservation it has learned.
+    """
 
 @_typing.type_check_only
 class QuotaServiceAsyncStub(QuotaServiceStub):
@@ -122,6 +127,11 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     CommitStream: _aio.StreamStreamMultiCallable[_quota_pb2.CommitStreamRequest, _quota_pb2.CommitStreamResponse]  # type: ignore[assignment]
     """CommitStream commits reservations sent over one long-lived stream,
     answered in order.
+    """
+    GetAccuracy: _aio.UnaryUnaryMultiCallable[_quota_pb2.GetAccuracyRequest, _quota_pb2.GetAccuracyResponse]  # type: ignore[assignment]
+    """GetAccuracy reports how far estimates were from actual usage for a model,
+    over a decaying window of the recent Commits that every replica has seen,
+    and the output reservation it has learned.
     """
 
 class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -211,6 +221,17 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_quota_pb2.CommitStreamResponse], _abc.AsyncIterator[_quota_pb2.CommitStreamResponse]]:
         """CommitStream commits reservations sent over one long-lived stream,
         answered in order.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAccuracy(
+        self,
+        request: _quota_pb2.GetAccuracyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_pb2.GetAccuracyResponse, _abc.Awaitable[_quota_pb2.GetAccuracyResponse]]:
+        """GetAccuracy reports how far estimates were from actual usage for a model,
+        over a decaying window of the recent Commits that every replica has seen,
+        and the output reservation it has learned.
         """
 
 def add_QuotaServiceServicer_to_server(servicer: QuotaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

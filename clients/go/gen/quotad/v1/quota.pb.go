@@ -1991,6 +1991,253 @@ func (x *CommitStreamResponse) GetResult() *CommitResult {
 	return nil
 }
 
+// GetAccuracyRequest names the model (and optionally the tier) to report on.
+type GetAccuracyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required. The model.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The tier; empty: all tiers together.
+	Tier          string `protobuf:"bytes,2,opt,name=tier,proto3" json:"tier,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAccuracyRequest) Reset() {
+	*x = GetAccuracyRequest{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAccuracyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAccuracyRequest) ProtoMessage() {}
+
+func (x *GetAccuracyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAccuracyRequest.ProtoReflect.Descriptor instead.
+func (*GetAccuracyRequest) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GetAccuracyRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *GetAccuracyRequest) GetTier() string {
+	if x != nil {
+		return x.Tier
+	}
+	return ""
+}
+
+// Spread is the median and 95th percentile of a distribution.
+type Spread struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The median.
+	P50 float64 `protobuf:"fixed64,1,opt,name=p50,proto3" json:"p50,omitempty"`
+	// The 95th percentile.
+	P95           float64 `protobuf:"fixed64,2,opt,name=p95,proto3" json:"p95,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Spread) Reset() {
+	*x = Spread{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Spread) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Spread) ProtoMessage() {}
+
+func (x *Spread) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Spread.ProtoReflect.Descriptor instead.
+func (*Spread) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Spread) GetP50() float64 {
+	if x != nil {
+		return x.P50
+	}
+	return 0
+}
+
+func (x *Spread) GetP95() float64 {
+	if x != nil {
+		return x.P95
+	}
+	return 0
+}
+
+// GetAccuracyResponse compares estimates with actual usage.
+type GetAccuracyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model reported on.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The tier reported on; empty for all tiers.
+	Tier string `protobuf:"bytes,2,opt,name=tier,proto3" json:"tier,omitempty"`
+	// Commits in the window (older ones weigh less: the window halves as it fills).
+	Commits int64 `protobuf:"varint,3,opt,name=commits,proto3" json:"commits,omitempty"`
+	// Actual input tokens / estimated input tokens, per call.
+	InputRatio *Spread `protobuf:"bytes,4,opt,name=input_ratio,json=inputRatio,proto3" json:"input_ratio,omitempty"`
+	// Actual output tokens / reserved output tokens, per call.
+	OutputRatio *Spread `protobuf:"bytes,5,opt,name=output_ratio,json=outputRatio,proto3" json:"output_ratio,omitempty"`
+	// Tokens reserved (input and output) by the calls in the window.
+	EstimatedTokens int64 `protobuf:"varint,6,opt,name=estimated_tokens,json=estimatedTokens,proto3" json:"estimated_tokens,omitempty"`
+	// Tokens the same calls really used.
+	ActualTokens int64 `protobuf:"varint,7,opt,name=actual_tokens,json=actualTokens,proto3" json:"actual_tokens,omitempty"`
+	// Capacity reservations held and Commits later refunded.
+	RefundedTokens int64 `protobuf:"varint,8,opt,name=refunded_tokens,json=refundedTokens,proto3" json:"refunded_tokens,omitempty"`
+	// Tokens used beyond the reservation (charged on Commit as debt).
+	OverrunTokens int64 `protobuf:"varint,9,opt,name=overrun_tokens,json=overrunTokens,proto3" json:"overrun_tokens,omitempty"`
+	// True when the policy has this model reserve learned output estimates.
+	Learning bool `protobuf:"varint,10,opt,name=learning,proto3" json:"learning,omitempty"`
+	// The output reservation learned (a high quantile of actual output
+	// tokens); 0 while there are too few samples or when not learning.
+	LearnedOutputTokens int64 `protobuf:"varint,11,opt,name=learned_output_tokens,json=learnedOutputTokens,proto3" json:"learned_output_tokens,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *GetAccuracyResponse) Reset() {
+	*x = GetAccuracyResponse{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAccuracyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAccuracyResponse) ProtoMessage() {}
+
+func (x *GetAccuracyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAccuracyResponse.ProtoReflect.Descriptor instead.
+func (*GetAccuracyResponse) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *GetAccuracyResponse) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *GetAccuracyResponse) GetTier() string {
+	if x != nil {
+		return x.Tier
+	}
+	return ""
+}
+
+func (x *GetAccuracyResponse) GetCommits() int64 {
+	if x != nil {
+		return x.Commits
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetInputRatio() *Spread {
+	if x != nil {
+		return x.InputRatio
+	}
+	return nil
+}
+
+func (x *GetAccuracyResponse) GetOutputRatio() *Spread {
+	if x != nil {
+		return x.OutputRatio
+	}
+	return nil
+}
+
+func (x *GetAccuracyResponse) GetEstimatedTokens() int64 {
+	if x != nil {
+		return x.EstimatedTokens
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetActualTokens() int64 {
+	if x != nil {
+		return x.ActualTokens
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetRefundedTokens() int64 {
+	if x != nil {
+		return x.RefundedTokens
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetOverrunTokens() int64 {
+	if x != nil {
+		return x.OverrunTokens
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetLearning() bool {
+	if x != nil {
+		return x.Learning
+	}
+	return false
+}
+
+func (x *GetAccuracyResponse) GetLearnedOutputTokens() int64 {
+	if x != nil {
+		return x.LearnedOutputTokens
+	}
+	return 0
+}
+
 var File_quotad_v1_quota_proto protoreflect.FileDescriptor
 
 const file_quotad_v1_quota_proto_rawDesc = "" +
@@ -2110,7 +2357,27 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x14CommitStreamResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12/\n" +
-	"\x06result\x18\x02 \x01(\v2\x17.quotad.v1.CommitResultR\x06result*O\n" +
+	"\x06result\x18\x02 \x01(\v2\x17.quotad.v1.CommitResultR\x06result\">\n" +
+	"\x12GetAccuracyRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
+	"\x04tier\x18\x02 \x01(\tR\x04tier\",\n" +
+	"\x06Spread\x12\x10\n" +
+	"\x03p50\x18\x01 \x01(\x01R\x03p50\x12\x10\n" +
+	"\x03p95\x18\x02 \x01(\x01R\x03p95\"\xb3\x03\n" +
+	"\x13GetAccuracyResponse\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
+	"\x04tier\x18\x02 \x01(\tR\x04tier\x12\x18\n" +
+	"\acommits\x18\x03 \x01(\x03R\acommits\x122\n" +
+	"\vinput_ratio\x18\x04 \x01(\v2\x11.quotad.v1.SpreadR\n" +
+	"inputRatio\x124\n" +
+	"\foutput_ratio\x18\x05 \x01(\v2\x11.quotad.v1.SpreadR\voutputRatio\x12)\n" +
+	"\x10estimated_tokens\x18\x06 \x01(\x03R\x0festimatedTokens\x12#\n" +
+	"\ractual_tokens\x18\a \x01(\x03R\factualTokens\x12'\n" +
+	"\x0frefunded_tokens\x18\b \x01(\x03R\x0erefundedTokens\x12%\n" +
+	"\x0eoverrun_tokens\x18\t \x01(\x03R\roverrunTokens\x12\x1a\n" +
+	"\blearning\x18\n" +
+	" \x01(\bR\blearning\x122\n" +
+	"\x15learned_output_tokens\x18\v \x01(\x03R\x13learnedOutputTokens*O\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10DECISION_ALLOWED\x10\x01\x12\x13\n" +
@@ -2139,7 +2406,7 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x16ALGORITHM_TOKEN_BUCKET\x10\x01\x12\x1c\n" +
 	"\x18ALGORITHM_SLIDING_WINDOW\x10\x02\x12\x19\n" +
 	"\x15ALGORITHM_CONCURRENCY\x10\x03\x12\x16\n" +
-	"\x12ALGORITHM_CALENDAR\x10\x042\xaa\x05\n" +
+	"\x12ALGORITHM_CALENDAR\x10\x042\xf8\x05\n" +
 	"\fQuotaService\x12X\n" +
 	"\x0fCheckAndReserve\x12!.quotad.v1.CheckAndReserveRequest\x1a\".quotad.v1.CheckAndReserveResponse\x12=\n" +
 	"\x06Commit\x12\x18.quotad.v1.CommitRequest\x1a\x19.quotad.v1.CommitResponse\x12@\n" +
@@ -2148,7 +2415,8 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x14CheckAndReserveBatch\x12&.quotad.v1.CheckAndReserveBatchRequest\x1a'.quotad.v1.CheckAndReserveBatchResponse\x12n\n" +
 	"\x15CheckAndReserveStream\x12'.quotad.v1.CheckAndReserveStreamRequest\x1a(.quotad.v1.CheckAndReserveStreamResponse(\x010\x01\x12L\n" +
 	"\vCommitBatch\x12\x1d.quotad.v1.CommitBatchRequest\x1a\x1e.quotad.v1.CommitBatchResponse\x12S\n" +
-	"\fCommitStream\x12\x1e.quotad.v1.CommitStreamRequest\x1a\x1f.quotad.v1.CommitStreamResponse(\x010\x01B_\n" +
+	"\fCommitStream\x12\x1e.quotad.v1.CommitStreamRequest\x1a\x1f.quotad.v1.CommitStreamResponse(\x010\x01\x12L\n" +
+	"\vGetAccuracy\x12\x1d.quotad.v1.GetAccuracyRequest\x1a\x1e.quotad.v1.GetAccuracyResponseB_\n" +
 	"\x13io.github.quotad.v1B\n" +
 	"QuotaProtoP\x01Z:github.com/quotad/quotad/clients/go/gen/quotad/v1;quotadv1b\x06proto3"
 
@@ -2165,7 +2433,7 @@ func file_quotad_v1_quota_proto_rawDescGZIP() []byte {
 }
 
 var file_quotad_v1_quota_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_quotad_v1_quota_proto_goTypes = []any{
 	(Decision)(0),                         // 0: quotad.v1.Decision
 	(DenyReason)(0),                       // 1: quotad.v1.DenyReason
@@ -2195,22 +2463,25 @@ var file_quotad_v1_quota_proto_goTypes = []any{
 	(*CommitBatchResponse)(nil),           // 25: quotad.v1.CommitBatchResponse
 	(*CommitStreamRequest)(nil),           // 26: quotad.v1.CommitStreamRequest
 	(*CommitStreamResponse)(nil),          // 27: quotad.v1.CommitStreamResponse
-	(*durationpb.Duration)(nil),           // 28: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),         // 29: google.protobuf.Timestamp
+	(*GetAccuracyRequest)(nil),            // 28: quotad.v1.GetAccuracyRequest
+	(*Spread)(nil),                        // 29: quotad.v1.Spread
+	(*GetAccuracyResponse)(nil),           // 30: quotad.v1.GetAccuracyResponse
+	(*durationpb.Duration)(nil),           // 31: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),         // 32: google.protobuf.Timestamp
 }
 var file_quotad_v1_quota_proto_depIdxs = []int32{
 	2,  // 0: quotad.v1.LimitStatus.scope:type_name -> quotad.v1.Scope
 	3,  // 1: quotad.v1.LimitStatus.metric:type_name -> quotad.v1.Metric
 	4,  // 2: quotad.v1.LimitStatus.algorithm:type_name -> quotad.v1.Algorithm
-	28, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
-	28, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
-	28, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
+	31, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
+	31, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
+	31, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
 	6,  // 6: quotad.v1.CheckAndReserveRequest.messages:type_name -> quotad.v1.ChatMessage
 	0,  // 7: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
 	1,  // 8: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
-	29, // 9: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
+	32, // 9: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
 	5,  // 10: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
-	28, // 11: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	31, // 11: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
 	7,  // 12: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
 	5,  // 13: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
 	5,  // 14: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
@@ -2229,27 +2500,31 @@ var file_quotad_v1_quota_proto_depIdxs = []int32{
 	23, // 27: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
 	10, // 28: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
 	23, // 29: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
-	8,  // 30: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
-	10, // 31: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
-	12, // 32: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
-	14, // 33: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
-	19, // 34: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
-	21, // 35: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
-	24, // 36: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
-	26, // 37: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
-	9,  // 38: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
-	11, // 39: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
-	13, // 40: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
-	15, // 41: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
-	20, // 42: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
-	22, // 43: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
-	25, // 44: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
-	27, // 45: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
-	38, // [38:46] is the sub-list for method output_type
-	30, // [30:38] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	29, // 30: quotad.v1.GetAccuracyResponse.input_ratio:type_name -> quotad.v1.Spread
+	29, // 31: quotad.v1.GetAccuracyResponse.output_ratio:type_name -> quotad.v1.Spread
+	8,  // 32: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
+	10, // 33: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
+	12, // 34: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
+	14, // 35: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
+	19, // 36: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
+	21, // 37: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
+	24, // 38: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
+	26, // 39: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
+	28, // 40: quotad.v1.QuotaService.GetAccuracy:input_type -> quotad.v1.GetAccuracyRequest
+	9,  // 41: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
+	11, // 42: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
+	13, // 43: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
+	15, // 44: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
+	20, // 45: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
+	22, // 46: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
+	25, // 47: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
+	27, // 48: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
+	30, // 49: quotad.v1.QuotaService.GetAccuracy:output_type -> quotad.v1.GetAccuracyResponse
+	41, // [41:50] is the sub-list for method output_type
+	32, // [32:41] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_quotad_v1_quota_proto_init() }
@@ -2271,7 +2546,7 @@ func file_quotad_v1_quota_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_quotad_v1_quota_proto_rawDesc), len(file_quotad_v1_quota_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   23,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,6 +36,7 @@ const (
 	QuotaService_CheckAndReserveStream_FullMethodName = "/quotad.v1.QuotaService/CheckAndReserveStream"
 	QuotaService_CommitBatch_FullMethodName           = "/quotad.v1.QuotaService/CommitBatch"
 	QuotaService_CommitStream_FullMethodName          = "/quotad.v1.QuotaService/CommitStream"
+	QuotaService_GetAccuracy_FullMethodName           = "/quotad.v1.QuotaService/GetAccuracy"
 )
 
 // QuotaServiceClient is the client API for QuotaService service.
@@ -74,6 +75,10 @@ type QuotaServiceClient interface {
 	// CommitStream commits reservations sent over one long-lived stream,
 	// answered in order.
 	CommitStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[CommitStreamRequest, CommitStreamResponse], error)
+	// GetAccuracy reports how far estimates were from actual usage for a model,
+	// over a decaying window of the recent Commits that every replica has seen,
+	// and the output reservation it has learned.
+	GetAccuracy(ctx context.Context, in *GetAccuracyRequest, opts ...grpc.CallOption) (*GetAccuracyResponse, error)
 }
 
 type quotaServiceClient struct {
@@ -170,6 +175,16 @@ func (c *quotaServiceClient) CommitStream(ctx context.Context, opts ...grpc.Call
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type QuotaService_CommitStreamClient = grpc.BidiStreamingClient[CommitStreamRequest, CommitStreamResponse]
 
+func (c *quotaServiceClient) GetAccuracy(ctx context.Context, in *GetAccuracyRequest, opts ...grpc.CallOption) (*GetAccuracyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAccuracyResponse)
+	err := c.cc.Invoke(ctx, QuotaService_GetAccuracy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // QuotaServiceServer is the server API for QuotaService service.
 // All implementations must embed UnimplementedQuotaServiceServer
 // for forward compatibility.
@@ -206,6 +221,10 @@ type QuotaServiceServer interface {
 	// CommitStream commits reservations sent over one long-lived stream,
 	// answered in order.
 	CommitStream(grpc.BidiStreamingServer[CommitStreamRequest, CommitStreamResponse]) error
+	// GetAccuracy reports how far estimates were from actual usage for a model,
+	// over a decaying window of the recent Commits that every replica has seen,
+	// and the output reservation it has learned.
+	GetAccuracy(context.Context, *GetAccuracyRequest) (*GetAccuracyResponse, error)
 	mustEmbedUnimplementedQuotaServiceServer()
 }
 
@@ -239,6 +258,9 @@ func (UnimplementedQuotaServiceServer) CommitBatch(context.Context, *CommitBatch
 }
 func (UnimplementedQuotaServiceServer) CommitStream(grpc.BidiStreamingServer[CommitStreamRequest, CommitStreamResponse]) error {
 	return status.Error(codes.Unimplemented, "method CommitStream not implemented")
+}
+func (UnimplementedQuotaServiceServer) GetAccuracy(context.Context, *GetAccuracyRequest) (*GetAccuracyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAccuracy not implemented")
 }
 func (UnimplementedQuotaServiceServer) mustEmbedUnimplementedQuotaServiceServer() {}
 func (UnimplementedQuotaServiceServer) testEmbeddedByValue()                      {}
@@ -383,6 +405,24 @@ func _QuotaService_CommitStream_Handler(srv interface{}, stream grpc.ServerStrea
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type QuotaService_CommitStreamServer = grpc.BidiStreamingServer[CommitStreamRequest, CommitStreamResponse]
 
+func _QuotaService_GetAccuracy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAccuracyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(QuotaServiceServer).GetAccuracy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: QuotaService_GetAccuracy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(QuotaServiceServer).GetAccuracy(ctx, req.(*GetAccuracyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // QuotaService_ServiceDesc is the grpc.ServiceDesc for QuotaService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -413,6 +453,10 @@ var QuotaService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CommitBatch",
 			Handler:    _QuotaService_CommitBatch_Handler,
+		},
+		{
+			MethodName: "GetAccuracy",
+			Handler:    _QuotaService_GetAccuracy_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

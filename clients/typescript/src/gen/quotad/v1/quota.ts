@@ -662,6 +662,55 @@ export interface CommitStreamResponse {
   result: CommitResult | undefined;
 }
 
+/** GetAccuracyRequest names the model (and optionally the tier) to report on. */
+export interface GetAccuracyRequest {
+  /** Required. The model. */
+  model: string;
+  /** The tier; empty: all tiers together. */
+  tier: string;
+}
+
+/** Spread is the median and 95th percentile of a distribution. */
+export interface Spread {
+  /** The median. */
+  p50: number;
+  /** The 95th percentile. */
+  p95: number;
+}
+
+/** GetAccuracyResponse compares estimates with actual usage. */
+export interface GetAccuracyResponse {
+  /** The model reported on. */
+  model: string;
+  /** The tier reported on; empty for all tiers. */
+  tier: string;
+  /** Commits in the window (older ones weigh less: the window halves as it fills). */
+  commits: number;
+  /** Actual input tokens / estimated input tokens, per call. */
+  inputRatio:
+    | Spread
+    | undefined;
+  /** Actual output tokens / reserved output tokens, per call. */
+  outputRatio:
+    | Spread
+    | undefined;
+  /** Tokens reserved (input and output) by the calls in the window. */
+  estimatedTokens: number;
+  /** Tokens the same calls really used. */
+  actualTokens: number;
+  /** Capacity reservations held and Commits later refunded. */
+  refundedTokens: number;
+  /** Tokens used beyond the reservation (charged on Commit as debt). */
+  overrunTokens: number;
+  /** True when the policy has this model reserve learned output estimates. */
+  learning: boolean;
+  /**
+   * The output reservation learned (a high quantile of actual output
+   * tokens); 0 while there are too few samples or when not learning.
+   */
+  learnedOutputTokens: number;
+}
+
 function createBaseCost(): Cost {
   return { requests: 0, inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, costMicroUsd: 0 };
 }
@@ -3339,6 +3388,449 @@ export const CommitStreamResponse: MessageFns<CommitStreamResponse> = {
   },
 };
 
+function createBaseGetAccuracyRequest(): GetAccuracyRequest {
+  return { model: "", tier: "" };
+}
+
+export const GetAccuracyRequest: MessageFns<GetAccuracyRequest> = {
+  encode(message: GetAccuracyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.model !== "") {
+      writer.uint32(10).string(message.model);
+    }
+    if (message.tier !== "") {
+      writer.uint32(18).string(message.tier);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetAccuracyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetAccuracyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.tier = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetAccuracyRequest {
+    return {
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      tier: isSet(object.tier) ? globalThis.String(object.tier) : "",
+    };
+  },
+
+  toJSON(message: GetAccuracyRequest): unknown {
+    const obj: any = {};
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.tier !== "") {
+      obj.tier = message.tier;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetAccuracyRequest>, I>>(base?: I): GetAccuracyRequest {
+    return GetAccuracyRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetAccuracyRequest>, I>>(object: I): GetAccuracyRequest {
+    const message = createBaseGetAccuracyRequest();
+    message.model = object.model ?? "";
+    message.tier = object.tier ?? "";
+    return message;
+  },
+};
+
+function createBaseSpread(): Spread {
+  return { p50: 0, p95: 0 };
+}
+
+export const Spread: MessageFns<Spread> = {
+  encode(message: Spread, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.p50 !== 0) {
+      writer.uint32(9).double(message.p50);
+    }
+    if (message.p95 !== 0) {
+      writer.uint32(17).double(message.p95);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Spread {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSpread();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.p50 = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.p95 = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Spread {
+    return {
+      p50: isSet(object.p50) ? globalThis.Number(object.p50) : 0,
+      p95: isSet(object.p95) ? globalThis.Number(object.p95) : 0,
+    };
+  },
+
+  toJSON(message: Spread): unknown {
+    const obj: any = {};
+    if (message.p50 !== 0) {
+      obj.p50 = floatToJson(message.p50);
+    }
+    if (message.p95 !== 0) {
+      obj.p95 = floatToJson(message.p95);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Spread>, I>>(base?: I): Spread {
+    return Spread.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Spread>, I>>(object: I): Spread {
+    const message = createBaseSpread();
+    message.p50 = object.p50 ?? 0;
+    message.p95 = object.p95 ?? 0;
+    return message;
+  },
+};
+
+function createBaseGetAccuracyResponse(): GetAccuracyResponse {
+  return {
+    model: "",
+    tier: "",
+    commits: 0,
+    inputRatio: undefined,
+    outputRatio: undefined,
+    estimatedTokens: 0,
+    actualTokens: 0,
+    refundedTokens: 0,
+    overrunTokens: 0,
+    learning: false,
+    learnedOutputTokens: 0,
+  };
+}
+
+export const GetAccuracyResponse: MessageFns<GetAccuracyResponse> = {
+  encode(message: GetAccuracyResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.model !== "") {
+      writer.uint32(10).string(message.model);
+    }
+    if (message.tier !== "") {
+      writer.uint32(18).string(message.tier);
+    }
+    if (message.commits !== 0) {
+      writer.uint32(24).int64(message.commits);
+    }
+    if (message.inputRatio !== undefined) {
+      Spread.encode(message.inputRatio, writer.uint32(34).fork()).join();
+    }
+    if (message.outputRatio !== undefined) {
+      Spread.encode(message.outputRatio, writer.uint32(42).fork()).join();
+    }
+    if (message.estimatedTokens !== 0) {
+      writer.uint32(48).int64(message.estimatedTokens);
+    }
+    if (message.actualTokens !== 0) {
+      writer.uint32(56).int64(message.actualTokens);
+    }
+    if (message.refundedTokens !== 0) {
+      writer.uint32(64).int64(message.refundedTokens);
+    }
+    if (message.overrunTokens !== 0) {
+      writer.uint32(72).int64(message.overrunTokens);
+    }
+    if (message.learning !== false) {
+      writer.uint32(80).bool(message.learning);
+    }
+    if (message.learnedOutputTokens !== 0) {
+      writer.uint32(88).int64(message.learnedOutputTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetAccuracyResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetAccuracyResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.tier = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.commits = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.inputRatio = Spread.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.outputRatio = Spread.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.estimatedTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.actualTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.refundedTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.overrunTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.learning = reader.bool();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.learnedOutputTokens = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetAccuracyResponse {
+    return {
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      tier: isSet(object.tier) ? globalThis.String(object.tier) : "",
+      commits: isSet(object.commits) ? globalThis.Number(object.commits) : 0,
+      inputRatio: isSet(object.inputRatio)
+        ? Spread.fromJSON(object.inputRatio)
+        : isSet(object.input_ratio)
+        ? Spread.fromJSON(object.input_ratio)
+        : undefined,
+      outputRatio: isSet(object.outputRatio)
+        ? Spread.fromJSON(object.outputRatio)
+        : isSet(object.output_ratio)
+        ? Spread.fromJSON(object.output_ratio)
+        : undefined,
+      estimatedTokens: isSet(object.estimatedTokens)
+        ? globalThis.Number(object.estimatedTokens)
+        : isSet(object.estimated_tokens)
+        ? globalThis.Number(object.estimated_tokens)
+        : 0,
+      actualTokens: isSet(object.actualTokens)
+        ? globalThis.Number(object.actualTokens)
+        : isSet(object.actual_tokens)
+        ? globalThis.Number(object.actual_tokens)
+        : 0,
+      refundedTokens: isSet(object.refundedTokens)
+        ? globalThis.Number(object.refundedTokens)
+        : isSet(object.refunded_tokens)
+        ? globalThis.Number(object.refunded_tokens)
+        : 0,
+      overrunTokens: isSet(object.overrunTokens)
+        ? globalThis.Number(object.overrunTokens)
+        : isSet(object.overrun_tokens)
+        ? globalThis.Number(object.overrun_tokens)
+        : 0,
+      learning: isSet(object.learning) ? globalThis.Boolean(object.learning) : false,
+      learnedOutputTokens: isSet(object.learnedOutputTokens)
+        ? globalThis.Number(object.learnedOutputTokens)
+        : isSet(object.learned_output_tokens)
+        ? globalThis.Number(object.learned_output_tokens)
+        : 0,
+    };
+  },
+
+  toJSON(message: GetAccuracyResponse): unknown {
+    const obj: any = {};
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.tier !== "") {
+      obj.tier = message.tier;
+    }
+    if (message.commits !== 0) {
+      obj.commits = Math.round(message.commits);
+    }
+    if (message.inputRatio !== undefined) {
+      obj.inputRatio = Spread.toJSON(message.inputRatio);
+    }
+    if (message.outputRatio !== undefined) {
+      obj.outputRatio = Spread.toJSON(message.outputRatio);
+    }
+    if (message.estimatedTokens !== 0) {
+      obj.estimatedTokens = Math.round(message.estimatedTokens);
+    }
+    if (message.actualTokens !== 0) {
+      obj.actualTokens = Math.round(message.actualTokens);
+    }
+    if (message.refundedTokens !== 0) {
+      obj.refundedTokens = Math.round(message.refundedTokens);
+    }
+    if (message.overrunTokens !== 0) {
+      obj.overrunTokens = Math.round(message.overrunTokens);
+    }
+    if (message.learning !== false) {
+      obj.learning = message.learning;
+    }
+    if (message.learnedOutputTokens !== 0) {
+      obj.learnedOutputTokens = Math.round(message.learnedOutputTokens);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetAccuracyResponse>, I>>(base?: I): GetAccuracyResponse {
+    return GetAccuracyResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetAccuracyResponse>, I>>(object: I): GetAccuracyResponse {
+    const message = createBaseGetAccuracyResponse();
+    message.model = object.model ?? "";
+    message.tier = object.tier ?? "";
+    message.commits = object.commits ?? 0;
+    message.inputRatio = (object.inputRatio !== undefined && object.inputRatio !== null)
+      ? Spread.fromPartial(object.inputRatio)
+      : undefined;
+    message.outputRatio = (object.outputRatio !== undefined && object.outputRatio !== null)
+      ? Spread.fromPartial(object.outputRatio)
+      : undefined;
+    message.estimatedTokens = object.estimatedTokens ?? 0;
+    message.actualTokens = object.actualTokens ?? 0;
+    message.refundedTokens = object.refundedTokens ?? 0;
+    message.overrunTokens = object.overrunTokens ?? 0;
+    message.learning = object.learning ?? false;
+    message.learnedOutputTokens = object.learnedOutputTokens ?? 0;
+    return message;
+  },
+};
+
 /**
  * QuotaService decides whether an LLM call may proceed under every limit
  * that applies to it, and keeps the books once the call is done.
@@ -3459,6 +3951,20 @@ export const QuotaServiceService = {
       Buffer.from(CommitStreamResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CommitStreamResponse => CommitStreamResponse.decode(value),
   },
+  /**
+   * GetAccuracy reports how far estimates were from actual usage for a model,
+   * over a decaying window of the recent Commits that every replica has seen,
+   * and the output reservation it has learned.
+   */
+  getAccuracy: {
+    path: "/quotad.v1.QuotaService/GetAccuracy" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetAccuracyRequest): Buffer => Buffer.from(GetAccuracyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetAccuracyRequest => GetAccuracyRequest.decode(value),
+    responseSerialize: (value: GetAccuracyResponse): Buffer => Buffer.from(GetAccuracyResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetAccuracyResponse => GetAccuracyResponse.decode(value),
+  },
 } as const;
 
 export interface QuotaServiceServer extends UntypedServiceImplementation {
@@ -3505,6 +4011,12 @@ export interface QuotaServiceServer extends UntypedServiceImplementation {
    * answered in order.
    */
   commitStream: handleBidiStreamingCall<CommitStreamRequest, CommitStreamResponse>;
+  /**
+   * GetAccuracy reports how far estimates were from actual usage for a model,
+   * over a decaying window of the recent Commits that every replica has seen,
+   * and the output reservation it has learned.
+   */
+  getAccuracy: handleUnaryCall<GetAccuracyRequest, GetAccuracyResponse>;
 }
 
 export interface QuotaServiceClient extends Client {
@@ -3647,6 +4159,26 @@ export interface QuotaServiceClient extends Client {
     metadata: Metadata,
     options?: Partial<CallOptions>,
   ): ClientDuplexStream<CommitStreamRequest, CommitStreamResponse>;
+  /**
+   * GetAccuracy reports how far estimates were from actual usage for a model,
+   * over a decaying window of the recent Commits that every replica has seen,
+   * and the output reservation it has learned.
+   */
+  getAccuracy(
+    request: GetAccuracyRequest,
+    callback: (error: ServiceError | null, response: GetAccuracyResponse) => void,
+  ): ClientUnaryCall;
+  getAccuracy(
+    request: GetAccuracyRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetAccuracyResponse) => void,
+  ): ClientUnaryCall;
+  getAccuracy(
+    request: GetAccuracyRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetAccuracyResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const QuotaServiceClient = makeGenericClientConstructor(
@@ -3657,6 +4189,10 @@ export const QuotaServiceClient = makeGenericClientConstructor(
   service: typeof QuotaServiceService;
   serviceName: string;
 };
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

@@ -141,6 +141,21 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
   static final 
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
       internal_static_quotad_v1_CommitStreamResponse_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_GetAccuracyRequest_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_GetAccuracyRequest_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_Spread_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_Spread_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_GetAccuracyResponse_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_GetAccuracyResponse_fieldAccessorTable;
 
   public static com.google.protobuf.Descriptors.FileDescriptor
       getDescriptor() {
@@ -242,42 +257,58 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
       "mmitRequestR\007request\"f\n\024CommitStreamResp" +
       "onse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/\n\006r" +
       "esult\030\002 \001(\0132\027.quotad.v1.CommitResultR\006re" +
-      "sult*O\n\010Decision\022\030\n\024DECISION_UNSPECIFIED" +
-      "\020\000\022\024\n\020DECISION_ALLOWED\020\001\022\023\n\017DECISION_DEN" +
-      "IED\020\002*\215\001\n\nDenyReason\022\033\n\027DENY_REASON_UNSP" +
-      "ECIFIED\020\000\022\036\n\032DENY_REASON_LIMIT_EXCEEDED\020" +
-      "\001\022 \n\034DENY_REASON_EXCEEDS_CAPACITY\020\002\022 \n\034D" +
-      "ENY_REASON_BUDGET_EXHAUSTED\020\003*U\n\005Scope\022\025" +
-      "\n\021SCOPE_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001" +
-      "\022\020\n\014SCOPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n" +
-      "\006Metric\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRI" +
-      "C_REQUESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n" +
-      "\024METRIC_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_" +
-      "TOKENS\020\004\022\025\n\021METRIC_CONCURRENT\020\005\022\023\n\017METRI" +
-      "C_COST_USD\020\006*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_" +
-      "UNSPECIFIED\020\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020" +
-      "\001\022\034\n\030ALGORITHM_SLIDING_WINDOW\020\002\022\031\n\025ALGOR" +
-      "ITHM_CONCURRENCY\020\003\022\026\n\022ALGORITHM_CALENDAR" +
-      "\020\0042\252\005\n\014QuotaService\022X\n\017CheckAndReserve\022!" +
-      ".quotad.v1.CheckAndReserveRequest\032\".quot" +
-      "ad.v1.CheckAndReserveResponse\022=\n\006Commit\022" +
-      "\030.quotad.v1.CommitRequest\032\031.quotad.v1.Co" +
-      "mmitResponse\022@\n\007Release\022\031.quotad.v1.Rele" +
-      "aseRequest\032\032.quotad.v1.ReleaseResponse\022C" +
-      "\n\010GetUsage\022\032.quotad.v1.GetUsageRequest\032\033" +
-      ".quotad.v1.GetUsageResponse\022g\n\024CheckAndR" +
-      "eserveBatch\022&.quotad.v1.CheckAndReserveB" +
-      "atchRequest\032\'.quotad.v1.CheckAndReserveB" +
-      "atchResponse\022n\n\025CheckAndReserveStream\022\'." +
-      "quotad.v1.CheckAndReserveStreamRequest\032(" +
-      ".quotad.v1.CheckAndReserveStreamResponse" +
-      "(\0010\001\022L\n\013CommitBatch\022\035.quotad.v1.CommitBa" +
-      "tchRequest\032\036.quotad.v1.CommitBatchRespon" +
-      "se\022S\n\014CommitStream\022\036.quotad.v1.CommitStr" +
-      "eamRequest\032\037.quotad.v1.CommitStreamRespo" +
-      "nse(\0010\001B_\n\023io.github.quotad.v1B\nQuotaPro" +
-      "toP\001Z:github.com/quotad/quotad/clients/g" +
-      "o/gen/quotad/v1;quotadv1b\006proto3"
+      "sult\">\n\022GetAccuracyRequest\022\024\n\005model\030\001 \001(" +
+      "\tR\005model\022\022\n\004tier\030\002 \001(\tR\004tier\",\n\006Spread\022\020" +
+      "\n\003p50\030\001 \001(\001R\003p50\022\020\n\003p95\030\002 \001(\001R\003p95\"\263\003\n\023G" +
+      "etAccuracyResponse\022\024\n\005model\030\001 \001(\tR\005model" +
+      "\022\022\n\004tier\030\002 \001(\tR\004tier\022\030\n\007commits\030\003 \001(\003R\007c" +
+      "ommits\0222\n\013input_ratio\030\004 \001(\0132\021.quotad.v1." +
+      "SpreadR\ninputRatio\0224\n\014output_ratio\030\005 \001(\013" +
+      "2\021.quotad.v1.SpreadR\013outputRatio\022)\n\020esti" +
+      "mated_tokens\030\006 \001(\003R\017estimatedTokens\022#\n\ra" +
+      "ctual_tokens\030\007 \001(\003R\014actualTokens\022\'\n\017refu" +
+      "nded_tokens\030\010 \001(\003R\016refundedTokens\022%\n\016ove" +
+      "rrun_tokens\030\t \001(\003R\roverrunTokens\022\032\n\010lear" +
+      "ning\030\n \001(\010R\010learning\0222\n\025learned_output_t" +
+      "okens\030\013 \001(\003R\023learnedOutputTokens*O\n\010Deci" +
+      "sion\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024\n\020DECISI" +
+      "ON_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020\002*\215\001\n\nDe" +
+      "nyReason\022\033\n\027DENY_REASON_UNSPECIFIED\020\000\022\036\n" +
+      "\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n\034DENY_RE" +
+      "ASON_EXCEEDS_CAPACITY\020\002\022 \n\034DENY_REASON_B" +
+      "UDGET_EXHAUSTED\020\003*U\n\005Scope\022\025\n\021SCOPE_UNSP" +
+      "ECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014SCOPE_TE" +
+      "NANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n\006Metric\022\026\n\022M" +
+      "ETRIC_UNSPECIFIED\020\000\022\023\n\017METRIC_REQUESTS\020\001" +
+      "\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n\024METRIC_OUTP" +
+      "UT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_TOKENS\020\004\022\025\n\021" +
+      "METRIC_CONCURRENT\020\005\022\023\n\017METRIC_COST_USD\020\006" +
+      "*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_UNSPECIFIED\020" +
+      "\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020\001\022\034\n\030ALGORIT" +
+      "HM_SLIDING_WINDOW\020\002\022\031\n\025ALGORITHM_CONCURR" +
+      "ENCY\020\003\022\026\n\022ALGORITHM_CALENDAR\020\0042\370\005\n\014Quota" +
+      "Service\022X\n\017CheckAndReserve\022!.quotad.v1.C" +
+      "heckAndReserveRequest\032\".quotad.v1.CheckA" +
+      "ndReserveResponse\022=\n\006Commit\022\030.quotad.v1." +
+      "CommitRequest\032\031.quotad.v1.CommitResponse" +
+      "\022@\n\007Release\022\031.quotad.v1.ReleaseRequest\032\032" +
+      ".quotad.v1.ReleaseResponse\022C\n\010GetUsage\022\032" +
+      ".quotad.v1.GetUsageRequest\032\033.quotad.v1.G" +
+      "etUsageResponse\022g\n\024CheckAndReserveBatch\022" +
+      "&.quotad.v1.CheckAndReserveBatchRequest\032" +
+      "\'.quotad.v1.CheckAndReserveBatchResponse" +
+      "\022n\n\025CheckAndReserveStream\022\'.quotad.v1.Ch" +
+      "eckAndReserveStreamRequest\032(.quotad.v1.C" +
+      "heckAndReserveStreamResponse(\0010\001\022L\n\013Comm" +
+      "itBatch\022\035.quotad.v1.CommitBatchRequest\032\036" +
+      ".quotad.v1.CommitBatchResponse\022S\n\014Commit" +
+      "Stream\022\036.quotad.v1.CommitStreamRequest\032\037" +
+      ".quotad.v1.CommitStreamResponse(\0010\001\022L\n\013G" +
+      "etAccuracy\022\035.quotad.v1.GetAccuracyReques" +
+      "t\032\036.quotad.v1.GetAccuracyResponseB_\n\023io." +
+      "github.quotad.v1B\nQuotaProtoP\001Z:github.c" +
+      "om/quotad/quotad/clients/go/gen/quotad/v" +
+      "1;quotadv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -423,6 +454,24 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitStreamResponse_descriptor,
         new java.lang.String[] { "RequestId", "Result", });
+    internal_static_quotad_v1_GetAccuracyRequest_descriptor =
+      getDescriptor().getMessageType(23);
+    internal_static_quotad_v1_GetAccuracyRequest_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_GetAccuracyRequest_descriptor,
+        new java.lang.String[] { "Model", "Tier", });
+    internal_static_quotad_v1_Spread_descriptor =
+      getDescriptor().getMessageType(24);
+    internal_static_quotad_v1_Spread_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_Spread_descriptor,
+        new java.lang.String[] { "P50", "P95", });
+    internal_static_quotad_v1_GetAccuracyResponse_descriptor =
+      getDescriptor().getMessageType(25);
+    internal_static_quotad_v1_GetAccuracyResponse_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_GetAccuracyResponse_descriptor,
+        new java.lang.String[] { "Model", "Tier", "Commits", "InputRatio", "OutputRatio", "EstimatedTokens", "ActualTokens", "RefundedTokens", "OverrunTokens", "Learning", "LearnedOutputTokens", });
     descriptor.resolveAllFeaturesImmutable();
     com.google.protobuf.DurationProto.getDescriptor();
     com.google.protobuf.TimestampProto.getDescriptor();

@@ -264,6 +264,37 @@ public final class QuotaServiceGrpc {
     return getCommitStreamMethod;
   }
 
+  private static volatile io.grpc.MethodDescriptor<io.github.quotad.v1.GetAccuracyRequest,
+      io.github.quotad.v1.GetAccuracyResponse> getGetAccuracyMethod;
+
+  @io.grpc.stub.annotations.RpcMethod(
+      fullMethodName = SERVICE_NAME + '/' + "GetAccuracy",
+      requestType = io.github.quotad.v1.GetAccuracyRequest.class,
+      responseType = io.github.quotad.v1.GetAccuracyResponse.class,
+      methodType = io.grpc.MethodDescriptor.MethodType.UNARY)
+  public static io.grpc.MethodDescriptor<io.github.quotad.v1.GetAccuracyRequest,
+      io.github.quotad.v1.GetAccuracyResponse> getGetAccuracyMethod() {
+    io.grpc.MethodDescriptor<io.github.quotad.v1.GetAccuracyRequest, io.github.quotad.v1.GetAccuracyResponse> getGetAccuracyMethod;
+    if ((getGetAccuracyMethod = QuotaServiceGrpc.getGetAccuracyMethod) == null) {
+      synchronized (QuotaServiceGrpc.class) {
+        if ((getGetAccuracyMethod = QuotaServiceGrpc.getGetAccuracyMethod) == null) {
+          QuotaServiceGrpc.getGetAccuracyMethod = getGetAccuracyMethod =
+              io.grpc.MethodDescriptor.<io.github.quotad.v1.GetAccuracyRequest, io.github.quotad.v1.GetAccuracyResponse>newBuilder()
+              .setType(io.grpc.MethodDescriptor.MethodType.UNARY)
+              .setFullMethodName(generateFullMethodName(SERVICE_NAME, "GetAccuracy"))
+              .setSampledToLocalTracing(true)
+              .setRequestMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  io.github.quotad.v1.GetAccuracyRequest.getDefaultInstance()))
+              .setResponseMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  io.github.quotad.v1.GetAccuracyResponse.getDefaultInstance()))
+              .setSchemaDescriptor(new QuotaServiceMethodDescriptorSupplier("GetAccuracy"))
+              .build();
+        }
+      }
+    }
+    return getGetAccuracyMethod;
+  }
+
   /**
    * Creates a new async stub that supports all call types for the service
    */
@@ -423,6 +454,18 @@ public final class QuotaServiceGrpc {
         io.grpc.stub.StreamObserver<io.github.quotad.v1.CommitStreamResponse> responseObserver) {
       return io.grpc.stub.ServerCalls.asyncUnimplementedStreamingCall(getCommitStreamMethod(), responseObserver);
     }
+
+    /**
+     * <pre>
+     * GetAccuracy reports how far estimates were from actual usage for a model,
+     * over a decaying window of the recent Commits that every replica has seen,
+     * and the output reservation it has learned.
+     * </pre>
+     */
+    default void getAccuracy(io.github.quotad.v1.GetAccuracyRequest request,
+        io.grpc.stub.StreamObserver<io.github.quotad.v1.GetAccuracyResponse> responseObserver) {
+      io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getGetAccuracyMethod(), responseObserver);
+    }
   }
 
   /**
@@ -560,6 +603,19 @@ public final class QuotaServiceGrpc {
       return io.grpc.stub.ClientCalls.asyncBidiStreamingCall(
           getChannel().newCall(getCommitStreamMethod(), getCallOptions()), responseObserver);
     }
+
+    /**
+     * <pre>
+     * GetAccuracy reports how far estimates were from actual usage for a model,
+     * over a decaying window of the recent Commits that every replica has seen,
+     * and the output reservation it has learned.
+     * </pre>
+     */
+    public void getAccuracy(io.github.quotad.v1.GetAccuracyRequest request,
+        io.grpc.stub.StreamObserver<io.github.quotad.v1.GetAccuracyResponse> responseObserver) {
+      io.grpc.stub.ClientCalls.asyncUnaryCall(
+          getChannel().newCall(getGetAccuracyMethod(), getCallOptions()), request, responseObserver);
+    }
   }
 
   /**
@@ -678,6 +734,18 @@ public final class QuotaServiceGrpc {
       return io.grpc.stub.ClientCalls.blockingBidiStreamingCall(
           getChannel(), getCommitStreamMethod(), getCallOptions());
     }
+
+    /**
+     * <pre>
+     * GetAccuracy reports how far estimates were from actual usage for a model,
+     * over a decaying window of the recent Commits that every replica has seen,
+     * and the output reservation it has learned.
+     * </pre>
+     */
+    public io.github.quotad.v1.GetAccuracyResponse getAccuracy(io.github.quotad.v1.GetAccuracyRequest request) throws io.grpc.StatusException {
+      return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
+          getChannel(), getGetAccuracyMethod(), getCallOptions(), request);
+    }
   }
 
   /**
@@ -767,6 +835,18 @@ public final class QuotaServiceGrpc {
     public io.github.quotad.v1.CommitBatchResponse commitBatch(io.github.quotad.v1.CommitBatchRequest request) {
       return io.grpc.stub.ClientCalls.blockingUnaryCall(
           getChannel(), getCommitBatchMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * GetAccuracy reports how far estimates were from actual usage for a model,
+     * over a decaying window of the recent Commits that every replica has seen,
+     * and the output reservation it has learned.
+     * </pre>
+     */
+    public io.github.quotad.v1.GetAccuracyResponse getAccuracy(io.github.quotad.v1.GetAccuracyRequest request) {
+      return io.grpc.stub.ClientCalls.blockingUnaryCall(
+          getChannel(), getGetAccuracyMethod(), getCallOptions(), request);
     }
   }
 
@@ -864,6 +944,19 @@ public final class QuotaServiceGrpc {
       return io.grpc.stub.ClientCalls.futureUnaryCall(
           getChannel().newCall(getCommitBatchMethod(), getCallOptions()), request);
     }
+
+    /**
+     * <pre>
+     * GetAccuracy reports how far estimates were from actual usage for a model,
+     * over a decaying window of the recent Commits that every replica has seen,
+     * and the output reservation it has learned.
+     * </pre>
+     */
+    public com.google.common.util.concurrent.ListenableFuture<io.github.quotad.v1.GetAccuracyResponse> getAccuracy(
+        io.github.quotad.v1.GetAccuracyRequest request) {
+      return io.grpc.stub.ClientCalls.futureUnaryCall(
+          getChannel().newCall(getGetAccuracyMethod(), getCallOptions()), request);
+    }
   }
 
   private static final int METHODID_CHECK_AND_RESERVE = 0;
@@ -872,8 +965,9 @@ public final class QuotaServiceGrpc {
   private static final int METHODID_GET_USAGE = 3;
   private static final int METHODID_CHECK_AND_RESERVE_BATCH = 4;
   private static final int METHODID_COMMIT_BATCH = 5;
-  private static final int METHODID_CHECK_AND_RESERVE_STREAM = 6;
-  private static final int METHODID_COMMIT_STREAM = 7;
+  private static final int METHODID_GET_ACCURACY = 6;
+  private static final int METHODID_CHECK_AND_RESERVE_STREAM = 7;
+  private static final int METHODID_COMMIT_STREAM = 8;
 
   private static final class MethodHandlers<Req, Resp> implements
       io.grpc.stub.ServerCalls.UnaryMethod<Req, Resp>,
@@ -915,6 +1009,10 @@ public final class QuotaServiceGrpc {
         case METHODID_COMMIT_BATCH:
           serviceImpl.commitBatch((io.github.quotad.v1.CommitBatchRequest) request,
               (io.grpc.stub.StreamObserver<io.github.quotad.v1.CommitBatchResponse>) responseObserver);
+          break;
+        case METHODID_GET_ACCURACY:
+          serviceImpl.getAccuracy((io.github.quotad.v1.GetAccuracyRequest) request,
+              (io.grpc.stub.StreamObserver<io.github.quotad.v1.GetAccuracyResponse>) responseObserver);
           break;
         default:
           throw new AssertionError();
@@ -996,6 +1094,13 @@ public final class QuotaServiceGrpc {
               io.github.quotad.v1.CommitStreamRequest,
               io.github.quotad.v1.CommitStreamResponse>(
                 service, METHODID_COMMIT_STREAM)))
+        .addMethod(
+          getGetAccuracyMethod(),
+          io.grpc.stub.ServerCalls.asyncUnaryCall(
+            new MethodHandlers<
+              io.github.quotad.v1.GetAccuracyRequest,
+              io.github.quotad.v1.GetAccuracyResponse>(
+                service, METHODID_GET_ACCURACY)))
         .build();
   }
 
@@ -1052,6 +1157,7 @@ public final class QuotaServiceGrpc {
               .addMethod(getCheckAndReserveStreamMethod())
               .addMethod(getCommitBatchMethod())
               .addMethod(getCommitStreamMethod())
+              .addMethod(getGetAccuracyMethod())
               .build();
         }
       }
