@@ -13,9 +13,9 @@ Scenarios:
   reserve         CheckAndReserve, numeric tokens, 4 limits, 100,000 distinct subjects
   reserve+commit  CheckAndReserve then Commit of each admitted reservation
   hot-subject     one subject at its limit (20 requests/min): mostly denials
+  prompt-2kb      CheckAndReserve with a 2 KB chat prompt counted by tiktoken on the server
   batch16         CheckAndReserveBatch, 16 decisions per RPC
   stream          CheckAndReserveStream, one request in flight per stream
-(The 2 KB chat-prompt scenario arrives with server-side token counting.)
 
 Prints one table and writes the same as JSON (default bench/results/latest.json).
 """
@@ -72,6 +72,7 @@ SCENARIOS = [
     Scenario("reserve", "unary", "CheckAndReserve", "reserve.bin"),
     Scenario("reserve+commit", "pair", "CheckAndReserve", "reserve.bin"),
     Scenario("hot-subject", "unary", "CheckAndReserve", "hot.bin"),
+    Scenario("prompt-2kb", "unary", "CheckAndReserve", "prompt2k.bin"),
     Scenario("batch16", "unary", "CheckAndReserveBatch", "batch16.bin", batch_response=True),
     Scenario("stream", "stream", "CheckAndReserveStream", "stream.bin"),
 ]
@@ -83,6 +84,53 @@ SCENARIOS = [
 def _reserve_request(rng: random.Random, subject: str, tier: str = "") -> pb.CheckAndReserveRequest:
     return pb.CheckAndReserveRequest(
         subject=subject, tier=tier, model="gpt-4o", input_tokens=rng.randint(100, 2000), max_output_tokens=256
+    )
+
+
+_WORDS = [
+    "the",
+    "quota",
+    "service",
+    "counts",
+    "tokens",
+    "before",
+    "every",
+    "call",
+    "so",
+    "that",
+    "one",
+    "heavy",
+    "user",
+    "cannot",
+    "starve",
+    "the",
+    "rest",
+    "a",
+    "retrieval",
+    "query",
+    "carries",
+    "several",
+    "documents",
+    "and",
+    "a",
+    "question",
+    "about",
+    "their",
+    "contents",
+]
+
+
+def _chat_request(rng: random.Random, subject: str) -> pb.CheckAndReserveRequest:
+    """A chat call of about 2 KB of text: a system prompt, a retrieved passage and a question."""
+    passage = " ".join(rng.choice(_WORDS) for _ in range(335))
+    return pb.CheckAndReserveRequest(
+        subject=subject,
+        model="gpt-4o",
+        max_output_tokens=256,
+        messages=[
+            pb.ChatMessage(role="system", content="You answer from the passage only, in one paragraph."),
+            pb.ChatMessage(role="user", content=f"Passage: {passage}\n\nQuestion: what does it say?"),
+        ],
     )
 
 
@@ -102,6 +150,10 @@ def write_requests(directory: Path, count: int) -> None:
 
     dump("reserve.bin", reserves())
     dump("hot.bin", (_reserve_request(rng, "hot-user", tier="hot") for _ in range(1000)))
+    dump(
+        "prompt2k.bin",
+        (_chat_request(rng, f"user-{rng.randrange(SUBJECTS)}") for _ in range(min(count, 5000))),
+    )
     dump(
         "batch16.bin",
         (

@@ -121,7 +121,12 @@ async def running_quotad(
     store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
     await store.start()
     core = QuotaCore(
-        policy, store, encodings=encodings(), max_prompt_bytes=max_prompt_bytes, learning_refresh_s=0
+        policy,
+        store,
+        encodings=encodings(),
+        max_prompt_bytes=max_prompt_bytes,
+        learning_refresh_s=0,
+        stats_flush_s=0,
     )
     server = QuotadServer(core, store, listen="127.0.0.1:0", health_interval_s=health_interval_s)
     await server.start()

@@ -82,6 +82,7 @@ async def serve(settings: Settings) -> int:
         await stopping.wait()
         log.info("stopping", grace_s=settings.shutdown_grace_s)
         await server.stop(settings.shutdown_grace_s)
+        await core.flush()
         log.info("stopped")
     return 0
 

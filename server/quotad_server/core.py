@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import structlog
 import tiktoken
 
-from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError, StoreUnavailable
-from quotad_server.learning import OutputEstimator
+from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError
+from quotad_server.learning import OutputEstimator, UsageRecorder
 from quotad_server.model import (
     AccuracyReport,
     Algorithm,
@@ -35,7 +35,6 @@ from quotad_server.tokens import ChatMessage, TokenCounter
 from quotad_server.usage_stats import UsageSample, merge, output_quantile, ratio_quantile
 
 _log = structlog.get_logger("quotad.core")
-DEFAULT_WINDOW = 10_000
 
 MAX_TOKENS = 10**9
 MAX_ID_BYTES = 256
@@ -120,6 +119,7 @@ class QuotaCore:
         encodings: Mapping[str, tiktoken.Encoding] | None = None,
         max_prompt_bytes: int = 1 << 20,
         learning_refresh_s: float = 5.0,
+        stats_flush_s: float = 1.0,
     ) -> None:
         self.policy = policy
         self._store = store
@@ -127,6 +127,7 @@ class QuotaCore:
         self._max_prompt_bytes = max_prompt_bytes
         self._counters: dict[tuple[str, float], TokenCounter] = {}
         self._outputs = OutputEstimator(store, refresh_s=learning_refresh_s)
+        self._recorder = UsageRecorder(store, flush_s=stats_flush_s)
 
     @property
     def ready(self) -> bool:
@@ -371,7 +372,7 @@ class QuotaCore:
         return outcome
 
     async def _learn(self, outcomes: Sequence[SettleOutcome | QuotadError]) -> None:
-        """Add first-time commits to their model's usage statistics (advice: a failure is not the caller's)."""
+        """Add first-time commits to their model's usage statistics (written in batches)."""
         samples = [
             UsageSample(
                 o.model,
@@ -387,14 +388,11 @@ class QuotaCore:
         if not samples:
             return
         windows = {name: model.learned_window for name, model in self.policy.models.items()}
-        by_window: dict[int, list[UsageSample]] = {}
-        for sample in samples:
-            by_window.setdefault(windows.get(sample.model, DEFAULT_WINDOW), []).append(sample)
-        try:
-            for window, group in by_window.items():
-                await self._store.record_usage(group, window)
-        except StoreUnavailable as error:
-            _log.warning("usage statistics not recorded", error=str(error), samples=len(samples))
+        await self._recorder.add(samples, windows)
+
+    async def flush(self) -> None:
+        """Write pending usage statistics (on shutdown)."""
+        await self._recorder.flush()
 
     async def commit_many(
         self, commits: Sequence[tuple[str, int, int, int]]

@@ -1,4 +1,4 @@
-"""Output reservations that learn from actual usage.
+"""Output reservations that learn from actual usage, and the recorder that feeds them.
 
 For a model whose policy says `output_estimate: learned`, a call reserves
 min(max_output_tokens, the learned quantile of actual output tokens) for its model
@@ -12,10 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import structlog
+
 from quotad_server.errors import StoreUnavailable
 from quotad_server.policy import ModelPolicy
 from quotad_server.store import Store
-from quotad_server.usage_stats import output_quantile
+from quotad_server.usage_stats import UsageSample, increments, output_quantile
+
+_log = structlog.get_logger("quotad.learning")
+DEFAULT_WINDOW = 10_000
 
 
 class OutputEstimator:
@@ -52,3 +57,47 @@ class OutputEstimator:
             return max_output_tokens
         learned = await self.learned(model, tier)
         return max_output_tokens if learned is None else min(max_output_tokens, learned)
+
+
+class UsageRecorder:
+    """Adds committed calls to the shared usage statistics, in batches.
+
+    Samples are summed in memory per (model, tier) and written every `flush_s` seconds in
+    one script call per (model, tier): the statistics cost Redis almost nothing per Commit.
+    With `flush_s` 0 every Commit writes at once (tests). `flush()` writes what is pending
+    (on shutdown).
+    """
+
+    def __init__(self, store: Store, *, flush_s: float = 1.0) -> None:
+        self._store = store
+        self._flush_s = flush_s
+        self._pending: dict[tuple[str, str], tuple[int, dict[str, int]]] = {}
+        self._timer: asyncio.Task[None] | None = None
+
+    async def add(self, samples: list[UsageSample], windows: dict[str, int]) -> None:
+        for sample in samples:
+            key = (sample.model, sample.tier)
+            window, fields = self._pending.get(key, (windows.get(sample.model, DEFAULT_WINDOW), {}))
+            for field, increment in increments(sample).items():
+                fields[field] = fields.get(field, 0) + increment
+            self._pending[key] = (window, fields)
+        if self._flush_s <= 0:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_later(), name="quotad-usage-stats")
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_s)
+        self._timer = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            await self._store.record_usage(
+                [(model, tier, window, fields) for (model, tier), (window, fields) in pending.items()]
+            )
+        except StoreUnavailable as error:  # advice, not accounting: drop it rather than pile it up
+            _log.warning("usage statistics not recorded", error=str(error), groups=len(pending))

@@ -33,7 +33,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "redis ceiling" in result.stdout
     report = json.loads(out.read_text())
     scenarios = {row["scenario"] for row in report["summary"]}
-    assert scenarios == {"reserve", "reserve+commit", "hot-subject", "batch16", "stream"}
+    assert scenarios == {"reserve", "reserve+commit", "hot-subject", "prompt-2kb", "batch16", "stream"}
     for row in report["summary"]:
         assert row["decisions_per_s"]["median"] > 0, row["scenario"]
         assert row["noop_decisions_per_s"]["median"] > 0, row["scenario"]

@@ -6,13 +6,12 @@ Protocol. RedisStore (store/redis.py) is the one implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from quotad_server.errors import QuotadError
 from quotad_server.model import Cost, Limit, LimitStatus, Price, SettleOutcome
-from quotad_server.usage_stats import UsageSample
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +83,8 @@ class Store(Protocol):
         """
         ...
 
-    async def record_usage(self, samples: Sequence[UsageSample], window: int) -> None:
-        """Add committed calls to their (model, tier) usage statistics."""
+    async def record_usage(self, groups: Sequence[tuple[str, str, int, Mapping[str, int]]]) -> None:
+        """Add summed samples to usage statistics: (model, tier, window, field increments) per group."""
         ...
 
     async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:

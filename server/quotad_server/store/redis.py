@@ -14,7 +14,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -39,7 +39,6 @@ from quotad_server.model import (
 )
 from quotad_server.store import ReservePlan, ReserveResult
 from quotad_server.store.resp import RedisAddress, RespClient, Script
-from quotad_server.usage_stats import UsageSample, increments
 
 T = TypeVar("T")
 Clock = Callable[[], int]
@@ -403,19 +402,16 @@ class RedisStore:
     def _stats_key(self, model: str, tier: str) -> str:
         return key(self._prefix, "stats", "s", model, tier)
 
-    async def record_usage(self, samples: Sequence[UsageSample], window: int) -> None:
+    async def record_usage(self, groups: Sequence[tuple[str, str, int, Mapping[str, int]]]) -> None:
         calls: list[tuple[list[str], list[Any]]] = []
-        for sample in samples:
+        for model, tier, window, fields in groups:
             args: list[Any] = [window]
-            for field, increment in increments(sample).items():
+            for field, increment in fields.items():
                 args += (field, increment)
-            calls.append(([self._stats_key(sample.model, sample.tier)], args))
+            calls.append(([self._stats_key(model, tier)], args))
         for reply in await self._run_many(self._stats, calls):
-            self._unwrap_count(reply)
-
-    def _unwrap_count(self, reply: Any) -> None:
-        if isinstance(reply, Exception):
-            self._unwrap(reply)
+            if isinstance(reply, Exception):
+                self._unwrap(reply)
 
     async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
         raw = await self._call(lambda: self._client.call("HGETALL", self._stats_key(model, tier)))
