@@ -38,6 +38,7 @@ from quotad_server.model import (
     Limit,
     LimitStatus,
     Metric,
+    Priority,
     ReserveOutcome,
     Scope,
     SettleOutcome,
@@ -56,7 +57,14 @@ _DENY_REASON = {
     DenyReason.LIMIT_EXCEEDED: pb.DENY_REASON_LIMIT_EXCEEDED,
     DenyReason.EXCEEDS_CAPACITY: pb.DENY_REASON_EXCEEDS_CAPACITY,
     DenyReason.BUDGET_EXHAUSTED: pb.DENY_REASON_BUDGET_EXHAUSTED,
+    DenyReason.QUEUE_FULL: pb.DENY_REASON_QUEUE_FULL,
 }
+_PRIORITY = {
+    Priority.LOW: pb.PRIORITY_LOW,
+    Priority.NORMAL: pb.PRIORITY_NORMAL,
+    Priority.HIGH: pb.PRIORITY_HIGH,
+}
+_PRIORITY_IN = {value: key for key, value in _PRIORITY.items()}
 _SCOPE = {Scope.SUBJECT: pb.SCOPE_SUBJECT, Scope.TENANT: pb.SCOPE_TENANT, Scope.GLOBAL: pb.SCOPE_GLOBAL}
 _METRIC = {
     Metric.REQUESTS: pb.METRIC_REQUESTS,
@@ -168,10 +176,23 @@ def _item_error(error: QuotadError) -> pb.Error:
     )
 
 
+def _micros(duration: duration_pb2.Duration) -> int:
+    return duration.seconds * 1_000_000 + duration.nanos // 1000
+
+
 def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
-    lease_us = None
-    if request.HasField("lease"):
-        lease_us = request.lease.seconds * 1_000_000 + request.lease.nanos // 1000
+    lease_us = _micros(request.lease) if request.HasField("lease") else None
+    priority = None
+    if request.priority != pb.PRIORITY_UNSPECIFIED:
+        priority = _PRIORITY_IN.get(request.priority)
+        if priority is None:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "priority", f"unknown priority {request.priority}; use PRIORITY_LOW, _NORMAL or _HIGH"
+                    )
+                ]
+            )
     return ReserveRequest(
         subject=request.subject,
         tenant=request.tenant,
@@ -183,6 +204,8 @@ def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
         idempotency_key=request.idempotency_key,
         prompt=request.prompt,
         messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages),
+        priority=priority,
+        max_wait_us=_micros(request.max_wait),
     )
 
 
@@ -194,6 +217,9 @@ def _fill_reserve_response(
     response.tenant = outcome.tenant
     response.tier = outcome.tier
     response.replayed = outcome.replayed
+    response.priority = _PRIORITY[outcome.priority]
+    if outcome.waited_us:
+        response.waited.CopyFrom(duration_us(outcome.waited_us))
     _add_limit_statuses(response.limits, outcome.limits)
     fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
     if outcome.decision is Decision.ALLOWED:

@@ -25,6 +25,7 @@ from quotad_server.model import (
     DenyReason,
     LimitStatus,
     Metric,
+    Priority,
     ReserveOutcome,
     SettleOutcome,
     UsageReport,
@@ -57,6 +58,8 @@ class ReserveRequest:
     idempotency_key: str = ""
     prompt: str = ""
     messages: tuple[ChatMessage, ...] = ()
+    priority: Priority | None = None
+    max_wait_us: int = 0
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -288,12 +291,13 @@ class QuotaCore:
             price=price,
             model=request.model,
             tier=tier,
+            priority=request.priority or policy.tier_priority[tier],
         )
         return plan, tier
 
     def _outcome(self, plan: ReservePlan, tier: str, result: ReserveResult) -> ReserveOutcome:
         if not result.allowed:
-            return self._denial(plan.tenant, tier, result.limits)
+            return self._denial(plan.tenant, tier, result.limits, plan.priority)
         return ReserveOutcome(
             decision=Decision.ALLOWED,
             tenant=plan.tenant,
@@ -304,6 +308,7 @@ class QuotaCore:
             reserved=result.reserved,
             counted_input_tokens=plan.input_tokens,
             replayed=result.replayed,
+            priority=plan.priority,
         )
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
@@ -338,7 +343,9 @@ class QuotaCore:
         return outcomes
 
     @staticmethod
-    def _denial(tenant: str, tier: str, statuses: tuple[LimitStatus, ...]) -> ReserveOutcome:
+    def _denial(
+        tenant: str, tier: str, statuses: tuple[LimitStatus, ...], priority: Priority = Priority.NORMAL
+    ) -> ReserveOutcome:
         # The binding limit is the one that can never fit, else the one that takes longest.
         never = [i for i, s in enumerate(statuses) if s.wait_us is None]
         if never:
@@ -360,6 +367,7 @@ class QuotaCore:
             deny_reason=reason,
             retry_after_us=retry_after,
             binding_limit=statuses[binding].limit.name,
+            priority=priority,
         )
 
     async def commit(

@@ -47,6 +47,15 @@ class DenyReason(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     EXCEEDS_CAPACITY = "exceeds_capacity"
     BUDGET_EXHAUSTED = "budget_exhausted"  # a calendar budget, until it resets
+    QUEUE_FULL = "queue_full"  # asked to wait, but the waiting line is full
+
+
+class Priority(StrEnum):
+    """How much of a shared limit a request may use: background work yields to paid users."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
 
 
 class Calendar(StrEnum):
@@ -59,7 +68,8 @@ class Limit:
     """One limit of the policy.
 
     `period_us` is 0 for concurrency and calendar limits (`calendar` says which
-    calendar period). `model` restricts the limit to requests for that model;
+    calendar period). `admission` caps, per priority, the share of a shared (tenant
+    or global) limit that requests may fill, keeping headroom for higher priorities. `model` restricts the limit to requests for that model;
     None applies it to every model. `exclude_cached` leaves prompt-cache reads
     out of an input or total token limit (as Anthropic's ITPM does). Cost limits
     count micro-dollars.
@@ -74,9 +84,17 @@ class Limit:
     model: str | None = None
     calendar: Calendar | None = None
     exclude_cached: bool = False
+    admission: tuple[tuple[Priority, float], ...] = ()
 
     def applies_to(self, model: str) -> bool:
         return self.model is None or self.model == model
+
+    def admit_limit(self, priority: Priority) -> int:
+        """The share of the limit a request of `priority` may fill (all of it without ceilings)."""
+        for level, fraction in self.admission:
+            if level is priority:
+                return int(self.limit * fraction)
+        return self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +172,8 @@ class ReserveOutcome:
     retry_after_us: int | None = None
     binding_limit: str | None = None
     replayed: bool = False
+    priority: Priority = Priority.NORMAL
+    waited_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quotad_server.model import Algorithm, Calendar, Limit, Metric, Price, Scope
+from quotad_server.model import Algorithm, Calendar, Limit, Metric, Price, Priority, Scope
 
 MAX_LIMIT = 10**15
 MAX_PRICE_USD = 1000  # per million tokens: keeps exact integer cost arithmetic in Lua (< 2^53)
@@ -55,6 +55,27 @@ def _micro_usd(value: float | int, what: str) -> int:
     return int(micros)
 
 
+class AdmissionSpec(_Strict):
+    """Per priority, the share of a shared limit its requests may fill (0 < share <= 1)."""
+
+    low: float | int = Field(default=1.0, gt=0, le=1)
+    normal: float | int = Field(default=1.0, gt=0, le=1)
+    high: float | int = Field(default=1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdmissionSpec:
+        if not self.low <= self.normal <= self.high:
+            raise ValueError(f"need low <= normal <= high, got {self.low}, {self.normal}, {self.high}")
+        return self
+
+    def shares(self) -> tuple[tuple[Priority, float], ...]:
+        return (
+            (Priority.LOW, float(self.low)),
+            (Priority.NORMAL, float(self.normal)),
+            (Priority.HIGH, float(self.high)),
+        )
+
+
 class LimitSpec(_Strict):
     name: str
     metric: Metric
@@ -63,6 +84,7 @@ class LimitSpec(_Strict):
     algorithm: Literal["token_bucket", "sliding_window"] | None = None
     model: str | None = None
     exclude_cached: bool = False
+    admission: AdmissionSpec | None = None
 
     @field_validator("metric", mode="before")
     @classmethod
@@ -102,7 +124,7 @@ class LimitSpec(_Strict):
             raise ValueError("exclude_cached applies to input_tokens and total_tokens limits only")
         return self
 
-    def to_limit(self, scope: Scope) -> Limit:
+    def to_limit(self, scope: Scope, default_admission: AdmissionSpec | None = None) -> Limit:
         calendar = None
         if self.metric is Metric.CONCURRENT:
             algorithm, period_us = Algorithm.CONCURRENCY, 0
@@ -113,6 +135,7 @@ class LimitSpec(_Strict):
             algorithm = Algorithm(self.algorithm or Algorithm.TOKEN_BUCKET)
             period_us = parse_duration_us(self.period)
         limit = _micro_usd(self.limit, "limit") if self.metric is Metric.COST_USD else int(self.limit)
+        admission = self.admission or (default_admission if scope is not Scope.SUBJECT else None)
         return Limit(
             self.name,
             scope,
@@ -123,6 +146,7 @@ class LimitSpec(_Strict):
             self.model,
             calendar,
             self.exclude_cached,
+            admission.shares() if admission else (),
         )
 
 
@@ -137,6 +161,20 @@ class LimitGroup(_Strict):
             if spec.name in seen:
                 raise ValueError(f"duplicate limit name {spec.name!r}")
             seen.add(spec.name)
+        return value
+
+
+class TierGroup(LimitGroup):
+    priority: Literal["low", "normal", "high"] = "normal"
+
+    @field_validator("limits")
+    @classmethod
+    def _subject_limits(cls, value: list[LimitSpec]) -> list[LimitSpec]:
+        for spec in value:
+            if spec.admission is not None:
+                raise ValueError(
+                    f"limit {spec.name!r}: admission ceilings apply to tenant and global limits only"
+                )
         return value
 
 
@@ -223,9 +261,10 @@ class PolicyDocument(_Strict):
     leases: Leases = Field(default_factory=Leases)
     retention: Duration = "24h"
     models: dict[str, ModelSpec] = Field(default_factory=dict)
-    tiers: dict[str, LimitGroup]
+    tiers: dict[str, TierGroup]
     tenants: dict[str, LimitGroup] = Field(default_factory=dict)
     global_: LimitGroup = Field(default_factory=LimitGroup, alias="global")
+    admission: AdmissionSpec | None = None  # the default ceilings of every tenant and global limit
 
     @field_validator("retention")
     @classmethod
@@ -260,6 +299,7 @@ class Policy:
     retention_us: int
     models: dict[str, ModelPolicy]
     tier_limits: dict[str, tuple[Limit, ...]]
+    tier_priority: dict[str, Priority]
     tenant_limits: dict[str, tuple[Limit, ...]]
     global_limits: tuple[Limit, ...]
     _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
@@ -340,10 +380,12 @@ def parse_policy(text: str, source: str) -> Policy:
         tier_limits={
             name: tuple(s.to_limit(Scope.SUBJECT) for s in g.limits) for name, g in doc.tiers.items()
         },
+        tier_priority={name: Priority(group.priority) for name, group in doc.tiers.items()},
         tenant_limits={
-            name: tuple(s.to_limit(Scope.TENANT) for s in g.limits) for name, g in doc.tenants.items()
+            name: tuple(s.to_limit(Scope.TENANT, doc.admission) for s in g.limits)
+            for name, g in doc.tenants.items()
         },
-        global_limits=tuple(s.to_limit(Scope.GLOBAL) for s in doc.global_.limits),
+        global_limits=tuple(s.to_limit(Scope.GLOBAL, doc.admission) for s in doc.global_.limits),
     )
 
 

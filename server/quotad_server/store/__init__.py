@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from quotad_server.errors import QuotadError
-from quotad_server.model import Cost, Limit, LimitStatus, Price, SettleOutcome
+from quotad_server.model import Cost, Limit, LimitStatus, Price, Priority, SettleOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,7 @@ class ReservePlan:
     price: Price | None = None
     model: str = ""
     tier: str = ""
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass(frozen=True, slots=True)

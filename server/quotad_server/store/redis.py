@@ -34,6 +34,7 @@ from quotad_server.model import (
     LimitStatus,
     Metric,
     Price,
+    Priority,
     Scope,
     SettleOutcome,
 )
@@ -200,14 +201,10 @@ class RedisStore:
         return keys
 
     @staticmethod
-    def _limit_args(limits: Sequence[Limit]) -> list[Any]:
+    def _limit_args(limits: Sequence[Limit], priority: Priority = Priority.HIGH) -> list[Any]:
         args: list[Any] = [len(limits)]
         for limit in limits:
-            args += (
-                *_codes(limit),
-                limit.limit,
-                limit.period_us,
-            )
+            args += (*_codes(limit), limit.limit, limit.period_us, limit.admit_limit(priority))
         return args
 
     @staticmethod
@@ -256,7 +253,7 @@ class RedisStore:
             plan.cost_micro_usd,
             _price_arg(plan.price),
             f"{plan.model}\t{plan.tier}",
-            *self._limit_args(plan.limits),
+            *self._limit_args(plan.limits, plan.priority),
         ]
         return reservation_id, keys, args
 

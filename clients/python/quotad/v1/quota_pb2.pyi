@@ -71,6 +71,10 @@ class _DenyReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DenyReason
     """A calendar budget (per day or per month) is spent: it reopens when the
     calendar period resets, which retry_after points at.
     """
+    DENY_REASON_QUEUE_FULL: _DenyReason.ValueType  # 4
+    """The request asked to wait, but the waiting line of its binding limit is
+    full. retry_after says when the limit itself would fit the request.
+    """
 
 class DenyReason(_DenyReason, metaclass=_DenyReasonEnumTypeWrapper):
     """DenyReason tells a caller what to do with a denial."""
@@ -87,7 +91,39 @@ DENY_REASON_BUDGET_EXHAUSTED: DenyReason.ValueType  # 3
 """A calendar budget (per day or per month) is spent: it reopens when the
 calendar period resets, which retry_after points at.
 """
+DENY_REASON_QUEUE_FULL: DenyReason.ValueType  # 4
+"""The request asked to wait, but the waiting line of its binding limit is
+full. retry_after says when the limit itself would fit the request.
+"""
 Global___DenyReason: _TypeAlias = DenyReason  # noqa: Y015
+
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """The tier's default priority (normal unless the policy says otherwise)."""
+    PRIORITY_LOW: _Priority.ValueType  # 1
+    """Batch and background work: stops first when shared limits run short."""
+    PRIORITY_NORMAL: _Priority.ValueType  # 2
+    """The default."""
+    PRIORITY_HIGH: _Priority.ValueType  # 3
+    """Paid or interactive traffic: may use all of a shared limit."""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """Priority orders requests for shared capacity."""
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""The tier's default priority (normal unless the policy says otherwise)."""
+PRIORITY_LOW: Priority.ValueType  # 1
+"""Batch and background work: stops first when shared limits run short."""
+PRIORITY_NORMAL: Priority.ValueType  # 2
+"""The default."""
+PRIORITY_HIGH: Priority.ValueType  # 3
+"""Paid or interactive traffic: may use all of a shared limit."""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
 class _Scope:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -355,6 +391,8 @@ class CheckAndReserveRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Required. The end user or API consumer the call is made for. At most
     256 bytes, no control characters.
@@ -385,6 +423,10 @@ class CheckAndReserveRequest(_message.Message):
     """The prompt text, counted by the server with the model's tokenizer.
     Exclusive with input_tokens and messages. At most 1 MiB by default.
     """
+    priority: Global___Priority.ValueType
+    """Priority for shared (tenant and global) limits, which keep headroom for
+    higher priorities as the policy says. Unspecified: the tier's default.
+    """
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
         """How long the reservation holds its concurrency slot before it expires
@@ -395,6 +437,14 @@ class CheckAndReserveRequest(_message.Message):
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The chat messages, counted by the server with the model's tokenizer plus
         the chat format's overhead. Exclusive with input_tokens and prompt.
+        """
+
+    @_builtins.property
+    def max_wait(self) -> _duration_pb2.Duration:
+        """How long the server may hold the request in a waiting line, in priority
+        then arrival order, and admit it as soon as it fits, instead of denying
+        it at once. Bounded by the policy. The caller's deadline or cancellation
+        takes it out of the line with nothing reserved.
         """
 
     def __init__(
@@ -410,10 +460,12 @@ class CheckAndReserveRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        priority: Global___Priority.ValueType = ...,
+        max_wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "max_wait", b"max_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_tokens", b"input_tokens", "lease", b"lease", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "subject", b"subject", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_tokens", b"input_tokens", "lease", b"lease", "max_output_tokens", b"max_output_tokens", "max_wait", b"max_wait", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "subject", b"subject", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,6 +489,8 @@ class CheckAndReserveResponse(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     COUNTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    WAITED_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     """ALLOWED or DENIED."""
     deny_reason: Global___DenyReason.ValueType
@@ -457,6 +511,8 @@ class CheckAndReserveResponse(_message.Message):
     """The input tokens the decision used: counted by the server from prompt or
     messages, or the caller's input_tokens.
     """
+    priority: Global___Priority.ValueType
+    """The priority the request was decided at (after the tier's default)."""
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the reservation's lease ends (ALLOWED only)."""
@@ -475,6 +531,10 @@ class CheckAndReserveResponse(_message.Message):
     def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitStatus]:
         """One status per limit evaluated, in policy order."""
 
+    @_builtins.property
+    def waited(self) -> _duration_pb2.Duration:
+        """How long the request waited in line before this answer."""
+
     def __init__(
         self,
         *,
@@ -490,10 +550,12 @@ class CheckAndReserveResponse(_message.Message):
         tenant: _builtins.str = ...,
         tier: _builtins.str = ...,
         counted_input_tokens: _builtins.int = ...,
+        waited: _duration_pb2.Duration | None = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "reserved", b"reserved", "retry_after", b"retry_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "reserved", b"reserved", "retry_after", b"retry_after", "waited", b"waited"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "counted_input_tokens", b"counted_input_tokens", "decision", b"decision", "deny_reason", b"deny_reason", "lease_expires_at", b"lease_expires_at", "limits", b"limits", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "counted_input_tokens", b"counted_input_tokens", "decision", b"decision", "deny_reason", b"deny_reason", "lease_expires_at", b"lease_expires_at", "limits", b"limits", "priority", b"priority", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "tenant", b"tenant", "tier", b"tier", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

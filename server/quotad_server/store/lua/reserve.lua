@@ -25,12 +25,14 @@ ARGV[9]   estimated output tokens
 ARGV[10]  estimated cost in micro-dollars
 ARGV[11]  prices "<input> <cached input> <output>" in micro-dollars per million tokens
 ARGV[12]  "<model>\t<tier>", kept in the record for usage statistics
-ARGV[13]  N, the number of limits; then 4 values per limit:
+ARGV[13]  N, the number of limits; then 5 values per limit:
           algorithm (b token bucket, w sliding window, c concurrency, d calendar day,
             m calendar month),
           metric (r requests, c concurrent, i input tokens, I input tokens less cache reads,
             o output tokens, t total tokens, T total tokens less cache reads, u micro-dollars),
-          limit (units), period (microseconds; 0 for concurrency and calendar budgets)
+          limit (units), period (microseconds; 0 for concurrency and calendar budgets),
+          admission cap (units): how much of the limit this request's priority may fill;
+            the limit itself, or less to keep headroom for higher priorities
 
 State, per algorithm (units are requests, tokens or micro-dollars; times are microseconds):
   b  string "<level> <updated_at>": units in use; it drains at limit/period. A level
@@ -144,9 +146,9 @@ end
 local statuses = {}
 local admit = true
 for i = 1, n do
-  local base = 13 + (i - 1) * 4
+  local base = 13 + (i - 1) * 5
   local alg, metric = ARGV[base + 1], ARGV[base + 2]
-  local limit, period = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  local limit, period, cap = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   local key = KEYS[i + 2]
   local cost = units(metric)
   local used, wait, reset_after, extra = 0, 0, 0, 0
@@ -157,10 +159,10 @@ for i = 1, n do
       used = tonumber(level) - (now - tonumber(updated)) * limit / period
       if used < 0 then used = 0 elseif used > tonumber(level) then used = tonumber(level) end
     end
-    if cost > limit then
+    if cost > cap then
       wait = -1
-    elseif used + cost - limit > EPSILON then
-      wait = ceil((used + cost - limit) * period / limit)
+    elseif used + cost - cap > EPSILON then
+      wait = ceil((used + cost - cap) * period / limit)
     end
     local after = used
     if wait == 0 then after = used + cost end
@@ -175,19 +177,19 @@ for i = 1, n do
       for j = 1, #gone do extra = extra + tonumber(string.match(gone[j], ':(%d+)$')) end
       used = total - extra
     end
-    if cost > limit then
+    if cost > cap then
       wait = -1
-    elseif used + cost > limit then
+    elseif used + cost > cap then
       -- The oldest members leave the window first: find the one whose exit makes room.
       if metric == 'r' then
-        local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES', 'LIMIT', used + cost - limit - 1, 1)
+        local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES', 'LIMIT', used + cost - cap - 1, 1)
         wait = tonumber(nth[2]) + period - now
       else
         local members = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES')
         local left = used
         for j = 1, #members, 2 do
           left = left - tonumber(string.match(members[j], ':(%d+)$'))
-          if left + cost <= limit then
+          if left + cost <= cap then
             wait = tonumber(members[j + 1]) + period - now
             break
           end
@@ -202,10 +204,10 @@ for i = 1, n do
     end
   elseif alg == 'c' then
     used = redis.call('ZCOUNT', key, '(' .. int(now), '+inf')
-    if cost > limit then
+    if cost > cap then
       wait = -1
-    elseif used + cost > limit then
-      local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', used + cost - limit - 1, 1)
+    elseif used + cost > cap then
+      local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', used + cost - cap - 1, 1)
       wait = tonumber(nth[2]) - now
     end
     if used > 0 then
@@ -218,21 +220,21 @@ for i = 1, n do
     extra = first_day
     used = tonumber(redis.call('GET', key .. ':' .. int(first_day)) or '0')
     reset_after = ends - now
-    if cost > limit then
+    if cost > cap then
       wait = -1
-    elseif used + cost > limit then
+    elseif used + cost > cap then
       wait = ends - now
     end
   end
   if wait ~= 0 then admit = false end
-  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra}
+  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra, cap}
 end
 
 local lease_expires = now + lease_us
 local reply = {1, now, lease_expires, n}
 for i = 1, n do
   local s = statuses[i]
-  local remaining = s[3] - s[7]
+  local remaining = s[11] - s[7]  -- what this request's priority may still fill
   if admit then remaining = remaining - s[6] end
   reply[#reply + 1] = math.floor(remaining)
   reply[#reply + 1] = s[9]

@@ -99,6 +99,9 @@ const (
 	// A calendar budget (per day or per month) is spent: it reopens when the
 	// calendar period resets, which retry_after points at.
 	DenyReason_DENY_REASON_BUDGET_EXHAUSTED DenyReason = 3
+	// The request asked to wait, but the waiting line of its binding limit is
+	// full. retry_after says when the limit itself would fit the request.
+	DenyReason_DENY_REASON_QUEUE_FULL DenyReason = 4
 )
 
 // Enum value maps for DenyReason.
@@ -108,12 +111,14 @@ var (
 		1: "DENY_REASON_LIMIT_EXCEEDED",
 		2: "DENY_REASON_EXCEEDS_CAPACITY",
 		3: "DENY_REASON_BUDGET_EXHAUSTED",
+		4: "DENY_REASON_QUEUE_FULL",
 	}
 	DenyReason_value = map[string]int32{
 		"DENY_REASON_UNSPECIFIED":      0,
 		"DENY_REASON_LIMIT_EXCEEDED":   1,
 		"DENY_REASON_EXCEEDS_CAPACITY": 2,
 		"DENY_REASON_BUDGET_EXHAUSTED": 3,
+		"DENY_REASON_QUEUE_FULL":       4,
 	}
 )
 
@@ -142,6 +147,63 @@ func (x DenyReason) Number() protoreflect.EnumNumber {
 // Deprecated: Use DenyReason.Descriptor instead.
 func (DenyReason) EnumDescriptor() ([]byte, []int) {
 	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{1}
+}
+
+// Priority orders requests for shared capacity.
+type Priority int32
+
+const (
+	// The tier's default priority (normal unless the policy says otherwise).
+	Priority_PRIORITY_UNSPECIFIED Priority = 0
+	// Batch and background work: stops first when shared limits run short.
+	Priority_PRIORITY_LOW Priority = 1
+	// The default.
+	Priority_PRIORITY_NORMAL Priority = 2
+	// Paid or interactive traffic: may use all of a shared limit.
+	Priority_PRIORITY_HIGH Priority = 3
+)
+
+// Enum value maps for Priority.
+var (
+	Priority_name = map[int32]string{
+		0: "PRIORITY_UNSPECIFIED",
+		1: "PRIORITY_LOW",
+		2: "PRIORITY_NORMAL",
+		3: "PRIORITY_HIGH",
+	}
+	Priority_value = map[string]int32{
+		"PRIORITY_UNSPECIFIED": 0,
+		"PRIORITY_LOW":         1,
+		"PRIORITY_NORMAL":      2,
+		"PRIORITY_HIGH":        3,
+	}
+)
+
+func (x Priority) Enum() *Priority {
+	p := new(Priority)
+	*p = x
+	return p
+}
+
+func (x Priority) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Priority) Descriptor() protoreflect.EnumDescriptor {
+	return file_quotad_v1_quota_proto_enumTypes[2].Descriptor()
+}
+
+func (Priority) Type() protoreflect.EnumType {
+	return &file_quotad_v1_quota_proto_enumTypes[2]
+}
+
+func (x Priority) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Priority.Descriptor instead.
+func (Priority) EnumDescriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{2}
 }
 
 // Scope says whose counter a limit keeps.
@@ -185,11 +247,11 @@ func (x Scope) String() string {
 }
 
 func (Scope) Descriptor() protoreflect.EnumDescriptor {
-	return file_quotad_v1_quota_proto_enumTypes[2].Descriptor()
+	return file_quotad_v1_quota_proto_enumTypes[3].Descriptor()
 }
 
 func (Scope) Type() protoreflect.EnumType {
-	return &file_quotad_v1_quota_proto_enumTypes[2]
+	return &file_quotad_v1_quota_proto_enumTypes[3]
 }
 
 func (x Scope) Number() protoreflect.EnumNumber {
@@ -198,7 +260,7 @@ func (x Scope) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Scope.Descriptor instead.
 func (Scope) EnumDescriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{2}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{3}
 }
 
 // Metric is what a limit counts.
@@ -256,11 +318,11 @@ func (x Metric) String() string {
 }
 
 func (Metric) Descriptor() protoreflect.EnumDescriptor {
-	return file_quotad_v1_quota_proto_enumTypes[3].Descriptor()
+	return file_quotad_v1_quota_proto_enumTypes[4].Descriptor()
 }
 
 func (Metric) Type() protoreflect.EnumType {
-	return &file_quotad_v1_quota_proto_enumTypes[3]
+	return &file_quotad_v1_quota_proto_enumTypes[4]
 }
 
 func (x Metric) Number() protoreflect.EnumNumber {
@@ -269,7 +331,7 @@ func (x Metric) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Metric.Descriptor instead.
 func (Metric) EnumDescriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{3}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{4}
 }
 
 // Algorithm is how a limit replenishes.
@@ -317,11 +379,11 @@ func (x Algorithm) String() string {
 }
 
 func (Algorithm) Descriptor() protoreflect.EnumDescriptor {
-	return file_quotad_v1_quota_proto_enumTypes[4].Descriptor()
+	return file_quotad_v1_quota_proto_enumTypes[5].Descriptor()
 }
 
 func (Algorithm) Type() protoreflect.EnumType {
-	return &file_quotad_v1_quota_proto_enumTypes[4]
+	return &file_quotad_v1_quota_proto_enumTypes[5]
 }
 
 func (x Algorithm) Number() protoreflect.EnumNumber {
@@ -330,7 +392,7 @@ func (x Algorithm) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Algorithm.Descriptor instead.
 func (Algorithm) EnumDescriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{4}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{5}
 }
 
 // Cost is an amount charged to limits.
@@ -650,7 +712,15 @@ type CheckAndReserveRequest struct {
 	Prompt string `protobuf:"bytes,9,opt,name=prompt,proto3" json:"prompt,omitempty"`
 	// The chat messages, counted by the server with the model's tokenizer plus
 	// the chat format's overhead. Exclusive with input_tokens and prompt.
-	Messages      []*ChatMessage `protobuf:"bytes,10,rep,name=messages,proto3" json:"messages,omitempty"`
+	Messages []*ChatMessage `protobuf:"bytes,10,rep,name=messages,proto3" json:"messages,omitempty"`
+	// Priority for shared (tenant and global) limits, which keep headroom for
+	// higher priorities as the policy says. Unspecified: the tier's default.
+	Priority Priority `protobuf:"varint,11,opt,name=priority,proto3,enum=quotad.v1.Priority" json:"priority,omitempty"`
+	// How long the server may hold the request in a waiting line, in priority
+	// then arrival order, and admit it as soon as it fits, instead of denying
+	// it at once. Bounded by the policy. The caller's deadline or cancellation
+	// takes it out of the line with nothing reserved.
+	MaxWait       *durationpb.Duration `protobuf:"bytes,12,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -755,6 +825,20 @@ func (x *CheckAndReserveRequest) GetMessages() []*ChatMessage {
 	return nil
 }
 
+func (x *CheckAndReserveRequest) GetPriority() Priority {
+	if x != nil {
+		return x.Priority
+	}
+	return Priority_PRIORITY_UNSPECIFIED
+}
+
+func (x *CheckAndReserveRequest) GetMaxWait() *durationpb.Duration {
+	if x != nil {
+		return x.MaxWait
+	}
+	return nil
+}
+
 // CheckAndReserveResponse is the decision on one call.
 type CheckAndReserveResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -785,8 +869,12 @@ type CheckAndReserveResponse struct {
 	// The input tokens the decision used: counted by the server from prompt or
 	// messages, or the caller's input_tokens.
 	CountedInputTokens int64 `protobuf:"varint,12,opt,name=counted_input_tokens,json=countedInputTokens,proto3" json:"counted_input_tokens,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// How long the request waited in line before this answer.
+	Waited *durationpb.Duration `protobuf:"bytes,13,opt,name=waited,proto3" json:"waited,omitempty"`
+	// The priority the request was decided at (after the tier's default).
+	Priority      Priority `protobuf:"varint,14,opt,name=priority,proto3,enum=quotad.v1.Priority" json:"priority,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckAndReserveResponse) Reset() {
@@ -901,6 +989,20 @@ func (x *CheckAndReserveResponse) GetCountedInputTokens() int64 {
 		return x.CountedInputTokens
 	}
 	return 0
+}
+
+func (x *CheckAndReserveResponse) GetWaited() *durationpb.Duration {
+	if x != nil {
+		return x.Waited
+	}
+	return nil
+}
+
+func (x *CheckAndReserveResponse) GetPriority() Priority {
+	if x != nil {
+		return x.Priority
+	}
+	return Priority_PRIORITY_UNSPECIFIED
 }
 
 // CommitRequest reports the actual usage of a reserved call.
@@ -2266,7 +2368,7 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x06denied\x18\t \x01(\bR\x06denied\x12\x18\n" +
 	"\abinding\x18\n" +
 	" \x01(\bR\abinding\x12\x1a\n" +
-	"\bcalendar\x18\v \x01(\tR\bcalendar\"\xe9\x02\n" +
+	"\bcalendar\x18\v \x01(\tR\bcalendar\"\xd0\x03\n" +
 	"\x16CheckAndReserveRequest\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x12\n" +
@@ -2278,7 +2380,9 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x0fidempotency_key\x18\b \x01(\tR\x0eidempotencyKey\x12\x16\n" +
 	"\x06prompt\x18\t \x01(\tR\x06prompt\x122\n" +
 	"\bmessages\x18\n" +
-	" \x03(\v2\x16.quotad.v1.ChatMessageR\bmessages\"\xa7\x04\n" +
+	" \x03(\v2\x16.quotad.v1.ChatMessageR\bmessages\x12/\n" +
+	"\bpriority\x18\v \x01(\x0e2\x13.quotad.v1.PriorityR\bpriority\x124\n" +
+	"\bmax_wait\x18\f \x01(\v2\x19.google.protobuf.DurationR\amaxWait\"\x8b\x05\n" +
 	"\x17CheckAndReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.quotad.v1.DecisionR\bdecision\x126\n" +
 	"\vdeny_reason\x18\x02 \x01(\x0e2\x15.quotad.v1.DenyReasonR\n" +
@@ -2294,7 +2398,9 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x06tenant\x18\n" +
 	" \x01(\tR\x06tenant\x12\x12\n" +
 	"\x04tier\x18\v \x01(\tR\x04tier\x120\n" +
-	"\x14counted_input_tokens\x18\f \x01(\x03R\x12countedInputTokens\"\xae\x01\n" +
+	"\x14counted_input_tokens\x18\f \x01(\x03R\x12countedInputTokens\x121\n" +
+	"\x06waited\x18\r \x01(\v2\x19.google.protobuf.DurationR\x06waited\x12/\n" +
+	"\bpriority\x18\x0e \x01(\x0e2\x13.quotad.v1.PriorityR\bpriority\"\xae\x01\n" +
 	"\rCommitRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12!\n" +
 	"\finput_tokens\x18\x02 \x01(\x03R\vinputTokens\x12#\n" +
@@ -2381,13 +2487,19 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10DECISION_ALLOWED\x10\x01\x12\x13\n" +
-	"\x0fDECISION_DENIED\x10\x02*\x8d\x01\n" +
+	"\x0fDECISION_DENIED\x10\x02*\xa9\x01\n" +
 	"\n" +
 	"DenyReason\x12\x1b\n" +
 	"\x17DENY_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aDENY_REASON_LIMIT_EXCEEDED\x10\x01\x12 \n" +
 	"\x1cDENY_REASON_EXCEEDS_CAPACITY\x10\x02\x12 \n" +
-	"\x1cDENY_REASON_BUDGET_EXHAUSTED\x10\x03*U\n" +
+	"\x1cDENY_REASON_BUDGET_EXHAUSTED\x10\x03\x12\x1a\n" +
+	"\x16DENY_REASON_QUEUE_FULL\x10\x04*^\n" +
+	"\bPriority\x12\x18\n" +
+	"\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n" +
+	"\fPRIORITY_LOW\x10\x01\x12\x13\n" +
+	"\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n" +
+	"\rPRIORITY_HIGH\x10\x03*U\n" +
 	"\x05Scope\x12\x15\n" +
 	"\x11SCOPE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rSCOPE_SUBJECT\x10\x01\x12\x10\n" +
@@ -2432,99 +2544,104 @@ func file_quotad_v1_quota_proto_rawDescGZIP() []byte {
 	return file_quotad_v1_quota_proto_rawDescData
 }
 
-var file_quotad_v1_quota_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_quotad_v1_quota_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
 var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_quotad_v1_quota_proto_goTypes = []any{
 	(Decision)(0),                         // 0: quotad.v1.Decision
 	(DenyReason)(0),                       // 1: quotad.v1.DenyReason
-	(Scope)(0),                            // 2: quotad.v1.Scope
-	(Metric)(0),                           // 3: quotad.v1.Metric
-	(Algorithm)(0),                        // 4: quotad.v1.Algorithm
-	(*Cost)(nil),                          // 5: quotad.v1.Cost
-	(*ChatMessage)(nil),                   // 6: quotad.v1.ChatMessage
-	(*LimitStatus)(nil),                   // 7: quotad.v1.LimitStatus
-	(*CheckAndReserveRequest)(nil),        // 8: quotad.v1.CheckAndReserveRequest
-	(*CheckAndReserveResponse)(nil),       // 9: quotad.v1.CheckAndReserveResponse
-	(*CommitRequest)(nil),                 // 10: quotad.v1.CommitRequest
-	(*CommitResponse)(nil),                // 11: quotad.v1.CommitResponse
-	(*ReleaseRequest)(nil),                // 12: quotad.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),               // 13: quotad.v1.ReleaseResponse
-	(*GetUsageRequest)(nil),               // 14: quotad.v1.GetUsageRequest
-	(*GetUsageResponse)(nil),              // 15: quotad.v1.GetUsageResponse
-	(*FieldViolation)(nil),                // 16: quotad.v1.FieldViolation
-	(*Error)(nil),                         // 17: quotad.v1.Error
-	(*CheckAndReserveResult)(nil),         // 18: quotad.v1.CheckAndReserveResult
-	(*CheckAndReserveBatchRequest)(nil),   // 19: quotad.v1.CheckAndReserveBatchRequest
-	(*CheckAndReserveBatchResponse)(nil),  // 20: quotad.v1.CheckAndReserveBatchResponse
-	(*CheckAndReserveStreamRequest)(nil),  // 21: quotad.v1.CheckAndReserveStreamRequest
-	(*CheckAndReserveStreamResponse)(nil), // 22: quotad.v1.CheckAndReserveStreamResponse
-	(*CommitResult)(nil),                  // 23: quotad.v1.CommitResult
-	(*CommitBatchRequest)(nil),            // 24: quotad.v1.CommitBatchRequest
-	(*CommitBatchResponse)(nil),           // 25: quotad.v1.CommitBatchResponse
-	(*CommitStreamRequest)(nil),           // 26: quotad.v1.CommitStreamRequest
-	(*CommitStreamResponse)(nil),          // 27: quotad.v1.CommitStreamResponse
-	(*GetAccuracyRequest)(nil),            // 28: quotad.v1.GetAccuracyRequest
-	(*Spread)(nil),                        // 29: quotad.v1.Spread
-	(*GetAccuracyResponse)(nil),           // 30: quotad.v1.GetAccuracyResponse
-	(*durationpb.Duration)(nil),           // 31: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),         // 32: google.protobuf.Timestamp
+	(Priority)(0),                         // 2: quotad.v1.Priority
+	(Scope)(0),                            // 3: quotad.v1.Scope
+	(Metric)(0),                           // 4: quotad.v1.Metric
+	(Algorithm)(0),                        // 5: quotad.v1.Algorithm
+	(*Cost)(nil),                          // 6: quotad.v1.Cost
+	(*ChatMessage)(nil),                   // 7: quotad.v1.ChatMessage
+	(*LimitStatus)(nil),                   // 8: quotad.v1.LimitStatus
+	(*CheckAndReserveRequest)(nil),        // 9: quotad.v1.CheckAndReserveRequest
+	(*CheckAndReserveResponse)(nil),       // 10: quotad.v1.CheckAndReserveResponse
+	(*CommitRequest)(nil),                 // 11: quotad.v1.CommitRequest
+	(*CommitResponse)(nil),                // 12: quotad.v1.CommitResponse
+	(*ReleaseRequest)(nil),                // 13: quotad.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),               // 14: quotad.v1.ReleaseResponse
+	(*GetUsageRequest)(nil),               // 15: quotad.v1.GetUsageRequest
+	(*GetUsageResponse)(nil),              // 16: quotad.v1.GetUsageResponse
+	(*FieldViolation)(nil),                // 17: quotad.v1.FieldViolation
+	(*Error)(nil),                         // 18: quotad.v1.Error
+	(*CheckAndReserveResult)(nil),         // 19: quotad.v1.CheckAndReserveResult
+	(*CheckAndReserveBatchRequest)(nil),   // 20: quotad.v1.CheckAndReserveBatchRequest
+	(*CheckAndReserveBatchResponse)(nil),  // 21: quotad.v1.CheckAndReserveBatchResponse
+	(*CheckAndReserveStreamRequest)(nil),  // 22: quotad.v1.CheckAndReserveStreamRequest
+	(*CheckAndReserveStreamResponse)(nil), // 23: quotad.v1.CheckAndReserveStreamResponse
+	(*CommitResult)(nil),                  // 24: quotad.v1.CommitResult
+	(*CommitBatchRequest)(nil),            // 25: quotad.v1.CommitBatchRequest
+	(*CommitBatchResponse)(nil),           // 26: quotad.v1.CommitBatchResponse
+	(*CommitStreamRequest)(nil),           // 27: quotad.v1.CommitStreamRequest
+	(*CommitStreamResponse)(nil),          // 28: quotad.v1.CommitStreamResponse
+	(*GetAccuracyRequest)(nil),            // 29: quotad.v1.GetAccuracyRequest
+	(*Spread)(nil),                        // 30: quotad.v1.Spread
+	(*GetAccuracyResponse)(nil),           // 31: quotad.v1.GetAccuracyResponse
+	(*durationpb.Duration)(nil),           // 32: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),         // 33: google.protobuf.Timestamp
 }
 var file_quotad_v1_quota_proto_depIdxs = []int32{
-	2,  // 0: quotad.v1.LimitStatus.scope:type_name -> quotad.v1.Scope
-	3,  // 1: quotad.v1.LimitStatus.metric:type_name -> quotad.v1.Metric
-	4,  // 2: quotad.v1.LimitStatus.algorithm:type_name -> quotad.v1.Algorithm
-	31, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
-	31, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
-	31, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
-	6,  // 6: quotad.v1.CheckAndReserveRequest.messages:type_name -> quotad.v1.ChatMessage
-	0,  // 7: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
-	1,  // 8: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
-	32, // 9: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
-	5,  // 10: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
-	31, // 11: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	7,  // 12: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
-	5,  // 13: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
-	5,  // 14: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
-	5,  // 15: quotad.v1.ReleaseResponse.refunded:type_name -> quotad.v1.Cost
-	7,  // 16: quotad.v1.GetUsageResponse.limits:type_name -> quotad.v1.LimitStatus
-	16, // 17: quotad.v1.Error.field_violations:type_name -> quotad.v1.FieldViolation
-	9,  // 18: quotad.v1.CheckAndReserveResult.response:type_name -> quotad.v1.CheckAndReserveResponse
-	17, // 19: quotad.v1.CheckAndReserveResult.error:type_name -> quotad.v1.Error
-	8,  // 20: quotad.v1.CheckAndReserveBatchRequest.requests:type_name -> quotad.v1.CheckAndReserveRequest
-	18, // 21: quotad.v1.CheckAndReserveBatchResponse.results:type_name -> quotad.v1.CheckAndReserveResult
-	8,  // 22: quotad.v1.CheckAndReserveStreamRequest.request:type_name -> quotad.v1.CheckAndReserveRequest
-	18, // 23: quotad.v1.CheckAndReserveStreamResponse.result:type_name -> quotad.v1.CheckAndReserveResult
-	11, // 24: quotad.v1.CommitResult.response:type_name -> quotad.v1.CommitResponse
-	17, // 25: quotad.v1.CommitResult.error:type_name -> quotad.v1.Error
-	10, // 26: quotad.v1.CommitBatchRequest.requests:type_name -> quotad.v1.CommitRequest
-	23, // 27: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
-	10, // 28: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
-	23, // 29: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
-	29, // 30: quotad.v1.GetAccuracyResponse.input_ratio:type_name -> quotad.v1.Spread
-	29, // 31: quotad.v1.GetAccuracyResponse.output_ratio:type_name -> quotad.v1.Spread
-	8,  // 32: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
-	10, // 33: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
-	12, // 34: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
-	14, // 35: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
-	19, // 36: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
-	21, // 37: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
-	24, // 38: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
-	26, // 39: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
-	28, // 40: quotad.v1.QuotaService.GetAccuracy:input_type -> quotad.v1.GetAccuracyRequest
-	9,  // 41: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
-	11, // 42: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
-	13, // 43: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
-	15, // 44: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
-	20, // 45: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
-	22, // 46: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
-	25, // 47: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
-	27, // 48: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
-	30, // 49: quotad.v1.QuotaService.GetAccuracy:output_type -> quotad.v1.GetAccuracyResponse
-	41, // [41:50] is the sub-list for method output_type
-	32, // [32:41] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	3,  // 0: quotad.v1.LimitStatus.scope:type_name -> quotad.v1.Scope
+	4,  // 1: quotad.v1.LimitStatus.metric:type_name -> quotad.v1.Metric
+	5,  // 2: quotad.v1.LimitStatus.algorithm:type_name -> quotad.v1.Algorithm
+	32, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
+	32, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
+	32, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
+	7,  // 6: quotad.v1.CheckAndReserveRequest.messages:type_name -> quotad.v1.ChatMessage
+	2,  // 7: quotad.v1.CheckAndReserveRequest.priority:type_name -> quotad.v1.Priority
+	32, // 8: quotad.v1.CheckAndReserveRequest.max_wait:type_name -> google.protobuf.Duration
+	0,  // 9: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
+	1,  // 10: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
+	33, // 11: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
+	6,  // 12: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
+	32, // 13: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	8,  // 14: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
+	32, // 15: quotad.v1.CheckAndReserveResponse.waited:type_name -> google.protobuf.Duration
+	2,  // 16: quotad.v1.CheckAndReserveResponse.priority:type_name -> quotad.v1.Priority
+	6,  // 17: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
+	6,  // 18: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
+	6,  // 19: quotad.v1.ReleaseResponse.refunded:type_name -> quotad.v1.Cost
+	8,  // 20: quotad.v1.GetUsageResponse.limits:type_name -> quotad.v1.LimitStatus
+	17, // 21: quotad.v1.Error.field_violations:type_name -> quotad.v1.FieldViolation
+	10, // 22: quotad.v1.CheckAndReserveResult.response:type_name -> quotad.v1.CheckAndReserveResponse
+	18, // 23: quotad.v1.CheckAndReserveResult.error:type_name -> quotad.v1.Error
+	9,  // 24: quotad.v1.CheckAndReserveBatchRequest.requests:type_name -> quotad.v1.CheckAndReserveRequest
+	19, // 25: quotad.v1.CheckAndReserveBatchResponse.results:type_name -> quotad.v1.CheckAndReserveResult
+	9,  // 26: quotad.v1.CheckAndReserveStreamRequest.request:type_name -> quotad.v1.CheckAndReserveRequest
+	19, // 27: quotad.v1.CheckAndReserveStreamResponse.result:type_name -> quotad.v1.CheckAndReserveResult
+	12, // 28: quotad.v1.CommitResult.response:type_name -> quotad.v1.CommitResponse
+	18, // 29: quotad.v1.CommitResult.error:type_name -> quotad.v1.Error
+	11, // 30: quotad.v1.CommitBatchRequest.requests:type_name -> quotad.v1.CommitRequest
+	24, // 31: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
+	11, // 32: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
+	24, // 33: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
+	30, // 34: quotad.v1.GetAccuracyResponse.input_ratio:type_name -> quotad.v1.Spread
+	30, // 35: quotad.v1.GetAccuracyResponse.output_ratio:type_name -> quotad.v1.Spread
+	9,  // 36: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
+	11, // 37: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
+	13, // 38: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
+	15, // 39: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
+	20, // 40: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
+	22, // 41: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
+	25, // 42: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
+	27, // 43: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
+	29, // 44: quotad.v1.QuotaService.GetAccuracy:input_type -> quotad.v1.GetAccuracyRequest
+	10, // 45: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
+	12, // 46: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
+	14, // 47: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
+	16, // 48: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
+	21, // 49: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
+	23, // 50: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
+	26, // 51: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
+	28, // 52: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
+	31, // 53: quotad.v1.QuotaService.GetAccuracy:output_type -> quotad.v1.GetAccuracyResponse
+	45, // [45:54] is the sub-list for method output_type
+	36, // [36:45] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_quotad_v1_quota_proto_init() }
@@ -2545,7 +2662,7 @@ func file_quotad_v1_quota_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_quotad_v1_quota_proto_rawDesc), len(file_quotad_v1_quota_proto_rawDesc)),
-			NumEnums:      5,
+			NumEnums:      6,
 			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -97,6 +97,11 @@ export enum DenyReason {
    * calendar period resets, which retry_after points at.
    */
   DENY_REASON_BUDGET_EXHAUSTED = 3,
+  /**
+   * DENY_REASON_QUEUE_FULL - The request asked to wait, but the waiting line of its binding limit is
+   * full. retry_after says when the limit itself would fit the request.
+   */
+  DENY_REASON_QUEUE_FULL = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -114,6 +119,9 @@ export function denyReasonFromJSON(object: any): DenyReason {
     case 3:
     case "DENY_REASON_BUDGET_EXHAUSTED":
       return DenyReason.DENY_REASON_BUDGET_EXHAUSTED;
+    case 4:
+    case "DENY_REASON_QUEUE_FULL":
+      return DenyReason.DENY_REASON_QUEUE_FULL;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -131,7 +139,59 @@ export function denyReasonToJSON(object: DenyReason): string {
       return "DENY_REASON_EXCEEDS_CAPACITY";
     case DenyReason.DENY_REASON_BUDGET_EXHAUSTED:
       return "DENY_REASON_BUDGET_EXHAUSTED";
+    case DenyReason.DENY_REASON_QUEUE_FULL:
+      return "DENY_REASON_QUEUE_FULL";
     case DenyReason.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Priority orders requests for shared capacity. */
+export enum Priority {
+  /** PRIORITY_UNSPECIFIED - The tier's default priority (normal unless the policy says otherwise). */
+  PRIORITY_UNSPECIFIED = 0,
+  /** PRIORITY_LOW - Batch and background work: stops first when shared limits run short. */
+  PRIORITY_LOW = 1,
+  /** PRIORITY_NORMAL - The default. */
+  PRIORITY_NORMAL = 2,
+  /** PRIORITY_HIGH - Paid or interactive traffic: may use all of a shared limit. */
+  PRIORITY_HIGH = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function priorityFromJSON(object: any): Priority {
+  switch (object) {
+    case 0:
+    case "PRIORITY_UNSPECIFIED":
+      return Priority.PRIORITY_UNSPECIFIED;
+    case 1:
+    case "PRIORITY_LOW":
+      return Priority.PRIORITY_LOW;
+    case 2:
+    case "PRIORITY_NORMAL":
+      return Priority.PRIORITY_NORMAL;
+    case 3:
+    case "PRIORITY_HIGH":
+      return Priority.PRIORITY_HIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Priority.UNRECOGNIZED;
+  }
+}
+
+export function priorityToJSON(object: Priority): string {
+  switch (object) {
+    case Priority.PRIORITY_UNSPECIFIED:
+      return "PRIORITY_UNSPECIFIED";
+    case Priority.PRIORITY_LOW:
+      return "PRIORITY_LOW";
+    case Priority.PRIORITY_NORMAL:
+      return "PRIORITY_NORMAL";
+    case Priority.PRIORITY_HIGH:
+      return "PRIORITY_HIGH";
+    case Priority.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -438,6 +498,18 @@ export interface CheckAndReserveRequest {
    * the chat format's overhead. Exclusive with input_tokens and prompt.
    */
   messages: ChatMessage[];
+  /**
+   * Priority for shared (tenant and global) limits, which keep headroom for
+   * higher priorities as the policy says. Unspecified: the tier's default.
+   */
+  priority: Priority;
+  /**
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   */
+  maxWait: Duration | undefined;
 }
 
 /** CheckAndReserveResponse is the decision on one call. */
@@ -481,6 +553,12 @@ export interface CheckAndReserveResponse {
    * messages, or the caller's input_tokens.
    */
   countedInputTokens: number;
+  /** How long the request waited in line before this answer. */
+  waited:
+    | Duration
+    | undefined;
+  /** The priority the request was decided at (after the tier's default). */
+  priority: Priority;
 }
 
 /** CommitRequest reports the actual usage of a reserved call. */
@@ -1222,6 +1300,8 @@ function createBaseCheckAndReserveRequest(): CheckAndReserveRequest {
     idempotencyKey: "",
     prompt: "",
     messages: [],
+    priority: 0,
+    maxWait: undefined,
   };
 }
 
@@ -1256,6 +1336,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     }
     for (const v of message.messages) {
       ChatMessage.encode(v!, writer.uint32(82).fork()).join();
+    }
+    if (message.priority !== 0) {
+      writer.uint32(88).int32(message.priority);
+    }
+    if (message.maxWait !== undefined) {
+      Duration.encode(message.maxWait, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -1353,6 +1439,22 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
             message.messages.push(ChatMessage.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.maxWait = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1391,6 +1493,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
       messages: globalThis.Array.isArray(object?.messages)
         ? object.messages.map((e: any) => ChatMessage.fromJSON(e))
         : [],
+      priority: isSet(object.priority) ? priorityFromJSON(object.priority) : 0,
+      maxWait: isSet(object.maxWait)
+        ? Duration.fromJSON(object.maxWait)
+        : isSet(object.max_wait)
+        ? Duration.fromJSON(object.max_wait)
+        : undefined,
     };
   },
 
@@ -1426,6 +1534,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     if (message.messages?.length) {
       obj.messages = message.messages.map((e) => ChatMessage.toJSON(e));
     }
+    if (message.priority !== 0) {
+      obj.priority = priorityToJSON(message.priority);
+    }
+    if (message.maxWait !== undefined) {
+      obj.maxWait = Duration.toJSON(message.maxWait);
+    }
     return obj;
   },
 
@@ -1446,6 +1560,10 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     message.idempotencyKey = object.idempotencyKey ?? "";
     message.prompt = object.prompt ?? "";
     message.messages = object.messages?.map((e) => ChatMessage.fromPartial(e)) || [];
+    message.priority = object.priority ?? 0;
+    message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
+      ? Duration.fromPartial(object.maxWait)
+      : undefined;
     return message;
   },
 };
@@ -1464,6 +1582,8 @@ function createBaseCheckAndReserveResponse(): CheckAndReserveResponse {
     tenant: "",
     tier: "",
     countedInputTokens: 0,
+    waited: undefined,
+    priority: 0,
   };
 }
 
@@ -1504,6 +1624,12 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     }
     if (message.countedInputTokens !== 0) {
       writer.uint32(96).int64(message.countedInputTokens);
+    }
+    if (message.waited !== undefined) {
+      Duration.encode(message.waited, writer.uint32(106).fork()).join();
+    }
+    if (message.priority !== 0) {
+      writer.uint32(112).int32(message.priority);
     }
     return writer;
   },
@@ -1617,6 +1743,22 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
             message.countedInputTokens = longToNumber(reader.int64());
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.waited = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.priority = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1669,6 +1811,8 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
         : isSet(object.counted_input_tokens)
         ? globalThis.Number(object.counted_input_tokens)
         : 0,
+      waited: isSet(object.waited) ? Duration.fromJSON(object.waited) : undefined,
+      priority: isSet(object.priority) ? priorityFromJSON(object.priority) : 0,
     };
   },
 
@@ -1710,6 +1854,12 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     if (message.countedInputTokens !== 0) {
       obj.countedInputTokens = Math.round(message.countedInputTokens);
     }
+    if (message.waited !== undefined) {
+      obj.waited = Duration.toJSON(message.waited);
+    }
+    if (message.priority !== 0) {
+      obj.priority = priorityToJSON(message.priority);
+    }
     return obj;
   },
 
@@ -1734,6 +1884,10 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     message.tenant = object.tenant ?? "";
     message.tier = object.tier ?? "";
     message.countedInputTokens = object.countedInputTokens ?? 0;
+    message.waited = (object.waited !== undefined && object.waited !== null)
+      ? Duration.fromPartial(object.waited)
+      : undefined;
+    message.priority = object.priority ?? 0;
     return message;
   },
 };

@@ -168,7 +168,7 @@ public enum Algorithm
   }
   public static com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.github.quotad.v1.QuotaProto.getDescriptor().getEnumType(4);
+    return io.github.quotad.v1.QuotaProto.getDescriptor().getEnumType(5);
   }
 
   private static final Algorithm[] VALUES = values();

@@ -39,6 +39,7 @@ private static final long serialVersionUID = 0L;
     idempotencyKey_ = "";
     prompt_ = "";
     messages_ = java.util.Collections.emptyList();
+    priority_ = 0;
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -492,6 +493,81 @@ private static final long serialVersionUID = 0L;
     return messages_.get(index);
   }
 
+  public static final int PRIORITY_FIELD_NUMBER = 11;
+  private int priority_ = 0;
+  /**
+   * <pre>
+   * Priority for shared (tenant and global) limits, which keep headroom for
+   * higher priorities as the policy says. Unspecified: the tier's default.
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+   * @return The enum numeric value on the wire for priority.
+   */
+  @java.lang.Override public int getPriorityValue() {
+    return priority_;
+  }
+  /**
+   * <pre>
+   * Priority for shared (tenant and global) limits, which keep headroom for
+   * higher priorities as the policy says. Unspecified: the tier's default.
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+   * @return The priority.
+   */
+  @java.lang.Override public io.github.quotad.v1.Priority getPriority() {
+    io.github.quotad.v1.Priority result = io.github.quotad.v1.Priority.forNumber(priority_);
+    return result == null ? io.github.quotad.v1.Priority.UNRECOGNIZED : result;
+  }
+
+  public static final int MAX_WAIT_FIELD_NUMBER = 12;
+  private com.google.protobuf.Duration maxWait_;
+  /**
+   * <pre>
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+   * @return Whether the maxWait field is set.
+   */
+  @java.lang.Override
+  public boolean hasMaxWait() {
+    return ((bitField0_ & 0x00000002) != 0);
+  }
+  /**
+   * <pre>
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+   * @return The maxWait.
+   */
+  @java.lang.Override
+  public com.google.protobuf.Duration getMaxWait() {
+    return maxWait_ == null ? com.google.protobuf.Duration.getDefaultInstance() : maxWait_;
+  }
+  /**
+   * <pre>
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+   */
+  @java.lang.Override
+  public com.google.protobuf.DurationOrBuilder getMaxWaitOrBuilder() {
+    return maxWait_ == null ? com.google.protobuf.Duration.getDefaultInstance() : maxWait_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -536,6 +612,12 @@ private static final long serialVersionUID = 0L;
     for (int i = 0; i < messages_.size(); i++) {
       output.writeMessage(10, messages_.get(i));
     }
+    if (priority_ != io.github.quotad.v1.Priority.PRIORITY_UNSPECIFIED.getNumber()) {
+      output.writeEnum(11, priority_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      output.writeMessage(12, getMaxWait());
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -579,6 +661,14 @@ private static final long serialVersionUID = 0L;
           }
           size += 1 * count;
         }
+    if (priority_ != io.github.quotad.v1.Priority.PRIORITY_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(11, priority_);
+    }
+    if (((bitField0_ & 0x00000002) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(12, getMaxWait());
+    }
     return size;
   }
   @java.lang.Override
@@ -626,6 +716,12 @@ private static final long serialVersionUID = 0L;
         .equals(other.getPrompt())) return false;
     if (!getMessagesList()
         .equals(other.getMessagesList())) return false;
+    if (priority_ != other.priority_) return false;
+    if (hasMaxWait() != other.hasMaxWait()) return false;
+    if (hasMaxWait()) {
+      if (!getMaxWait()
+          .equals(other.getMaxWait())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -662,6 +758,12 @@ private static final long serialVersionUID = 0L;
     if (getMessagesCount() > 0) {
       hash = (37 * hash) + MESSAGES_FIELD_NUMBER;
       hash = (53 * hash) + getMessagesList().hashCode();
+    }
+    hash = (37 * hash) + PRIORITY_FIELD_NUMBER;
+    hash = (53 * hash) + priority_;
+    if (hasMaxWait()) {
+      hash = (37 * hash) + MAX_WAIT_FIELD_NUMBER;
+      hash = (53 * hash) + getMaxWait().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -799,6 +901,7 @@ private static final long serialVersionUID = 0L;
               .alwaysUseFieldBuilders) {
         internalGetLeaseFieldBuilder();
         internalGetMessagesFieldBuilder();
+        internalGetMaxWaitFieldBuilder();
       }
     }
     @java.lang.Override
@@ -825,6 +928,12 @@ private static final long serialVersionUID = 0L;
         messagesBuilder_.clear();
       }
       bitField0_ = (bitField0_ & ~0x00000200);
+      priority_ = 0;
+      maxWait_ = null;
+      if (maxWaitBuilder_ != null) {
+        maxWaitBuilder_.dispose();
+        maxWaitBuilder_ = null;
+      }
       return this;
     }
 
@@ -901,6 +1010,15 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000100) != 0)) {
         result.prompt_ = prompt_;
+      }
+      if (((from_bitField0_ & 0x00000400) != 0)) {
+        result.priority_ = priority_;
+      }
+      if (((from_bitField0_ & 0x00000800) != 0)) {
+        result.maxWait_ = maxWaitBuilder_ == null
+            ? maxWait_
+            : maxWaitBuilder_.build();
+        to_bitField0_ |= 0x00000002;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -981,6 +1099,12 @@ private static final long serialVersionUID = 0L;
             messagesBuilder_.addAllMessages(other.messages_);
           }
         }
+      }
+      if (other.priority_ != 0) {
+        setPriorityValue(other.getPriorityValue());
+      }
+      if (other.hasMaxWait()) {
+        mergeMaxWait(other.getMaxWait());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -1068,6 +1192,18 @@ private static final long serialVersionUID = 0L;
               }
               break;
             } // case 82
+            case 88: {
+              priority_ = input.readEnum();
+              bitField0_ |= 0x00000400;
+              break;
+            } // case 88
+            case 98: {
+              input.readMessage(
+                  internalGetMaxWaitFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000800;
+              break;
+            } // case 98
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2252,6 +2388,267 @@ private static final long serialVersionUID = 0L;
         messages_ = null;
       }
       return messagesBuilder_;
+    }
+
+    private int priority_ = 0;
+    /**
+     * <pre>
+     * Priority for shared (tenant and global) limits, which keep headroom for
+     * higher priorities as the policy says. Unspecified: the tier's default.
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+     * @return The enum numeric value on the wire for priority.
+     */
+    @java.lang.Override public int getPriorityValue() {
+      return priority_;
+    }
+    /**
+     * <pre>
+     * Priority for shared (tenant and global) limits, which keep headroom for
+     * higher priorities as the policy says. Unspecified: the tier's default.
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+     * @param value The enum numeric value on the wire for priority to set.
+     * @return This builder for chaining.
+     */
+    public Builder setPriorityValue(int value) {
+      priority_ = value;
+      bitField0_ |= 0x00000400;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Priority for shared (tenant and global) limits, which keep headroom for
+     * higher priorities as the policy says. Unspecified: the tier's default.
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+     * @return The priority.
+     */
+    @java.lang.Override
+    public io.github.quotad.v1.Priority getPriority() {
+      io.github.quotad.v1.Priority result = io.github.quotad.v1.Priority.forNumber(priority_);
+      return result == null ? io.github.quotad.v1.Priority.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * Priority for shared (tenant and global) limits, which keep headroom for
+     * higher priorities as the policy says. Unspecified: the tier's default.
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+     * @param value The priority to set.
+     * @throws IllegalArgumentException if UNRECOGNIZED is provided.
+     * @return This builder for chaining.
+     */
+    public Builder setPriority(io.github.quotad.v1.Priority value) {
+      if (value == null) { throw new NullPointerException(); }
+      bitField0_ |= 0x00000400;
+      priority_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Priority for shared (tenant and global) limits, which keep headroom for
+     * higher priorities as the policy says. Unspecified: the tier's default.
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearPriority() {
+      bitField0_ = (bitField0_ & ~0x00000400);
+      priority_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private com.google.protobuf.Duration maxWait_;
+    private com.google.protobuf.SingleFieldBuilder<
+        com.google.protobuf.Duration, com.google.protobuf.Duration.Builder, com.google.protobuf.DurationOrBuilder> maxWaitBuilder_;
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     * @return Whether the maxWait field is set.
+     */
+    public boolean hasMaxWait() {
+      return ((bitField0_ & 0x00000800) != 0);
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     * @return The maxWait.
+     */
+    public com.google.protobuf.Duration getMaxWait() {
+      if (maxWaitBuilder_ == null) {
+        return maxWait_ == null ? com.google.protobuf.Duration.getDefaultInstance() : maxWait_;
+      } else {
+        return maxWaitBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    public Builder setMaxWait(com.google.protobuf.Duration value) {
+      if (maxWaitBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        maxWait_ = value;
+      } else {
+        maxWaitBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    public Builder setMaxWait(
+        com.google.protobuf.Duration.Builder builderForValue) {
+      if (maxWaitBuilder_ == null) {
+        maxWait_ = builderForValue.build();
+      } else {
+        maxWaitBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    public Builder mergeMaxWait(com.google.protobuf.Duration value) {
+      if (maxWaitBuilder_ == null) {
+        if (((bitField0_ & 0x00000800) != 0) &&
+          maxWait_ != null &&
+          maxWait_ != com.google.protobuf.Duration.getDefaultInstance()) {
+          getMaxWaitBuilder().mergeFrom(value);
+        } else {
+          maxWait_ = value;
+        }
+      } else {
+        maxWaitBuilder_.mergeFrom(value);
+      }
+      if (maxWait_ != null) {
+        bitField0_ |= 0x00000800;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    public Builder clearMaxWait() {
+      bitField0_ = (bitField0_ & ~0x00000800);
+      maxWait_ = null;
+      if (maxWaitBuilder_ != null) {
+        maxWaitBuilder_.dispose();
+        maxWaitBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    public com.google.protobuf.Duration.Builder getMaxWaitBuilder() {
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return internalGetMaxWaitFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    public com.google.protobuf.DurationOrBuilder getMaxWaitOrBuilder() {
+      if (maxWaitBuilder_ != null) {
+        return maxWaitBuilder_.getMessageOrBuilder();
+      } else {
+        return maxWait_ == null ?
+            com.google.protobuf.Duration.getDefaultInstance() : maxWait_;
+      }
+    }
+    /**
+     * <pre>
+     * How long the server may hold the request in a waiting line, in priority
+     * then arrival order, and admit it as soon as it fits, instead of denying
+     * it at once. Bounded by the policy. The caller's deadline or cancellation
+     * takes it out of the line with nothing reserved.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilder<
+        com.google.protobuf.Duration, com.google.protobuf.Duration.Builder, com.google.protobuf.DurationOrBuilder> 
+        internalGetMaxWaitFieldBuilder() {
+      if (maxWaitBuilder_ == null) {
+        maxWaitBuilder_ = new com.google.protobuf.SingleFieldBuilder<
+            com.google.protobuf.Duration, com.google.protobuf.Duration.Builder, com.google.protobuf.DurationOrBuilder>(
+                getMaxWait(),
+                getParentForChildren(),
+                isClean());
+        maxWait_ = null;
+      }
+      return maxWaitBuilder_;
     }
 
     // @@protoc_insertion_point(builder_scope:quotad.v1.CheckAndReserveRequest)

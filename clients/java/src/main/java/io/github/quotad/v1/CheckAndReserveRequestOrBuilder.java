@@ -241,4 +241,61 @@ public interface CheckAndReserveRequestOrBuilder extends
    */
   io.github.quotad.v1.ChatMessageOrBuilder getMessagesOrBuilder(
       int index);
+
+  /**
+   * <pre>
+   * Priority for shared (tenant and global) limits, which keep headroom for
+   * higher priorities as the policy says. Unspecified: the tier's default.
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+   * @return The enum numeric value on the wire for priority.
+   */
+  int getPriorityValue();
+  /**
+   * <pre>
+   * Priority for shared (tenant and global) limits, which keep headroom for
+   * higher priorities as the policy says. Unspecified: the tier's default.
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 11 [json_name = "priority"];</code>
+   * @return The priority.
+   */
+  io.github.quotad.v1.Priority getPriority();
+
+  /**
+   * <pre>
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+   * @return Whether the maxWait field is set.
+   */
+  boolean hasMaxWait();
+  /**
+   * <pre>
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+   * @return The maxWait.
+   */
+  com.google.protobuf.Duration getMaxWait();
+  /**
+   * <pre>
+   * How long the server may hold the request in a waiting line, in priority
+   * then arrival order, and admit it as soon as it fits, instead of denying
+   * it at once. Bounded by the policy. The caller's deadline or cancellation
+   * takes it out of the line with nothing reserved.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
+   */
+  com.google.protobuf.DurationOrBuilder getMaxWaitOrBuilder();
 }

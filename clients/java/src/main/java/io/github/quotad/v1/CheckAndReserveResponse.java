@@ -39,6 +39,7 @@ private static final long serialVersionUID = 0L;
     limits_ = java.util.Collections.emptyList();
     tenant_ = "";
     tier_ = "";
+    priority_ = 0;
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -510,6 +511,70 @@ private static final long serialVersionUID = 0L;
     return countedInputTokens_;
   }
 
+  public static final int WAITED_FIELD_NUMBER = 13;
+  private com.google.protobuf.Duration waited_;
+  /**
+   * <pre>
+   * How long the request waited in line before this answer.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+   * @return Whether the waited field is set.
+   */
+  @java.lang.Override
+  public boolean hasWaited() {
+    return ((bitField0_ & 0x00000008) != 0);
+  }
+  /**
+   * <pre>
+   * How long the request waited in line before this answer.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+   * @return The waited.
+   */
+  @java.lang.Override
+  public com.google.protobuf.Duration getWaited() {
+    return waited_ == null ? com.google.protobuf.Duration.getDefaultInstance() : waited_;
+  }
+  /**
+   * <pre>
+   * How long the request waited in line before this answer.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+   */
+  @java.lang.Override
+  public com.google.protobuf.DurationOrBuilder getWaitedOrBuilder() {
+    return waited_ == null ? com.google.protobuf.Duration.getDefaultInstance() : waited_;
+  }
+
+  public static final int PRIORITY_FIELD_NUMBER = 14;
+  private int priority_ = 0;
+  /**
+   * <pre>
+   * The priority the request was decided at (after the tier's default).
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+   * @return The enum numeric value on the wire for priority.
+   */
+  @java.lang.Override public int getPriorityValue() {
+    return priority_;
+  }
+  /**
+   * <pre>
+   * The priority the request was decided at (after the tier's default).
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+   * @return The priority.
+   */
+  @java.lang.Override public io.github.quotad.v1.Priority getPriority() {
+    io.github.quotad.v1.Priority result = io.github.quotad.v1.Priority.forNumber(priority_);
+    return result == null ? io.github.quotad.v1.Priority.UNRECOGNIZED : result;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -559,6 +624,12 @@ private static final long serialVersionUID = 0L;
     }
     if (countedInputTokens_ != 0L) {
       output.writeInt64(12, countedInputTokens_);
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      output.writeMessage(13, getWaited());
+    }
+    if (priority_ != io.github.quotad.v1.Priority.PRIORITY_UNSPECIFIED.getNumber()) {
+      output.writeEnum(14, priority_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -612,6 +683,14 @@ private static final long serialVersionUID = 0L;
     if (countedInputTokens_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(12, countedInputTokens_);
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(13, getWaited());
+    }
+    if (priority_ != io.github.quotad.v1.Priority.PRIORITY_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(14, priority_);
     }
     return size;
   }
@@ -668,6 +747,12 @@ private static final long serialVersionUID = 0L;
         .equals(other.getTier())) return false;
     if (getCountedInputTokens()
         != other.getCountedInputTokens()) return false;
+    if (hasWaited() != other.hasWaited()) return false;
+    if (hasWaited()) {
+      if (!getWaited()
+          .equals(other.getWaited())) return false;
+    }
+    if (priority_ != other.priority_) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -713,6 +798,12 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + COUNTED_INPUT_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getCountedInputTokens());
+    if (hasWaited()) {
+      hash = (37 * hash) + WAITED_FIELD_NUMBER;
+      hash = (53 * hash) + getWaited().hashCode();
+    }
+    hash = (37 * hash) + PRIORITY_FIELD_NUMBER;
+    hash = (53 * hash) + priority_;
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -851,6 +942,7 @@ private static final long serialVersionUID = 0L;
         internalGetReservedFieldBuilder();
         internalGetRetryAfterFieldBuilder();
         internalGetLimitsFieldBuilder();
+        internalGetWaitedFieldBuilder();
       }
     }
     @java.lang.Override
@@ -887,6 +979,12 @@ private static final long serialVersionUID = 0L;
       tenant_ = "";
       tier_ = "";
       countedInputTokens_ = 0L;
+      waited_ = null;
+      if (waitedBuilder_ != null) {
+        waitedBuilder_.dispose();
+        waitedBuilder_ = null;
+      }
+      priority_ = 0;
       return this;
     }
 
@@ -976,6 +1074,15 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000800) != 0)) {
         result.countedInputTokens_ = countedInputTokens_;
       }
+      if (((from_bitField0_ & 0x00001000) != 0)) {
+        result.waited_ = waitedBuilder_ == null
+            ? waited_
+            : waitedBuilder_.build();
+        to_bitField0_ |= 0x00000008;
+      }
+      if (((from_bitField0_ & 0x00002000) != 0)) {
+        result.priority_ = priority_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -1057,6 +1164,12 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getCountedInputTokens() != 0L) {
         setCountedInputTokens(other.getCountedInputTokens());
+      }
+      if (other.hasWaited()) {
+        mergeWaited(other.getWaited());
+      }
+      if (other.priority_ != 0) {
+        setPriorityValue(other.getPriorityValue());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -1158,6 +1271,18 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000800;
               break;
             } // case 96
+            case 106: {
+              input.readMessage(
+                  internalGetWaitedFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00001000;
+              break;
+            } // case 106
+            case 112: {
+              priority_ = input.readEnum();
+              bitField0_ |= 0x00002000;
+              break;
+            } // case 112
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2569,6 +2694,235 @@ private static final long serialVersionUID = 0L;
     public Builder clearCountedInputTokens() {
       bitField0_ = (bitField0_ & ~0x00000800);
       countedInputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private com.google.protobuf.Duration waited_;
+    private com.google.protobuf.SingleFieldBuilder<
+        com.google.protobuf.Duration, com.google.protobuf.Duration.Builder, com.google.protobuf.DurationOrBuilder> waitedBuilder_;
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     * @return Whether the waited field is set.
+     */
+    public boolean hasWaited() {
+      return ((bitField0_ & 0x00001000) != 0);
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     * @return The waited.
+     */
+    public com.google.protobuf.Duration getWaited() {
+      if (waitedBuilder_ == null) {
+        return waited_ == null ? com.google.protobuf.Duration.getDefaultInstance() : waited_;
+      } else {
+        return waitedBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    public Builder setWaited(com.google.protobuf.Duration value) {
+      if (waitedBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        waited_ = value;
+      } else {
+        waitedBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    public Builder setWaited(
+        com.google.protobuf.Duration.Builder builderForValue) {
+      if (waitedBuilder_ == null) {
+        waited_ = builderForValue.build();
+      } else {
+        waitedBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    public Builder mergeWaited(com.google.protobuf.Duration value) {
+      if (waitedBuilder_ == null) {
+        if (((bitField0_ & 0x00001000) != 0) &&
+          waited_ != null &&
+          waited_ != com.google.protobuf.Duration.getDefaultInstance()) {
+          getWaitedBuilder().mergeFrom(value);
+        } else {
+          waited_ = value;
+        }
+      } else {
+        waitedBuilder_.mergeFrom(value);
+      }
+      if (waited_ != null) {
+        bitField0_ |= 0x00001000;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    public Builder clearWaited() {
+      bitField0_ = (bitField0_ & ~0x00001000);
+      waited_ = null;
+      if (waitedBuilder_ != null) {
+        waitedBuilder_.dispose();
+        waitedBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    public com.google.protobuf.Duration.Builder getWaitedBuilder() {
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return internalGetWaitedFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    public com.google.protobuf.DurationOrBuilder getWaitedOrBuilder() {
+      if (waitedBuilder_ != null) {
+        return waitedBuilder_.getMessageOrBuilder();
+      } else {
+        return waited_ == null ?
+            com.google.protobuf.Duration.getDefaultInstance() : waited_;
+      }
+    }
+    /**
+     * <pre>
+     * How long the request waited in line before this answer.
+     * </pre>
+     *
+     * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilder<
+        com.google.protobuf.Duration, com.google.protobuf.Duration.Builder, com.google.protobuf.DurationOrBuilder> 
+        internalGetWaitedFieldBuilder() {
+      if (waitedBuilder_ == null) {
+        waitedBuilder_ = new com.google.protobuf.SingleFieldBuilder<
+            com.google.protobuf.Duration, com.google.protobuf.Duration.Builder, com.google.protobuf.DurationOrBuilder>(
+                getWaited(),
+                getParentForChildren(),
+                isClean());
+        waited_ = null;
+      }
+      return waitedBuilder_;
+    }
+
+    private int priority_ = 0;
+    /**
+     * <pre>
+     * The priority the request was decided at (after the tier's default).
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+     * @return The enum numeric value on the wire for priority.
+     */
+    @java.lang.Override public int getPriorityValue() {
+      return priority_;
+    }
+    /**
+     * <pre>
+     * The priority the request was decided at (after the tier's default).
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+     * @param value The enum numeric value on the wire for priority to set.
+     * @return This builder for chaining.
+     */
+    public Builder setPriorityValue(int value) {
+      priority_ = value;
+      bitField0_ |= 0x00002000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The priority the request was decided at (after the tier's default).
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+     * @return The priority.
+     */
+    @java.lang.Override
+    public io.github.quotad.v1.Priority getPriority() {
+      io.github.quotad.v1.Priority result = io.github.quotad.v1.Priority.forNumber(priority_);
+      return result == null ? io.github.quotad.v1.Priority.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * The priority the request was decided at (after the tier's default).
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+     * @param value The priority to set.
+     * @throws IllegalArgumentException if UNRECOGNIZED is provided.
+     * @return This builder for chaining.
+     */
+    public Builder setPriority(io.github.quotad.v1.Priority value) {
+      if (value == null) { throw new NullPointerException(); }
+      bitField0_ |= 0x00002000;
+      priority_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The priority the request was decided at (after the tier's default).
+     * </pre>
+     *
+     * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearPriority() {
+      bitField0_ = (bitField0_ & ~0x00002000);
+      priority_ = 0;
       onChanged();
       return this;
     }

@@ -277,4 +277,50 @@ public interface CheckAndReserveResponseOrBuilder extends
    * @return The countedInputTokens.
    */
   long getCountedInputTokens();
+
+  /**
+   * <pre>
+   * How long the request waited in line before this answer.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+   * @return Whether the waited field is set.
+   */
+  boolean hasWaited();
+  /**
+   * <pre>
+   * How long the request waited in line before this answer.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+   * @return The waited.
+   */
+  com.google.protobuf.Duration getWaited();
+  /**
+   * <pre>
+   * How long the request waited in line before this answer.
+   * </pre>
+   *
+   * <code>.google.protobuf.Duration waited = 13 [json_name = "waited"];</code>
+   */
+  com.google.protobuf.DurationOrBuilder getWaitedOrBuilder();
+
+  /**
+   * <pre>
+   * The priority the request was decided at (after the tier's default).
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+   * @return The enum numeric value on the wire for priority.
+   */
+  int getPriorityValue();
+  /**
+   * <pre>
+   * The priority the request was decided at (after the tier's default).
+   * </pre>
+   *
+   * <code>.quotad.v1.Priority priority = 14 [json_name = "priority"];</code>
+   * @return The priority.
+   */
+  io.github.quotad.v1.Priority getPriority();
 }

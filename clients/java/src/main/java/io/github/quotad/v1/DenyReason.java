@@ -49,6 +49,15 @@ public enum DenyReason
    * <code>DENY_REASON_BUDGET_EXHAUSTED = 3;</code>
    */
   DENY_REASON_BUDGET_EXHAUSTED(3),
+  /**
+   * <pre>
+   * The request asked to wait, but the waiting line of its binding limit is
+   * full. retry_after says when the limit itself would fit the request.
+   * </pre>
+   *
+   * <code>DENY_REASON_QUEUE_FULL = 4;</code>
+   */
+  DENY_REASON_QUEUE_FULL(4),
   UNRECOGNIZED(-1),
   ;
 
@@ -95,6 +104,15 @@ public enum DenyReason
    * <code>DENY_REASON_BUDGET_EXHAUSTED = 3;</code>
    */
   public static final int DENY_REASON_BUDGET_EXHAUSTED_VALUE = 3;
+  /**
+   * <pre>
+   * The request asked to wait, but the waiting line of its binding limit is
+   * full. retry_after says when the limit itself would fit the request.
+   * </pre>
+   *
+   * <code>DENY_REASON_QUEUE_FULL = 4;</code>
+   */
+  public static final int DENY_REASON_QUEUE_FULL_VALUE = 4;
 
 
   public final int getNumber() {
@@ -125,6 +143,7 @@ public enum DenyReason
       case 1: return DENY_REASON_LIMIT_EXCEEDED;
       case 2: return DENY_REASON_EXCEEDS_CAPACITY;
       case 3: return DENY_REASON_BUDGET_EXHAUSTED;
+      case 4: return DENY_REASON_QUEUE_FULL;
       default: return null;
     }
   }

@@ -206,7 +206,7 @@ public enum Metric
   }
   public static com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.github.quotad.v1.QuotaProto.getDescriptor().getEnumType(3);
+    return io.github.quotad.v1.QuotaProto.getDescriptor().getEnumType(4);
   }
 
   private static final Metric[] VALUES = values();

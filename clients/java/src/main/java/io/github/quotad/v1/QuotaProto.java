@@ -184,7 +184,7 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
       "remaining\022:\n\013reset_after\030\010 \001(\0132\031.google." +
       "protobuf.DurationR\nresetAfter\022\026\n\006denied\030" +
       "\t \001(\010R\006denied\022\030\n\007binding\030\n \001(\010R\007binding\022" +
-      "\032\n\010calendar\030\013 \001(\tR\010calendar\"\351\002\n\026CheckAnd" +
+      "\032\n\010calendar\030\013 \001(\tR\010calendar\"\320\003\n\026CheckAnd" +
       "ReserveRequest\022\030\n\007subject\030\001 \001(\tR\007subject" +
       "\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004" +
       "tier\022\024\n\005model\030\004 \001(\tR\005model\022!\n\014input_toke" +
@@ -193,122 +193,130 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
       "2\031.google.protobuf.DurationR\005lease\022\'\n\017id" +
       "empotency_key\030\010 \001(\tR\016idempotencyKey\022\026\n\006p" +
       "rompt\030\t \001(\tR\006prompt\0222\n\010messages\030\n \003(\0132\026." +
-      "quotad.v1.ChatMessageR\010messages\"\247\004\n\027Chec" +
-      "kAndReserveResponse\022/\n\010decision\030\001 \001(\0162\023." +
-      "quotad.v1.DecisionR\010decision\0226\n\013deny_rea" +
-      "son\030\002 \001(\0162\025.quotad.v1.DenyReasonR\ndenyRe" +
-      "ason\022%\n\016reservation_id\030\003 \001(\tR\rreservatio" +
-      "nId\022D\n\020lease_expires_at\030\004 \001(\0132\032.google.p" +
-      "rotobuf.TimestampR\016leaseExpiresAt\022+\n\010res" +
-      "erved\030\005 \001(\0132\017.quotad.v1.CostR\010reserved\022:" +
-      "\n\013retry_after\030\006 \001(\0132\031.google.protobuf.Du" +
-      "rationR\nretryAfter\022#\n\rbinding_limit\030\007 \001(" +
-      "\tR\014bindingLimit\022.\n\006limits\030\010 \003(\0132\026.quotad" +
-      ".v1.LimitStatusR\006limits\022\032\n\010replayed\030\t \001(" +
-      "\010R\010replayed\022\026\n\006tenant\030\n \001(\tR\006tenant\022\022\n\004t" +
-      "ier\030\013 \001(\tR\004tier\0220\n\024counted_input_tokens\030" +
-      "\014 \001(\003R\022countedInputTokens\"\256\001\n\rCommitRequ" +
-      "est\022%\n\016reservation_id\030\001 \001(\tR\rreservation" +
-      "Id\022!\n\014input_tokens\030\002 \001(\003R\013inputTokens\022#\n" +
-      "\routput_tokens\030\003 \001(\003R\014outputTokens\022.\n\023ca" +
-      "ched_input_tokens\030\004 \001(\003R\021cachedInputToke" +
-      "ns\"\251\001\n\016CommitResponse\022+\n\010reserved\030\001 \001(\0132" +
-      "\017.quotad.v1.CostR\010reserved\022-\n\tcommitted\030" +
-      "\002 \001(\0132\017.quotad.v1.CostR\tcommitted\022\026\n\006rep" +
-      "eat\030\003 \001(\010R\006repeat\022#\n\rlease_expired\030\004 \001(\010" +
-      "R\014leaseExpired\"7\n\016ReleaseRequest\022%\n\016rese" +
-      "rvation_id\030\001 \001(\tR\rreservationId\"V\n\017Relea" +
-      "seResponse\022+\n\010refunded\030\001 \001(\0132\017.quotad.v1" +
-      ".CostR\010refunded\022\026\n\006repeat\030\002 \001(\010R\006repeat\"" +
-      "m\n\017GetUsageRequest\022\030\n\007subject\030\001 \001(\tR\007sub" +
-      "ject\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001" +
-      "(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\"n\n\020GetUsa" +
-      "geResponse\022.\n\006limits\030\001 \003(\0132\026.quotad.v1.L" +
-      "imitStatusR\006limits\022\026\n\006tenant\030\002 \001(\tR\006tena" +
-      "nt\022\022\n\004tier\030\003 \001(\tR\004tier\"H\n\016FieldViolation" +
-      "\022\024\n\005field\030\001 \001(\tR\005field\022 \n\013description\030\002 " +
-      "\001(\tR\013description\"{\n\005Error\022\022\n\004code\030\001 \001(\005R" +
-      "\004code\022\030\n\007message\030\002 \001(\tR\007message\022D\n\020field" +
-      "_violations\030\003 \003(\0132\031.quotad.v1.FieldViola" +
-      "tionR\017fieldViolations\"\216\001\n\025CheckAndReserv" +
-      "eResult\022@\n\010response\030\001 \001(\0132\".quotad.v1.Ch" +
-      "eckAndReserveResponseH\000R\010response\022(\n\005err" +
-      "or\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007o" +
-      "utcome\"\\\n\033CheckAndReserveBatchRequest\022=\n" +
-      "\010requests\030\001 \003(\0132!.quotad.v1.CheckAndRese" +
-      "rveRequestR\010requests\"Z\n\034CheckAndReserveB" +
-      "atchResponse\022:\n\007results\030\001 \003(\0132 .quotad.v" +
-      "1.CheckAndReserveResultR\007results\"z\n\034Chec" +
-      "kAndReserveStreamRequest\022\035\n\nrequest_id\030\001" +
-      " \001(\tR\trequestId\022;\n\007request\030\002 \001(\0132!.quota" +
-      "d.v1.CheckAndReserveRequestR\007request\"x\n\035" +
-      "CheckAndReserveStreamResponse\022\035\n\nrequest" +
-      "_id\030\001 \001(\tR\trequestId\0228\n\006result\030\002 \001(\0132 .q" +
-      "uotad.v1.CheckAndReserveResultR\006result\"|" +
-      "\n\014CommitResult\0227\n\010response\030\001 \001(\0132\031.quota" +
-      "d.v1.CommitResponseH\000R\010response\022(\n\005error" +
-      "\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007out" +
-      "come\"J\n\022CommitBatchRequest\0224\n\010requests\030\001" +
-      " \003(\0132\030.quotad.v1.CommitRequestR\010requests" +
-      "\"H\n\023CommitBatchResponse\0221\n\007results\030\001 \003(\013" +
-      "2\027.quotad.v1.CommitResultR\007results\"h\n\023Co" +
-      "mmitStreamRequest\022\035\n\nrequest_id\030\001 \001(\tR\tr" +
-      "equestId\0222\n\007request\030\002 \001(\0132\030.quotad.v1.Co" +
-      "mmitRequestR\007request\"f\n\024CommitStreamResp" +
-      "onse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/\n\006r" +
-      "esult\030\002 \001(\0132\027.quotad.v1.CommitResultR\006re" +
-      "sult\">\n\022GetAccuracyRequest\022\024\n\005model\030\001 \001(" +
-      "\tR\005model\022\022\n\004tier\030\002 \001(\tR\004tier\",\n\006Spread\022\020" +
-      "\n\003p50\030\001 \001(\001R\003p50\022\020\n\003p95\030\002 \001(\001R\003p95\"\263\003\n\023G" +
-      "etAccuracyResponse\022\024\n\005model\030\001 \001(\tR\005model" +
-      "\022\022\n\004tier\030\002 \001(\tR\004tier\022\030\n\007commits\030\003 \001(\003R\007c" +
-      "ommits\0222\n\013input_ratio\030\004 \001(\0132\021.quotad.v1." +
-      "SpreadR\ninputRatio\0224\n\014output_ratio\030\005 \001(\013" +
-      "2\021.quotad.v1.SpreadR\013outputRatio\022)\n\020esti" +
-      "mated_tokens\030\006 \001(\003R\017estimatedTokens\022#\n\ra" +
-      "ctual_tokens\030\007 \001(\003R\014actualTokens\022\'\n\017refu" +
-      "nded_tokens\030\010 \001(\003R\016refundedTokens\022%\n\016ove" +
-      "rrun_tokens\030\t \001(\003R\roverrunTokens\022\032\n\010lear" +
-      "ning\030\n \001(\010R\010learning\0222\n\025learned_output_t" +
-      "okens\030\013 \001(\003R\023learnedOutputTokens*O\n\010Deci" +
-      "sion\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024\n\020DECISI" +
-      "ON_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020\002*\215\001\n\nDe" +
-      "nyReason\022\033\n\027DENY_REASON_UNSPECIFIED\020\000\022\036\n" +
-      "\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n\034DENY_RE" +
-      "ASON_EXCEEDS_CAPACITY\020\002\022 \n\034DENY_REASON_B" +
-      "UDGET_EXHAUSTED\020\003*U\n\005Scope\022\025\n\021SCOPE_UNSP" +
-      "ECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014SCOPE_TE" +
-      "NANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n\006Metric\022\026\n\022M" +
-      "ETRIC_UNSPECIFIED\020\000\022\023\n\017METRIC_REQUESTS\020\001" +
-      "\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n\024METRIC_OUTP" +
-      "UT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_TOKENS\020\004\022\025\n\021" +
-      "METRIC_CONCURRENT\020\005\022\023\n\017METRIC_COST_USD\020\006" +
-      "*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_UNSPECIFIED\020" +
-      "\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020\001\022\034\n\030ALGORIT" +
-      "HM_SLIDING_WINDOW\020\002\022\031\n\025ALGORITHM_CONCURR" +
-      "ENCY\020\003\022\026\n\022ALGORITHM_CALENDAR\020\0042\370\005\n\014Quota" +
-      "Service\022X\n\017CheckAndReserve\022!.quotad.v1.C" +
-      "heckAndReserveRequest\032\".quotad.v1.CheckA" +
-      "ndReserveResponse\022=\n\006Commit\022\030.quotad.v1." +
-      "CommitRequest\032\031.quotad.v1.CommitResponse" +
-      "\022@\n\007Release\022\031.quotad.v1.ReleaseRequest\032\032" +
-      ".quotad.v1.ReleaseResponse\022C\n\010GetUsage\022\032" +
-      ".quotad.v1.GetUsageRequest\032\033.quotad.v1.G" +
-      "etUsageResponse\022g\n\024CheckAndReserveBatch\022" +
-      "&.quotad.v1.CheckAndReserveBatchRequest\032" +
-      "\'.quotad.v1.CheckAndReserveBatchResponse" +
-      "\022n\n\025CheckAndReserveStream\022\'.quotad.v1.Ch" +
-      "eckAndReserveStreamRequest\032(.quotad.v1.C" +
-      "heckAndReserveStreamResponse(\0010\001\022L\n\013Comm" +
-      "itBatch\022\035.quotad.v1.CommitBatchRequest\032\036" +
-      ".quotad.v1.CommitBatchResponse\022S\n\014Commit" +
-      "Stream\022\036.quotad.v1.CommitStreamRequest\032\037" +
-      ".quotad.v1.CommitStreamResponse(\0010\001\022L\n\013G" +
-      "etAccuracy\022\035.quotad.v1.GetAccuracyReques" +
-      "t\032\036.quotad.v1.GetAccuracyResponseB_\n\023io." +
-      "github.quotad.v1B\nQuotaProtoP\001Z:github.c" +
-      "om/quotad/quotad/clients/go/gen/quotad/v" +
-      "1;quotadv1b\006proto3"
+      "quotad.v1.ChatMessageR\010messages\022/\n\010prior" +
+      "ity\030\013 \001(\0162\023.quotad.v1.PriorityR\010priority" +
+      "\0224\n\010max_wait\030\014 \001(\0132\031.google.protobuf.Dur" +
+      "ationR\007maxWait\"\213\005\n\027CheckAndReserveRespon" +
+      "se\022/\n\010decision\030\001 \001(\0162\023.quotad.v1.Decisio" +
+      "nR\010decision\0226\n\013deny_reason\030\002 \001(\0162\025.quota" +
+      "d.v1.DenyReasonR\ndenyReason\022%\n\016reservati" +
+      "on_id\030\003 \001(\tR\rreservationId\022D\n\020lease_expi" +
+      "res_at\030\004 \001(\0132\032.google.protobuf.Timestamp" +
+      "R\016leaseExpiresAt\022+\n\010reserved\030\005 \001(\0132\017.quo" +
+      "tad.v1.CostR\010reserved\022:\n\013retry_after\030\006 \001" +
+      "(\0132\031.google.protobuf.DurationR\nretryAfte" +
+      "r\022#\n\rbinding_limit\030\007 \001(\tR\014bindingLimit\022." +
+      "\n\006limits\030\010 \003(\0132\026.quotad.v1.LimitStatusR\006" +
+      "limits\022\032\n\010replayed\030\t \001(\010R\010replayed\022\026\n\006te" +
+      "nant\030\n \001(\tR\006tenant\022\022\n\004tier\030\013 \001(\tR\004tier\0220" +
+      "\n\024counted_input_tokens\030\014 \001(\003R\022countedInp" +
+      "utTokens\0221\n\006waited\030\r \001(\0132\031.google.protob" +
+      "uf.DurationR\006waited\022/\n\010priority\030\016 \001(\0162\023." +
+      "quotad.v1.PriorityR\010priority\"\256\001\n\rCommitR" +
+      "equest\022%\n\016reservation_id\030\001 \001(\tR\rreservat" +
+      "ionId\022!\n\014input_tokens\030\002 \001(\003R\013inputTokens" +
+      "\022#\n\routput_tokens\030\003 \001(\003R\014outputTokens\022.\n" +
+      "\023cached_input_tokens\030\004 \001(\003R\021cachedInputT" +
+      "okens\"\251\001\n\016CommitResponse\022+\n\010reserved\030\001 \001" +
+      "(\0132\017.quotad.v1.CostR\010reserved\022-\n\tcommitt" +
+      "ed\030\002 \001(\0132\017.quotad.v1.CostR\tcommitted\022\026\n\006" +
+      "repeat\030\003 \001(\010R\006repeat\022#\n\rlease_expired\030\004 " +
+      "\001(\010R\014leaseExpired\"7\n\016ReleaseRequest\022%\n\016r" +
+      "eservation_id\030\001 \001(\tR\rreservationId\"V\n\017Re" +
+      "leaseResponse\022+\n\010refunded\030\001 \001(\0132\017.quotad" +
+      ".v1.CostR\010refunded\022\026\n\006repeat\030\002 \001(\010R\006repe" +
+      "at\"m\n\017GetUsageRequest\022\030\n\007subject\030\001 \001(\tR\007" +
+      "subject\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030" +
+      "\003 \001(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\"n\n\020Get" +
+      "UsageResponse\022.\n\006limits\030\001 \003(\0132\026.quotad.v" +
+      "1.LimitStatusR\006limits\022\026\n\006tenant\030\002 \001(\tR\006t" +
+      "enant\022\022\n\004tier\030\003 \001(\tR\004tier\"H\n\016FieldViolat" +
+      "ion\022\024\n\005field\030\001 \001(\tR\005field\022 \n\013description" +
+      "\030\002 \001(\tR\013description\"{\n\005Error\022\022\n\004code\030\001 \001" +
+      "(\005R\004code\022\030\n\007message\030\002 \001(\tR\007message\022D\n\020fi" +
+      "eld_violations\030\003 \003(\0132\031.quotad.v1.FieldVi" +
+      "olationR\017fieldViolations\"\216\001\n\025CheckAndRes" +
+      "erveResult\022@\n\010response\030\001 \001(\0132\".quotad.v1" +
+      ".CheckAndReserveResponseH\000R\010response\022(\n\005" +
+      "error\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t" +
+      "\n\007outcome\"\\\n\033CheckAndReserveBatchRequest" +
+      "\022=\n\010requests\030\001 \003(\0132!.quotad.v1.CheckAndR" +
+      "eserveRequestR\010requests\"Z\n\034CheckAndReser" +
+      "veBatchResponse\022:\n\007results\030\001 \003(\0132 .quota" +
+      "d.v1.CheckAndReserveResultR\007results\"z\n\034C" +
+      "heckAndReserveStreamRequest\022\035\n\nrequest_i" +
+      "d\030\001 \001(\tR\trequestId\022;\n\007request\030\002 \001(\0132!.qu" +
+      "otad.v1.CheckAndReserveRequestR\007request\"" +
+      "x\n\035CheckAndReserveStreamResponse\022\035\n\nrequ" +
+      "est_id\030\001 \001(\tR\trequestId\0228\n\006result\030\002 \001(\0132" +
+      " .quotad.v1.CheckAndReserveResultR\006resul" +
+      "t\"|\n\014CommitResult\0227\n\010response\030\001 \001(\0132\031.qu" +
+      "otad.v1.CommitResponseH\000R\010response\022(\n\005er" +
+      "ror\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007" +
+      "outcome\"J\n\022CommitBatchRequest\0224\n\010request" +
+      "s\030\001 \003(\0132\030.quotad.v1.CommitRequestR\010reque" +
+      "sts\"H\n\023CommitBatchResponse\0221\n\007results\030\001 " +
+      "\003(\0132\027.quotad.v1.CommitResultR\007results\"h\n" +
+      "\023CommitStreamRequest\022\035\n\nrequest_id\030\001 \001(\t" +
+      "R\trequestId\0222\n\007request\030\002 \001(\0132\030.quotad.v1" +
+      ".CommitRequestR\007request\"f\n\024CommitStreamR" +
+      "esponse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/" +
+      "\n\006result\030\002 \001(\0132\027.quotad.v1.CommitResultR" +
+      "\006result\">\n\022GetAccuracyRequest\022\024\n\005model\030\001" +
+      " \001(\tR\005model\022\022\n\004tier\030\002 \001(\tR\004tier\",\n\006Sprea" +
+      "d\022\020\n\003p50\030\001 \001(\001R\003p50\022\020\n\003p95\030\002 \001(\001R\003p95\"\263\003" +
+      "\n\023GetAccuracyResponse\022\024\n\005model\030\001 \001(\tR\005mo" +
+      "del\022\022\n\004tier\030\002 \001(\tR\004tier\022\030\n\007commits\030\003 \001(\003" +
+      "R\007commits\0222\n\013input_ratio\030\004 \001(\0132\021.quotad." +
+      "v1.SpreadR\ninputRatio\0224\n\014output_ratio\030\005 " +
+      "\001(\0132\021.quotad.v1.SpreadR\013outputRatio\022)\n\020e" +
+      "stimated_tokens\030\006 \001(\003R\017estimatedTokens\022#" +
+      "\n\ractual_tokens\030\007 \001(\003R\014actualTokens\022\'\n\017r" +
+      "efunded_tokens\030\010 \001(\003R\016refundedTokens\022%\n\016" +
+      "overrun_tokens\030\t \001(\003R\roverrunTokens\022\032\n\010l" +
+      "earning\030\n \001(\010R\010learning\0222\n\025learned_outpu" +
+      "t_tokens\030\013 \001(\003R\023learnedOutputTokens*O\n\010D" +
+      "ecision\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024\n\020DEC" +
+      "ISION_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020\002*\251\001\n" +
+      "\nDenyReason\022\033\n\027DENY_REASON_UNSPECIFIED\020\000" +
+      "\022\036\n\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n\034DENY" +
+      "_REASON_EXCEEDS_CAPACITY\020\002\022 \n\034DENY_REASO" +
+      "N_BUDGET_EXHAUSTED\020\003\022\032\n\026DENY_REASON_QUEU" +
+      "E_FULL\020\004*^\n\010Priority\022\030\n\024PRIORITY_UNSPECI" +
+      "FIED\020\000\022\020\n\014PRIORITY_LOW\020\001\022\023\n\017PRIORITY_NOR" +
+      "MAL\020\002\022\021\n\rPRIORITY_HIGH\020\003*U\n\005Scope\022\025\n\021SCO" +
+      "PE_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014S" +
+      "COPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n\006Metr" +
+      "ic\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRIC_REQ" +
+      "UESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n\024METR" +
+      "IC_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_TOKEN" +
+      "S\020\004\022\025\n\021METRIC_CONCURRENT\020\005\022\023\n\017METRIC_COS" +
+      "T_USD\020\006*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_UNSPE" +
+      "CIFIED\020\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020\001\022\034\n\030" +
+      "ALGORITHM_SLIDING_WINDOW\020\002\022\031\n\025ALGORITHM_" +
+      "CONCURRENCY\020\003\022\026\n\022ALGORITHM_CALENDAR\020\0042\370\005" +
+      "\n\014QuotaService\022X\n\017CheckAndReserve\022!.quot" +
+      "ad.v1.CheckAndReserveRequest\032\".quotad.v1" +
+      ".CheckAndReserveResponse\022=\n\006Commit\022\030.quo" +
+      "tad.v1.CommitRequest\032\031.quotad.v1.CommitR" +
+      "esponse\022@\n\007Release\022\031.quotad.v1.ReleaseRe" +
+      "quest\032\032.quotad.v1.ReleaseResponse\022C\n\010Get" +
+      "Usage\022\032.quotad.v1.GetUsageRequest\032\033.quot" +
+      "ad.v1.GetUsageResponse\022g\n\024CheckAndReserv" +
+      "eBatch\022&.quotad.v1.CheckAndReserveBatchR" +
+      "equest\032\'.quotad.v1.CheckAndReserveBatchR" +
+      "esponse\022n\n\025CheckAndReserveStream\022\'.quota" +
+      "d.v1.CheckAndReserveStreamRequest\032(.quot" +
+      "ad.v1.CheckAndReserveStreamResponse(\0010\001\022" +
+      "L\n\013CommitBatch\022\035.quotad.v1.CommitBatchRe" +
+      "quest\032\036.quotad.v1.CommitBatchResponse\022S\n" +
+      "\014CommitStream\022\036.quotad.v1.CommitStreamRe" +
+      "quest\032\037.quotad.v1.CommitStreamResponse(\001" +
+      "0\001\022L\n\013GetAccuracy\022\035.quotad.v1.GetAccurac" +
+      "yRequest\032\036.quotad.v1.GetAccuracyResponse" +
+      "B_\n\023io.github.quotad.v1B\nQuotaProtoP\001Z:g" +
+      "ithub.com/quotad/quotad/clients/go/gen/q" +
+      "uotad/v1;quotadv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -339,13 +347,13 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     internal_static_quotad_v1_CheckAndReserveRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveRequest_descriptor,
-        new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", "InputTokens", "MaxOutputTokens", "Lease", "IdempotencyKey", "Prompt", "Messages", });
+        new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", "InputTokens", "MaxOutputTokens", "Lease", "IdempotencyKey", "Prompt", "Messages", "Priority", "MaxWait", });
     internal_static_quotad_v1_CheckAndReserveResponse_descriptor =
       getDescriptor().getMessageType(4);
     internal_static_quotad_v1_CheckAndReserveResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveResponse_descriptor,
-        new java.lang.String[] { "Decision", "DenyReason", "ReservationId", "LeaseExpiresAt", "Reserved", "RetryAfter", "BindingLimit", "Limits", "Replayed", "Tenant", "Tier", "CountedInputTokens", });
+        new java.lang.String[] { "Decision", "DenyReason", "ReservationId", "LeaseExpiresAt", "Reserved", "RetryAfter", "BindingLimit", "Limits", "Replayed", "Tenant", "Tier", "CountedInputTokens", "Waited", "Priority", });
     internal_static_quotad_v1_CommitRequest_descriptor =
       getDescriptor().getMessageType(5);
     internal_static_quotad_v1_CommitRequest_fieldAccessorTable = new

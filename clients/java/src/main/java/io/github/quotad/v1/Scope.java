@@ -151,7 +151,7 @@ public enum Scope
   }
   public static com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.github.quotad.v1.QuotaProto.getDescriptor().getEnumType(2);
+    return io.github.quotad.v1.QuotaProto.getDescriptor().getEnumType(3);
   }
 
   private static final Scope[] VALUES = values();
