@@ -7,10 +7,12 @@ it knows neither gRPC nor Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
+import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import tiktoken
@@ -39,6 +41,7 @@ _log = structlog.get_logger("quotad.core")
 
 MAX_TOKENS = 10**9
 MAX_ID_BYTES = 256
+_PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2}
 # Counting this much text takes well under a millisecond: cheaper in place than a thread hop.
 INLINE_COUNT_BYTES = 2048
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -131,6 +134,7 @@ class QuotaCore:
         self._counters: dict[tuple[str, float], TokenCounter] = {}
         self._outputs = OutputEstimator(store, refresh_s=learning_refresh_s)
         self._recorder = UsageRecorder(store, flush_s=stats_flush_s)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
 
     @property
     def ready(self) -> bool:
@@ -251,6 +255,13 @@ class QuotaCore:
         _check_tokens(violations, "input_tokens", input_tokens)
         _check_tokens(violations, "max_output_tokens", request.max_output_tokens)
         _check_text(violations, "idempotency_key", request.idempotency_key, required=False)
+        if not 0 <= request.max_wait_us <= policy.max_wait_us:
+            violations.append(
+                FieldViolation(
+                    "max_wait",
+                    f"must be between 0 and {_format_us(policy.max_wait_us)}, got {_format_us(request.max_wait_us)}",
+                )
+            )
         lease_us = policy.lease_default_us if request.lease_us is None else request.lease_us
         if not policy.lease_min_us <= lease_us <= policy.lease_max_us:
             violations.append(
@@ -271,6 +282,7 @@ class QuotaCore:
             )
         if violations:
             raise InvalidRequest(violations)
+        priority = request.priority or policy.tier_priority[tier]
         fingerprint = ""
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
@@ -291,7 +303,10 @@ class QuotaCore:
             price=price,
             model=request.model,
             tier=tier,
-            priority=request.priority or policy.tier_priority[tier],
+            priority=priority,
+            boost_us=_PRIORITY_RANK[priority] * policy.aging_us,
+            max_line=policy.max_line,
+            ticket_ttl_ms=3 * policy.heartbeat_us // 1000,
         )
         return plan, tier
 
@@ -312,11 +327,65 @@ class QuotaCore:
         )
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
-        """Reserve the request's estimated cost on every applicable limit, or deny it."""
+        """Reserve the request's estimated cost on every applicable limit, or deny it.
+
+        With `max_wait_us`, a request that does not fit now waits in line (priority, then
+        arrival) and is admitted as soon as it fits, or denied when the wait runs out.
+        """
         plan, tier = self._plan(
             request, await self._input_tokens(request), await self._output_tokens(request)
         )
-        return self._outcome(plan, tier, await self._store.reserve(plan))
+        if request.max_wait_us <= 0:
+            return self._outcome(plan, tier, await self._store.reserve(plan))
+        return await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000)
+
+    async def _wait_in_line(self, plan: ReservePlan, tier: str, max_wait_s: float) -> ReserveOutcome:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        heartbeat_s = self.policy.heartbeat_us / 1_000_000
+        plan = replace(plan, ticket=secrets.token_hex(8), enqueue=True)
+        woken = asyncio.Event()
+        line = ""
+        admitted = False
+        try:
+            while True:
+                result = await self._store.reserve(plan)
+                waited_us = round((loop.time() - started) * 1_000_000)
+                outcome = replace(self._outcome(plan, tier, result), waited_us=waited_us)
+                if result.allowed:
+                    admitted = True
+                    return outcome
+                if result.queue_full:
+                    return replace(outcome, deny_reason=DenyReason.QUEUE_FULL)
+                remaining_s = max_wait_s - (loop.time() - started)
+                if outcome.retry_after_us is None or remaining_s <= 0:
+                    return outcome  # never fits, or the wait is over
+                # retry_after assumes no Commit or Release frees capacity sooner: wait for those too.
+                retry_s = outcome.retry_after_us / 1_000_000
+                if result.line != line:
+                    self._waiters.get(line, set()).discard(woken)
+                    line = result.line
+                    self._waiters.setdefault(line, set()).add(woken)
+                woken.clear()
+                # Capacity freed by a Commit or Release wakes us at once; refill and lease expiry
+                # by retry_after; the heartbeat keeps our place alive.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(remaining_s, retry_s, heartbeat_s))
+        finally:
+            self._waiters.get(line, set()).discard(woken)
+            if line and not self._waiters.get(line):
+                self._waiters.pop(line, None)
+            if not admitted:
+                with contextlib.suppress(QuotadError):
+                    await asyncio.shield(self._store.leave_line(plan.partition, plan.ticket))
+
+    def _wake(self, line: str) -> None:
+        for event in self._waiters.get(line, ()):
+            event.set()
+
+    async def watch_wakeups(self) -> None:
+        """Wake this replica's waiters when capacity is freed on their lines (runs until cancelled)."""
+        await self._store.watch_wakeups(self._wake)
 
     async def check_and_reserve_many(
         self, requests: Sequence[ReserveRequest]

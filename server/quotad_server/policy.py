@@ -220,6 +220,22 @@ class PriceSpec(_Strict):
         )
 
 
+class WaitingSpec(_Strict):
+    """Server-side waiting lines (CheckAndReserve with max_wait)."""
+
+    max_wait: Duration = "30s"  # the longest max_wait a caller may ask for
+    max_line: int = Field(default=1000, ge=1, le=1_000_000)  # places per limit's line
+    aging: Duration = "30s"  # a waiter ranks with new arrivals one priority up after this long
+    heartbeat: Duration = "1s"  # waiters re-check at least this often; a silent one's place expires after 3
+
+    @model_validator(mode="after")
+    def _positive(self) -> WaitingSpec:
+        for name in ("max_wait", "aging", "heartbeat"):
+            if parse_duration_us(getattr(self, name)) <= 0:
+                raise ValueError(f"waiting.{name} must be positive")
+        return self
+
+
 class ModelSpec(_Strict):
     """How to count and price one model's calls."""
 
@@ -265,6 +281,7 @@ class PolicyDocument(_Strict):
     tenants: dict[str, LimitGroup] = Field(default_factory=dict)
     global_: LimitGroup = Field(default_factory=LimitGroup, alias="global")
     admission: AdmissionSpec | None = None  # the default ceilings of every tenant and global limit
+    waiting: WaitingSpec = Field(default_factory=WaitingSpec)
 
     @field_validator("retention")
     @classmethod
@@ -300,6 +317,10 @@ class Policy:
     models: dict[str, ModelPolicy]
     tier_limits: dict[str, tuple[Limit, ...]]
     tier_priority: dict[str, Priority]
+    max_wait_us: int
+    max_line: int
+    aging_us: int
+    heartbeat_us: int
     tenant_limits: dict[str, tuple[Limit, ...]]
     global_limits: tuple[Limit, ...]
     _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
@@ -381,6 +402,10 @@ def parse_policy(text: str, source: str) -> Policy:
             name: tuple(s.to_limit(Scope.SUBJECT) for s in g.limits) for name, g in doc.tiers.items()
         },
         tier_priority={name: Priority(group.priority) for name, group in doc.tiers.items()},
+        max_wait_us=parse_duration_us(doc.waiting.max_wait),
+        max_line=doc.waiting.max_line,
+        aging_us=parse_duration_us(doc.waiting.aging),
+        heartbeat_us=parse_duration_us(doc.waiting.heartbeat),
         tenant_limits={
             name: tuple(s.to_limit(Scope.TENANT, doc.admission) for s in g.limits)
             for name, g in doc.tenants.items()

@@ -49,6 +49,7 @@ class QuotadServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         self._monitor: asyncio.Task[None] | None = None
+        self._wakeups: asyncio.Task[None] | None = None
         self._serving: bool | None = None
 
     async def _set_serving(self, serving: bool) -> None:
@@ -79,13 +80,15 @@ class QuotadServer:
         await self._set_serving(False)
         await self._server.start()
         self._monitor = asyncio.create_task(self._watch_store(), name="quotad-health")
+        self._wakeups = asyncio.create_task(self._core.watch_wakeups(), name="quotad-wakeups")
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new RPCs, let in-flight ones finish within `grace_s`, then stop."""
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        for task in (self._monitor, self._wakeups):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
 

@@ -37,7 +37,9 @@ async def test_low_priority_stops_first_and_high_keeps_headroom(quotad: QuotadFa
         provider = next(s for s in low.limits if s.name == "provider-tpm")
         assert provider.remaining == 5  # what LOW may still fill
 
-        assert (await q.reserve(input_tokens=31, priority=NORMAL)).decision == pb.DECISION_DENIED  # 85 at most
+        assert (
+            await q.reserve(input_tokens=31, priority=NORMAL)
+        ).decision == pb.DECISION_DENIED  # 85 at most
         assert (await q.reserve(input_tokens=30, priority=HIGH)).decision == pb.DECISION_ALLOWED  # 85 of 100
         assert (await q.reserve(input_tokens=15, priority=HIGH)).decision == pb.DECISION_ALLOWED  # 100
         assert (await q.reserve(input_tokens=1, priority=HIGH)).decision == pb.DECISION_DENIED

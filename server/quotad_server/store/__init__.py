@@ -6,7 +6,7 @@ Protocol. RedisStore (store/redis.py) is the one implementation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,13 @@ class ReservePlan:
     model: str = ""
     tier: str = ""
     priority: Priority = Priority.NORMAL
+    # Waiting lines (see reserve.lua): the rank boost of the priority, and for a waiter
+    # its ticket, whether to take a place when denied, the line's bound and the ticket's life.
+    boost_us: int = 0
+    ticket: str = ""
+    enqueue: bool = False
+    max_line: int = 1000
+    ticket_ttl_ms: int = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,8 @@ class ReserveResult:
     limits: tuple[LimitStatus, ...]
     replayed: bool = False
     reserved: Cost | None = None
+    queue_full: bool = False
+    line: str = ""  # the waiting line the ticket holds a place in
 
 
 class Store(Protocol):
@@ -90,6 +99,14 @@ class Store(Protocol):
 
     async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
         """The usage statistics of one (model, tier); see usage_stats.py."""
+        ...
+
+    async def leave_line(self, partition: str, ticket: str) -> None:
+        """Give up a waiting place (the caller stopped waiting)."""
+        ...
+
+    async def watch_wakeups(self, wake: Callable[[str], None]) -> None:
+        """Call `wake(line)` whenever capacity is freed on a limit with a waiting line; runs until cancelled."""
         ...
 
     async def ping(self) -> None:

@@ -70,7 +70,7 @@ _SCOPE_CODE = {Scope.SUBJECT: "s", Scope.TENANT: "t", Scope.GLOBAL: "g"}
 _TAG_HEX = 8
 RESERVATION_ID = re.compile(rf"^[0-9a-f]{{{_TAG_HEX + 32}}}$")
 
-_REPLY_ALLOWED, _REPLY_DENIED, _REPLY_REPLAYED = 1, 0, 2
+_REPLY_ALLOWED, _REPLY_DENIED, _REPLY_REPLAYED, _REPLY_QUEUE_FULL = 1, 0, 2, 3
 _REPLY_NOT_FOUND, _REPLY_PAST_DEADLINE, _REPLY_FINGERPRINT, _REPLY_WRONG_STATE = 0, -1, -2, -3
 
 
@@ -121,6 +121,7 @@ class RedisStore:
         self._reserve = Script(_load_script("reserve.lua"))
         self._settle = Script(_load_script("settle.lua"))
         self._stats = Script(_load_script("stats.lua"))
+        self._leave = Script(_load_script("leave.lua"))
         # Redis clock minus ours, in microseconds; learnt from every script reply. It turns
         # our timeout into a deadline on Redis's clock, after which a script that was
         # delayed (a paused or overloaded server) gives up instead of acting on a request
@@ -253,6 +254,7 @@ class RedisStore:
             plan.cost_micro_usd,
             _price_arg(plan.price),
             f"{plan.model}\t{plan.tier}",
+            f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
             *self._limit_args(plan.limits, plan.priority),
         ]
         return reservation_id, keys, args
@@ -277,8 +279,17 @@ class RedisStore:
                 reserved=Cost(1, int(input_tokens), int(output_tokens), cost_micro_usd=int(cost)),
             )
         allowed = code == _REPLY_ALLOWED
+        line_index = reply[4 + 3 * len(plan.limits)] if len(reply) > 4 + 3 * len(plan.limits) else 0
+        line = ""
+        if line_index:
+            line = self.limit_keys(hash_tag(plan.partition), plan.limits, plan.tenant, plan.subject)[
+                line_index - 1
+            ]
+            line += ":q"
         return ReserveResult(
             allowed=allowed,
+            queue_full=code == _REPLY_QUEUE_FULL,
+            line=line,
             reservation_id=reservation_id if allowed else "",
             lease_expires_at_us=lease_expires_us if allowed else 0,
             limits=self._statuses(plan.limits, reply),
@@ -317,7 +328,22 @@ class RedisStore:
             self._record_key(tag, "peek"),
             *self.limit_keys(tag, limits, tenant, subject),
         ]
-        args = ["peek", self._now_arg(), 0, "", 0, 1, "", 0, 0, 0, "0 0 0", "", *self._limit_args(limits)]
+        args = [
+            "peek",
+            self._now_arg(),
+            0,
+            "",
+            0,
+            1,
+            "",
+            0,
+            0,
+            0,
+            "0 0 0",
+            "",
+            "- 0 0 0 3000",
+            *self._limit_args(limits),
+        ]
         reply = await self._run(self._reserve, keys, args)
         self._learn_clock(reply[1])
         return self._statuses(limits, reply)
@@ -413,3 +439,13 @@ class RedisStore:
     async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
         raw = await self._call(lambda: self._client.call("HGETALL", self._stats_key(model, tier)))
         return {raw[i].decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}
+
+    # -- waiting lines ------------------------------------------------------------------
+
+    async def leave_line(self, partition: str, ticket: str) -> None:
+        ticket_key = key(self._prefix, hash_tag(partition), "w", ticket)
+        await self._run(self._leave, [ticket_key], [ticket])
+
+    async def watch_wakeups(self, wake: Callable[[str], None]) -> None:
+        channel = f"{self._prefix}:wake"
+        await self._client.subscribe(channel, lambda data: wake(data.decode()))

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -86,6 +87,7 @@ class _Protocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self.lost: BaseException | None = None
+        self.on_push: Callable[[Any], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -94,6 +96,9 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
+            if self.on_push is not None:  # a subscribed connection: every reply is a push
+                self.on_push(reply)
+                continue
             future = self._pending.popleft()[0]
             if not future.done():  # its caller may have been cancelled
                 future.set_result(reply)
@@ -128,6 +133,11 @@ class _Protocol(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return future
+
+    def send_unanswered(self, payload: bytes) -> None:
+        """Write a command whose replies arrive as pushes (SUBSCRIBE)."""
+        if self._transport is not None:
+            self._transport.write(payload)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -256,3 +266,31 @@ class RespClient:
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.reset()
+
+    async def subscribe(self, channel: str, on_message: Callable[[bytes], None]) -> None:
+        """Deliver every message published on `channel`, on a connection of its own, until cancelled.
+
+        A lost connection is re-established (after a pause of one timeout); messages
+        published meanwhile are lost, which subscribers must tolerate.
+        """
+        while True:
+            try:
+                protocol = await asyncio.wait_for(self._connect(), self._timeout_s)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(self._timeout_s)
+                continue
+            received: asyncio.Queue[Any] = asyncio.Queue()
+            protocol.on_push = received.put_nowait
+            subscribe: tuple[Any, ...] = ("SUBSCRIBE", channel)
+            protocol.send_unanswered(hiredis.pack_command(subscribe))
+            try:
+                while protocol.lost is None:
+                    try:
+                        message = await asyncio.wait_for(received.get(), 1.0)
+                    except TimeoutError:
+                        continue
+                    if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+                        on_message(message[2])
+            finally:
+                protocol.abort()
+            await asyncio.sleep(self._timeout_s)

@@ -25,7 +25,8 @@ ARGV[9]   estimated output tokens
 ARGV[10]  estimated cost in micro-dollars
 ARGV[11]  prices "<input> <cached input> <output>" in micro-dollars per million tokens
 ARGV[12]  "<model>\t<tier>", kept in the record for usage statistics
-ARGV[13]  N, the number of limits; then 5 values per limit:
+ARGV[13]  the waiting line: "<ticket> <boost> <enqueue> <max line> <ticket ttl ms>" (see below)
+ARGV[14]  N, the number of limits; then 5 values per limit:
           algorithm (b token bucket, w sliding window, c concurrency, d calendar day,
             m calendar month),
           metric (r requests, c concurrent, i input tokens, I input tokens less cache reads,
@@ -43,6 +44,16 @@ State, per algorithm (units are requests, tokens or micro-dollars; times are mic
   c  zset of reservation ids scored by lease expiry; members at or before now are expired.
   d/m  integer units used in the current UTC day / month.
 
+Waiting lines. A request denied with enqueue=1 takes a place (its ticket) in the line of
+its binding limit: zset KEYS[b] .. ':q' scored by rank = arrival time - boost, where the
+boost grows with priority (so higher priorities go first, FIFO within a priority, and a
+waiter ages past newer arrivals of higher priority after a bounded time). A ticket is
+live while '<prefix>:{tag}:w:<ticket>' exists (its value: the line); the waiting
+replica refreshes it, so a dead replica's places expire. '<prefix>:{tag}:lines' is the
+set of non-empty lines. Every request, waiting or not, may take capacity on a limit only
+if no live waiter in that limit's line ranks before it; its own rank is its ticket's
+score, or now - boost for a fresh request.
+
 The record (string, TTL = lease + retention) is what settle.lua needs, so a reservation
 is settled on the limits and prices it was made under even if the policy changes:
   "r <lease_expires_at> <est_in> <est_out> <est_cost> <price_in> <price_cached> <price_out>"
@@ -51,8 +62,9 @@ is settled on the limits and prices it was made under even if the policy changes
   key suffix is the key without '<prefix>:{tag}:l:' and, for a calendar budget, period is
   the first day of the period it was charged to.
 
-Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N}
-  code 1 allowed, 0 denied, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
+Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N, line}
+  line: the index of the limit whose line the ticket waits in (0: none).
+  code 1 allowed, 0 denied, 3 denied because the line is full, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
   est. input, est. output, est. cost} (the first reservation; no limit is evaluated),
   -1 past the deadline (nothing written), -2 idempotency key reused for another request.
   wait is 0 when the cost fits now, -1 when it never can, else microseconds until it fits.
@@ -73,7 +85,11 @@ local rid = ARGV[4]
 local lease_us = tonumber(ARGV[5])
 local fingerprint = ARGV[7]
 local est_in, est_out, est_cost = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n = tonumber(ARGV[13])
+local n = tonumber(ARGV[14])
+local ticket, boost, enqueue, max_line, ticket_ttl = string.match(ARGV[13], '^(%S+) (%d+) (%d) (%d+) (%d+)$')
+local partition = string.match(KEYS[1], '^(.*):r:[^:]*$')  -- '<prefix>:{tag}'
+local registry = partition .. ':lines'
+local function ticket_key(id) return partition .. ':w:' .. id end
 
 -- Idempotent retry: hand back the first reservation and change nothing.
 if not peek and fingerprint ~= '' then
@@ -143,10 +159,36 @@ local function calendar_period(alg)
   return first, days_from_civil(y, m) * DAY
 end
 
+-- Waiting lines on this request's limits, and this request's rank against them.
+local lined, my_rank, my_line = {}, now - tonumber(boost), nil
+if not peek and redis.call('EXISTS', registry) == 1 then
+  local lines = {}
+  for i = 1, n do lines[i] = KEYS[i + 2] .. ':q' end
+  local present = redis.call('SMISMEMBER', registry, unpack(lines))
+  for i = 1, n do lined[i] = present[i] == 1 end
+  if ticket ~= '-' then
+    my_line = redis.call('GET', ticket_key(ticket))
+    if my_line then my_rank = tonumber(redis.call('ZSCORE', my_line, ticket) or my_rank) end
+  end
+end
+-- The best live waiter of a line, dropping the places of waiters that are gone.
+local function line_head(line)
+  while true do
+    local head = redis.call('ZRANGE', line, 0, 0, 'WITHSCORES')
+    if not head[1] then
+      redis.call('SREM', registry, line)
+      return nil
+    end
+    if redis.call('EXISTS', ticket_key(head[1])) == 1 then return head[1], tonumber(head[2]) end
+    redis.call('ZREM', line, head[1])
+  end
+end
+local HINT = tonumber(ticket_ttl) * 1000 / 3  -- about one heartbeat, for those a line holds back
+
 local statuses = {}
 local admit = true
 for i = 1, n do
-  local base = 13 + (i - 1) * 5
+  local base = 14 + (i - 1) * 5
   local alg, metric = ARGV[base + 1], ARGV[base + 2]
   local limit, period, cap = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   local key = KEYS[i + 2]
@@ -226,6 +268,12 @@ for i = 1, n do
       wait = ends - now
     end
   end
+  if wait == 0 and lined[i] then
+    local head, score = line_head(key .. ':q')
+    if head and head ~= ticket and (score < my_rank or (score == my_rank and head < ticket)) then
+      wait = HINT  -- capacity is there, but a waiter ranked before this request takes it first
+    end
+  end
   if wait ~= 0 then admit = false end
   statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra, cap}
 end
@@ -244,10 +292,39 @@ end
 if peek then return reply end
 if not admit then
   reply[1] = 0
+  reply[#reply + 1] = 0
+  local never = false
+  local binding, longest = 0, -1
+  for i = 1, n do
+    if statuses[i][8] < 0 then never = true end
+    if statuses[i][8] > longest then binding, longest = i, statuses[i][8] end
+  end
+  if enqueue == '1' and not never then
+    -- Wait in the binding limit's line; a ticket already in a line keeps its place.
+    local line = my_line or (KEYS[binding + 2] .. ':q')
+    if not my_line then
+      if redis.call('ZCARD', line) >= tonumber(max_line) then
+        reply[1] = 3
+        return reply
+      end
+      redis.call('ZADD', line, my_rank, ticket)
+      redis.call('SADD', registry, line)
+    end
+    redis.call('SET', ticket_key(ticket), line, 'PX', tonumber(ticket_ttl))
+    for i = 1, n do
+      if KEYS[i + 2] .. ':q' == line then reply[#reply] = i end
+    end
+  end
   return reply
 end
+if my_line then  -- admitted: leave the line
+  redis.call('ZREM', my_line, ticket)
+  redis.call('DEL', ticket_key(ticket))
+  if redis.call('ZCARD', my_line) == 0 then redis.call('SREM', registry, my_line) end
+end
+reply[#reply + 1] = 0
 
-local prefix_len = #string.match(KEYS[1], '^(.*):r:%x+$') + 3  -- '<prefix>:{tag}' .. ':l:'
+local prefix_len = #partition + 3  -- '<prefix>:{tag}' .. ':l:'
 -- Expired members of a request window or an in-flight set never count (every read is by
 -- score), so removing them only bounds memory. Doing it on one admission in 16, chosen by
 -- the random reservation id, keeps at most ~16 of them beyond the live ones and saves a

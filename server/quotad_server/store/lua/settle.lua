@@ -32,6 +32,10 @@ Per limit, delta = actual units - reserved units (release: actual is zero):
   c    the reservation leaves the in-flight set
   d/m  the period the reservation was charged to takes the difference (never below 0)
 
+Capacity freed on a limit that has a waiting line (see reserve.lua) is announced on the
+channel '<prefix>:wake' with the line's key, so replicas wake their waiters at once
+instead of polling.
+
 The settled record shrinks to "<c|x> <actual_in> <actual_out> <lease_expired> <est_in>
 <est_out> <lease_expires_at> <est_cost> <actual_cost> <actual_cached>" and the
 "<model>\t<tier>" line: enough to answer retries and idempotent replays.
@@ -107,18 +111,20 @@ local function units(metric, requests, input, output, cached, cost)
   return input + output
 end
 
-local base, rid = string.match(KEYS[1], '^(.*):r:(%x+)$')
-base = base .. ':l:'
+local partition, rid = string.match(KEYS[1], '^(.*):r:(%x+)$')
+local base = partition .. ':l:'
+local freed = {}
 
 for line in lines do
   local alg, metric, limit, period, suffix = string.match(line, '^(%a) (%a) (%d+) (%d+) (.+)$')
   local key = base .. suffix
   limit, period = tonumber(limit), tonumber(period)
   if alg == 'c' then
-    redis.call('ZREM', key, rid)
+    if redis.call('ZREM', key, rid) == 1 then freed[#freed + 1] = key end
   else
     local reserved = units(metric, 1, est_in, est_out, 0, est_cost)
     local delta = units(metric, act_requests, act_in, act_out, act_cached, act_cost) - reserved
+    if delta < 0 then freed[#freed + 1] = key end
     if delta ~= 0 and alg == 'b' then
       local level = 0
       local raw = redis.call('GET', key)
@@ -160,6 +166,15 @@ for line in lines do
       elseif redis.call('PTTL', period_key) < 0 then  -- the period had ended and gone: keep the debt a day
         redis.call('PEXPIRE', period_key, 86400000)
       end
+    end
+  end
+end
+
+if #freed > 0 and redis.call('EXISTS', partition .. ':lines') == 1 then
+  local channel = string.match(partition, '^(.-):{') .. ':wake'
+  for _, key in ipairs(freed) do
+    if redis.call('SISMEMBER', partition .. ':lines', key .. ':q') == 1 then
+      redis.call('PUBLISH', channel, key .. ':q')
     end
   end
 end
