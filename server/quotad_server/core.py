@@ -134,7 +134,8 @@ class QuotaCore:
         self._counters: dict[tuple[str, float], TokenCounter] = {}
         self._outputs = OutputEstimator(store, refresh_s=learning_refresh_s)
         self._recorder = UsageRecorder(store, flush_s=stats_flush_s)
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Per line, this replica's waiters: their event and (-priority rank, start) to find the best.
+        self._waiters: dict[str, dict[asyncio.Event, tuple[int, float]]] = {}
 
     @property
     def ready(self) -> bool:
@@ -363,16 +364,16 @@ class QuotaCore:
                 # retry_after assumes no Commit or Release frees capacity sooner: wait for those too.
                 retry_s = outcome.retry_after_us / 1_000_000
                 if result.line != line:
-                    self._waiters.get(line, set()).discard(woken)
+                    self._waiters.get(line, {}).pop(woken, None)
                     line = result.line
-                    self._waiters.setdefault(line, set()).add(woken)
+                    self._waiters.setdefault(line, {})[woken] = (-_PRIORITY_RANK[plan.priority], started)
                 woken.clear()
                 # Capacity freed by a Commit or Release wakes us at once; refill and lease expiry
                 # by retry_after; the heartbeat keeps our place alive.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(remaining_s, retry_s, heartbeat_s))
         finally:
-            self._waiters.get(line, set()).discard(woken)
+            self._waiters.get(line, {}).pop(woken, None)
             if line and not self._waiters.get(line):
                 self._waiters.pop(line, None)
             if not admitted:
@@ -380,8 +381,14 @@ class QuotaCore:
                     await asyncio.shield(self._store.leave_line(plan.partition, plan.ticket))
 
     def _wake(self, line: str) -> None:
-        for event in self._waiters.get(line, ()):
-            event.set()
+        """Capacity was freed on `line`, or its head left: wake this replica's best waiter there.
+
+        Only the best: the line admits in rank order, so the others would only be told to wait.
+        Each replica wakes its own best, so the line's head, wherever it waits, tries at once.
+        """
+        waiters = self._waiters.get(line)
+        if waiters:
+            min(waiters.items(), key=lambda item: item[1])[0].set()
 
     async def watch_wakeups(self) -> None:
         """Wake this replica's waiters when capacity is freed on their lines (runs until cancelled)."""

@@ -49,7 +49,9 @@ its binding limit: zset KEYS[b] .. ':q' scored by rank = arrival time - boost, w
 boost grows with priority (so higher priorities go first, FIFO within a priority, and a
 waiter ages past newer arrivals of higher priority after a bounded time). A ticket is
 live while '<prefix>:{tag}:w:<ticket>' exists (its value: the line); the waiting
-replica refreshes it, so a dead replica's places expire. '<prefix>:{tag}:lines' is the
+replica refreshes it, so a dead replica's places expire. A waiter admitted from a line
+that still holds others announces it on '<prefix>:wake' (settle.lua does the same for
+freed capacity), so the next in line tries at once. '<prefix>:{tag}:lines' is the
 set of non-empty lines. Every request, waiting or not, may take capacity on a limit only
 if no live waiter in that limit's line ranks before it; its own rank is its ticket's
 score, or now - boost for a fresh request.
@@ -317,10 +319,14 @@ if not admit then
   end
   return reply
 end
-if my_line then  -- admitted: leave the line
+if my_line then  -- admitted: leave the line, and let the next in line know its turn may have come
   redis.call('ZREM', my_line, ticket)
   redis.call('DEL', ticket_key(ticket))
-  if redis.call('ZCARD', my_line) == 0 then redis.call('SREM', registry, my_line) end
+  if redis.call('ZCARD', my_line) == 0 then
+    redis.call('SREM', registry, my_line)
+  else
+    redis.call('PUBLISH', string.match(partition, '^(.-):{') .. ':wake', my_line)
+  end
 end
 reply[#reply + 1] = 0
 
