@@ -99,8 +99,15 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout_s: float, key_prefix: str = "quotad", clock: Clock | None = None
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        key_prefix: str = "quotad",
+        clock: Clock | None = None,
+        **connection: Any,
     ) -> RedisStore:
+        """`connection` passes redis-py options through: password, ssl_ca_certs, ssl_certfile, ssl_keyfile."""
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -108,6 +115,7 @@ class RedisStore:
             # A retried script may run twice; an error is the honest answer.
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
+            **connection,
         )
         return cls(client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock)
 
