@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := $(CURDIR)/.tools/bin
 GRPCURL_VERSION := v1.9.3
+HELM_VERSION := v3.22.0
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
@@ -24,10 +25,13 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl ## install grpcurl (from the Go module proxy) into .tools/bin
+tools: $(TOOLS)/grpcurl $(TOOLS)/helm ## install grpcurl and helm (from the Go module proxy) into .tools/bin
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+$(TOOLS)/helm:
+	GOBIN=$(TOOLS) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 run: install ## serve on localhost:50051 with the example policy and an embedded Redis
 	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} $(BIN)/quotad serve

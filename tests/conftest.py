@@ -13,8 +13,10 @@ import redis.asyncio as aioredis
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.core import QuotaCore
+from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics
 from quotad_server.policy import parse_policy
 from quotad_server.server import QuotadServer
+from quotad_server.store import Store
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 
@@ -46,6 +48,7 @@ class Quotad:
     server: QuotadServer
     clock: ManualClock | None
     defaults: dict[str, object] = field(default_factory=dict)
+    core: QuotaCore | None = None
 
     async def reserve(self, **fields: object) -> pb.CheckAndReserveResponse:
         request = pb.CheckAndReserveRequest(**{**self.defaults, **fields})  # type: ignore[arg-type]
@@ -102,18 +105,28 @@ async def running_quotad(
     clock: ManualClock | None = None,
     timeout_s: float = 0.25,
     health_interval_s: float = 0.05,
+    metrics: Metrics | None = None,
     **defaults: object,
 ) -> AsyncIterator[Quotad]:
+    """A quotad on `redis_url`; with `metrics`, wired as cli.py wires it when metrics are on."""
     policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
     store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
     await store.start()
+    served: Store = store
+    core = QuotaCore(policy, store)
+    if metrics is not None:
+        served = InstrumentedStore(store, metrics)
+        core = InstrumentedCore(policy, served, metrics=metrics)
+        metrics.watch_policy(core)
     server = QuotadServer(
-        QuotaCore(policy, store), store, listen="127.0.0.1:0", health_interval_s=health_interval_s
+        core, served, listen="127.0.0.1:0", health_interval_s=health_interval_s, observer=metrics
     )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        yield Quotad(server.port, pb_grpc.QuotaServiceStub(channel), channel, store, server, clock, defaults)
+        yield Quotad(
+            server.port, pb_grpc.QuotaServiceStub(channel), channel, store, server, clock, defaults, core
+        )
     finally:
         await channel.close()
         await server.stop(0)
