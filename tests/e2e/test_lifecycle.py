@@ -152,7 +152,8 @@ async def test_sigterm_goes_not_serving_then_refuses_new_rpcs_and_finishes_in_fl
                 refused = error.code()
             assert time.monotonic() - sent_at < drain_s + 5, "new RPCs still accepted after the drain"
             await asyncio.sleep(0.05)
-        assert refused == grpc.StatusCode.UNAVAILABLE
+        # UNAVAILABLE once the server refuses; CANCELLED for a call that raced the moment it began to.
+        assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert time.monotonic() - sent_at >= drain_s * 0.9
         assert quotad.process.poll() is None  # still waiting for the in-flight RPC
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +13,7 @@ from quotad_server.metrics import Metrics, MetricsEndpoint
 from quotad_server.store.embedded import EmbeddedRedis
 
 from tests.conftest import ManualClock, QuotadFactory, rpc_error, running_quotad
-from tests.metrics_scrape import scrape, value
+from tests.metrics_scrape import Samples, scrape, value
 
 POLICY = """
     defaults: {tier: free}
@@ -26,6 +28,16 @@ POLICY = """
       limits:
         - {name: gpt-4o-tpm, metric: total_tokens, limit: 800000, period: 1m, model: gpt-4o}
 """
+
+
+async def scrape_settled(port: int, rpcs: int) -> Samples:
+    """Scrape once all `rpcs` RPCs the client made are recorded: a failed RPC's status can reach
+    the client a moment before the server's handler has recorded it."""
+    deadline = time.monotonic() + 5
+    while value(samples := scrape(port), "quotad_rpc_duration_seconds_count") < rpcs:
+        assert time.monotonic() < deadline, "the server did not record every RPC"
+        await asyncio.sleep(0.02)
+    return samples
 
 
 @pytest.fixture
@@ -59,7 +71,7 @@ async def test_decisions_tokens_settlements_and_rpcs_are_counted(
         error = await rpc_error(q.reserve(input_tokens=-1))
         assert error.code().name == "INVALID_ARGUMENT"
 
-    samples = scrape(port)
+    samples = await scrape_settled(port, rpcs=10)
     allowed = {"decision": "allowed", "tier": "free", "model": "gpt-4o", "binding_limit": "", "reason": ""}
     assert value(samples, "quotad_decisions_total", allowed) == 3
     assert value(samples, "quotad_decisions_total", {"decision": "denied"}) == 2
@@ -130,6 +142,6 @@ async def test_redis_failures_are_counted_by_operation_and_reason(metrics: tuple
             own_redis.stop()
             error = await rpc_error(q.reserve())
             assert error.code().name == "UNAVAILABLE"
-            samples = scrape(port)
+            samples = await scrape_settled(port, rpcs=2)
     assert value(samples, "quotad_redis_errors_total", {"operation": "reserve", "reason": "connection"}) == 1
     assert value(samples, "quotad_rpc_duration_seconds_count", {"code": "UNAVAILABLE"}) == 1
