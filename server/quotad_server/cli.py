@@ -81,7 +81,11 @@ async def serve(settings: Settings) -> int:
             core = InstrumentedCore(policy, served, metrics=metrics)
             metrics.watch_policy(core)
             metrics.policy_loaded(policy_file.digest)
-            endpoint = MetricsEndpoint(metrics, settings.metrics_listen)
+            try:
+                endpoint = MetricsEndpoint(metrics, settings.metrics_listen)
+            except OSError as error:
+                log.error("cannot serve metrics", listen=settings.metrics_listen, error=str(error))
+                return EXIT_CONFIG
             stack.callback(endpoint.close)
             log.info("metrics endpoint", listen=settings.metrics_listen, port=endpoint.port, path="/metrics")
         server = QuotadServer(

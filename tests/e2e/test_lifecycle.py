@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -296,3 +297,22 @@ async def test_a_configmap_update_reaches_a_running_process(tmp_path: Path, own_
     assert "tiers.t.limits[2].metric" in refused[0]["error"]
     assert "'parallel'" in refused[0]["error"]
     assert str(volume_dir / "policy.yaml") in refused[0]["error"]
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error(policy_path: Path, own_redis: EmbeddedRedis) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "QUOTAD_POLICY": str(policy_path),
+            "QUOTAD_LISTEN": f"127.0.0.1:{free_port()}",
+            "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{taken.getsockname()[1]}",
+            "QUOTAD_REDIS_URL": own_redis.url,
+            "QUOTAD_LOG_FORMAT": "json",
+        }
+        result = subprocess.run(
+            [*QUOTAD, "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+    assert result.returncode == 2
+    assert "cannot serve metrics" in result.stderr
