@@ -341,3 +341,20 @@ def test_the_values_schema_for_the_policy_accepts_what_quotad_accepts() -> None:
     broken["tiers"]["free"]["limits"][0]["algorithm"] = "leaky_bucket"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, policy_schema)
+
+
+def test_the_packaged_chart_renders_with_its_dashboard(tmp_path: Path) -> None:
+    """`helm package` keeps what the templates read (.helmignore drops only ci/ and editor files)."""
+    packaged = run_helm("package", str(CHART), "--destination", str(tmp_path))
+    assert packaged.returncode == 0, packaged.stderr
+    archive = tmp_path / f"quotad-{yaml.safe_load((CHART / 'Chart.yaml').read_text())['version']}.tgz"
+    result = run_helm(
+        "template", "q", str(archive), "--kube-version", KUBERNETES, "--set", "redis.url=redis://r:6379/0"
+    )
+    assert result.returncode == 0, result.stderr
+    dashboard = next(
+        doc
+        for doc in yaml.safe_load_all(result.stdout)
+        if doc and doc["metadata"]["name"].endswith("-dashboard")
+    )
+    assert json.loads(dashboard["data"]["quotad.json"])["uid"] == "quotad-overview"
