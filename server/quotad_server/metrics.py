@@ -192,7 +192,11 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)  # both series exist from the start, at zero
-        self._models: frozenset[str] = frozenset()
+        # Children of the per-RPC metrics by label values: labels() takes a lock and builds a key
+        # on every call; a dict lookup is several times cheaper. Bounded like the labels themselves.
+        self._rpc: dict[tuple[str, str], Any] = {}
+        self._redis: dict[str, Any] = {}
+        self._decided: dict[tuple[str, str, str, str, str], tuple[Any, Any | None, Any | None]] = {}
 
     def watch_policy(self, holder: PolicyHolder) -> None:
         """Export the limits of `holder.policy` (read again at each scrape)."""
@@ -202,7 +206,10 @@ class Metrics:
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None:
         """The servicer's RpcObserver: one call per RPC, with its final status code."""
-        self.rpc_duration.labels(method, code).observe(seconds)
+        child = self._rpc.get((method, code))
+        if child is None:
+            child = self._rpc[method, code] = self.rpc_duration.labels(method, code)
+        child.observe(seconds)
 
     def policy_loaded(self, digest: str) -> None:
         """The policy whose file hashes to `digest` is now in force."""
@@ -222,14 +229,20 @@ class Metrics:
             return
         model_label = model if model in policy.models else (OTHER_MODEL if model else "")
         reason = outcome.deny_reason.value if outcome.deny_reason is not None else ""
-        self.decisions.labels(
-            outcome.decision.value, reason, outcome.tier, model_label, outcome.binding_limit or ""
-        ).inc()
-        if outcome.decision is Decision.ALLOWED and outcome.reserved is not None:
-            self.tokens_reserved.labels("input", outcome.tier, model_label).inc(outcome.reserved.input_tokens)
-            self.tokens_reserved.labels("output", outcome.tier, model_label).inc(
-                outcome.reserved.output_tokens
+        key = (outcome.decision.value, reason, outcome.tier, model_label, outcome.binding_limit or "")
+        children = self._decided.get(key)
+        if children is None:
+            allowed = outcome.decision is Decision.ALLOWED  # denials reserve no tokens: no series for them
+            children = self._decided[key] = (
+                self.decisions.labels(*key),
+                self.tokens_reserved.labels("input", outcome.tier, model_label) if allowed else None,
+                self.tokens_reserved.labels("output", outcome.tier, model_label) if allowed else None,
             )
+        decisions, reserved_input, reserved_output = children
+        decisions.inc()
+        if reserved_input is not None and reserved_output is not None and outcome.reserved is not None:
+            reserved_input.inc(outcome.reserved.input_tokens)
+            reserved_output.inc(outcome.reserved.output_tokens)
 
     def settled(self, method: str, outcome: SettleOutcome) -> None:
         if outcome.repeat:
@@ -258,7 +271,10 @@ class Metrics:
             self.estimation_ratio.labels("total").observe(total_actual / total_estimate)
 
     def store_call(self, operation: str, seconds: float, error: BaseException | None) -> None:
-        self.redis_duration.labels(operation).observe(seconds)
+        child = self._redis.get(operation)
+        if child is None:
+            child = self._redis[operation] = self.redis_duration.labels(operation)
+        child.observe(seconds)
         if error is None:
             return
         if isinstance(error, StoreUnavailable):
