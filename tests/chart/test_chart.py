@@ -301,6 +301,8 @@ def test_notes_show_the_grpcurl_health_check() -> None:
         ("policy.tiers.free.limits[0].period=1 hour", "/policy/tiers/free/limits/0/period"),
         ("policy.retention=forever", "/policy/retention"),
         ("redis.existingSecret=s", "not both"),
+        ("redis.passwordSecret=s", "needs redis.passwordSecretKey"),
+        ("redis.passwordSecretKey=k", "needs redis.passwordSecret"),
         ("terminationGracePeriodSeconds=10", "terminationGracePeriodSeconds"),
         ("metrics.port=50051", "metrics.port"),
         ("redis.tls.existingSecret=tls", "rediss://"),

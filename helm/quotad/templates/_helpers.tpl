@@ -54,11 +54,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (or $redis.url $redis.existingSecret) }}
 {{- fail "redis: set redis.url (e.g. redis://redis.example:6379/0) or redis.existingSecret (a Secret holding the URL): quotad needs an external Redis" }}
 {{- end }}
-{{- if and $redis.passwordSecret (not $redis.existingSecretPasswordKey) }}
-{{- fail "redis.passwordSecret needs redis.existingSecretPasswordKey: the key of the password in it" }}
+{{- if and $redis.passwordSecret (not $redis.passwordSecretKey) }}
+{{- fail "redis.passwordSecret needs redis.passwordSecretKey: the key of the password in it" }}
 {{- end }}
-{{- if and $redis.existingSecretPasswordKey (not (or $redis.existingSecret $redis.passwordSecret)) }}
-{{- fail "redis.existingSecretPasswordKey needs redis.existingSecret or redis.passwordSecret: the Secret holding it" }}
+{{- if and $redis.passwordSecretKey (not (or $redis.existingSecret $redis.passwordSecret)) }}
+{{- fail "redis.passwordSecretKey needs redis.passwordSecret (or redis.existingSecret): the Secret holding it" }}
 {{- end }}
 {{- if ne (empty $redis.tls.certKey) (empty $redis.tls.keyKey) }}
 {{- fail "redis.tls: set both certKey and keyKey (mutual TLS) or neither" }}
