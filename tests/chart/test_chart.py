@@ -170,7 +170,8 @@ def test_no_secret_value_is_inlined() -> None:
     assert variables["QUOTAD_REDIS_TLS_CA_FILE"]["value"] == "/etc/quotad/redis-tls/ca.crt"
     assert variables["QUOTAD_REDIS_TLS_KEY_FILE"]["value"] == "/etc/quotad/redis-tls/tls.key"
     volumes = one(manifests, "Deployment")["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "redis-tls", "secret": {"secretName": "quotad-redis-tls"}} in volumes
+    tls = {"name": "redis-tls", "secret": {"secretName": "quotad-redis-tls", "defaultMode": 0o440}}
+    assert tls in volumes
     # A password in the URL is refused at install, naming the field.
     result = run_helm(
         "template",
