@@ -17,7 +17,7 @@ import pytest
 from quotad.v1 import quota_pb2 as pb
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
-from tests.e2e.test_lifecycle import POLICY, Process
+from tests.e2e.quotad_process import POLICY, Process
 
 PASSWORD = "test-only-password"
 

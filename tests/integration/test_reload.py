@@ -16,6 +16,7 @@ from quotad_server.metrics import Metrics, MetricsEndpoint
 from quotad_server.policy import PolicyError
 from quotad_server.reload import PolicyFile, PolicyWatcher
 
+from tests.configmap import ConfigMapVolume
 from tests.conftest import Quotad, QuotadFactory
 from tests.metrics_scrape import scrape, value
 
@@ -187,30 +188,6 @@ async def test_a_broken_file_is_refused_and_the_old_policy_stays(reloading: Relo
     reloading.write(policy(70_000))
     await _until(lambda: _limit(reloading) == 70_000, APPLY_WITHIN_S)
     assert value(scrape(reloading.metrics_port), "quotad_policy_reloads_total", {"result": "success"}) == 1
-
-
-class ConfigMapVolume:
-    """The layout the kubelet writes for a mounted ConfigMap, and its atomic update.
-
-    <dir>/..<timestamp>/policy.yaml    the files of one version
-    <dir>/..data -> ..<timestamp>      switched by rename of a new symlink: atomic
-    <dir>/policy.yaml -> ..data/policy.yaml
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.version = 0
-
-    def publish(self, text: str) -> None:
-        self.version += 1
-        version_dir = self.root / f"..2026_11_26_{self.version:02d}"
-        version_dir.mkdir()
-        (version_dir / "policy.yaml").write_text(text)
-        new_link = self.root / "..data_tmp"
-        new_link.symlink_to(version_dir.name)
-        new_link.replace(self.root / "..data")
-        if not (self.root / "policy.yaml").is_symlink():
-            (self.root / "policy.yaml").symlink_to("..data/policy.yaml")
 
 
 @pytest.fixture
