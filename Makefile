@@ -20,6 +20,7 @@ MAVEN_PLATFORM := linux-$(shell uname -m | sed 's/aarch64/aarch_64/')
 MVN := mvn -B -q -Dmaven.repo.local=$(CURDIR)/.tools/m2
 MVN_COPY := org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy
 TS_DEPS := clients/typescript/node_modules/.package-lock.json
+HELM_VERSION := v3.22.0
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
@@ -36,7 +37,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) bench-tools ## install grpcurl, the pinned protoc plugins and the benchmark tools
+tools: $(TOOLS)/grpcurl $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, the pinned protoc plugins, helm and the benchmark tools
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
@@ -75,6 +76,8 @@ clients: install tools ## build the TypeScript, Go and Java clients (fetching th
 	cd clients/typescript && npm run --silent build
 	cd clients/go && go vet ./...
 	cd clients/java && $(MVN) test-compile
+$(TOOLS)/helm:
+	GOBIN=$(TOOLS) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 run: install ## serve on localhost:50051 with the example policy and an embedded Redis
 	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} $(BIN)/quotad serve

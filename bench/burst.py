@@ -55,7 +55,7 @@ async def drive(address: str, seconds: float) -> list[dict[str, Any]]:
         stub = pb_grpc.QuotaServiceStub(channel)
         started = time.monotonic()
 
-        async def call(priority: int, index: int) -> None:
+        async def call(priority: pb.Priority.ValueType, index: int) -> None:
             sent = time.monotonic() - started
             request = pb.CheckAndReserveRequest(
                 subject=f"u{index % 50}", priority=priority, input_tokens=TOKENS, max_wait=max_wait
@@ -69,7 +69,7 @@ async def drive(address: str, seconds: float) -> list[dict[str, Any]]:
                 "waited": response.waited.seconds + response.waited.nanos / 1e9,
             })  # fmt: skip
 
-        async def stream(priority: int, rate: float, start: float, stop: float) -> None:
+        async def stream(priority: pb.Priority.ValueType, rate: float, start: float, stop: float) -> None:
             tasks, index = [], 0
             while (now := time.monotonic() - started) < stop:
                 if now >= start:

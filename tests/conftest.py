@@ -6,6 +6,7 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -14,8 +15,10 @@ import tiktoken
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.core import QuotaCore
+from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics
 from quotad_server.policy import parse_policy
 from quotad_server.server import QuotadServer
+from quotad_server.store import Store
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings
@@ -48,6 +51,7 @@ class Quotad:
     server: QuotadServer
     clock: ManualClock | None
     defaults: dict[str, object] = field(default_factory=dict)
+    core: QuotaCore | None = None
 
     async def reserve(self, **fields: object) -> pb.CheckAndReserveResponse:
         request = pb.CheckAndReserveRequest(**{**self.defaults, **fields})  # type: ignore[arg-type]
@@ -115,24 +119,34 @@ async def running_quotad(
     timeout_s: float = 0.25,
     health_interval_s: float = 0.05,
     max_prompt_bytes: int = 1 << 20,
+    metrics: Metrics | None = None,
     **defaults: object,
 ) -> AsyncIterator[Quotad]:
+    """A quotad on `redis_url`; with `metrics`, wired as cli.py wires it when metrics are on."""
     policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
     store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
     await store.start()
-    core = QuotaCore(
-        policy,
-        store,
-        encodings=encodings(),
-        max_prompt_bytes=max_prompt_bytes,
-        learning_refresh_s=0,
-        stats_flush_s=0,
+    core_options: dict[str, Any] = {
+        "encodings": encodings(),
+        "max_prompt_bytes": max_prompt_bytes,
+        "learning_refresh_s": 0,
+        "stats_flush_s": 0,
+    }
+    served: Store = store
+    core = QuotaCore(policy, store, **core_options)
+    if metrics is not None:
+        served = InstrumentedStore(store, metrics)
+        core = InstrumentedCore(policy, served, metrics=metrics, **core_options)
+        metrics.watch_policy(core)
+    server = QuotadServer(
+        core, served, listen="127.0.0.1:0", health_interval_s=health_interval_s, observer=metrics
     )
-    server = QuotadServer(core, store, listen="127.0.0.1:0", health_interval_s=health_interval_s)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        yield Quotad(server.port, pb_grpc.QuotaServiceStub(channel), channel, store, server, clock, defaults)
+        yield Quotad(
+            server.port, pb_grpc.QuotaServiceStub(channel), channel, store, server, clock, defaults, core
+        )
     finally:
         await channel.close()
         await server.stop(0)

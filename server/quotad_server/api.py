@@ -9,7 +9,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -273,11 +273,18 @@ async def _in_order(
                 entry[1].cancel()
 
 
+class RpcObserver(Protocol):
+    """Told about every finished RPC: its method, final status code name and duration (metrics.py)."""
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None: ...
+
+
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
     """quotad.v1.QuotaService over a QuotaCore."""
 
-    def __init__(self, core: QuotaCore) -> None:
+    def __init__(self, core: QuotaCore, observer: RpcObserver | None = None) -> None:
         self._core = core
+        self._observer = observer
 
     async def _handle(
         self,
@@ -304,12 +311,15 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
                 code = "CANCELLED"
             raise
         finally:
+            elapsed = time.perf_counter() - started
+            if self._observer is not None:
+                self._observer.rpc_finished(method, code, elapsed)
             log = _log.error if code in ("UNKNOWN", "INTERNAL") else _log.info
             log(
                 "rpc",
                 method=method,
                 code=code,
-                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                latency_ms=round(elapsed * 1000, 3),
                 **fields,
             )
 

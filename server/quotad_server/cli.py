@@ -15,6 +15,7 @@ import subprocess
 import sys
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -22,9 +23,12 @@ from quotad_server import __version__
 from quotad_server.core import QuotaCore
 from quotad_server.errors import StoreUnavailable
 from quotad_server.logs import configure_logging
+from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics, MetricsEndpoint
 from quotad_server.policy import PolicyError, load_policy
+from quotad_server.reload import PolicyFile, PolicyWatcher
 from quotad_server.server import QuotadServer
 from quotad_server.settings import Settings, SettingsError
+from quotad_server.store import Store
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings, prepare_cache
@@ -33,9 +37,24 @@ EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 
 
+def redis_connection_options(settings: Settings) -> dict[str, Any]:
+    """The redis-py options for the password and TLS settings that are set."""
+    options: dict[str, Any] = {}
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    if settings.redis_tls_ca_file:
+        options["ssl_ca_certs"] = settings.redis_tls_ca_file
+    if settings.redis_tls_cert_file:
+        options["ssl_certfile"] = settings.redis_tls_cert_file
+        options["ssl_keyfile"] = settings.redis_tls_key_file
+    return options
+
+
 async def serve(settings: Settings) -> int:
     log = structlog.get_logger("quotad")
-    policy = load_policy(settings.policy_path)
+    policy_file = PolicyFile(settings.policy_path)
+    policy = policy_file.load()
+    metrics = Metrics() if settings.metrics_listen else None
     async with AsyncExitStack() as stack:
         redis_url = settings.redis_url
         if not redis_url:
@@ -47,7 +66,10 @@ async def serve(settings: Settings) -> int:
                 redis_url=redis_url,
             )
         store = RedisStore.from_url(
-            redis_url, timeout_s=settings.redis_timeout_ms / 1000, key_prefix=settings.key_prefix
+            redis_url,
+            timeout_s=settings.redis_timeout_ms / 1000,
+            key_prefix=settings.key_prefix,
+            **redis_connection_options(settings),
         )
         stack.push_async_callback(store.aclose)
         try:
@@ -56,16 +78,37 @@ async def serve(settings: Settings) -> int:
             log.error(
                 "redis is not reachable at start; health stays NOT_SERVING until it is", error=str(error)
             )
-        core = QuotaCore(policy, store, max_prompt_bytes=settings.max_prompt_bytes)
+        served: Store = store
+        core_options: dict[str, Any] = {"max_prompt_bytes": settings.max_prompt_bytes}
+        core = QuotaCore(policy, store, **core_options)
+        if metrics is not None:
+            served = InstrumentedStore(store, metrics)
+            core = InstrumentedCore(policy, served, metrics=metrics, **core_options)
+            metrics.watch_policy(core)
+            metrics.policy_loaded(policy_file.digest)
+            try:
+                endpoint = MetricsEndpoint(metrics, settings.metrics_listen)
+            except OSError as error:
+                log.error("cannot serve metrics", listen=settings.metrics_listen, error=str(error))
+                return EXIT_CONFIG
+            stack.callback(endpoint.close)
+            log.info("metrics endpoint", listen=settings.metrics_listen, port=endpoint.port, path="/metrics")
         server = QuotadServer(
             core,
-            store,
+            served,
             listen=settings.listen,
             health_interval_s=settings.health_interval_ms / 1000,
+            observer=metrics,
         )
         await server.start()
         # Health stays NOT_SERVING until the tokenizers are in memory (off the event loop).
         core.encodings = await asyncio.to_thread(load_encodings, settings.tiktoken_cache_dir)
+        if settings.policy_poll_ms:
+            watcher = PolicyWatcher(
+                policy_file, core, interval_s=settings.policy_poll_ms / 1000, recorder=metrics
+            )
+            watcher.start()
+            stack.push_async_callback(watcher.stop)
         log.info(
             "serving",
             listen=settings.listen,
@@ -80,8 +123,8 @@ async def serve(settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         await stopping.wait()
-        log.info("stopping", grace_s=settings.shutdown_grace_s)
-        await server.stop(settings.shutdown_grace_s)
+        log.info("stopping", drain_ms=settings.shutdown_drain_ms, grace_s=settings.shutdown_grace_s)
+        await server.stop(settings.shutdown_grace_s, settings.shutdown_drain_ms / 1000)
         await core.flush()
         log.info("stopped")
     return 0

@@ -12,12 +12,15 @@ from grpc_reflection.v1alpha import reflection
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
-from quotad_server.api import QuotaServicer
+from quotad_server.api import QuotaServicer, RpcObserver
 from quotad_server.core import QuotaCore
 from quotad_server.errors import StoreUnavailable
 from quotad_server.store import Store
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+LIVENESS_SERVICE = "liveness"
+"""Health name that is SERVING while the process can answer at all, whatever Redis does:
+for liveness probes, so a Redis outage never gets every replica restarted."""
 _log = structlog.get_logger("quotad.server")
 
 
@@ -27,14 +30,23 @@ class QuotadServer:
     Health is SERVING only once the tokenizers are loaded and while the store
     answers: a monitor checks every `health_interval_s` and flips the overall ("")
     and the QuotaService status. The policy is loaded before the server is built.
+    `LIVENESS_SERVICE` is SERVING from start until the server stops accepting RPCs.
     """
 
-    def __init__(self, core: QuotaCore, store: Store, *, listen: str, health_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        core: QuotaCore,
+        store: Store,
+        *,
+        listen: str,
+        health_interval_s: float = 1.0,
+        observer: RpcObserver | None = None,
+    ) -> None:
         self._core = core
         self._store = store
         self._health_interval_s = health_interval_s
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        pb_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(core), self._server)
+        pb_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(core, observer), self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -50,6 +62,7 @@ class QuotadServer:
             raise OSError(f"cannot listen on {listen}")
         self._monitor: asyncio.Task[None] | None = None
         self._wakeups: asyncio.Task[None] | None = None
+        self._stopping = False
         self._serving: bool | None = None
 
     async def _set_serving(self, serving: bool) -> None:
@@ -67,7 +80,9 @@ class QuotadServer:
         self._serving = serving
 
     async def _watch_store(self) -> None:
-        while True:
+        # Not `while True`: a cancel that lands while redis-py is mid-PING can be swallowed
+        # (it surfaces as a connection error), and stop() would then wait for this loop forever.
+        while not self._stopping:
             try:
                 await self._store.ping()
                 await self._set_serving(self._core.ready)
@@ -78,17 +93,25 @@ class QuotadServer:
 
     async def start(self) -> None:
         await self._set_serving(False)
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         self._monitor = asyncio.create_task(self._watch_store(), name="quotad-health")
         self._wakeups = asyncio.create_task(self._core.watch_wakeups(), name="quotad-wakeups")
 
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new RPCs, let in-flight ones finish within `grace_s`, then stop."""
+    async def stop(self, grace_s: float, drain_s: float = 0.0) -> None:
+        """Stop gracefully: health NOT_SERVING at once; for `drain_s` new RPCs are still served
+        (load balancers and health-checking clients move away meanwhile); then new RPCs are
+        refused and in-flight ones get `grace_s` to finish."""
+        self._stopping = True
         for task in (self._monitor, self._wakeups):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self._set_serving(False)
+        if drain_s > 0:
+            _log.info("draining: NOT_SERVING, still answering new RPCs", drain_s=drain_s)
+            await asyncio.sleep(drain_s)
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
 

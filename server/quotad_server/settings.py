@@ -9,17 +9,27 @@ QUOTAD_LOG_FORMAT         json, console, or auto (json unless stderr is a termin
 QUOTAD_LOG_LEVEL          debug, info, warning, error           (default info)
 QUOTAD_HEALTH_INTERVAL_MS how often health re-checks Redis      (default 1000)
 QUOTAD_SHUTDOWN_GRACE_S   how long in-flight RPCs get on SIGTERM (default 10)
+QUOTAD_SHUTDOWN_DRAIN_MS  on SIGTERM, how long health says NOT_SERVING while new RPCs are still
+                          accepted, before they are refused (default 0)
+QUOTAD_METRICS_LISTEN     host:port of the Prometheus /metrics endpoint; empty = off (default off)
+QUOTAD_POLICY_POLL_MS     how often the policy file is checked for a new version; 0 = never
+                          (default 1000)
+QUOTAD_REDIS_PASSWORD     Redis password (AUTH), kept out of the URL; empty = the URL's, if any
+QUOTAD_REDIS_TLS_CA_FILE  CA bundle that verifies a rediss:// server (default: the system's)
+QUOTAD_REDIS_TLS_CERT_FILE, QUOTAD_REDIS_TLS_KEY_FILE
+                          client certificate and key for Redis mutual TLS (both or neither)
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 LogFormat = Literal["json", "console", "auto"]
 _LEVELS = ("debug", "info", "warning", "error")
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]*):\d{1,5}$")
 
 
 class SettingsError(ValueError):
@@ -53,6 +63,13 @@ class Settings:
     workers: int = 1
     max_prompt_bytes: int = 1 << 20
     tiktoken_cache_dir: str = ""
+    shutdown_drain_ms: int = 0
+    metrics_listen: str = ""
+    policy_poll_ms: int = 1000
+    redis_password: str = field(default="", repr=False)  # never in a log line or a traceback
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -74,6 +91,22 @@ class Settings:
         key_prefix = env.get("QUOTAD_KEY_PREFIX", "").strip() or "quotad"
         if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", key_prefix):
             raise SettingsError(f"QUOTAD_KEY_PREFIX={key_prefix!r}: letters, digits, '_', '-', '.'")
+        metrics_listen = env.get("QUOTAD_METRICS_LISTEN", "").strip()
+        if metrics_listen and not _HOST_PORT.match(metrics_listen):
+            raise SettingsError(
+                f"QUOTAD_METRICS_LISTEN={metrics_listen!r}: expected host:port, e.g. 0.0.0.0:9090, or empty"
+            )
+        if metrics_listen and metrics_listen == listen:
+            raise SettingsError(f"QUOTAD_METRICS_LISTEN={metrics_listen!r}: must differ from QUOTAD_LISTEN")
+        tls_cert = env.get("QUOTAD_REDIS_TLS_CERT_FILE", "").strip()
+        tls_key = env.get("QUOTAD_REDIS_TLS_KEY_FILE", "").strip()
+        if bool(tls_cert) != bool(tls_key):
+            raise SettingsError(
+                "QUOTAD_REDIS_TLS_CERT_FILE and QUOTAD_REDIS_TLS_KEY_FILE: set both (mutual TLS) or neither"
+            )
+        tls_ca = env.get("QUOTAD_REDIS_TLS_CA_FILE", "").strip()
+        if (tls_ca or tls_cert) and not redis_url.startswith("rediss://"):
+            raise SettingsError("QUOTAD_REDIS_TLS_*: TLS files need a rediss:// QUOTAD_REDIS_URL")
         return cls(
             policy_path=policy_path,
             listen=listen,
@@ -87,4 +120,11 @@ class Settings:
             workers=_int(env, "QUOTAD_WORKERS", 1, 1, 64),
             max_prompt_bytes=_int(env, "QUOTAD_MAX_PROMPT_BYTES", 1 << 20, 1, 64 << 20),
             tiktoken_cache_dir=env.get("TIKTOKEN_CACHE_DIR", "").strip(),
+            shutdown_drain_ms=_int(env, "QUOTAD_SHUTDOWN_DRAIN_MS", 0, 0, 600_000),
+            metrics_listen=metrics_listen,
+            policy_poll_ms=_int(env, "QUOTAD_POLICY_POLL_MS", 1000, 0, 3_600_000),
+            redis_password=env.get("QUOTAD_REDIS_PASSWORD", ""),
+            redis_tls_ca_file=tls_ca,
+            redis_tls_cert_file=tls_cert,
+            redis_tls_key_file=tls_key,
         )

@@ -9,6 +9,7 @@ Release find the reservation's slot from the id alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -39,7 +40,7 @@ from quotad_server.model import (
     SettleOutcome,
 )
 from quotad_server.store import ReservePlan, ReserveResult
-from quotad_server.store.resp import RedisAddress, RespClient, Script
+from quotad_server.store.resp import RedisAddress, RedisReplyError, RespClient, Script, TlsFiles
 
 T = TypeVar("T")
 Clock = Callable[[], int]
@@ -130,10 +131,23 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout_s: float, key_prefix: str = "quotad", clock: Clock | None = None
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        key_prefix: str = "quotad",
+        clock: Clock | None = None,
+        **connection: Any,
     ) -> RedisStore:
+        """`connection`: password, ssl_ca_certs, ssl_certfile, ssl_keyfile (as cli.redis_connection_options)."""
+        address = RedisAddress.from_url(url)
+        if connection.get("password"):
+            address = dataclasses.replace(address, password=connection["password"])
+        tls = TlsFiles(
+            connection.get("ssl_ca_certs"), connection.get("ssl_certfile"), connection.get("ssl_keyfile")
+        )
         # No retries: a retried script may run twice; UNAVAILABLE is the honest answer.
-        client = RespClient(RedisAddress.from_url(url), timeout_s=timeout_s)
+        client = RespClient(address, timeout_s=timeout_s, tls=tls)
         return cls(client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -143,8 +157,12 @@ class RedisStore:
             return await operation()
         except TimeoutError as exc:  # the client dropped the connection; the next call reconnects
             raise StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms") from exc
-        except OSError as exc:  # ConnectionError included; RedisReplyError (a bug) is not wrapped
+        except OSError as exc:  # ConnectionError included
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+        except RedisReplyError as exc:
+            if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):  # misconfigured, not a bug of ours
+                raise StoreUnavailable(f"redis refused quotad: not authenticated ({exc})") from exc
+            raise  # a script bug or a wrong server: surfaces as UNKNOWN and is logged
 
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(self._clock())

@@ -70,6 +70,21 @@ class RedisAddress:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """Files for rediss:// connections: a CA bundle to verify the server, a client certificate and key."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class Script:
     """A Lua script, called by SHA; the client loads it on NOSCRIPT."""
 
@@ -157,9 +172,10 @@ class RespClient:
     watchdog's period), connecting included.
     """
 
-    def __init__(self, address: RedisAddress, *, timeout_s: float) -> None:
+    def __init__(self, address: RedisAddress, *, timeout_s: float, tls: TlsFiles | None = None) -> None:
         self._address = address
         self._timeout_s = timeout_s
+        self._tls = tls or TlsFiles()
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -193,7 +209,7 @@ class RespClient:
         if address.path is not None:
             _, protocol = await loop.create_unix_connection(_Protocol, address.path)
         else:
-            context = ssl.create_default_context() if address.tls else None
+            context = self._tls.context() if address.tls else None
             _, protocol = await loop.create_connection(
                 _Protocol,
                 address.host,

@@ -1,0 +1,83 @@
+{{/* Names, labels and checks shared by every template. */}}
+
+{{- define "quotad.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "quotad.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "quotad.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "quotad.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "quotad.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "quotad.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "quotad.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "quotad.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "quotad.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "quotad.policyConfigMap" -}}
+{{- default (printf "%s-policy" (include "quotad.fullname" .)) .Values.policyExistingConfigMap }}
+{{- end }}
+
+{{/* Checks the schema cannot express; each failure says what to change. */}}
+{{- define "quotad.validate" -}}
+{{- $redis := .Values.redis }}
+{{- if and $redis.url $redis.existingSecret }}
+{{- fail "redis: set redis.url or redis.existingSecret, not both" }}
+{{- end }}
+{{- if not (or $redis.url $redis.existingSecret) }}
+{{- fail "redis: set redis.url (e.g. redis://redis.example:6379/0) or redis.existingSecret (a Secret holding the URL): quotad needs an external Redis" }}
+{{- end }}
+{{- if and $redis.passwordSecret (not $redis.passwordSecretKey) }}
+{{- fail "redis.passwordSecret needs redis.passwordSecretKey: the key of the password in it" }}
+{{- end }}
+{{- if and $redis.passwordSecretKey (not (or $redis.existingSecret $redis.passwordSecret)) }}
+{{- fail "redis.passwordSecretKey needs redis.passwordSecret (or redis.existingSecret): the Secret holding it" }}
+{{- end }}
+{{- if ne (empty $redis.tls.certKey) (empty $redis.tls.keyKey) }}
+{{- fail "redis.tls: set both certKey and keyKey (mutual TLS) or neither" }}
+{{- end }}
+{{- if and $redis.url $redis.tls.existingSecret (not (hasPrefix "rediss://" $redis.url)) }}
+{{- fail "redis.tls.existingSecret needs a rediss:// redis.url" }}
+{{- end }}
+{{- if and .Values.dashboard.enabled (not .Values.metrics.enabled) }}
+{{- fail "dashboard.enabled needs metrics.enabled: the dashboard reads quotad's metrics" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- if eq (int .Values.metrics.port) 50051 }}
+{{- fail "metrics.port must differ from the gRPC port 50051" }}
+{{- end }}
+{{- $s := .Values.shutdown }}
+{{- $needed := add $s.preStopSleepSeconds (div (add $s.drainMs 999) 1000) $s.graceSeconds }}
+{{- if le (int .Values.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed shutdown.preStopSleepSeconds + drainMs + graceSeconds (%d s), or the kubelet kills in-flight RPCs" (int .Values.terminationGracePeriodSeconds) (int $needed)) }}
+{{- end }}
+{{- end }}

