@@ -134,6 +134,13 @@ class Metrics:
             ["type"],
             registry=registry,
         )
+        self.cost = Counter(
+            "quotad_cost_micro_usd",
+            "Money in micro-dollars, from the policy's prices: reserved by allowed decisions (the"
+            " estimate), committed (the actual), refunded (estimate minus actual, or all at Release).",
+            ["kind", "model"],
+            registry=registry,
+        )
         self.settlements = Counter(
             "quotad_settlements",
             "Reservations settled (first Commit or Release of each; repeats excluded).",
@@ -245,6 +252,8 @@ class Metrics:
         if reserved_input is not None and reserved_output is not None and outcome.reserved is not None:
             reserved_input.inc(outcome.reserved.input_tokens)
             reserved_output.inc(outcome.reserved.output_tokens)
+            if outcome.reserved.cost_micro_usd:
+                self.cost.labels("reserved", model_label).inc(outcome.reserved.cost_micro_usd)
 
     def settled(self, method: str, outcome: SettleOutcome) -> None:
         if outcome.repeat:
@@ -253,7 +262,10 @@ class Metrics:
         if outcome.lease_expired:
             self.late_settlements.labels(method).inc()
         reserved, committed = outcome.reserved, outcome.committed
+        model_label = outcome.model or ""
         if method == "release":
+            if reserved.cost_micro_usd:
+                self.cost.labels("refunded", model_label).inc(reserved.cost_micro_usd)
             self.tokens_refunded.labels("input").inc(reserved.input_tokens)
             self.tokens_refunded.labels("output").inc(reserved.output_tokens)
             return
@@ -267,6 +279,10 @@ class Metrics:
                 self.tokens_refunded.labels(kind).inc(estimate - actual)
             if estimate > 0:
                 self.estimation_ratio.labels(kind).observe(actual / estimate)
+        if reserved.cost_micro_usd or committed.cost_micro_usd:
+            self.cost.labels("committed", model_label).inc(committed.cost_micro_usd)
+            if committed.cost_micro_usd < reserved.cost_micro_usd:
+                self.cost.labels("refunded", model_label).inc(reserved.cost_micro_usd - committed.cost_micro_usd)
         total_estimate = reserved.input_tokens + reserved.output_tokens
         if total_estimate > 0:
             total_actual = committed.input_tokens + committed.output_tokens
