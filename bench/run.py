@@ -307,8 +307,10 @@ def measure(
     return report
 
 
-def redis_benchmark(url_port: int, client: redis.Redis, requests: int) -> dict[str, Any]:
-    """The raw Redis ceiling: redis-benchmark EVALSHA of quotad's own reserve script for the bench policy."""
+def redis_benchmark(
+    url_port: int, client: redis.Redis, requests: int, tier: str = "standard"
+) -> dict[str, Any]:
+    """The raw Redis ceiling: redis-benchmark EVALSHA of quotad's own reserve script for a 4-limit tier."""
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return {"skipped": "redis-benchmark not installed (Debian package redis-tools; `make bench-tools`)"}
@@ -317,7 +319,7 @@ def redis_benchmark(url_port: int, client: redis.Redis, requests: int) -> dict[s
     store = RedisStore.from_url(f"redis://127.0.0.1:{url_port}", timeout_s=1)
     core = QuotaCore(load_policy(POLICY), store)
     request = ReserveRequest(
-        subject="bench-__rand_int__", model="gpt-4o", input_tokens=812, max_output_tokens=256
+        subject="bench-__rand_int__", tier=tier, model="gpt-4o", input_tokens=812, max_output_tokens=256
     )
     sha, reservation_id, keys, args = store.reserve_command(core.plan_for(request, request.input_tokens))
     keys = [k.replace(reservation_id, "__rand_int__") for k in keys]
@@ -348,6 +350,7 @@ def redis_benchmark(url_port: int, client: redis.Redis, requests: int) -> dict[s
     rps = float(result.stdout.strip().splitlines()[-1].split(",")[1].strip('"'))
     stats = client.info("commandstats").get("cmdstat_evalsha", {})
     return {
+        "tier": tier,
         "scripts_per_s": rps,
         "redis_us_per_script": stats.get("usec_per_call", 0.0),
         "requests": requests,
@@ -532,14 +535,17 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     valid = [c for c in redis_ceiling if "scripts_per_s" in c]
-    if valid:
-        scripts = spread([c["scripts_per_s"] for c in valid])
-        micros = spread([c["redis_us_per_script"] for c in valid])
+    for tier, label in (("standard", "2 sliding windows + 2 token buckets"), ("buckets", "4 token buckets")):
+        of_tier = [c for c in valid if c.get("tier") == tier]
+        if not of_tier:
+            continue
+        scripts = spread([c["scripts_per_s"] for c in of_tier])
+        micros = spread([c["redis_us_per_script"] for c in of_tier])
         print(
-            f"redis ceiling (redis-benchmark EVALSHA reserve.lua, 4 limits): {fmt(scripts)} scripts/s, "
+            f"redis ceiling (redis-benchmark EVALSHA reserve.lua, {label}): {fmt(scripts)} scripts/s, "
             f"{fmt(micros, digits=1)} us/script (INFO commandstats)"
         )
-    elif redis_ceiling:
+    if not valid and redis_ceiling:
         print(f"redis ceiling: {redis_ceiling[0].get('skipped')}")
 
 
@@ -567,11 +573,10 @@ def main() -> None:
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr)
             passes.append(one_pass(args, inputs, valkey))
-            ceilings.append(
-                redis_benchmark(
-                    valkey.port, redis.Redis.from_url(valkey.url), 20_000 if args.smoke else 300_000
-                )
-            )
+            ceiling_requests = 20_000 if args.smoke else 300_000
+            for tier in ("standard", "buckets"):
+                client = redis.Redis.from_url(valkey.url)
+                ceilings.append(redis_benchmark(valkey.port, client, ceiling_requests, tier=tier))
 
     noop_unary: dict[int, list[float]] = {}
     for rows in passes:
