@@ -483,25 +483,44 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
 
         return await self._handle("CommitBatch", context, fields, call)
 
+    async def _stream(
+        self,
+        method: str,
+        items: AsyncIterator[Item],
+        tally: dict[str, Any],
+        decide: Callable[[Item], Awaitable[Result]],
+        answer: Callable[[Item, Result], Response],
+    ) -> AsyncIterator[Response]:
+        """Serve one stream: items decided concurrently, answered in order; one log line at its end."""
+        started, code = time.perf_counter(), "OK"
+        try:
+            async for item, result in _in_order(items, decide):
+                tally["items"] += 1
+                yield answer(item, result)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            if self._observer is not None:
+                self._observer.rpc_finished(method, code, elapsed)
+            _log.info("rpc", method=method, code=code, latency_ms=round(elapsed * 1000, 3), **tally)
+
     async def CheckAndReserveStream(
         self,
         request_iterator: AsyncIterator[pb.CheckAndReserveStreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.CheckAndReserveStreamResponse]:
         tally: dict[str, Any] = {"items": 0, "allowed": 0, "denied": 0, "errors": 0}
-        started, code = time.perf_counter(), "OK"
-        try:
-            async for item, result in _in_order(
-                request_iterator, lambda item: self._reserve_result(item.request, tally)
-            ):
-                tally["items"] += 1
-                yield pb.CheckAndReserveStreamResponse(request_id=item.request_id, result=result)
-        except BaseException:
-            code = "CANCELLED"
-            raise
-        finally:
-            elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-            _log.info("rpc", method="CheckAndReserveStream", code=code, latency_ms=elapsed_ms, **tally)
+        # An async generator itself: that is how grpc.aio tells a streaming handler.
+        async for answer in self._stream(
+            "CheckAndReserveStream",
+            request_iterator,
+            tally,
+            lambda item: self._reserve_result(item.request, tally),
+            lambda item, result: pb.CheckAndReserveStreamResponse(request_id=item.request_id, result=result),
+        ):
+            yield answer
 
     async def CommitStream(
         self,
@@ -509,16 +528,11 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.CommitStreamResponse]:
         tally: dict[str, Any] = {"items": 0, "committed": 0, "errors": 0}
-        started, code = time.perf_counter(), "OK"
-        try:
-            async for item, result in _in_order(
-                request_iterator, lambda item: self._commit_result(item.request, tally)
-            ):
-                tally["items"] += 1
-                yield pb.CommitStreamResponse(request_id=item.request_id, result=result)
-        except BaseException:
-            code = "CANCELLED"
-            raise
-        finally:
-            elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-            _log.info("rpc", method="CommitStream", code=code, latency_ms=elapsed_ms, **tally)
+        async for answer in self._stream(
+            "CommitStream",
+            request_iterator,
+            tally,
+            lambda item: self._commit_result(item.request, tally),
+            lambda item, result: pb.CommitStreamResponse(request_id=item.request_id, result=result),
+        ):
+            yield answer

@@ -282,7 +282,9 @@ class Metrics:
         if reserved.cost_micro_usd or committed.cost_micro_usd:
             self.cost.labels("committed", model_label).inc(committed.cost_micro_usd)
             if committed.cost_micro_usd < reserved.cost_micro_usd:
-                self.cost.labels("refunded", model_label).inc(reserved.cost_micro_usd - committed.cost_micro_usd)
+                self.cost.labels("refunded", model_label).inc(
+                    reserved.cost_micro_usd - committed.cost_micro_usd
+                )
         total_estimate = reserved.input_tokens + reserved.output_tokens
         if total_estimate > 0:
             total_actual = committed.input_tokens + committed.output_tokens
