@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -266,6 +267,47 @@ async def test_a_task_called_directly_reserves_and_raises_task_denied(
     assert denied.value.reason == "DENY_REASON_LIMIT_EXCEEDED"
     after = await usage(celery_quotad, subject)
     assert (after["tokens-per-day"], after["in-flight"]) == (10000 - 55, 2)
+
+
+def readme_example() -> str:
+    """The first Python block of the Celery section of the client's README."""
+    readme = (ROOT / "clients" / "python" / "README.md").read_text()
+    section = readme.split("\n## Celery\n", 1)[1]
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    return blocks[0]
+
+
+async def test_the_readme_example_runs(
+    celery_redis: EmbeddedRedis, celery_quotad: Quotad, tmp_path: Path
+) -> None:
+    """`tasks.py` from the README, its worker command as written (prefork pool), then `python tasks.py`."""
+    (tmp_path / "tasks.py").write_text(readme_example())
+    env = {
+        **os.environ,
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{celery_redis.port}/3",
+        "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:{celery_redis.port}/4",
+        "QUOTAD_ADDR": f"127.0.0.1:{celery_quotad.port}",
+    }
+    log = tmp_path / "worker.log"
+    with log.open("w") as output:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel=INFO", "--concurrency=1",
+            cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        example = await asyncio.create_subprocess_exec(
+            sys.executable, "tasks.py", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        printed, _ = await asyncio.wait_for(example.communicate(), timeout=90)
+    finally:
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), timeout=30)
+    assert example.returncode == 0, printed.decode() + log.read_text()
+    assert printed.decode().strip() == "a summary of 1200 characters"
+    after = await usage(celery_quotad, "user-42")
+    assert after["tokens-per-day"] == 10000 - 397  # the 300 + 97 it reported
+    assert after["in-flight"] == 2
 
 
 def test_importing_quotad_does_not_import_celery() -> None:
