@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from quotad import SyncQuotaClient
+from quotad import SyncQuotaClient, pb
 from quotad.celery import QuotaTask, TaskQuota, current_reservation, report_usage
 
 app = Celery("quotad-celery-test")
@@ -40,7 +40,11 @@ def subject(subject: str, *_: object, **__: object) -> str:
 
 def reservation() -> dict[str, Any]:
     held = current_reservation()
-    return {"reservation_id": held.reservation_id, "replayed": held.replayed}
+    return {
+        "reservation_id": held.reservation_id,
+        "replayed": held.replayed,
+        "priority": pb.Priority.Name(held.priority),  # as the server decided it
+    }
 
 
 BATCH = TaskQuota(

@@ -149,6 +149,7 @@ async def test_a_denied_task_is_rerun_after_retry_after_and_commits_what_it_repo
     assert time.monotonic() - taken_at >= 1.0  # it could not be admitted within the 1 s window ...
     assert outcome.value["retries"] == 1  # ... and was re-run once, after retry_after, not polled
     assert outcome.value["replayed"] is False
+    assert outcome.value["priority"] == "PRIORITY_LOW"  # the default for queued work, as quotad decided it
     after = await usage(celery_quotad, subject)
     assert after["tokens-per-day"] == 10000 - 150  # exactly the 120 + 30 it reported, not the 300 estimated
     assert after["in-flight"] == 2  # committed: its slot is free

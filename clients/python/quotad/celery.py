@@ -28,13 +28,13 @@ What the worker does with each run:
 
 - before the body: `CheckAndReserve`, with an idempotency key made of the task id and its retry
   count, so a redelivered message (a worker that died, `acks_late`) gets its first reservation back
-  (`replayed`) instead of reserving twice; and `priority` (`PRIORITY_LOW` by default) when the
-  generated stubs have that field.
+  (`replayed`) instead of reserving twice; at `priority` `PRIORITY_LOW` by default, so that
+  queued work gives way to interactive traffic on shared limits.
 - allowed: the body runs. When it returns, `Commit` charges what it reported with
   `report_usage(...)`, else what `usage_from_result(result)` reads, else the estimate.
 - the body raises: `Release` (or, when it had reported usage, the LLM was called: `Commit` that).
-- denied for now (`DENY_REASON_LIMIT_EXCEEDED`, `DENY_REASON_BUDGET_EXHAUSTED`): the body does not
-  run; the task is re-scheduled with `self.retry(countdown=retry_after)`, at most `max_retries`
+- denied for now (`DENY_REASON_LIMIT_EXCEEDED`, `DENY_REASON_BUDGET_EXHAUSTED`: any denial with a
+  `retry_after`): the body does not run; the task is re-scheduled with `self.retry(countdown=retry_after)`, at most `max_retries`
   times and only when `retry_after` is within `max_countdown`. Otherwise it fails with
   `TaskDenied`.
 - never fits (`DENY_REASON_EXCEEDS_CAPACITY`): fails at once with `TaskDenied`, not retried.
@@ -55,8 +55,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
 
-from google.protobuf.message import Message
-
 from quotad._common import Outcome, new_idempotency_key, reserve_request, seconds
 from quotad.errors import Unavailable
 from quotad.sync import SyncQuotaClient
@@ -68,20 +66,18 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the installation
     raise ImportError("quotad.celery needs Celery: pip install 'quotad[celery]'") from error
 
-__all__ = ["QuotaTask", "TaskDenied", "TaskQuota", "current_reservation", "report_usage", "set_priority"]
+__all__ = ["QuotaTask", "TaskDenied", "TaskQuota", "current_reservation", "report_usage"]
 
 T = TypeVar("T")
 FromArgs: TypeAlias = T | Callable[..., T]
 """A fixed value, or a callable that gets the task's arguments (as the body gets them) and returns it."""
 
 Priority = Literal["low", "normal", "high"]
-_PRIORITY_NAMES: Mapping[str, str] = {
-    "low": "PRIORITY_LOW",
-    "normal": "PRIORITY_NORMAL",
-    "high": "PRIORITY_HIGH",
+_PRIORITIES: Mapping[str, pb.Priority.ValueType] = {
+    "low": pb.PRIORITY_LOW,
+    "normal": pb.PRIORITY_NORMAL,
+    "high": pb.PRIORITY_HIGH,
 }
-# The denials that end: a limit refills, a calendar budget resets. EXCEEDS_CAPACITY never does.
-_WAITABLE = frozenset({pb.DENY_REASON_LIMIT_EXCEEDED, pb.DENY_REASON_BUDGET_EXHAUSTED})
 _MAX_IDEMPOTENCY_KEY_BYTES = 256
 
 logger = get_task_logger(__name__)
@@ -98,9 +94,8 @@ class TaskQuota:
     - `client`: makes the `SyncQuotaClient`. Called once per worker process on first use (never
       at import, so no gRPC channel crosses the prefork pool's fork); reuse one factory for
       many tasks to share one channel.
-    - `priority`: `"low"` (default: queued work is background work), `"normal"`, `"high"` or
-      None. Sent as `PRIORITY_*` when the generated stubs have a `priority` field; ignored
-      otherwise.
+    - `priority`: `"low"` (default: queued work is background work, the first to stop when a
+      shared limit runs short), `"normal"`, `"high"`, or None for the tier's default.
     - `exclude_cached`: leave prompt-cache reads uncharged on Commit (see `quotad.usage`).
     - `usage_from_result`: reads the usage to commit from the body's return value, when the
       body did not call `report_usage`; e.g. `lambda result: result["usage"]`.
@@ -132,10 +127,8 @@ class TaskQuota:
     retry_unavailable_after: float | None = 5.0
 
     def __post_init__(self) -> None:
-        if self.priority is not None and self.priority not in _PRIORITY_NAMES:
-            raise ValueError(
-                f"priority must be one of {sorted(_PRIORITY_NAMES)} or None, got {self.priority!r}"
-            )
+        if self.priority is not None and self.priority not in _PRIORITIES:
+            raise ValueError(f"priority must be one of {sorted(_PRIORITIES)} or None, got {self.priority!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be 0 or more, got {self.max_retries}")
         if seconds(self.max_countdown) <= 0:
@@ -161,27 +154,9 @@ class TaskQuota:
             lease=value(self.lease),
             idempotency_key=idempotency_key,
         )
-        set_priority(request, self.priority)
+        if self.priority is not None:
+            request.priority = _PRIORITIES[self.priority]
         return request
-
-
-def set_priority(request: Message, priority: Priority | None) -> bool:
-    """Set `request.priority` to `PRIORITY_<NAME>` if the message has that enum field; say whether it did.
-
-    Looked up by name in the message's descriptor, so this works with stubs generated before
-    and after CheckAndReserveRequest gained `priority` (a quotad that predates it ignores the
-    field anyway, as protobuf ignores unknown fields).
-    """
-    if priority is None:
-        return False
-    found = request.DESCRIPTOR.fields_by_name.get("priority")
-    if found is None or found.enum_type is None:
-        return False
-    enum_value = found.enum_type.values_by_name.get(_PRIORITY_NAMES[priority])
-    if enum_value is None:
-        return False
-    setattr(request, found.name, enum_value.number)
-    return True
 
 
 class TaskDenied(Exception):
@@ -331,7 +306,7 @@ class QuotaTask(Task[..., Any]):
     ) -> pb.CheckAndReserveResponse:
         request = spec.request(args, kwargs, self._idempotency_key())
         try:
-            # The client's own CheckAndReserve has no `priority` parameter (yet): send the request as built.
+            # The client's check_and_reserve has no `priority` parameter: send the request as built.
             response: pb.CheckAndReserveResponse = client._call(client._stub.CheckAndReserve, request)
         except Unavailable as error:
             if spec.retry_unavailable_after is None or self.request.retries >= spec.max_retries:
@@ -343,7 +318,9 @@ class QuotaTask(Task[..., Any]):
 
     def _defer(self, spec: TaskQuota, response: pb.CheckAndReserveResponse) -> NoReturn:
         """Re-schedule a denied run after its retry_after, or fail it with TaskDenied."""
-        if response.deny_reason not in _WAITABLE or not _has_retry_after(response):
+        # Every denial with a retry_after ends (a limit refills, a calendar budget resets, a line
+        # empties); EXCEEDS_CAPACITY has none.
+        if response.deny_reason == pb.DENY_REASON_EXCEEDS_CAPACITY or not _has_retry_after(response):
             raise TaskDenied.of(response, "never fits, not retried")
         wait_s = max(response.retry_after.ToTimedelta().total_seconds(), 0.001)
         if wait_s > seconds(spec.max_countdown):
