@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -345,3 +346,28 @@ async def test_the_body_can_settle_itself(quotad: QuotadFactory) -> None:
     assert not committed.repeat
     assert not released.repeat  # and neither exit settled again (that would raise)
     assert usage == {"tokens-per-day": 950, "in-flight": 2}
+
+
+async def test_priority_and_server_side_waiting_through_the_client(quotad: QuotadFactory) -> None:
+    policy = """
+        defaults: {tier: t}
+        admission: {low: 0.5}
+        tiers: {t: {limits: []}}
+        global:
+          limits:
+            - {name: slots, metric: concurrent, limit: 2}
+    """
+    async with quotad(policy) as q, QuotaClient(f"127.0.0.1:{q.port}") as client:
+        first = await client.check_and_reserve("a", priority=pb.PRIORITY_LOW)
+        assert first.priority == pb.PRIORITY_LOW
+        assert (await client.check_and_reserve("b", priority=pb.PRIORITY_LOW)).decision == pb.DECISION_DENIED
+        high = await client.check_and_reserve("c", priority=pb.PRIORITY_HIGH)
+        assert high.decision == pb.DECISION_ALLOWED
+        waiting = asyncio.ensure_future(
+            client.check_and_reserve("d", priority=pb.PRIORITY_HIGH, server_wait=timedelta(seconds=5))
+        )
+        await asyncio.sleep(0.2)
+        await client.release(first.reservation_id)
+        admitted = await waiting
+        assert admitted.decision == pb.DECISION_ALLOWED
+        assert admitted.waited.ToTimedelta() > timedelta(0)

@@ -80,6 +80,8 @@ def reserve_request(
     max_output_tokens: int,
     lease: timedelta | None,
     idempotency_key: str,
+    priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
+    server_wait: timedelta | None = None,
 ) -> pb.CheckAndReserveRequest:
     request = pb.CheckAndReserveRequest(
         subject=subject,
@@ -89,11 +91,14 @@ def reserve_request(
         input_tokens=input_tokens,
         max_output_tokens=max_output_tokens,
         idempotency_key=idempotency_key,
+        priority=priority,
     )
     if lease is not None:
         duration = duration_pb2.Duration()
         duration.FromTimedelta(lease)
         request.lease.CopyFrom(duration)
+    if server_wait is not None:
+        request.max_wait.FromTimedelta(server_wait)
     return request
 
 
@@ -110,8 +115,20 @@ def commit_request(
         if input_tokens is not None or output_tokens is not None:
             raise TypeError("pass either a usage object or input_tokens/output_tokens, not both")
         read = Usage.of(usage)
-        input_tokens = read.charged_input(exclude_cached=exclude_cached)
-        output_tokens = read.output_tokens
+        if exclude_cached:  # leave cache reads out of every limit, whatever the policy says
+            return pb.CommitRequest(
+                reservation_id=reservation_id,
+                input_tokens=read.charged_input(exclude_cached=True),
+                output_tokens=read.output_tokens,
+            )
+        # The server prices cache reads at the cached rate and leaves them out of the limits
+        # the policy marks exclude_cached.
+        return pb.CommitRequest(
+            reservation_id=reservation_id,
+            input_tokens=read.input_tokens,
+            output_tokens=read.output_tokens,
+            cached_input_tokens=read.cached_input_tokens,
+        )
     if input_tokens is None or output_tokens is None:
         raise TypeError("commit needs a usage object, or both input_tokens and output_tokens")
     return pb.CommitRequest(
@@ -122,9 +139,10 @@ def commit_request(
 def wait_before_retrying(response: pb.CheckAndReserveResponse, budget_s: float) -> float:
     """Seconds to sleep before asking again, within what is left of max_wait; else raise QuotaDenied.
 
-    Only a LIMIT_EXCEEDED denial can be waited out; EXCEEDS_CAPACITY never fits.
+    Any denial with a retry_after can be waited out (a limit, a calendar budget, a full line);
+    EXCEEDS_CAPACITY never fits and has none.
     """
-    if response.deny_reason == pb.DENY_REASON_LIMIT_EXCEEDED and response.HasField("retry_after"):
+    if response.deny_reason != pb.DENY_REASON_EXCEEDS_CAPACITY and response.HasField("retry_after"):
         wait_s = max(response.retry_after.ToTimedelta().total_seconds(), 0.001)
         if wait_s <= budget_s:
             return wait_s

@@ -110,10 +110,14 @@ class QuotaClient:
         max_output_tokens: int = 0,
         lease: timedelta | None = None,
         idempotency_key: str | None = None,
+        priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
+        server_wait: timedelta | None = None,
     ) -> pb.CheckAndReserveResponse:
         """Reserve the estimated cost of one call on every limit, or get a denial (a value).
 
         Without an `idempotency_key` (None or "") one is generated, so retries never reserve twice.
+        `priority` orders shared capacity (the tier's default when unspecified); with `server_wait`
+        quotad holds the request in its waiting line, up to that long, and admits it when it fits.
         """
         request = reserve_request(
             subject,
@@ -124,6 +128,8 @@ class QuotaClient:
             max_output_tokens=max_output_tokens,
             lease=lease,
             idempotency_key=idempotency_key or new_idempotency_key(),
+            priority=priority,
+            server_wait=server_wait,
         )
         response: pb.CheckAndReserveResponse = await self._call(self._stub.CheckAndReserve, request)
         return response

@@ -101,6 +101,8 @@ class SyncQuotaClient:
         max_output_tokens: int = 0,
         lease: timedelta | None = None,
         idempotency_key: str | None = None,
+        priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
+        server_wait: timedelta | None = None,
     ) -> pb.CheckAndReserveResponse:
         """Reserve the estimated cost of one call on every limit, or get a denial (a value)."""
         request = reserve_request(
@@ -112,6 +114,8 @@ class SyncQuotaClient:
             max_output_tokens=max_output_tokens,
             lease=lease,
             idempotency_key=idempotency_key or new_idempotency_key(),
+            priority=priority,
+            server_wait=server_wait,
         )
         response: pb.CheckAndReserveResponse = self._call(self._stub.CheckAndReserve, request)
         return response
