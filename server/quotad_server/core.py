@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import structlog
 import tiktoken
 
 from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError
@@ -36,8 +35,6 @@ from quotad_server.policy import Policy, default_encoding
 from quotad_server.store import ReservePlan, ReserveResult, Store
 from quotad_server.tokens import ChatMessage, TokenCounter
 from quotad_server.usage_stats import UsageSample, merge, output_quantile, ratio_quantile
-
-_log = structlog.get_logger("quotad.core")
 
 MAX_TOKENS = 10**9
 MAX_ID_BYTES = 256
