@@ -112,7 +112,10 @@ def test_grpcurl_lists_describes_and_calls_the_service(served: Served) -> None:
         served.grpcurl("quotad.v1.QuotaService/GetUsage", data={"subject": "alice", "model": "gpt-4o"})
     )
     remaining = {limit["name"]: int(limit["remaining"]) for limit in usage["limits"]}
-    assert remaining["tokens-per-minute"] <= 600
+    # The reservation shows: its slot is held (leases do not refill), its 400 tokens are charged
+    # (less what the bucket refilled meanwhile, a few tokens per second).
+    assert remaining["in-flight"] <= 1
+    assert remaining["tokens-per-minute"] <= 650
 
     commit = {"reservation_id": reserved["reservation_id"], "input_tokens": 300, "output_tokens": 20}
     committed = json.loads(served.grpcurl("quotad.v1.QuotaService/Commit", data=commit))
