@@ -346,6 +346,41 @@ def test_the_values_schema_for_the_policy_accepts_what_quotad_accepts() -> None:
         jsonschema.validate(broken, policy_schema)
 
 
+# Every feature of the policy file at once: what quotad accepts, the chart's schema must accept too.
+FULL_POLICY = """
+version: 1
+defaults: {tenant: default, tier: free}
+leases: {default: 60s, min: 1s, max: 15m}
+retention: 24h
+admission: {low: 0.6, normal: 0.85, high: 1.0}
+waiting: {max_wait: 30s, max_line: 1000, aging: 30s, heartbeat: 1s}
+models:
+  gpt-4o: {price: {input: 2.50, cached_input: 1.25, output: 10.00}, output_estimate: learned}
+  claude-sonnet: {encoding: cl100k_base, calibration: 1.15, price: {input: 3, cached_input: 0.30, output: 15}}
+tiers:
+  free:
+    priority: low
+    limits:
+      - {name: rpm, metric: requests, limit: 10, period: 1m, algorithm: sliding_window}
+      - {name: dollars-per-day, metric: cost_usd, limit: 0.5, period: day}
+      - {name: input-tpm, metric: input_tokens, limit: 30000, period: 1m, exclude_cached: true}
+      - {name: in-flight, metric: concurrent, limit: 2}
+  premium: {priority: high, limits: [{name: tpm, metric: total_tokens, limit: 10000, period: 1m}]}
+tenants:
+  "*": {limits: [{name: monthly, metric: cost_usd, limit: 500, period: month, admission: {low: 0.5}}]}
+global:
+  limits:
+    - {name: provider-tpm, metric: total_tokens, limit: 800000, period: 1m, model: gpt-4o}
+"""
+
+
+def test_the_values_schema_accepts_every_policy_feature() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    policy_schema = {**schema["definitions"]["policy"], "definitions": schema["definitions"]}
+    parse_policy(FULL_POLICY, "full.yaml")  # quotad accepts it...
+    jsonschema.validate(yaml.safe_load(FULL_POLICY), policy_schema)  # ...and so does the chart
+
+
 def test_the_packaged_chart_renders_with_its_dashboard(tmp_path: Path) -> None:
     """`helm package` keeps what the templates read (.helmignore drops only ci/ and editor files)."""
     packaged = run_helm("package", str(CHART), "--destination", str(tmp_path))
