@@ -371,3 +371,21 @@ async def test_priority_and_server_side_waiting_through_the_client(quotad: Quota
         admitted = await waiting
         assert admitted.decision == pb.DECISION_ALLOWED
         assert admitted.waited.ToTimedelta() > timedelta(0)
+
+
+async def test_reserve_context_manager_takes_a_priority(quotad: QuotadFactory) -> None:
+    policy = """
+        defaults: {tier: t}
+        admission: {low: 0.5}
+        tiers: {t: {limits: []}}
+        global:
+          limits:
+            - {name: tokens, metric: input_tokens, limit: 100, period: 1d}
+    """
+    async with quotad(policy) as q, QuotaClient(f"127.0.0.1:{q.port}") as client:
+        with pytest.raises(QuotaDenied):
+            async with client.reserve("a", input_tokens=60, priority=pb.PRIORITY_LOW):
+                pass  # 60 is more than LOW's half of the limit
+        async with client.reserve("a", input_tokens=60, priority=pb.PRIORITY_HIGH) as held:
+            assert held.response.priority == pb.PRIORITY_HIGH
+            held.record(input_tokens=60, output_tokens=0)

@@ -187,6 +187,7 @@ class QuotaClient:
         idempotency_key: str | None = None,
         max_wait: float | timedelta = 0,
         exclude_cached: bool = False,
+        priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
     ) -> AsyncReservation:
         """`async with quota.reserve(...) as reservation:` reserve, run the body, settle.
 
@@ -204,6 +205,7 @@ class QuotaClient:
             max_output_tokens=max_output_tokens,
             lease=lease,
             idempotency_key=idempotency_key or new_idempotency_key(),
+            priority=priority,
         )
         return AsyncReservation(self, request, seconds(max_wait), exclude_cached)
 

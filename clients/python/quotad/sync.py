@@ -168,6 +168,7 @@ class SyncQuotaClient:
         idempotency_key: str | None = None,
         max_wait: float | timedelta = 0,
         exclude_cached: bool = False,
+        priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
     ) -> Reservation:
         """`with quota.reserve(...) as reservation:` as `QuotaClient.reserve`, blocking."""
         request = reserve_request(
@@ -179,6 +180,7 @@ class SyncQuotaClient:
             max_output_tokens=max_output_tokens,
             lease=lease,
             idempotency_key=idempotency_key or new_idempotency_key(),
+            priority=priority,
         )
         return Reservation(self, request, seconds(max_wait), exclude_cached)
 
