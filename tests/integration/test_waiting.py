@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.core import ReserveRequest
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
 from tests.conftest import Quotad, QuotadFactory, rpc_error, running_quotad
@@ -239,3 +241,24 @@ async def test_a_dead_replicas_waiter_loses_its_place(
     finally:
         doomed.kill()
         doomed.wait()
+
+
+async def test_lines_left_by_silent_waiters_expire_on_their_own(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    policy = POLICY.replace("heartbeat: 5s", "heartbeat: 100ms")
+    async with quotad(policy, subject="alice") as q:
+        holder = await q.reserve()
+        # A waiter takes its place, then goes silent for good (its replica is gone): the same
+        # script call a waiting replica makes, never renewed.
+        assert q.core is not None
+        plan = q.core.plan_for(ReserveRequest(subject="ghost"), 0)
+        denied = await q.store.reserve(replace(plan, ticket="deadbeef", enqueue=True))
+        assert not denied.allowed
+        assert denied.line
+        assert await line_length(redis_client) == 1
+        deadline = time.monotonic() + 3
+        while await redis_client.keys("*:q") or await redis_client.keys("*:lines"):
+            assert time.monotonic() < deadline, "an abandoned line stayed in Redis"
+            await asyncio.sleep(0.05)
+        await q.release(holder.reservation_id)

@@ -313,6 +313,9 @@ if not admit then
       redis.call('SADD', registry, line)
     end
     redis.call('SET', ticket_key(ticket), line, 'PX', tonumber(ticket_ttl))
+    -- Lines and the registry outlive their last live waiter by a ticket's life, then go by themselves.
+    redis.call('PEXPIRE', line, 2 * tonumber(ticket_ttl))
+    redis.call('PEXPIRE', registry, 2 * tonumber(ticket_ttl))
     for i = 1, n do
       if KEYS[i + 2] .. ':q' == line then reply[#reply] = i end
     end
