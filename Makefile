@@ -47,6 +47,11 @@ bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-benc
 	  (apt-get install -y -q redis-tools >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q redis-tools >/dev/null)); } || \
 	  echo "redis-benchmark not installed: the benchmark will skip the raw Redis ceiling"
+	@# The TLS test makes its certificates with openssl (in Debian's base image, but not everywhere).
+	@command -v openssl >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q openssl >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q openssl >/dev/null)); } || \
+	  echo "openssl not installed: the Redis TLS test will say so"
 
 $(TOOLS)/quotad-loadgen: bench/loadgen/main.go bench/loadgen/go.mod bench/loadgen/go.sum
 	cd bench/loadgen && go build -o $(TOOLS)/quotad-loadgen .
@@ -100,9 +105,6 @@ pytest: install tools clients ## unit, integration, e2e and every client's tests
 
 bench: install bench-tools ## the benchmark: quotad vs the no-op gRPC and raw Redis ceilings, 3 runs
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
-
-proto: install ## regenerate the Python stubs from proto/
-	$(BIN)/python scripts/genproto.py
 
 proto: install tools ## regenerate every language's stubs from proto/ (buf generate, buf.gen.yaml)
 	$(BIN)/buf generate
