@@ -38,7 +38,7 @@ EXIT_UNAVAILABLE = 3
 
 
 def redis_connection_options(settings: Settings) -> dict[str, Any]:
-    """The redis-py options for the password and TLS settings that are set."""
+    """The connection options (RedisStore.from_url) for the password and TLS settings that are set."""
     options: dict[str, Any] = {}
     if settings.redis_password:
         options["password"] = settings.redis_password

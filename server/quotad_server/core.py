@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import re
 import secrets
@@ -187,13 +188,12 @@ class QuotaCore:
         if violations:
             raise InvalidRequest(violations)
         counter = self._counter(request.model)
-        if request.prompt:
-            if size <= INLINE_COUNT_BYTES:
-                return counter.count_text(request.prompt)
-            return await asyncio.to_thread(counter.count_text, request.prompt)
-        if size <= INLINE_COUNT_BYTES:
-            return counter.count_messages(request.messages)
-        return await asyncio.to_thread(counter.count_messages, request.messages)
+        count = (
+            functools.partial(counter.count_text, request.prompt)
+            if request.prompt
+            else functools.partial(counter.count_messages, request.messages)
+        )
+        return count() if size <= INLINE_COUNT_BYTES else await asyncio.to_thread(count)
 
     # -- validation -------------------------------------------------------------------
 

@@ -80,8 +80,8 @@ class QuotadServer:
         self._serving = serving
 
     async def _watch_store(self) -> None:
-        # Not `while True`: a cancel that lands while redis-py is mid-PING can be swallowed
-        # (it surfaces as a connection error), and stop() would then wait for this loop forever.
+        # Not `while True`: a cancel that lands while a PING is in flight can be swallowed (it
+        # surfaces as a connection error), and stop() would then wait for this loop forever.
         while not self._stopping:
             try:
                 await self._store.ping()

@@ -152,17 +152,24 @@ class RedisStore:
 
     # -- plumbing ---------------------------------------------------------------------
 
+    def _as_store_error(self, error: Exception) -> Exception:
+        """What a failed Redis call means to callers: StoreUnavailable, or the error itself (a bug)."""
+        if isinstance(error, TimeoutError):  # the client dropped the connection; the next call reconnects
+            return StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
+        if isinstance(error, OSError):  # ConnectionError included
+            return StoreUnavailable(f"redis unavailable: {error}")
+        if isinstance(error, RedisReplyError) and str(error).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            return StoreUnavailable(f"redis refused quotad: not authenticated ({error})")  # misconfigured
+        return error  # a script bug or a wrong server: surfaces as UNKNOWN and is logged
+
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
             return await operation()
-        except TimeoutError as exc:  # the client dropped the connection; the next call reconnects
-            raise StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms") from exc
-        except OSError as exc:  # ConnectionError included
-            raise StoreUnavailable(f"redis unavailable: {exc}") from exc
-        except RedisReplyError as exc:
-            if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):  # misconfigured, not a bug of ours
-                raise StoreUnavailable(f"redis refused quotad: not authenticated ({exc})") from exc
-            raise  # a script bug or a wrong server: surfaces as UNKNOWN and is logged
+        except (OSError, RedisReplyError) as exc:  # TimeoutError is an OSError
+            mapped = self._as_store_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(self._clock())
@@ -187,12 +194,10 @@ class RedisStore:
         return await self._call(lambda: self._client.run_scripts(script, calls))
 
     def _unwrap(self, reply: Any) -> list[Any]:
-        if isinstance(reply, TimeoutError):
-            raise StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
-        if isinstance(reply, OSError):
-            raise StoreUnavailable(f"redis unavailable: {reply}")
+        """One reply of a pipeline: its value, or its error raised as _call would raise it."""
         if isinstance(reply, Exception):
-            raise reply
+            mapped = self._as_store_error(reply)
+            raise mapped from (None if mapped is reply else reply)
         result: list[Any] = reply
         return result
 

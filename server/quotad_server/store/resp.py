@@ -272,16 +272,12 @@ class RespClient:
                 replies.append(error)
         return replies
 
-    def reset(self) -> None:
-        """Drop the connection (after a timeout Redis may be gone silently); the next call reconnects."""
-        if self._protocol is not None:
-            self._protocol.abort()
-            self._protocol = None
-
     async def aclose(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self.reset()
+        if self._protocol is not None:
+            self._protocol.abort()
+            self._protocol = None
 
     async def subscribe(self, channel: str, on_message: Callable[[bytes], None]) -> None:
         """Deliver every message published on `channel`, on a connection of its own, until cancelled.
