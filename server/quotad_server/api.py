@@ -203,9 +203,11 @@ def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
         lease_us=lease_us,
         idempotency_key=request.idempotency_key,
         prompt=request.prompt,
-        messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages),
+        messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages)
+        if request.messages
+        else (),
         priority=priority,
-        max_wait_us=_micros(request.max_wait),
+        max_wait_us=_micros(request.max_wait) if request.HasField("max_wait") else 0,
     )
 
 
@@ -285,19 +287,20 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     def __init__(self, core: QuotaCore, observer: RpcObserver | None = None) -> None:
         self._core = core
         self._observer = observer
+        self._log = _log.bind()  # the configured logger itself, not the module's lazy proxy
 
     async def _handle(
         self,
         method: str,
         context: grpc.aio.ServicerContext[Any, Any],
         fields: dict[str, Any],
-        call: Callable[[], Awaitable[Response]],
+        call: Awaitable[Response],
     ) -> Response:
         """Run one RPC: map QuotadError to its status and write the canonical log line."""
         started = time.perf_counter()
         code = "OK"
         try:
-            return await call()
+            return await call
         except QuotadError as error:
             status = _status_for(error)
             code = status.code.name
@@ -314,7 +317,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             elapsed = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.rpc_finished(method, code, elapsed)
-            log = _log.error if code in ("UNKNOWN", "INTERNAL") else _log.info
+            log = self._log.error if code in ("UNKNOWN", "INTERNAL") else self._log.info
             log(
                 "rpc",
                 method=method,
@@ -375,13 +378,13 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             "tenant": request.tenant,
             "model": request.model,
         }
-        return await self._handle("CheckAndReserve", context, fields, lambda: self._reserve(request, fields))
+        return await self._handle("CheckAndReserve", context, fields, self._reserve(request, fields))
 
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CommitResponse:
         fields: dict[str, Any] = {"reservation_id": request.reservation_id}
-        return await self._handle("Commit", context, fields, lambda: self._commit(request, fields))
+        return await self._handle("Commit", context, fields, self._commit(request, fields))
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -393,7 +396,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             fields["repeat"] = outcome.repeat
             return pb.ReleaseResponse(refunded=_cost(outcome.reserved), repeat=outcome.repeat)
 
-        return await self._handle("Release", context, fields, call)
+        return await self._handle("Release", context, fields, call())
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -407,7 +410,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             _add_limit_statuses(response.limits, report.limits)
             return response
 
-        return await self._handle("GetUsage", context, fields, call)
+        return await self._handle("GetUsage", context, fields, call())
 
     async def GetAccuracy(
         self, request: pb.GetAccuracyRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -430,7 +433,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
                 learned_output_tokens=report.learned_output_tokens or 0,
             )
 
-        return await self._handle("GetAccuracy", context, fields, call)
+        return await self._handle("GetAccuracy", context, fields, call())
 
     # -- batches and streams: one log line per call, with the tally of its items ------
 
@@ -455,7 +458,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
                     _fill_reserve_response(result.response, outcome, {})
             return response
 
-        return await self._handle("CheckAndReserveBatch", context, fields, call)
+        return await self._handle("CheckAndReserveBatch", context, fields, call())
 
     async def CommitBatch(
         self, request: pb.CommitBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -481,7 +484,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
                     result.response.CopyFrom(_commit_response(outcome))
             return response
 
-        return await self._handle("CommitBatch", context, fields, call)
+        return await self._handle("CommitBatch", context, fields, call())
 
     async def _stream(
         self,
@@ -504,7 +507,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             elapsed = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.rpc_finished(method, code, elapsed)
-            _log.info("rpc", method=method, code=code, latency_ms=round(elapsed * 1000, 3), **tally)
+            self._log.info("rpc", method=method, code=code, latency_ms=round(elapsed * 1000, 3), **tally)
 
     async def CheckAndReserveStream(
         self,

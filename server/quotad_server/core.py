@@ -25,8 +25,10 @@ from quotad_server.model import (
     Cost,
     Decision,
     DenyReason,
+    Limit,
     LimitStatus,
     Metric,
+    Price,
     Priority,
     ReserveOutcome,
     SettleOutcome,
@@ -62,6 +64,18 @@ class ReserveRequest:
     messages: tuple[ChatMessage, ...] = ()
     priority: Priority | None = None
     max_wait_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What a request's (tenant, tier, model), as sent, resolve to under one policy."""
+
+    tenant: str
+    tier: str
+    limits: tuple[Limit, ...]
+    partition: str
+    price: Price | None
+    priority: Priority  # the tier's default
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -135,6 +149,8 @@ class QuotaCore:
         self._recorder = UsageRecorder(store, flush_s=stats_flush_s)
         # Per line, this replica's waiters: their event and (-priority rank, start) to find the best.
         self._waiters: dict[str, dict[asyncio.Event, tuple[int, float]]] = {}
+        self._routes: dict[tuple[str, str, str], _Route] = {}
+        self._routes_policy: Policy | None = None
 
     @property
     def ready(self) -> bool:
@@ -242,15 +258,27 @@ class QuotaCore:
         """What `request` would reserve, with `input_tokens` counted: for tools such as the benchmark."""
         return self._plan(request, input_tokens, request.max_output_tokens)[0]
 
+    def _route(self, policy: Policy, tenant: str, tier: str, model: str) -> _Route | None:
+        """A (tenant, tier, model) as sent, already resolved and validated under `policy`, if seen."""
+        if self._routes_policy is not policy:
+            self._routes.clear()
+            self._routes_policy = policy
+        return self._routes.get((tenant, tier, model))
+
     def _plan(
         self, request: ReserveRequest, input_tokens: int, output_tokens: int
     ) -> tuple[ReservePlan, str]:
         """Validate a request and resolve its limits and cost; returns the plan and the tier."""
         policy = self.policy
         violations: list[FieldViolation] = []
-        tenant, tier = self._resolve_caller(
-            violations, request.subject, request.tenant, request.tier, request.model, need_model=True
-        )
+        route = self._route(policy, request.tenant, request.tier, request.model)
+        if route is None:
+            tenant, tier = self._resolve_caller(
+                violations, request.subject, request.tenant, request.tier, request.model, need_model=True
+            )
+        else:
+            _check_text(violations, "subject", request.subject, required=True)
+            tenant, tier = route.tenant, route.tier
         _check_tokens(violations, "input_tokens", input_tokens)
         _check_tokens(violations, "max_output_tokens", request.max_output_tokens)
         _check_text(violations, "idempotency_key", request.idempotency_key, required=False)
@@ -270,28 +298,23 @@ class QuotaCore:
                     f" and {_format_us(policy.lease_max_us)}, got {_format_us(lease_us)}",
                 )
             )
-        limits = () if violations else policy.limits_for(tier, tenant, request.model)
-        model = policy.models.get(request.model)
-        price = model.price if model else None
-        if price is None and any(limit.metric is Metric.COST_USD for limit in limits):
-            violations.append(
-                FieldViolation(
-                    "model", f"{request.model!r} has no price in the policy, which cost limits need"
-                )
-            )
+        if route is None and not violations:
+            route = self._new_route(policy, violations, request, tenant, tier)
         if violations:
             raise InvalidRequest(violations)
-        priority = request.priority or policy.tier_priority[tier]
+        assert route is not None
+        priority = request.priority or route.priority
         fingerprint = ""
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
                 f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}".encode()
             ).hexdigest()[:32]
+        price = route.price
         plan = ReservePlan(
-            partition=policy.partition(tenant),
+            partition=route.partition,
             tenant=tenant,
             subject=request.subject,
-            limits=limits,
+            limits=route.limits,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             lease_us=lease_us,
@@ -308,6 +331,31 @@ class QuotaCore:
             ticket_ttl_ms=3 * policy.heartbeat_us // 1000,
         )
         return plan, tier
+
+    def _new_route(
+        self,
+        policy: Policy,
+        violations: list[FieldViolation],
+        request: ReserveRequest,
+        tenant: str,
+        tier: str,
+    ) -> _Route | None:
+        """Resolve a valid (tenant, tier, model) and remember it; None (and a violation) if it cannot work."""
+        limits = policy.limits_for(tier, tenant, request.model)
+        model = policy.models.get(request.model)
+        price = model.price if model else None
+        if price is None and any(limit.metric is Metric.COST_USD for limit in limits):
+            violations.append(
+                FieldViolation(
+                    "model", f"{request.model!r} has no price in the policy, which cost limits need"
+                )
+            )
+            return None
+        route = _Route(tenant, tier, limits, policy.partition(tenant), price, policy.tier_priority[tier])
+        if len(self._routes) >= 10_000:  # tenants and subjects' tiers are open-ended; keep it bounded
+            self._routes.clear()
+        self._routes[(request.tenant, request.tier, request.model)] = route
+        return route
 
     def _outcome(self, plan: ReservePlan, tier: str, result: ReserveResult) -> ReserveOutcome:
         if not result.allowed:
@@ -331,9 +379,17 @@ class QuotaCore:
         With `max_wait_us`, a request that does not fit now waits in line (priority, then
         arrival) and is admitted as soon as it fits, or denied when the wait runs out.
         """
-        plan, tier = self._plan(
-            request, await self._input_tokens(request), await self._output_tokens(request)
+        # The common case (numbers given, nothing learned) decides without a detour through coroutines.
+        input_tokens = (
+            await self._input_tokens(request) if request.prompt or request.messages else request.input_tokens
         )
+        model = self.policy.models.get(request.model)
+        output_tokens = (
+            await self._output_tokens(request)
+            if model is not None and model.learned
+            else request.max_output_tokens
+        )
+        plan, tier = self._plan(request, input_tokens, output_tokens)
         if request.max_wait_us <= 0:
             return self._outcome(plan, tier, await self._store.reserve(plan))
         return await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000)

@@ -6,7 +6,7 @@ Times are integer microseconds; token and request counts are integers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -85,6 +85,15 @@ class Limit:
     calendar: Calendar | None = None
     exclude_cached: bool = False
     admission: tuple[tuple[Priority, float], ...] = ()
+    # Limits key per-limit caches on the hot path; hashing all fields each time costs more than the lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.name, self.scope, self.metric, self.algorithm, self.limit, self.period_us, self.model)
+        object.__setattr__(self, "_hash", hash((*fields, self.calendar, self.exclude_cached, self.admission)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def applies_to(self, model: str) -> bool:
         return self.model is None or self.model == model

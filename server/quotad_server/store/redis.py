@@ -75,6 +75,7 @@ _REPLY_ALLOWED, _REPLY_DENIED, _REPLY_REPLAYED, _REPLY_QUEUE_FULL = 1, 0, 2, 3
 _REPLY_NOT_FOUND, _REPLY_PAST_DEADLINE, _REPLY_FINGERPRINT, _REPLY_WRONG_STATE = 0, -1, -2, -3
 
 
+@functools.lru_cache(maxsize=65536)
 def hash_tag(partition: str) -> str:
     """The Redis Cluster hash tag of a partition: short, fixed-size, any partition name."""
     return hashlib.blake2b(partition.encode(), digest_size=_TAG_HEX // 2).hexdigest()
@@ -91,13 +92,39 @@ def key(prefix: str, tag: str, kind: str, *parts: str) -> str:
     return ":".join((prefix, "{" + tag + "}", kind, *(_escape(p) for p in parts)))
 
 
-@functools.lru_cache(maxsize=4096)
-def _limit_suffix(limit: Limit) -> str:
-    return f"{_codes(limit)[0]}:{_escape(limit.name)}"
-
-
+@functools.lru_cache(maxsize=1024)
 def _price_arg(price: Price | None) -> str:
     return "0 0 0" if price is None else f"{price.input} {price.cached_input} {price.output}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LimitSet:
+    """What the scripts need about one tuple of limits, worked out once per tuple.
+
+    Policy.limits_for hands out the same tuple for every request of a (tier, tenant,
+    model), so this is looked up by the tuple's identity: no hashing of the limits
+    on the hot path.
+    """
+
+    limits: tuple[Limit, ...]
+    scopes: tuple[Scope, ...]
+    suffixes: tuple[str, ...]
+    args: Mapping[Priority, tuple[Any, ...]]  # ARGV[14...] per priority (see reserve.lua)
+
+    @classmethod
+    def of(cls, limits: tuple[Limit, ...]) -> _LimitSet:
+        args: dict[Priority, tuple[Any, ...]] = {}
+        for priority in Priority:
+            flat: list[Any] = [len(limits)]
+            for limit in limits:
+                flat += (*_codes(limit), limit.limit, limit.period_us, limit.admit_limit(priority))
+            args[priority] = tuple(flat)
+        return cls(
+            limits,
+            tuple(limit.scope for limit in limits),
+            tuple(f"{_codes(limit)[0]}:{_escape(limit.name)}" for limit in limits),
+            args,
+        )
 
 
 def _load_script(name: str) -> str:
@@ -128,6 +155,7 @@ class RedisStore:
         # delayed (a paused or overloaded server) gives up instead of acting on a request
         # whose caller was already told UNAVAILABLE.
         self._offset_us: int | None = None
+        self._limit_sets: dict[int, _LimitSet] = {}
 
     @classmethod
     def from_url(
@@ -184,7 +212,13 @@ class RedisStore:
             self._offset_us = redis_now_us - time.time_ns() // 1000
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> list[Any]:
-        reply: list[Any] = await self._call(lambda: self._client.run_script(script, keys, args))
+        try:  # _call, inlined: this is every decision's path
+            reply: list[Any] = await self._client.run_script(script, keys, args)
+        except (OSError, RedisReplyError) as exc:
+            mapped = self._as_store_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         return reply
 
     async def _run_many(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -204,41 +238,41 @@ class RedisStore:
     def _record_key(self, tag: str, reservation_id: str) -> str:
         return key(self._prefix, tag, "r", reservation_id)
 
-    def limit_keys(self, tag: str, limits: Sequence[Limit], tenant: str, subject: str) -> list[str]:
-        """The counter key of each limit: `key(prefix, tag, "l", scope, *owner, algorithm, name)`.
+    def _limit_set(self, limits: tuple[Limit, ...]) -> _LimitSet:
+        found = self._limit_sets.get(id(limits))
+        if found is None or found.limits is not limits:
+            if len(self._limit_sets) >= 10_000:  # limit tuples come and go with policy reloads
+                self._limit_sets.clear()
+            found = self._limit_sets[id(limits)] = _LimitSet.of(limits)
+        return found
 
-        Built from one escaped owner prefix per scope and a suffix cached per limit, since
-        this runs for every decision.
-        """
+    def limit_keys(self, tag: str, limits: tuple[Limit, ...], tenant: str, subject: str) -> list[str]:
+        """The counter key of each limit: `key(prefix, tag, "l", scope, *owner, algorithm, name)`."""
+        compiled = self._limit_set(limits)
         owners: dict[Scope, str] = {}
         keys = []
-        for limit in limits:
-            owner = owners.get(limit.scope)
+        for scope, suffix in zip(compiled.scopes, compiled.suffixes, strict=True):
+            owner = owners.get(scope)
             if owner is None:
-                parts = {
-                    Scope.SUBJECT: ("s", tenant, subject),
-                    Scope.TENANT: ("t", tenant),
-                    Scope.GLOBAL: ("g",),
-                }
-                owner = owners[limit.scope] = key(self._prefix, tag, "l", *parts[limit.scope], "")
-            keys.append(owner + _limit_suffix(limit))
+                if scope is Scope.SUBJECT:
+                    owner = key(self._prefix, tag, "l", "s", tenant, subject, "")
+                elif scope is Scope.TENANT:
+                    owner = key(self._prefix, tag, "l", "t", tenant, "")
+                else:
+                    owner = key(self._prefix, tag, "l", "g", "")
+                owners[scope] = owner
+            keys.append(owner + suffix)
         return keys
 
     @staticmethod
-    def _limit_args(limits: Sequence[Limit], priority: Priority = Priority.HIGH) -> list[Any]:
-        args: list[Any] = [len(limits)]
-        for limit in limits:
-            args += (*_codes(limit), limit.limit, limit.period_us, limit.admit_limit(priority))
-        return args
-
-    @staticmethod
     def _statuses(limits: Sequence[Limit], reply: list[Any]) -> tuple[LimitStatus, ...]:
+        # Redis returns Lua numbers as integers: no conversions needed.
         statuses = []
-        for index, limit in enumerate(limits):
-            remaining, reset_after, wait = reply[4 + 3 * index : 7 + 3 * index]
-            statuses.append(
-                LimitStatus(limit, int(remaining), int(reset_after), None if wait < 0 else int(wait))
-            )
+        at = 4
+        for limit in limits:
+            wait = reply[at + 2]
+            statuses.append(LimitStatus(limit, reply[at], reply[at + 1], None if wait < 0 else wait))
+            at += 3
         return tuple(statuses)
 
     # -- the Store protocol -----------------------------------------------------------
@@ -264,7 +298,7 @@ class RedisStore:
             else record_key  # unused by the script; any key of the same slot will do
         )
         keys = [record_key, idempotency_key, *self.limit_keys(tag, plan.limits, plan.tenant, plan.subject)]
-        args = [
+        args: list[Any] = [
             "reserve",
             self._now_arg(),
             self._deadline_arg(),
@@ -278,7 +312,7 @@ class RedisStore:
             _price_arg(plan.price),
             f"{plan.model}\t{plan.tier}",
             f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
-            *self._limit_args(plan.limits, plan.priority),
+            *self._limit_set(plan.limits).args[plan.priority],
         ]
         return reservation_id, keys, args
 
@@ -365,7 +399,7 @@ class RedisStore:
             "0 0 0",
             "",
             "- 0 0 0 3000",
-            *self._limit_args(limits),
+            *self._limit_set(limits).args[Priority.HIGH],
         ]
         reply = await self._run(self._reserve, keys, args)
         self._learn_clock(reply[1])
