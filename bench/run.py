@@ -7,7 +7,7 @@ Starts a real Valkey, quotad (`quotad serve --workers N`) and the no-op grpc.aio
 server (bench/noop_server.py, answering with the very response bytes quotad
 gave), and drives each with the same Go load generator (bench/loadgen) at the
 same concurrency, message sizes and connections. It also measures the raw Redis
-cost of quotad's own decision script with redis-benchmark EVALSHA.
+cost of quotad's own decision script: real EVALSHAs replayed with redis-cli --pipe.
 
 Scenarios:
   reserve         CheckAndReserve, numeric tokens, 4 limits, 100,000 distinct subjects
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hiredis
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quotad.v1 import quota_pb2 as pb
@@ -307,53 +308,59 @@ def measure(
     return report
 
 
-def redis_benchmark(
-    url_port: int, client: redis.Redis, requests: int, tier: str = "standard"
-) -> dict[str, Any]:
-    """The raw Redis ceiling: redis-benchmark EVALSHA of quotad's own reserve script for a 4-limit tier."""
-    binary = shutil.which("redis-benchmark")
+REDIS_CEILINGS = [
+    # (tier, distinct subjects, label)
+    ("standard", SUBJECTS, "2 sliding windows + 2 token buckets, 100,000 subjects"),
+    ("buckets", SUBJECTS, "4 token buckets, 100,000 subjects"),
+    ("standard", 1_000, "2 sliding windows + 2 token buckets, 1,000 subjects (counters mostly exist)"),
+]
+
+
+def redis_ceiling(port: int, client: redis.Redis, decisions: int, tier: str, subjects: int) -> dict[str, Any]:
+    """The raw Redis ceiling: quotad's own reserve EVALSHAs, replayed with `redis-cli --pipe`.
+
+    Each command is the very one quotad sends for a scenario-1 decision of a random subject,
+    with its own reservation id. (redis-benchmark cannot do this: it fills every __rand_int__
+    of a command independently, so one "decision" would touch three subjects' counters.)
+    """
+    binary = shutil.which("redis-cli")
     if binary is None:
-        return {"skipped": "redis-benchmark not installed (Debian package redis-tools; `make bench-tools`)"}
-    # The very EVALSHA quotad sends for a scenario-1 request, with the subject and the
-    # reservation id varied by redis-benchmark's __rand_int__.
-    store = RedisStore.from_url(f"redis://127.0.0.1:{url_port}", timeout_s=1)
+        return {"skipped": "redis-cli not installed (Debian package redis-tools; `make bench-tools`)"}
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}", timeout_s=1)
     core = QuotaCore(load_policy(POLICY), store)
-    request = ReserveRequest(
-        subject="bench-__rand_int__", tier=tier, model="gpt-4o", input_tokens=812, max_output_tokens=256
-    )
-    sha, reservation_id, keys, args = store.reserve_command(core.plan_for(request, request.input_tokens))
-    keys = [k.replace(reservation_id, "__rand_int__") for k in keys]
-    args = [str(a).replace(reservation_id, "__rand_int__") for a in args]
+    rng = random.Random(3)
+    commands = []
+    for _ in range(decisions):
+        request = ReserveRequest(
+            subject=f"user-{rng.randrange(subjects)}",
+            tier=tier,
+            model="gpt-4o",
+            input_tokens=812,
+            max_output_tokens=256,
+        )
+        sha, _, keys, args = store.reserve_command(core.plan_for(request, request.input_tokens))
+        commands.append(hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)))
+    client.flushall()
     client.script_load((ROOT / "server" / "quotad_server" / "store" / "lua" / "reserve.lua").read_bytes())
     client.config_resetstat()
-    command = [
-        binary,
-        "-p",
-        str(url_port),
-        "-n",
-        str(requests),
-        "-c",
-        "32",
-        "-P",
-        "8",
-        "-r",
-        str(SUBJECTS),
-        "-q",
-        "--csv",
-        "EVALSHA",
-        sha,
-        str(len(keys)),
-        *keys,
-        *args,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
-    rps = float(result.stdout.strip().splitlines()[-1].split(",")[1].strip('"'))
+    started = time.monotonic()
+    subprocess.run(
+        [binary, "-p", str(port), "--pipe"],
+        input=b"".join(commands),
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    elapsed = time.monotonic() - started
     stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    if stats.get("calls") != decisions or stats.get("failed_calls", 0):
+        raise RuntimeError(f"the replay did not run every script cleanly: {stats}")
     return {
         "tier": tier,
-        "scripts_per_s": rps,
-        "redis_us_per_script": stats.get("usec_per_call", 0.0),
-        "requests": requests,
+        "subjects": subjects,
+        "scripts_per_s": decisions / elapsed,
+        "redis_us_per_script": stats["usec_per_call"],
+        "decisions": decisions,
     }
 
 
@@ -535,14 +542,14 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     valid = [c for c in redis_ceiling if "scripts_per_s" in c]
-    for tier, label in (("standard", "2 sliding windows + 2 token buckets"), ("buckets", "4 token buckets")):
-        of_tier = [c for c in valid if c.get("tier") == tier]
+    for tier, subjects, label in REDIS_CEILINGS:
+        of_tier = [c for c in valid if c.get("tier") == tier and c.get("subjects") == subjects]
         if not of_tier:
             continue
         scripts = spread([c["scripts_per_s"] for c in of_tier])
         micros = spread([c["redis_us_per_script"] for c in of_tier])
         print(
-            f"redis ceiling (redis-benchmark EVALSHA reserve.lua, {label}): {fmt(scripts)} scripts/s, "
+            f"redis ceiling (reserve.lua replayed by redis-cli --pipe, {label}): {fmt(scripts)} scripts/s, "
             f"{fmt(micros, digits=1)} us/script (INFO commandstats)"
         )
     if not valid and redis_ceiling:
@@ -573,10 +580,10 @@ def main() -> None:
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr)
             passes.append(one_pass(args, inputs, valkey))
-            ceiling_requests = 20_000 if args.smoke else 300_000
-            for tier in ("standard", "buckets"):
-                client = redis.Redis.from_url(valkey.url)
-                ceilings.append(redis_benchmark(valkey.port, client, ceiling_requests, tier=tier))
+            ceiling_decisions = 5_000 if args.smoke else 100_000
+            client = redis.Redis.from_url(valkey.url)
+            for tier, subjects, _ in REDIS_CEILINGS:
+                ceilings.append(redis_ceiling(valkey.port, client, ceiling_decisions, tier, subjects))
 
     noop_unary: dict[int, list[float]] = {}
     for rows in passes:

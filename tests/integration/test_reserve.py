@@ -137,6 +137,81 @@ async def test_sliding_window_never_exceeds_limit_in_any_window(quotad: QuotadFa
         assert await _retry_after_us(await q.reserve()) == 1_000_000
 
 
+def _tail(key: bytes | str) -> str:
+    text = key.decode() if isinstance(key, bytes) else key
+    return text[-3:] if text.endswith(":wr") else text.rsplit(":", 1)[-1]
+
+
+async def test_request_windows_of_one_subject_share_a_zset_and_count_their_own_spans(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    policy = """
+        defaults: {tier: t}
+        models: {gpt-4o: {}, gpt-4o-mini: {}}
+        tiers:
+          t:
+            limits:
+              - {name: per-10s, metric: requests, limit: 2, period: 10s, algorithm: sliding_window}
+              - {name: per-100s, metric: requests, limit: 3, period: 100s, algorithm: sliding_window}
+              - {name: mini-per-10s, metric: requests, limit: 5, period: 10s, algorithm: sliding_window,
+                 model: gpt-4o-mini}
+    """
+    clock = ManualClock()
+    async with quotad(policy, clock=clock, subject="alice") as q:
+        first = await q.reserve(model="gpt-4o")
+        assert first.decision == pb.DECISION_ALLOWED
+        assert (await q.reserve(model="gpt-4o")).decision == pb.DECISION_ALLOWED
+        assert (await q.reserve(model="gpt-4o")).binding_limit == "per-10s"
+        # One zset holds both windows' requests.
+        assert [_tail(k) for k in await redis_client.keys("*:l:s:*")] == [":wr"]
+
+        clock.advance(10)  # both requests left the 10 s window, not the 100 s one
+        assert await q.usage() == {"per-10s": 2, "per-100s": 1}
+        third = await q.reserve(model="gpt-4o-mini")
+        assert third.decision == pb.DECISION_ALLOWED
+        assert {s.name: s.remaining for s in third.limits} == {"per-10s": 1, "per-100s": 0, "mini-per-10s": 4}
+        keys = sorted(_tail(k) for k in await redis_client.keys("*:l:s:*"))
+        assert keys == [":wr", "gpt-4o-mini"]  # the model-filtered window counts apart
+        denied = await q.reserve(model="gpt-4o")
+        assert denied.binding_limit == "per-100s"
+        assert await _retry_after_us(denied) == 90_000_000  # the first leaves the 100 s window
+
+        # A release refunds the request in every window that still counts it, once.
+        await q.release(first.reservation_id)
+        assert await q.usage() == {"per-10s": 1, "per-100s": 1}
+        await q.release(third.reservation_id)
+        assert await q.usage(model="gpt-4o-mini") == {"per-10s": 2, "per-100s": 2, "mini-per-10s": 5}
+        assert await q.usage() == {"per-10s": 2, "per-100s": 2}
+
+
+async def test_a_shared_request_window_is_trimmed_to_its_longest_span(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    policy = """
+        defaults: {tier: t}
+        tiers:
+          t:
+            limits:
+              - {name: per-10s, metric: requests, limit: 1000, period: 10s, algorithm: sliding_window}
+              - {name: per-100s, metric: requests, limit: 1000, period: 100s, algorithm: sliding_window}
+    """
+    clock = ManualClock()
+    async with quotad(policy, clock=clock, subject="alice") as q:
+        assert (await q.reserve()).decision == pb.DECISION_ALLOWED
+        (window,) = await redis_client.keys("*:l:s:*")
+
+        # One admission in 16 trims (chosen by the random id): 200 make a miss ~1e-6 likely.
+        clock.advance(50)
+        assert {(await q.reserve()).decision for _ in range(200)} == {pb.DECISION_ALLOWED}
+        assert await redis_client.zcard(window) == 201  # the first still counts in the 100 s window
+        assert await q.usage() == {"per-10s": 800, "per-100s": 799}
+
+        clock.advance(51)  # the first has left the longest window
+        assert {(await q.reserve()).decision for _ in range(200)} == {pb.DECISION_ALLOWED}
+        assert await redis_client.zcard(window) == 400
+        assert await q.usage() == {"per-10s": 800, "per-100s": 600}
+
+
 async def test_sliding_window_over_tokens_waits_for_enough_to_leave(quotad: QuotadFactory) -> None:
     policy = """
         defaults: {tier: t}

@@ -97,6 +97,19 @@ def _price_arg(price: Price | None) -> str:
     return "0 0 0" if price is None else f"{price.input} {price.cached_input} {price.output}"
 
 
+def _suffix(limit: Limit) -> str:
+    """A limit's key after its owner's part: '<algorithm code>:<name>'.
+
+    Sliding windows over requests that count the same requests (same owner and model
+    filter) share one zset, 'wr' or 'wr:<model>' (see reserve.lua): a subject's
+    requests/minute and requests/hour then cost one member per request.
+    """
+    algorithm, metric = _codes(limit)
+    if algorithm == "w" and metric == "r":
+        return "wr" if limit.model is None else f"wr:{_escape(limit.model)}"
+    return f"{algorithm}:{_escape(limit.name)}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _LimitSet:
     """What the scripts need about one tuple of limits, worked out once per tuple.
@@ -122,7 +135,7 @@ class _LimitSet:
         return cls(
             limits,
             tuple(limit.scope for limit in limits),
-            tuple(f"{_codes(limit)[0]}:{_escape(limit.name)}" for limit in limits),
+            tuple(_suffix(limit) for limit in limits),
             args,
         )
 

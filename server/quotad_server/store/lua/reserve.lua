@@ -41,6 +41,9 @@ State, per algorithm (units are requests, tokens or micro-dollars; times are mic
   w  zset of "<reservation id>:<units>" scored by reservation time; members at or before
      now - period are outside the window. Over requests every member is one unit, so the
      zset's count is the usage; otherwise KEYS[i]:sum holds the units of all members.
+     Request windows that count the same requests (same owner, same model filter) share
+     one zset, each counting its own span of it: a subject's 10/minute and 100/hour cost
+     one member, one ZADD and one PEXPIRE per request, and the zset keeps the longest span.
   c  zset of reservation ids scored by lease expiry; members at or before now are expired.
   d/m  integer units used in the current UTC day / month.
 
@@ -188,6 +191,7 @@ end
 local HINT = tonumber(ticket_ttl) * 1000 / 3  -- about one heartbeat, for those a line holds back
 
 local statuses = {}
+local span = {}  -- per request-window key, the longest period counted on it
 local admit = true
 for i = 1, n do
   local base = 14 + (i - 1) * 5
@@ -277,6 +281,7 @@ for i = 1, n do
     end
   end
   if wait ~= 0 then admit = false end
+  if alg == 'w' and metric == 'r' and period > (span[key] or 0) then span[key] = period end
   statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra, cap}
 end
 
@@ -340,27 +345,32 @@ local prefix_len = #partition + 3  -- '<prefix>:{tag}' .. ':l:'
 -- call on the others. (Windows over tokens must trim to keep their running sum exact.)
 local trim = string.sub(rid, -1) == '0'
 local record = {
-  'r ' .. int(lease_expires) .. ' ' .. int(est_in) .. ' ' .. int(est_out) .. ' ' .. int(est_cost) .. ' ' .. ARGV[11],
+  'r ' .. int(lease_expires) .. ' ' .. ARGV[8] .. ' ' .. ARGV[9] .. ' ' .. ARGV[10] .. ' ' .. ARGV[11],  -- integers as sent
   ARGV[12],
 }
 for i = 1, n do
   local s = statuses[i]
   local alg, limit, period, key, cost = s[1], s[3], s[4], s[5], s[6]
-  local recorded_period = period
+  local base = 14 + (i - 1) * 5
+  local recorded_period = ARGV[base + 4]  -- as sent: already an integer string
   if alg == 'b' then
     if cost > 0 then
       local level = s[7] + cost
       redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ceil(level * period / limit / 1000) + 1000)
     end
   elseif alg == 'w' then
-    if cost > 0 then
-      local ttl = ceil(period / 1000) + 1000
-      if s[2] == 'r' then
-        if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period)) end
-      else
-        redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
-        redis.call('SET', key .. ':sum', int(s[7] + cost), 'PX', ttl)
+    if s[2] == 'r' then
+      if cost > 0 and span[key] then  -- the first of the windows sharing this zset writes for all
+        local longest = span[key]
+        span[key] = nil
+        if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - longest)) end
+        redis.call('ZADD', key, now, rid .. ':1')
+        redis.call('PEXPIRE', key, ceil(longest / 1000) + 1000)
       end
+    elseif cost > 0 then
+      local ttl = ceil(period / 1000) + 1000
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
+      redis.call('SET', key .. ':sum', int(s[7] + cost), 'PX', ttl)
       redis.call('ZADD', key, now, rid .. ':' .. int(cost))
       redis.call('PEXPIRE', key, ttl)
     end
@@ -371,7 +381,7 @@ for i = 1, n do
     local ttl = ceil(lease_us / 1000) + 1000
     if s[7] > 0 then redis.call('PEXPIRE', key, ttl, 'GT') else redis.call('PEXPIRE', key, ttl) end
   else
-    recorded_period = s[10]  -- the first day of the period charged
+    recorded_period = int(s[10])  -- the first day of the period charged
     if cost > 0 then
       local period_key = key .. ':' .. int(s[10])
       redis.call('INCRBY', period_key, int(cost))
@@ -379,7 +389,7 @@ for i = 1, n do
       redis.call('PEXPIRE', period_key, ceil(s[9] / 1000) + 86400000)
     end
   end
-  record[i + 2] = alg .. ' ' .. s[2] .. ' ' .. int(limit) .. ' ' .. int(recorded_period) .. ' ' .. string.sub(key, prefix_len + 1)
+  record[i + 2] = alg .. ' ' .. s[2] .. ' ' .. ARGV[base + 3] .. ' ' .. recorded_period .. ' ' .. string.sub(key, prefix_len + 1)
 end
 
 redis.call('SET', KEYS[1], table.concat(record, '\n'), 'PX', tonumber(ARGV[6]))

@@ -28,7 +28,8 @@ Per limit, delta = actual units - reserved units (release: actual is zero):
   b    level += delta after draining, never below 0 (a refund cannot create credit;
        a charge above capacity is debt that later requests wait out)
   w    the member "<id>:<units>" becomes "<id>:<actual>" at its original time while it is
-       in the window; past the window, a charge above the estimate is added at now
+       in the window; past the window, a charge above the estimate is added at now. Request
+       windows sharing a zset (see reserve.lua) share the member: the first removes it.
   c    the reservation leaves the in-flight set
   d/m  the period the reservation was charged to takes the difference (never below 0)
 
@@ -120,11 +121,11 @@ for line in lines do
   local key = base .. suffix
   limit, period = tonumber(limit), tonumber(period)
   if alg == 'c' then
-    if redis.call('ZREM', key, rid) == 1 then freed[#freed + 1] = key end
+    if redis.call('ZREM', key, rid) == 1 then freed[#freed + 1], freed[key] = key, true end
   else
     local reserved = units(metric, 1, est_in, est_out, 0, est_cost)
     local delta = units(metric, act_requests, act_in, act_out, act_cached, act_cost) - reserved
-    if delta < 0 then freed[#freed + 1] = key end
+    if delta < 0 and not freed[key] then freed[#freed + 1], freed[key] = key, true end
     if delta ~= 0 and alg == 'b' then
       local level = 0
       local raw = redis.call('GET', key)
