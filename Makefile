@@ -42,11 +42,11 @@ tools: $(TOOLS)/grpcurl $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOO
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
-bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-benchmark (Debian redis-tools) if missing
-	@command -v redis-benchmark >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-cli (Debian redis-tools) if missing
+	@command -v redis-cli >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get install -y -q redis-tools >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q redis-tools >/dev/null)); } || \
-	  echo "redis-benchmark not installed: the benchmark will skip the raw Redis ceiling"
+	  echo "redis-cli not installed: the benchmark will skip the raw Redis ceiling"
 	@# The TLS test makes its certificates with openssl (in Debian's base image, but not everywhere).
 	@command -v openssl >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get install -y -q openssl >/dev/null 2>&1 || \

@@ -53,7 +53,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
+from typing import Any, Literal, NoReturn, TypeAlias, TypedDict, TypeVar
 
 from quotad._common import Outcome, new_idempotency_key, reserve_request, seconds
 from quotad.errors import Unavailable
@@ -136,27 +136,41 @@ class TaskQuota:
         if self.retry_unavailable_after is not None and self.retry_unavailable_after < 0:
             raise ValueError(f"retry_unavailable_after must be 0 or more, got {self.retry_unavailable_after}")
 
-    def request(
-        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], idempotency_key: str
-    ) -> pb.CheckAndReserveRequest:
-        """The CheckAndReserve for one run with these arguments."""
+    def arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ReserveArguments:
+        """The check_and_reserve arguments for one run with these task arguments."""
 
         def value(source: FromArgs[T]) -> T:
             return source(*args, **kwargs) if callable(source) else source
 
-        request = reserve_request(
-            value(self.subject),
+        return ReserveArguments(
+            subject=value(self.subject),
             tenant=value(self.tenant),
             tier=value(self.tier),
             model=value(self.model),
             input_tokens=value(self.input_tokens),
             max_output_tokens=value(self.max_output_tokens),
             lease=value(self.lease),
-            idempotency_key=idempotency_key,
+            priority=pb.PRIORITY_UNSPECIFIED if self.priority is None else _PRIORITIES[self.priority],
         )
-        if self.priority is not None:
-            request.priority = _PRIORITIES[self.priority]
-        return request
+
+    def request(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], idempotency_key: str
+    ) -> pb.CheckAndReserveRequest:
+        """The CheckAndReserve one run with these arguments sends."""
+        return reserve_request(**self.arguments(args, kwargs), idempotency_key=idempotency_key)
+
+
+class ReserveArguments(TypedDict):
+    """What a task's CheckAndReserve asks for, worked out from its arguments."""
+
+    subject: str
+    tenant: str
+    tier: str
+    model: str
+    input_tokens: int
+    max_output_tokens: int
+    lease: timedelta | None
+    priority: pb.Priority.ValueType
 
 
 class TaskDenied(Exception):
@@ -304,10 +318,10 @@ class QuotaTask(Task[..., Any]):
     def _reserve(
         self, client: SyncQuotaClient, spec: TaskQuota, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> pb.CheckAndReserveResponse:
-        request = spec.request(args, kwargs, self._idempotency_key())
         try:
-            # The client's check_and_reserve has no `priority` parameter: send the request as built.
-            response: pb.CheckAndReserveResponse = client._call(client._stub.CheckAndReserve, request)
+            response = client.check_and_reserve(
+                **spec.arguments(args, kwargs), idempotency_key=self._idempotency_key()
+            )
         except Unavailable as error:
             if spec.retry_unavailable_after is None or self.request.retries >= spec.max_retries:
                 raise
