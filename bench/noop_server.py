@@ -4,7 +4,11 @@ Same generated servicer, same request parsing and the same response messages
 (bytes captured from quotad in the same benchmark run), and no decision at
 all: what Python gRPC alone costs on this machine.
 
-    python bench/noop_server.py --listen 127.0.0.1:50052 --responses DIR [--processes N]
+With --redis-ping URL it is the second ceiling, the floor of any Redis-backed
+decision: CheckAndReserve first awaits one Redis round trip (PING) through the
+client quotad itself uses, then answers the same canned response.
+
+    python bench/noop_server.py --listen 127.0.0.1:50052 --responses DIR [--processes N] [--redis-ping URL]
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ from typing import Any
 import grpc
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.store.resp import RedisAddress, RespClient
 
 
 class NoopServicer(pb_grpc.QuotaServiceServicer):
-    def __init__(self, responses: Path) -> None:
+    def __init__(self, responses: Path, redis: RespClient | None = None) -> None:
         self._reserve = pb.CheckAndReserveResponse.FromString((responses / "reserve.bin").read_bytes())
         self._commit = pb.CommitResponse.FromString((responses / "commit.bin").read_bytes())
+        self._redis = redis
 
     async def CheckAndReserve(
         self, request: pb.CheckAndReserveRequest, context: Any
     ) -> pb.CheckAndReserveResponse:
+        if self._redis is not None:
+            await self._redis.call("PING")
         return self._reserve
 
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
@@ -49,10 +57,11 @@ class NoopServicer(pb_grpc.QuotaServiceServicer):
             yield pb.CheckAndReserveStreamResponse(request_id=item.request_id, result=result)
 
 
-async def serve(listen: str, responses: Path) -> None:
+async def serve(listen: str, responses: Path, redis_url: str | None) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    redis = RespClient(RedisAddress.from_url(redis_url), timeout_s=1.0) if redis_url else None
     # Only the methods the harness drives are answered; the others stay UNIMPLEMENTED.
-    pb_grpc.add_QuotaServiceServicer_to_server(NoopServicer(responses), server)  # type: ignore[abstract]
+    pb_grpc.add_QuotaServiceServicer_to_server(NoopServicer(responses, redis), server)  # type: ignore[abstract]
     server.add_insecure_port(listen)
     await server.start()
     stopping = asyncio.Event()
@@ -61,8 +70,8 @@ async def serve(listen: str, responses: Path) -> None:
     await server.stop(0)
 
 
-def run(listen: str, responses: Path) -> None:
-    asyncio.run(serve(listen, responses))
+def run(listen: str, responses: Path, redis_url: str | None = None) -> None:
+    asyncio.run(serve(listen, responses, redis_url))
 
 
 def main() -> None:
@@ -70,13 +79,15 @@ def main() -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--responses", type=Path, required=True)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--redis-ping", metavar="URL", help="await one Redis PING per CheckAndReserve")
     args = parser.parse_args()
     if args.processes == 1:
-        run(args.listen, args.responses)
+        run(args.listen, args.responses, args.redis_ping)
         return
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=run, args=(args.listen, args.responses)) for _ in range(args.processes)
+        context.Process(target=run, args=(args.listen, args.responses, args.redis_ping))
+        for _ in range(args.processes)
     ]
     for child in children:
         child.start()

@@ -6,7 +6,9 @@
 Starts a real Valkey, quotad (`quotad serve --workers N`) and the no-op grpc.aio
 server (bench/noop_server.py, answering with the very response bytes quotad
 gave), and drives each with the same Go load generator (bench/loadgen) at the
-same concurrency, message sizes and connections. It also measures the raw Redis
+same concurrency, message sizes and connections. For scenario 1 it also drives
+the floor of any Redis-backed decision: the no-op server awaiting one Redis
+PING per call, through quotad's own Redis client. It also measures the raw Redis
 cost of quotad's own decision script: real EVALSHAs replayed with redis-cli --pipe.
 
 Scenarios:
@@ -399,19 +401,19 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
             responses = inputs / f"responses-{workers}"
             responses.mkdir(exist_ok=True)
             capture_responses(quotad_address, responses)
-            noop_cmd = [
-                sys.executable,
-                str(ROOT / "bench" / "noop_server.py"),
-                "--listen",
-                noop_address,
-                "--responses",
-                str(responses),
-                "--processes",
-                str(workers),
-            ]
-            with process(noop_cmd) as noop:
+
+            def noop_server(address: str, *options: str, responses: Path = responses) -> list[str]:
+                script = str(ROOT / "bench" / "noop_server.py")
+                return [sys.executable, script, "--listen", address, "--responses", str(responses), *options]
+
+            floor_address = f"127.0.0.1:{free_port()}"
+            noop_cmd = noop_server(noop_address, "--processes", str(workers))
+            floor_cmd = noop_server(floor_address, "--processes", str(workers), "--redis-ping", valkey.url)
+            with process(noop_cmd) as noop, process(floor_cmd) as floor:
                 wait_listening(noop_address)
+                wait_listening(floor_address)
                 quotad_pids, noop_pids = descendants(quotad.pid), descendants(noop.pid)
+                floor_pids = descendants(floor.pid)
                 for scenario in [s for s in SCENARIOS if s.name in args.scenarios]:
                     for concurrency in args.concurrency:
                         client.flushall()
@@ -422,20 +424,24 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
                         }
                         ours = measure(quotad_address, quotad_pids, client, **point, duration_s=args.duration)
                         ceiling = measure(noop_address, noop_pids, client, **point, duration_s=args.duration)
-                        rows.append(
-                            {
-                                "scenario": scenario.name,
-                                "workers": workers,
-                                "concurrency": concurrency,
-                                "quotad": ours,
-                                "noop": ceiling,
-                            }
-                        )
-                        print(
+                        row = {
+                            "scenario": scenario.name,
+                            "workers": workers,
+                            "concurrency": concurrency,
+                            "quotad": ours,
+                            "noop": ceiling,
+                        }
+                        line = (
                             f"  {scenario.name:15} workers={workers} c={concurrency:<3} "
-                            f"quotad {ours['decisions_per_s']:>9.0f}/s  noop {ceiling['decisions_per_s']:>9.0f}/s",
-                            file=sys.stderr,
+                            f"quotad {ours['decisions_per_s']:>9.0f}/s  noop {ceiling['decisions_per_s']:>9.0f}/s"
                         )
+                        if scenario.name == "reserve":  # the floor of any Redis-backed decision
+                            row["floor"] = measure(
+                                floor_address, floor_pids, client, **point, duration_s=args.duration
+                            )
+                            line += f"  floor {row['floor']['decisions_per_s']:>9.0f}/s"
+                        rows.append(row)
+                        print(line, file=sys.stderr)
     return rows
 
 
@@ -489,6 +495,16 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                 "ratio_to_noop_unary": ratio_unary,
             }
         )
+        if "floor" in row:
+            summary[-1].update(
+                floor_decisions_per_s=figure("floor", "decisions_per_s"),
+                floor_ratio_to_noop=spread(
+                    [r["floor"]["decisions_per_s"] / max(1.0, r["noop"]["decisions_per_s"]) for r in same]
+                ),
+                ratio_to_floor=spread(
+                    [r["quotad"]["decisions_per_s"] / max(1.0, r["floor"]["decisions_per_s"]) for r in same]
+                ),
+            )
     return summary
 
 
@@ -541,6 +557,13 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    for s in summary:
+        if "floor_decisions_per_s" in s:
+            print(
+                f"floor, {s['scenario']} w={s['workers']} c={s['concurrency']}: no-op + one Redis PING per call "
+                f"{fmt(s['floor_decisions_per_s'])}/s = {fmt(s['floor_ratio_to_noop'], digits=2)} x no-op; "
+                f"quotad = {fmt(s['ratio_to_floor'], digits=2)} x floor"
+            )
     valid = [c for c in redis_ceiling if "scripts_per_s" in c]
     for tier, subjects, label in REDIS_CEILINGS:
         of_tier = [c for c in valid if c.get("tier") == tier and c.get("subjects") == subjects]

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
-import structlog
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.rpc import error_details_pb2, status_pb2
@@ -30,6 +29,7 @@ from quotad_server.errors import (
     QuotadError,
     StoreUnavailable,
 )
+from quotad_server.logs import rpc_logger
 from quotad_server.model import (
     Algorithm,
     Cost,
@@ -50,7 +50,6 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 MAX_BATCH = 1000
 STREAM_WINDOW = 256  # items of one stream decided concurrently before reading more
-_log = structlog.get_logger("quotad.rpc")
 
 _DECISION = {Decision.ALLOWED: pb.DECISION_ALLOWED, Decision.DENIED: pb.DECISION_DENIED}
 _DENY_REASON = {
@@ -124,8 +123,9 @@ def _add_limit_statuses(
         message = into.add()
         message.CopyFrom(_limit_template(status.limit))
         message.remaining = status.remaining
-        message.reset_after.seconds, micros = divmod(status.reset_after_us, 1_000_000)
-        message.reset_after.nanos = micros * 1000
+        reset_after = message.reset_after
+        reset_after.seconds, micros = divmod(status.reset_after_us, 1_000_000)
+        reset_after.nanos = micros * 1000
         if status.wait_us != 0:
             message.denied = True
         if status.binding:
@@ -228,8 +228,16 @@ def _fill_reserve_response(
         assert outcome.reserved is not None
         response.counted_input_tokens = outcome.counted_input_tokens
         response.reservation_id = outcome.reservation_id
-        response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
-        response.reserved.CopyFrom(_cost(outcome.reserved))
+        lease_expires_at = response.lease_expires_at
+        lease_expires_at.seconds, micros = divmod(outcome.lease_expires_at_us, 1_000_000)
+        lease_expires_at.nanos = micros * 1000
+        reserved, cost = response.reserved, outcome.reserved
+        reserved.requests, reserved.input_tokens, reserved.output_tokens = (
+            cost.requests,
+            cost.input_tokens,
+            cost.output_tokens,
+        )
+        reserved.cached_input_tokens, reserved.cost_micro_usd = cost.cached_input_tokens, cost.cost_micro_usd
         fields["reservation_id"] = outcome.reservation_id
     else:
         assert outcome.deny_reason is not None
@@ -287,7 +295,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     def __init__(self, core: QuotaCore, observer: RpcObserver | None = None) -> None:
         self._core = core
         self._observer = observer
-        self._log = _log.bind()  # the configured logger itself, not the module's lazy proxy
+        self._log_rpc = rpc_logger()
 
     async def _handle(
         self,
@@ -317,13 +325,9 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             elapsed = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.rpc_finished(method, code, elapsed)
-            log = self._log.error if code in ("UNKNOWN", "INTERNAL") else self._log.info
-            log(
-                "rpc",
-                method=method,
-                code=code,
-                latency_ms=round(elapsed * 1000, 3),
-                **fields,
+            self._log_rpc(
+                code in ("UNKNOWN", "INTERNAL"),
+                {"method": method, "code": code, "latency_ms": round(elapsed * 1000, 3), **fields},
             )
 
     # -- one item: proto -> core -> proto; raises QuotadError ---------------------------
@@ -507,7 +511,9 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             elapsed = time.perf_counter() - started
             if self._observer is not None:
                 self._observer.rpc_finished(method, code, elapsed)
-            self._log.info("rpc", method=method, code=code, latency_ms=round(elapsed * 1000, 3), **tally)
+            self._log_rpc(
+                False, {"method": method, "code": code, "latency_ms": round(elapsed * 1000, 3), **tally}
+            )
 
     async def CheckAndReserveStream(
         self,

@@ -48,7 +48,7 @@ INLINE_COUNT_BYTES = 8192
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, but not frozen: see quotad_server.model
 class ReserveRequest:
     """One CheckAndReserve, as the caller sent it (defaults not yet applied)."""
 

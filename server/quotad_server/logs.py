@@ -5,10 +5,26 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
+from collections.abc import Callable
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
+
+RpcLogger = Callable[[bool, dict[str, Any]], None]
+"""Writes one RPC's line: (is it an error, its fields)."""
+
+
+class _Output:
+    """What configure_logging chose: the JSON stream (None: console format) and the lowest level written."""
+
+    json_stream: BinaryIO | None = None
+    min_level = logging.INFO
+
+
+_output = _Output()
 
 
 class _UtcTimestamp:
@@ -31,24 +47,61 @@ class _UtcTimestamp:
         return event_dict
 
 
-def configure_logging(log_format: str, level: str) -> None:
-    """Configure structlog once, from the composition root (never at import)."""
-    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+def configure_logging(log_format: str, level: str, stream: TextIO | None = None) -> None:
+    """Configure structlog once, from the composition root (never at import). `stream`: stderr."""
+    stream = stream or sys.stderr
+    as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     processors: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         _UtcTimestamp(),
         structlog.processors.format_exc_info,
     ]
+    _output.min_level = logging.getLevelNamesMapping()[level.upper()]
+    _output.json_stream = stream.buffer if as_json else None
     if as_json:
         # orjson renders bytes straight to the stream: the cheapest path for a line per RPC.
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
-        factory: structlog.typing.WrappedLogger = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+        factory: structlog.typing.WrappedLogger = structlog.BytesLoggerFactory(file=stream.buffer)
     else:
         processors.append(structlog.dev.ConsoleRenderer())
-        factory = structlog.PrintLoggerFactory(file=sys.stderr)
+        factory = structlog.PrintLoggerFactory(file=stream)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def rpc_logger() -> RpcLogger:
+    """The writer of the one line per RPC, as configured.
+
+    JSON lines are the same as structlog writes (fields, then event, level and timestamp),
+    written here directly: structlog's processor chain cost as much as the rest of a
+    decision's own Python. The console format goes through structlog.
+    """
+    stream = _output.json_stream
+    if stream is None:
+        log = structlog.get_logger("quotad.rpc").bind()
+
+        def through_structlog(error: bool, fields: dict[str, Any]) -> None:
+            (log.error if error else log.info)("rpc", **fields)
+
+        return through_structlog
+
+    stamp = _UtcTimestamp()
+    info, errors = _output.min_level <= logging.INFO, _output.min_level <= logging.ERROR
+
+    def as_json(error: bool, fields: dict[str, Any]) -> None:
+        if not (errors if error else info):
+            return
+        failure = fields.pop("exc_info", None)
+        fields["event"] = "rpc"
+        fields["level"] = "error" if error else "info"
+        stamp(None, "", fields)
+        if isinstance(failure, BaseException):
+            fields["exception"] = "".join(traceback.format_exception(failure)).rstrip("\n")
+        stream.write(orjson.dumps(fields, default=repr) + b"\n")
+        stream.flush()
+
+    return as_json

@@ -2,6 +2,12 @@
 
 No grpc and no redis here: these are the words the core speaks.
 Times are integer microseconds; token and request counts are integers.
+
+The types built for every decision (Cost, LimitStatus, ReserveOutcome, and the
+store's ReservePlan and ReserveResult) are slotted but not frozen: a frozen
+dataclass sets each field through object.__setattr__, which made building them
+a fifth of the server's own Python work per decision. Treat them as values all
+the same: derive new ones with dataclasses.replace, never assign to a field.
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ class Limit:
         return self.limit
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cost:
     """An amount charged to limits: one request's estimate or actual usage.
 
@@ -144,7 +150,7 @@ class Price:
         return -(-numerator // MICROS_PER_MILLION_TOKENS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LimitStatus:
     """One limit as one request saw it.
 
@@ -165,7 +171,7 @@ class LimitStatus:
         return self.wait_us != 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveOutcome:
     """The answer to CheckAndReserve."""
 

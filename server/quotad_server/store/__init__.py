@@ -14,7 +14,7 @@ from quotad_server.errors import QuotadError
 from quotad_server.model import Cost, Limit, LimitStatus, Price, Priority, SettleOutcome
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, but not frozen: see quotad_server.model
 class ReservePlan:
     """Everything one reservation needs, resolved by the core from the policy.
 
@@ -47,7 +47,7 @@ class ReservePlan:
     ticket_ttl_ms: int = 3000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, but not frozen: see quotad_server.model
 class ReserveResult:
     """What the store decided. `limits` is empty on a replay (nothing was evaluated)."""
 

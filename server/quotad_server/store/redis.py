@@ -122,16 +122,16 @@ class _LimitSet:
     limits: tuple[Limit, ...]
     scopes: tuple[Scope, ...]
     suffixes: tuple[str, ...]
-    args: Mapping[Priority, tuple[Any, ...]]  # ARGV[14...] per priority (see reserve.lua)
+    args: Mapping[Priority, tuple[str, ...]]  # ARGV[14...] per priority (see reserve.lua), as sent
 
     @classmethod
     def of(cls, limits: tuple[Limit, ...]) -> _LimitSet:
-        args: dict[Priority, tuple[Any, ...]] = {}
+        args: dict[Priority, tuple[str, ...]] = {}
         for priority in Priority:
             flat: list[Any] = [len(limits)]
             for limit in limits:
                 flat += (*_codes(limit), limit.limit, limit.period_us, limit.admit_limit(priority))
-            args[priority] = tuple(flat)
+            args[priority] = tuple(str(value) for value in flat)  # strings pack faster than ints
         return cls(
             limits,
             tuple(limit.scope for limit in limits),
