@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quotad_server.model import Algorithm, Limit, Metric, Scope
-from quotad_server.store.redis import RESERVATION_ID, hash_tag, key
+from quotad_server.store.redis import RESERVATION_ID, RedisStore, hash_tag, key
 
 
 def test_key_parts_cannot_collide() -> None:
@@ -31,3 +31,26 @@ def test_reservation_id_shape() -> None:
     assert Limit("rpm", Scope.SUBJECT, Metric.REQUESTS, Algorithm.TOKEN_BUCKET, 10, 60_000_000).applies_to(
         "any"
     )
+
+
+def test_the_stores_fast_key_paths_build_what_key_builds() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1", timeout_s=1)  # never connects
+    tag = hash_tag("global")
+    limits = (
+        Limit("rpm", Scope.SUBJECT, Metric.REQUESTS, Algorithm.TOKEN_BUCKET, 10, 60_000_000),
+        Limit("a:b", Scope.SUBJECT, Metric.INPUT_TOKENS, Algorithm.SLIDING_WINDOW, 10, 60_000_000),
+        Limit("rph", Scope.SUBJECT, Metric.REQUESTS, Algorithm.SLIDING_WINDOW, 10, 3_600_000_000),
+        Limit("mini", Scope.SUBJECT, Metric.REQUESTS, Algorithm.SLIDING_WINDOW, 5, 60_000_000, model="m:1"),
+        Limit("tenant", Scope.TENANT, Metric.TOTAL_TOKENS, Algorithm.TOKEN_BUCKET, 10, 60_000_000),
+        Limit("provider", Scope.GLOBAL, Metric.OUTPUT_TOKENS, Algorithm.TOKEN_BUCKET, 10, 60_000_000),
+    )
+    for tenant, subject in [("acme", "alice"), ("a:c%me", "b:o%b{x}"), ("acme", "bob")]:
+        assert store.limit_keys(tag, limits, tenant, subject) == [
+            key("quotad", tag, "l", "s", tenant, subject, "b", "rpm"),
+            key("quotad", tag, "l", "s", tenant, subject, "w", "a:b"),
+            key("quotad", tag, "l", "s", tenant, subject, "wr"),  # request windows share one zset
+            key("quotad", tag, "l", "s", tenant, subject, "wr", "m:1"),
+            key("quotad", tag, "l", "t", tenant, "b", "tenant"),
+            key("quotad", tag, "l", "g", "b", "provider"),
+        ]
+    assert store._record_key(tag, "ab" * 20) == key("quotad", tag, "r", "ab" * 20)

@@ -169,6 +169,7 @@ class RedisStore:
         # whose caller was already told UNAVAILABLE.
         self._offset_us: int | None = None
         self._limit_sets: dict[int, _LimitSet] = {}
+        self._owners: dict[tuple[str, str], dict[Scope, str]] = {}  # (tag, tenant) -> key prefix per scope
 
     @classmethod
     def from_url(
@@ -249,7 +250,9 @@ class RedisStore:
         return result
 
     def _record_key(self, tag: str, reservation_id: str) -> str:
-        return key(self._prefix, tag, "r", reservation_id)
+        return (
+            f"{self._prefix}:{{{tag}}}:r:{reservation_id}"  # key(prefix, tag, "r", id): ids need no escaping
+        )
 
     def _limit_set(self, limits: tuple[Limit, ...]) -> _LimitSet:
         found = self._limit_sets.get(id(limits))
@@ -262,20 +265,20 @@ class RedisStore:
     def limit_keys(self, tag: str, limits: tuple[Limit, ...], tenant: str, subject: str) -> list[str]:
         """The counter key of each limit: `key(prefix, tag, "l", scope, *owner, algorithm, name)`."""
         compiled = self._limit_set(limits)
-        owners: dict[Scope, str] = {}
-        keys = []
-        for scope, suffix in zip(compiled.scopes, compiled.suffixes, strict=True):
-            owner = owners.get(scope)
-            if owner is None:
-                if scope is Scope.SUBJECT:
-                    owner = key(self._prefix, tag, "l", "s", tenant, subject, "")
-                elif scope is Scope.TENANT:
-                    owner = key(self._prefix, tag, "l", "t", tenant, "")
-                else:
-                    owner = key(self._prefix, tag, "l", "g", "")
-                owners[scope] = owner
-            keys.append(owner + suffix)
-        return keys
+        owners = self._owners.get((tag, tenant))
+        if owners is None:  # the subject's is completed below; the others are whole
+            if len(self._owners) >= 10_000:
+                self._owners.clear()
+            owners = self._owners[(tag, tenant)] = {
+                Scope.SUBJECT: key(self._prefix, tag, "l", "s", tenant, ""),
+                Scope.TENANT: key(self._prefix, tag, "l", "t", tenant, ""),
+                Scope.GLOBAL: key(self._prefix, tag, "l", "g", ""),
+            }
+        subject_owner = owners[Scope.SUBJECT] + _escape(subject) + ":"
+        return [
+            (subject_owner if scope is Scope.SUBJECT else owners[scope]) + suffix
+            for scope, suffix in zip(compiled.scopes, compiled.suffixes, strict=True)
+        ]
 
     @staticmethod
     def _statuses(limits: Sequence[Limit], reply: list[Any]) -> tuple[LimitStatus, ...]:
