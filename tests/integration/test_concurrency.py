@@ -102,6 +102,30 @@ async def test_sliding_window_admits_exactly_its_limit(quotad: QuotadFactory) ->
         assert (await q.usage())["per-day"] == 0
 
 
+async def test_request_windows_sharing_a_zset_admit_exactly_the_tighter_limit(quotad: QuotadFactory) -> None:
+    policy = """
+        defaults: {tier: t}
+        tiers:
+          t:
+            limits:
+              - {name: per-hour, metric: requests, limit: 45, period: 1h, algorithm: sliding_window}
+              - {name: per-day, metric: requests, limit: 30, period: 1d, algorithm: sliding_window}
+    """
+    async with quotad(policy, subject="alice") as q:
+        responses = await _storm(
+            q, [pb.CheckAndReserveRequest(subject="alice")] * (CLIENTS * CALLS_PER_CLIENT)
+        )
+        allowed = [r for r in responses if r.decision == pb.DECISION_ALLOWED]
+        assert len(allowed) == 30
+        assert {r.binding_limit for r in responses if r.decision == pb.DECISION_DENIED} == {"per-day"}
+        assert await q.usage() == {"per-hour": 15, "per-day": 0}
+        # Releases refund both windows from the one shared member, once each.
+        await asyncio.gather(*(q.release(r.reservation_id) for r in allowed[:10]))
+        assert await q.usage() == {"per-hour": 25, "per-day": 10}
+        responses = await _storm(q, [pb.CheckAndReserveRequest(subject="alice")] * 100)
+        assert sum(r.decision == pb.DECISION_ALLOWED for r in responses) == 10
+
+
 async def test_several_limits_stay_consistent_under_contention(quotad: QuotadFactory) -> None:
     """Each admitted request is charged on every limit, each denied one on none."""
     policy = """
