@@ -101,6 +101,12 @@ class Limit:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[type[Limit], tuple[object, ...]]:
+        # Pickles and copies are rebuilt through __init__: the cached hash is of this
+        # process's string hashes and must never travel to another process.
+        fields = (self.name, self.scope, self.metric, self.algorithm, self.limit, self.period_us, self.model)
+        return Limit, (*fields, self.calendar, self.exclude_cached, self.admission)
+
     def applies_to(self, model: str) -> bool:
         return self.model is None or self.model == model
 

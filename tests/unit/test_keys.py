@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 from quotad_server.model import Algorithm, Limit, Metric, Scope
 from quotad_server.store.redis import RESERVATION_ID, RedisStore, hash_tag, key
 
@@ -54,3 +57,11 @@ def test_the_stores_fast_key_paths_build_what_key_builds() -> None:
             key("quotad", tag, "l", "g", "b", "provider"),
         ]
     assert store._record_key(tag, "ab" * 20) == key("quotad", tag, "r", "ab" * 20)
+
+
+def test_a_limit_rebuilds_its_cached_hash_when_unpickled() -> None:
+    limit = Limit("rpm", Scope.SUBJECT, Metric.REQUESTS, Algorithm.TOKEN_BUCKET, 10, 60_000_000, model="m")
+    pickled = pickle.dumps(limit)
+    assert b"_hash" not in pickled  # rebuilt through __init__, not copied
+    assert pickle.loads(pickled) == limit
+    assert hash(pickle.loads(pickled)) == hash(limit) == hash(copy.deepcopy(limit))
