@@ -382,6 +382,22 @@ def capture_responses(address: str, directory: Path) -> None:
     (directory / "commit.bin").write_bytes(committed.SerializeToString())
 
 
+def noop_server(address: str, responses: Path, workers: int, *options: str) -> list[str]:
+    """The command of a no-op server (bench/noop_server.py) answering with `responses`."""
+    script = str(ROOT / "bench" / "noop_server.py")
+    return [
+        sys.executable,
+        script,
+        "--listen",
+        address,
+        "--responses",
+        str(responses),
+        "--processes",
+        str(workers),
+        *options,
+    ]
+
+
 def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> list[dict[str, Any]]:
     client = redis.Redis.from_url(valkey.url)
     rows: list[dict[str, Any]] = []
@@ -401,14 +417,9 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
             responses = inputs / f"responses-{workers}"
             responses.mkdir(exist_ok=True)
             capture_responses(quotad_address, responses)
-
-            def noop_server(address: str, *options: str, responses: Path = responses) -> list[str]:
-                script = str(ROOT / "bench" / "noop_server.py")
-                return [sys.executable, script, "--listen", address, "--responses", str(responses), *options]
-
             floor_address = f"127.0.0.1:{free_port()}"
-            noop_cmd = noop_server(noop_address, "--processes", str(workers))
-            floor_cmd = noop_server(floor_address, "--processes", str(workers), "--redis-ping", valkey.url)
+            noop_cmd = noop_server(noop_address, responses, workers)
+            floor_cmd = noop_server(floor_address, responses, workers, "--redis-ping", valkey.url)
             with process(noop_cmd) as noop, process(floor_cmd) as floor:
                 wait_listening(noop_address)
                 wait_listening(floor_address)

@@ -126,7 +126,7 @@ def _add_limit_statuses(
         reset_after = message.reset_after
         reset_after.seconds, micros = divmod(status.reset_after_us, 1_000_000)
         reset_after.nanos = micros * 1000
-        if status.wait_us != 0:
+        if status.denied:
             message.denied = True
         if status.binding:
             message.binding = True
@@ -228,16 +228,8 @@ def _fill_reserve_response(
         assert outcome.reserved is not None
         response.counted_input_tokens = outcome.counted_input_tokens
         response.reservation_id = outcome.reservation_id
-        lease_expires_at = response.lease_expires_at
-        lease_expires_at.seconds, micros = divmod(outcome.lease_expires_at_us, 1_000_000)
-        lease_expires_at.nanos = micros * 1000
-        reserved, cost = response.reserved, outcome.reserved
-        reserved.requests, reserved.input_tokens, reserved.output_tokens = (
-            cost.requests,
-            cost.input_tokens,
-            cost.output_tokens,
-        )
-        reserved.cached_input_tokens, reserved.cost_micro_usd = cost.cached_input_tokens, cost.cost_micro_usd
+        response.lease_expires_at.CopyFrom(timestamp_us(outcome.lease_expires_at_us))
+        response.reserved.CopyFrom(_cost(outcome.reserved))
         fields["reservation_id"] = outcome.reservation_id
     else:
         assert outcome.deny_reason is not None

@@ -34,7 +34,6 @@ from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings, prepare_cache
 
 EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 3
 
 
 def redis_connection_options(settings: Settings) -> dict[str, Any]:

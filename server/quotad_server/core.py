@@ -379,17 +379,9 @@ class QuotaCore:
         With `max_wait_us`, a request that does not fit now waits in line (priority, then
         arrival) and is admitted as soon as it fits, or denied when the wait runs out.
         """
-        # The common case (numbers given, nothing learned) decides without a detour through coroutines.
-        input_tokens = (
-            await self._input_tokens(request) if request.prompt or request.messages else request.input_tokens
+        plan, tier = self._plan(
+            request, await self._input_tokens(request), await self._output_tokens(request)
         )
-        model = self.policy.models.get(request.model)
-        output_tokens = (
-            await self._output_tokens(request)
-            if model is not None and model.learned
-            else request.max_output_tokens
-        )
-        plan, tier = self._plan(request, input_tokens, output_tokens)
         if request.max_wait_us <= 0:
             return self._outcome(plan, tier, await self._store.reserve(plan))
         return await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any, BinaryIO, TextIO
 
@@ -67,7 +66,7 @@ def configure_logging(log_format: str, level: str, stream: TextIO | None = None)
         factory = structlog.PrintLoggerFactory(file=stream)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(_output.min_level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
@@ -95,12 +94,13 @@ def rpc_logger() -> RpcLogger:
     def as_json(error: bool, fields: dict[str, Any]) -> None:
         if not (errors if error else info):
             return
-        failure = fields.pop("exc_info", None)
+        exc_info = fields.pop("exc_info", None)
         fields["event"] = "rpc"
         fields["level"] = "error" if error else "info"
         stamp(None, "", fields)
-        if isinstance(failure, BaseException):
-            fields["exception"] = "".join(traceback.format_exception(failure)).rstrip("\n")
+        if exc_info is not None:  # last, as in the structlog chain
+            fields["exc_info"] = exc_info
+            structlog.processors.format_exc_info(None, "", fields)
         stream.write(orjson.dumps(fields, default=repr) + b"\n")
         stream.flush()
 

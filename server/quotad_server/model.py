@@ -12,7 +12,7 @@ the same: derive new ones with dataclasses.replace, never assign to a field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 
@@ -95,8 +95,11 @@ class Limit:
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        fields = (self.name, self.scope, self.metric, self.algorithm, self.limit, self.period_us, self.model)
-        object.__setattr__(self, "_hash", hash((*fields, self.calendar, self.exclude_cached, self.admission)))
+        object.__setattr__(self, "_hash", hash(self._values()))
+
+    def _values(self) -> tuple[object, ...]:
+        """The fields __init__ takes, in order: everything but the cached hash."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.init)
 
     def __hash__(self) -> int:
         return self._hash
@@ -104,8 +107,7 @@ class Limit:
     def __reduce__(self) -> tuple[type[Limit], tuple[object, ...]]:
         # Pickles and copies are rebuilt through __init__: the cached hash is of this
         # process's string hashes and must never travel to another process.
-        fields = (self.name, self.scope, self.metric, self.algorithm, self.limit, self.period_us, self.model)
-        return Limit, (*fields, self.calendar, self.exclude_cached, self.admission)
+        return Limit, self._values()
 
     def applies_to(self, model: str) -> bool:
         return self.model is None or self.model == model

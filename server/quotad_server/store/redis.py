@@ -67,7 +67,6 @@ def _codes(limit: Limit) -> tuple[str, str]:
     return algorithm, metric
 
 
-_SCOPE_CODE = {Scope.SUBJECT: "s", Scope.TENANT: "t", Scope.GLOBAL: "g"}
 _TAG_HEX = 8
 RESERVATION_ID = re.compile(rf"^[0-9a-f]{{{_TAG_HEX + 32}}}$")
 
@@ -204,9 +203,9 @@ class RedisStore:
             return StoreUnavailable(f"redis refused quotad: not authenticated ({error})")  # misconfigured
         return error  # a script bug or a wrong server: surfaces as UNKNOWN and is logged
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, operation: Awaitable[T]) -> T:
         try:
-            return await operation()
+            return await operation
         except (OSError, RedisReplyError) as exc:  # TimeoutError is an OSError
             mapped = self._as_store_error(exc)
             if mapped is exc:
@@ -226,20 +225,14 @@ class RedisStore:
             self._offset_us = redis_now_us - time.time_ns() // 1000
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> list[Any]:
-        try:  # _call, inlined: this is every decision's path
-            reply: list[Any] = await self._client.run_script(script, keys, args)
-        except (OSError, RedisReplyError) as exc:
-            mapped = self._as_store_error(exc)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+        reply: list[Any] = await self._call(self._client.run_script(script, keys, args))
         return reply
 
     async def _run_many(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Every call in one pipeline; a failed one comes back as its exception, in its place."""
         if not calls:
             return []
-        return await self._call(lambda: self._client.run_scripts(script, calls))
+        return await self._call(self._client.run_scripts(script, calls))
 
     def _unwrap(self, reply: Any) -> list[Any]:
         """One reply of a pipeline: its value, or its error raised as _call would raise it."""
@@ -295,11 +288,11 @@ class RedisStore:
 
     async def start(self) -> None:
         """Load the scripts and learn Redis's clock; raise StoreUnavailable if Redis is down."""
-        seconds, micros = await self._call(lambda: self._client.call("TIME"))
+        seconds, micros = await self._call(self._client.call("TIME"))
         self._learn_clock(int(seconds) * 1_000_000 + int(micros))
 
     async def ping(self) -> None:
-        await self._call(lambda: self._client.call("PING"))
+        await self._call(self._client.call("PING"))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -510,7 +503,7 @@ class RedisStore:
                 self._unwrap(reply)
 
     async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
-        raw = await self._call(lambda: self._client.call("HGETALL", self._stats_key(model, tier)))
+        raw = await self._call(self._client.call("HGETALL", self._stats_key(model, tier)))
         return {raw[i].decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}
 
     # -- waiting lines ------------------------------------------------------------------

@@ -240,9 +240,7 @@ class RespClient:
 
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, falling back to EVAL (which also caches the script) when Redis does not know it."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connection()
+        protocol = await self._connection()
         reply = await protocol.send(hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await protocol.send(
