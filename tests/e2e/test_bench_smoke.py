@@ -39,5 +39,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert row["noop_decisions_per_s"]["median"] > 0, row["scenario"]
         assert row["rpc_errors"] == 0, row["scenario"]
         assert row["item_errors"] == 0, row["scenario"]
+    reserve = next(row for row in report["summary"] if row["scenario"] == "reserve")
+    assert reserve["floor_decisions_per_s"]["median"] > 0  # no-op + one Redis PING per call
     hot = next(row for row in report["summary"] if row["scenario"] == "hot-subject")
     assert hot["allowed_share"]["median"] < 0.5  # one subject at its limit: mostly denials
