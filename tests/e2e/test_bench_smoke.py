@@ -43,3 +43,22 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert reserve["floor_decisions_per_s"]["median"] > 0  # no-op + one Redis PING per call
     hot = next(row for row in report["summary"] if row["scenario"] == "hot-subject")
     assert hot["allowed_share"]["median"] < 0.5  # one subject at its limit: mostly denials
+
+
+def test_memory_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--reservations", "2000", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "a settled record" in result.stdout
+    report = json.loads(out.read_text())
+    # Real bytes from Redis's own accounting, each part of a reservation counted.
+    assert (
+        0 < report["per_settled_record"] < report["per_settled_reservation"] < report["per_open_reservation"]
+    )
+    assert report["per_subject"] > 0

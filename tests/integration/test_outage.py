@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quotad.v1 import quota_pb2 as pb
-from quotad_server.store.embedded import EmbeddedRedis
+from quotad_server.store.embedded import EmbeddedRedis, free_port
 
 from tests.conftest import Quotad, rpc_error, running_quotad, snapshot
 
@@ -103,3 +103,57 @@ async def test_killed_redis_gives_unavailable_then_recovers(q: Quotad, own_redis
     own_redis.start()
     await _wait_for_health(q, health_pb2.HealthCheckResponse.SERVING)
     assert (await q.reserve(input_tokens=100)).decision == pb.DECISION_ALLOWED
+
+
+async def test_full_redis_gives_unavailable_and_writes_nothing(q: Quotad, own_redis: EmbeddedRedis) -> None:
+    """maxmemory reached with noeviction: writes that need memory are refused. An outage, not a bug.
+
+    (A Release, or a Commit whose refund empties a bucket, deletes before it writes; Redis lets a
+    script that has written finish, so those may complete, atomically all the same.)
+    """
+    reserved = await q.reserve(input_tokens=100)
+    client = aioredis.Redis.from_url(own_redis.url)
+    before = await snapshot(client)
+    await client.config_set("maxmemory-policy", "noeviction")
+    await client.config_set("maxmemory", 1)
+    try:
+        for call in (
+            q.reserve(input_tokens=200),
+            q.commit(reserved.reservation_id, input_tokens=120, output_tokens=10),  # a bucket stays
+        ):
+            error = await rpc_error(call)
+            assert error.code().name == "UNAVAILABLE"
+            assert "out of memory" in (error.details() or "")
+        assert await snapshot(client) == before
+    finally:
+        await client.config_set("maxmemory", 0)
+    assert (await q.reserve(input_tokens=200)).decision == pb.DECISION_ALLOWED
+    await client.aclose()
+
+
+async def test_demoted_redis_gives_unavailable_then_quotad_reconnects(
+    q: Quotad, own_redis: EmbeddedRedis
+) -> None:
+    """A failover made the server a replica: READONLY. quotad answers UNAVAILABLE and opens a new
+    connection for the next call, which (behind a DNS name or a Service) reaches the new primary."""
+    reserved = await q.reserve(input_tokens=100)
+    client = aioredis.Redis.from_url(own_redis.url)
+    before = await snapshot(client)
+    connections = int((await client.info("stats"))["total_connections_received"])
+    dead_primary = free_port()  # nothing listens there: the replica keeps its data and serves reads
+    await client.replicaof("127.0.0.1", dead_primary)
+    try:
+        for call in (
+            q.reserve(input_tokens=200),
+            q.commit(reserved.reservation_id, input_tokens=1, output_tokens=1),
+        ):
+            error = await rpc_error(call)
+            assert error.code().name == "UNAVAILABLE"
+            assert "read-only replica" in (error.details() or "")
+        assert await snapshot(client) == before
+    finally:
+        await client.replicaof("NO", "ONE")  # promoted back: the primary again
+    assert (await q.reserve(input_tokens=200)).decision == pb.DECISION_ALLOWED
+    # Each READONLY answer dropped quotad's connection; each next call opened a new one.
+    assert int((await client.info("stats"))["total_connections_received"]) >= connections + 2
+    await client.aclose()

@@ -139,6 +139,23 @@ class _LimitSet:
         )
 
 
+# The first word of the error replies of a Redis that is up but cannot decide now: an outage
+# to callers (UNAVAILABLE), not a bug. A script that gets one wrote nothing: Redis checks
+# these before it runs a script or at its first write, and never fails a later write of a
+# script that has written.
+_CANNOT_SERVE = {
+    "OOM": "out of memory (maxmemory reached; quotad needs maxmemory-policy noeviction and room)",
+    "READONLY": "it is a read-only replica (a failover demoted it?)",
+    "MASTERDOWN": "it is a replica that lost its primary",
+    "LOADING": "it is loading its dataset",
+    "BUSY": "it is busy running a script past its time limit",
+    "MISCONF": "it refuses writes after failed snapshots (stop-writes-on-bgsave-error)",
+    "NOREPLICAS": "it refuses writes with too few replicas (min-replicas-to-write)",
+    "TRYAGAIN": "a cluster resharding is in progress",
+    "CLUSTERDOWN": "its cluster is down",
+}
+
+
 def _load_script(name: str) -> str:
     return (resources.files("quotad_server.store") / "lua" / name).read_text(encoding="utf-8")
 
@@ -199,9 +216,17 @@ class RedisStore:
             return StoreUnavailable(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
         if isinstance(error, OSError):  # ConnectionError included
             return StoreUnavailable(f"redis unavailable: {error}")
-        if isinstance(error, RedisReplyError) and str(error).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        if not isinstance(error, RedisReplyError):
+            return error
+        code = str(error).split(" ", 1)[0]
+        if code in ("NOAUTH", "WRONGPASS", "NOPERM"):
             return StoreUnavailable(f"redis refused quotad: not authenticated ({error})")  # misconfigured
-        return error  # a script bug or a wrong server: surfaces as UNKNOWN and is logged
+        cannot_serve = _CANNOT_SERVE.get(code)
+        if cannot_serve is None:
+            return error  # a script bug or a wrong server: surfaces as UNKNOWN and is logged
+        if code == "READONLY":
+            self._client.drop_connection(ConnectionError("redis is a read-only replica now; reconnecting"))
+        return StoreUnavailable(f"redis cannot serve: {cannot_serve} ({error})")
 
     async def _call(self, operation: Awaitable[T]) -> T:
         try:

@@ -132,8 +132,8 @@ class _Protocol(asyncio.Protocol):
     def oldest_pending_since(self) -> float | None:
         return self._pending[0][1] if self._pending else None
 
-    def time_out(self, error: TimeoutError) -> None:
-        """Redis stopped answering: fail everything pending and drop the connection."""
+    def fail(self, error: Exception) -> None:
+        """Give up on this connection: fail everything pending with `error` and drop it."""
         self.lost = error
         self._fail_pending(error)
         self.abort()
@@ -199,9 +199,7 @@ class RespClient:
             protocol = self._protocol
             since = protocol.oldest_pending_since() if protocol is not None else None
             if protocol is not None and since is not None and loop.time() - since > self._timeout_s:
-                protocol.time_out(
-                    TimeoutError(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
-                )
+                protocol.fail(TimeoutError(f"redis did not answer within {self._timeout_s * 1000:.0f} ms"))
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -271,6 +269,16 @@ class RespClient:
             except (ConnectionError, TimeoutError) as error:
                 replies.append(error)
         return replies
+
+    def drop_connection(self, reason: Exception) -> None:
+        """Close the connection now, failing what is pending with `reason`; the next call reconnects.
+
+        For a server that has become a replica: reconnecting resolves the address again,
+        which after a failover (a DNS name, a Kubernetes Service) leads to the new primary.
+        """
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.fail(reason)
 
     async def aclose(self) -> None:
         if self._watchdog is not None:
