@@ -40,7 +40,16 @@ from quotad_server.model import (
     SettleOutcome,
 )
 from quotad_server.store import ReservePlan, ReserveResult
-from quotad_server.store.resp import RedisAddress, RedisReplyError, RespClient, Script, TlsFiles
+from quotad_server.store.resp import (
+    NOTHING,
+    Packed,
+    RedisAddress,
+    RedisReplyError,
+    RespClient,
+    Script,
+    ScriptCall,
+    TlsFiles,
+)
 
 T = TypeVar("T")
 Clock = Callable[[], int]
@@ -122,6 +131,7 @@ class _LimitSet:
     scopes: tuple[Scope, ...]
     suffixes: tuple[str, ...]
     args: Mapping[Priority, tuple[str, ...]]  # ARGV[14...] per priority (see reserve.lua), as sent
+    packed: Mapping[Priority, Packed]  # the same, encoded once
 
     @classmethod
     def of(cls, limits: tuple[Limit, ...]) -> _LimitSet:
@@ -136,6 +146,7 @@ class _LimitSet:
             tuple(limit.scope for limit in limits),
             tuple(_suffix(limit) for limit in limits),
             args,
+            {priority: Packed.of(values) for priority, values in args.items()},
         )
 
 
@@ -249,11 +260,13 @@ class RedisStore:
         if self._clock is None:
             self._offset_us = redis_now_us - time.time_ns() // 1000
 
-    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> list[Any]:
-        reply: list[Any] = await self._call(self._client.run_script(script, keys, args))
+    async def _run(
+        self, script: Script, keys: list[str], args: list[Any], tail: Packed = NOTHING
+    ) -> list[Any]:
+        reply: list[Any] = await self._call(self._client.run_script(script, keys, args, tail))
         return reply
 
-    async def _run_many(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _run_many(self, script: Script, calls: Sequence[ScriptCall]) -> list[Any]:
         """Every call in one pipeline; a failed one comes back as its exception, in its place."""
         if not calls:
             return []
@@ -322,7 +335,7 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _reserve_call(self, plan: ReservePlan) -> tuple[str, list[str], list[Any]]:
+    def _reserve_call(self, plan: ReservePlan) -> tuple[str, ScriptCall]:
         tag = hash_tag(plan.partition)
         reservation_id = tag + secrets.token_hex(16)
         record_key = self._record_key(tag, reservation_id)
@@ -346,9 +359,8 @@ class RedisStore:
             _price_arg(plan.price),
             f"{plan.model}\t{plan.tier}",
             f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
-            *self._limit_set(plan.limits).args[plan.priority],
         ]
-        return reservation_id, keys, args
+        return reservation_id, (keys, args, self._limit_set(plan.limits).packed[plan.priority])
 
     def _reserve_result(self, plan: ReservePlan, reservation_id: str, reply: list[Any]) -> ReserveResult:
         code, now_us, lease_expires_us = reply[0], reply[1], reply[2]
@@ -391,19 +403,24 @@ class RedisStore:
 
     def reserve_command(self, plan: ReservePlan) -> tuple[str, str, list[str], list[Any]]:
         """(script SHA, reservation id, KEYS, ARGV) of the EVALSHA reserve() sends: for tools."""
-        reservation_id, keys, args = self._reserve_call(plan)
-        return self._reserve.sha.decode(), reservation_id, keys, args
+        reservation_id, (keys, args, _) = self._reserve_call(plan)
+        return (
+            self._reserve.sha.decode(),
+            reservation_id,
+            keys,
+            [*args, *self._limit_set(plan.limits).args[plan.priority]],
+        )
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
-        reservation_id, keys, args = self._reserve_call(plan)
-        reply = await self._run(self._reserve, keys, args)
+        reservation_id, (keys, args, tail) = self._reserve_call(plan)
+        reply = await self._run(self._reserve, keys, args, tail)
         return self._reserve_result(plan, reservation_id, reply)
 
     async def reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
         calls = [self._reserve_call(plan) for plan in plans]
-        replies = await self._run_many(self._reserve, [(keys, args) for _, keys, args in calls])
+        replies = await self._run_many(self._reserve, [call for _, call in calls])
         results: list[ReserveResult | QuotadError] = []
-        for plan, (reservation_id, _, _), reply in zip(plans, calls, replies, strict=True):
+        for plan, (reservation_id, _), reply in zip(plans, calls, replies, strict=True):
             try:
                 results.append(self._reserve_result(plan, reservation_id, self._unwrap(reply)))
             except QuotadError as error:
@@ -433,15 +450,12 @@ class RedisStore:
             "0 0 0",
             "",
             "- 0 0 0 3000",
-            *self._limit_set(limits).args[Priority.HIGH],
         ]
-        reply = await self._run(self._reserve, keys, args)
+        reply = await self._run(self._reserve, keys, args, self._limit_set(limits).packed[Priority.HIGH])
         self._learn_clock(reply[1])
         return self._statuses(limits, reply)
 
-    def _settle_call(
-        self, reservation_id: str, actual: Cost | None, retention_us: int
-    ) -> tuple[list[str], list[Any]]:
+    def _settle_call(self, reservation_id: str, actual: Cost | None, retention_us: int) -> ScriptCall:
         if not RESERVATION_ID.match(reservation_id):
             raise InvalidRequest(
                 [FieldViolation("reservation_id", "malformed: expected the id CheckAndReserve returned")]
@@ -457,7 +471,7 @@ class RedisStore:
             used.cached_input_tokens,
             max(1, retention_us // 1000),
         ]
-        return keys, args
+        return keys, args, NOTHING
 
     @staticmethod
     def _settle_result(reservation_id: str, reply: list[Any]) -> SettleOutcome:
@@ -485,14 +499,14 @@ class RedisStore:
         )
 
     async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
-        keys, args = self._settle_call(reservation_id, actual, retention_us)
-        return self._settle_result(reservation_id, await self._run(self._settle, keys, args))
+        reply = await self._run(self._settle, *self._settle_call(reservation_id, actual, retention_us))
+        return self._settle_result(reservation_id, reply)
 
     async def commit_many(
         self, commits: Sequence[tuple[str, Cost]], retention_us: int
     ) -> list[SettleOutcome | QuotadError]:
         results: list[SettleOutcome | QuotadError | None] = []
-        calls: list[tuple[list[str], list[Any]]] = []
+        calls: list[ScriptCall] = []
         for reservation_id, actual in commits:
             try:
                 calls.append(self._settle_call(reservation_id, actual, retention_us))
@@ -517,12 +531,12 @@ class RedisStore:
         return key(self._prefix, "stats", "s", model, tier)
 
     async def record_usage(self, groups: Sequence[tuple[str, str, int, Mapping[str, int]]]) -> None:
-        calls: list[tuple[list[str], list[Any]]] = []
+        calls: list[ScriptCall] = []
         for model, tier, window, fields in groups:
             args: list[Any] = [window]
             for field, increment in fields.items():
                 args += (field, increment)
-            calls.append(([self._stats_key(model, tier)], args))
+            calls.append(([self._stats_key(model, tier)], args, NOTHING))
         for reply in await self._run_many(self._stats, calls):
             if isinstance(reply, Exception):
                 self._unwrap(reply)

@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -83,6 +83,37 @@ class TlsFiles:
         if self.cert_file:
             context.load_cert_chain(self.cert_file, self.key_file)
         return context
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """Command arguments encoded once, sent as they are after a command's own arguments.
+
+    For what many commands repeat: a script's constant arguments (the limits of a policy)
+    are encoded once, not on every call.
+    """
+
+    count: int
+    data: bytes
+
+    @classmethod
+    def of(cls, args: Sequence[Any]) -> Packed:
+        if not args:
+            return NOTHING
+        packed = hiredis.pack_command(tuple(args))
+        return cls(len(args), packed[packed.index(b"\r\n") + 2 :])  # without the "*<count>" header
+
+
+NOTHING = Packed(0, b"")
+
+
+def pack(command: tuple[Any, ...], tail: Packed = NOTHING) -> bytes:
+    """The RESP encoding of `command` followed by the arguments in `tail`."""
+    packed: bytes = hiredis.pack_command(command)
+    if not tail.count:
+        return packed
+    header = b"*%d\r\n" % (len(command) + tail.count)
+    return b"".join((header, memoryview(packed)[packed.index(b"\r\n") + 2 :], tail.data))
 
 
 class Script:
@@ -165,6 +196,10 @@ class _Protocol(asyncio.Protocol):
             self._transport.abort()
 
 
+ScriptCall = tuple[list[str], list[Any], Packed]
+"""One call of a script: KEYS, then ARGV as `args` followed by the packed tail."""
+
+
 class RespClient:
     """One lazily (re)connected, auto-pipelined connection to Redis.
 
@@ -236,33 +271,34 @@ class RespClient:
             raise RedisReplyError(str(reply))
         return reply
 
-    async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA, falling back to EVAL (which also caches the script) when Redis does not know it."""
+    async def run_script(
+        self, script: Script, keys: list[str], args: list[Any], tail: Packed = NOTHING
+    ) -> Any:
+        """EVALSHA, falling back to EVAL (which also caches the script) when Redis does not know it.
+
+        The script's arguments are `args` followed by `tail`.
+        """
         protocol = await self._connection()
-        reply = await protocol.send(hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)))
+        reply = await protocol.send(pack(("EVALSHA", script.sha, len(keys), *keys, *args), tail))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await protocol.send(
-                hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
-            )
+            reply = await protocol.send(pack(("EVAL", script.source, len(keys), *keys, *args), tail))
         if isinstance(reply, hiredis.ReplyError):
             raise RedisReplyError(str(reply))
         return reply
 
-    async def run_scripts(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def run_scripts(self, script: Script, calls: Sequence[ScriptCall]) -> list[Any]:
         """Many script calls in one write; each reply, or its exception, in its place."""
         protocol = await self._connection()
         futures = [
-            protocol.send(hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)))
-            for keys, args in calls
+            protocol.send(pack(("EVALSHA", script.sha, len(keys), *keys, *args), tail))
+            for keys, args, tail in calls
         ]
         replies: list[Any] = []
-        for future, (keys, args) in zip(futures, calls, strict=True):
+        for future, (keys, args, tail) in zip(futures, calls, strict=True):
             try:
                 reply = await future
                 if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    reply = await protocol.send(
-                        hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
-                    )
+                    reply = await protocol.send(pack(("EVAL", script.source, len(keys), *keys, *args), tail))
                 replies.append(
                     RedisReplyError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
                 )
