@@ -26,9 +26,7 @@ from prometheus_client import (
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     Info,
     start_http_server,
 )
@@ -38,6 +36,7 @@ from prometheus_client.registry import Collector
 from quotad_server import __version__
 from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.errors import FailedPrecondition, InvalidRequest, NotFound, QuotadError, StoreUnavailable
+from quotad_server.fastmetrics import Counter, CounterChild, Histogram, HistogramChild
 from quotad_server.model import Cost, Decision, Limit, LimitStatus, ReserveOutcome, SettleOutcome
 from quotad_server.policy import Policy
 from quotad_server.reload import PolicyHolder
@@ -201,11 +200,13 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.policy_reloads.labels(result)  # both series exist from the start, at zero
-        # Children of the per-RPC metrics by label values: labels() takes a lock and builds a key
-        # on every call; a dict lookup is several times cheaper. Bounded like the labels themselves.
-        self._rpc: dict[tuple[str, str], Any] = {}
-        self._redis: dict[str, Any] = {}
-        self._decided: dict[tuple[str, str, str, str, str], tuple[Any, Any | None, Any | None]] = {}
+        # The series of the per-decision metrics by label values, found with one dict lookup per
+        # update. Bounded like the labels themselves.
+        self._rpc: dict[tuple[str, str], HistogramChild] = {}
+        self._redis: dict[str, HistogramChild] = {}
+        self._decided: dict[
+            tuple[str, str, str, str, str], tuple[CounterChild, CounterChild | None, CounterChild | None]
+        ] = {}
 
     def watch_policy(self, holder: PolicyHolder) -> None:
         """Export the limits of `holder.policy` (read again at each scrape)."""
