@@ -29,7 +29,7 @@ from quotad_server.reload import PolicyFile, PolicyWatcher
 from quotad_server.server import QuotadServer
 from quotad_server.settings import Settings, SettingsError
 from quotad_server.store import Store
-from quotad_server.store.embedded import EmbeddedRedis
+from quotad_server.store.embedded import EmbeddedRedis, free_port
 from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings, prepare_cache
 
@@ -143,10 +143,18 @@ def supervise(settings: Settings) -> int:
             redis_url = stack.enter_context(EmbeddedRedis()).url
             log.warning("no QUOTAD_REDIS_URL: started an embedded Valkey server shared by the workers")
         env = {**os.environ, "QUOTAD_REDIS_URL": redis_url, "QUOTAD_WORKERS": "1"}
-        workers = [
-            subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=env)
-            for _ in range(settings.workers)
-        ]
+        envs = [env] * settings.workers
+        if settings.metrics_listen:
+            # One endpoint on the configured port, here; each worker serves its own on loopback.
+            ports = [free_port() for _ in range(settings.workers)]
+            try:
+                endpoint = MetricsEndpoint.for_workers(ports, settings.metrics_listen)
+            except OSError as error:
+                log.error("cannot serve metrics", listen=settings.metrics_listen, error=str(error))
+                return EXIT_CONFIG
+            stack.callback(endpoint.close)
+            envs = [{**env, "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{port}"} for port in ports]
+        workers = [subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=e) for e in envs]
         log.info("workers started", workers=settings.workers, pids=[w.pid for w in workers])
 
         def forward(signum: int, _frame: object) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import platform
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -30,7 +31,8 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from quotad_server import __version__
@@ -435,15 +437,65 @@ class InstrumentedStore:
         await self._inner.aclose()
 
 
+class _Workers(Collector):
+    """The metrics of every worker process of `quotad serve --workers N`, read at each scrape.
+
+    Each worker serves its own metrics on a loopback port; every series is passed on with a
+    `worker` label (its index), so sums are `sum without (worker) (...)`. A worker that does
+    not answer in time is left out of that scrape, and `quotad_worker_up` says so.
+    """
+
+    def __init__(self, ports: Sequence[int], timeout_s: float) -> None:
+        self._ports = tuple(ports)
+        self._timeout_s = timeout_s
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # unchecked collector: its series are the workers'
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "quotad_worker_up",
+            "1 if the worker's metrics were read at this scrape, else 0.",
+            labels=["worker"],
+        )
+        families: dict[str, Metric] = {}
+        for index, port in enumerate(self._ports):
+            worker = str(index)
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/metrics", timeout=self._timeout_s
+                ) as reply:
+                    text = reply.read().decode()
+            except OSError:
+                up.add_metric([worker], 0)
+                continue
+            up.add_metric([worker], 1)
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                merged.samples += [s._replace(labels={**s.labels, "worker": worker}) for s in family.samples]
+        yield up
+        yield from families.values()
+
+
 class MetricsEndpoint:
     """The /metrics HTTP endpoint on its own port (a daemon thread of prometheus_client)."""
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
+    def __init__(self, metrics: Metrics | CollectorRegistry, listen: str) -> None:
+        registry = metrics.registry if isinstance(metrics, Metrics) else metrics
         host, _, port = listen.rpartition(":")
-        self._server, self._thread = start_http_server(
-            int(port), host.strip("[]") or "0.0.0.0", metrics.registry
-        )
+        self._server, self._thread = start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry)
         self.port: int = self._server.server_port
+
+    @classmethod
+    def for_workers(cls, ports: Sequence[int], listen: str, timeout_s: float = 2.0) -> MetricsEndpoint:
+        """The endpoint of `quotad serve --workers N`: every worker's metrics, from `ports`."""
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(_Workers(ports, timeout_s))
+        return cls(registry, listen)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -17,6 +17,8 @@ import pytest
 import redis
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
+from tests.metrics_scrape import scrape, value
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_POLICY = ROOT / "server" / "quotad_server" / "examples" / "policy.yaml"
 QUOTAD = [sys.executable, "-m", "quotad_server"]
@@ -184,10 +186,12 @@ def test_check_policy_offline(tmp_path: Path) -> None:
 
 def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: EmbeddedRedis) -> None:
     address = f"127.0.0.1:{free_port()}"
+    metrics_port = free_port()
     env = {
         **os.environ,
         "QUOTAD_POLICY": str(EXAMPLE_POLICY),
         "QUOTAD_LISTEN": address,
+        "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
         "QUOTAD_REDIS_URL": redis_server.url,
         "QUOTAD_LOG_FORMAT": "json",
         "QUOTAD_SHUTDOWN_GRACE_S": "2",
@@ -203,6 +207,14 @@ def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: Emb
             assert "DECISION_ALLOWED" in server.grpcurl(
                 "quotad.v1.QuotaService/CheckAndReserve", data=request
             )
+        # One metrics port for the set: every worker's series, labelled with its worker.
+        samples = scrape(metrics_port)
+        assert value(samples, "quotad_worker_up", {"worker": "0"}) == 1
+        assert value(samples, "quotad_worker_up", {"worker": "1"}) == 1
+        assert value(samples, "quotad_decisions_total", {"decision": "allowed"}) == 20  # summed over workers
+        decided = [dict(labels) for name, labels in samples if name == "quotad_decisions_total"]
+        assert decided
+        assert all(labels["worker"] in ("0", "1") for labels in decided)
     finally:
         code, stderr = server.stop()
     assert code == 0
