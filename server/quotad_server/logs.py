@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -77,7 +78,8 @@ def rpc_logger() -> RpcLogger:
 
     JSON lines are the same as structlog writes (fields, then event, level and timestamp),
     written here directly: structlog's processor chain cost as much as the rest of a
-    decision's own Python. The console format goes through structlog.
+    decision's own Python. They reach the stream at the end of the event-loop turn that
+    wrote them. The console format goes through structlog.
     """
     stream = _output.json_stream
     if stream is None:
@@ -90,8 +92,15 @@ def rpc_logger() -> RpcLogger:
 
     stamp = _UtcTimestamp()
     info, errors = _output.min_level <= logging.INFO, _output.min_level <= logging.ERROR
+    flush_scheduled = False
+
+    def flush() -> None:
+        nonlocal flush_scheduled
+        flush_scheduled = False
+        stream.flush()
 
     def as_json(error: bool, fields: dict[str, Any]) -> None:
+        nonlocal flush_scheduled
         if not (errors if error else info):
             return
         exc_info = fields.pop("exc_info", None)
@@ -102,6 +111,14 @@ def rpc_logger() -> RpcLogger:
             fields["exc_info"] = exc_info
             structlog.processors.format_exc_info(None, "", fields)
         stream.write(orjson.dumps(fields, default=repr) + b"\n")
-        stream.flush()
+        # The lines of one turn of the event loop (replies that came back together) go out in
+        # one write, at the end of that turn: one system call per turn, not one per RPC.
+        if not flush_scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(flush)
+            except RuntimeError:  # no event loop (a tool, a test): now
+                stream.flush()
+                return
+            flush_scheduled = True
 
     return as_json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -86,3 +87,42 @@ def test_console_format_goes_through_structlog(fake_stderr: _Stderr) -> None:
     text = re.sub(r"\x1b\[[0-9;]*m", "", fake_stderr.getvalue())  # without the colours
     assert "rpc" in text
     assert "method=Release" in text
+
+
+class _CountingBuffer(io.BufferedWriter):
+    """A buffered binary stream that counts what reaches the file underneath."""
+
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        super().__init__(self.file)
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+async def test_rpc_lines_of_one_loop_turn_go_out_in_one_write(fake_stderr: _Stderr) -> None:
+    buffer = _CountingBuffer()
+    fake_stderr.raw = buffer  # type: ignore[assignment]
+    logs.configure_logging("json", "info", fake_stderr)
+    log = logs.rpc_logger()
+    for i in range(5):
+        log(False, {"method": "CheckAndReserve", "code": "OK", "n": i})
+    assert buffer.file.getvalue() == b""  # still this turn: nothing written yet
+    await asyncio.sleep(0)  # the turn ends
+    assert buffer.flushes == 1
+    written = [json.loads(line) for line in buffer.file.getvalue().splitlines()]
+    assert [line["n"] for line in written] == [0, 1, 2, 3, 4]
+    log(False, {"method": "Commit", "code": "OK", "n": 5})
+    await asyncio.sleep(0)
+    assert buffer.flushes == 2
+    assert json.loads(buffer.file.getvalue().splitlines()[-1])["n"] == 5
+
+
+def test_rpc_lines_outside_an_event_loop_are_written_at_once(fake_stderr: _Stderr) -> None:
+    buffer = _CountingBuffer()
+    fake_stderr.raw = buffer  # type: ignore[assignment]
+    logs.configure_logging("json", "info", fake_stderr)
+    logs.rpc_logger()(False, {"method": "CheckAndReserve", "code": "OK"})
+    assert json.loads(buffer.file.getvalue())["method"] == "CheckAndReserve"
