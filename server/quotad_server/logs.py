@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import sys
 import time
@@ -18,13 +19,52 @@ RpcLogger = Callable[[bool, dict[str, Any]], None]
 
 
 class _Output:
-    """What configure_logging chose: the JSON stream (None: console format) and the lowest level written."""
+    """What configure_logging chose: the JSON stream (None: console format) and the lowest level written.
+
+    RPC lines wait in `pending` until the end of the event-loop turn that wrote them, then
+    go out in one write: one system call per turn, not per RPC, whatever the stream's own
+    buffering (PYTHONUNBUFFERED, which container images often set, makes every write a
+    system call). Any other log line first writes the pending ones, so lines keep their order.
+    """
 
     json_stream: BinaryIO | None = None
     min_level = logging.INFO
+    pending: list[bytes]
+    scheduled_on: asyncio.AbstractEventLoop | None = None  # the loop that will write `pending`
+
+    def __init__(self) -> None:
+        self.pending = []
+
+    def add(self, line: bytes) -> None:
+        self.pending.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a tool, a test): now
+            self.write_pending()
+            return
+        if self.scheduled_on is not loop:  # (a loop that stopped first never will)
+            loop.call_soon(self.write_pending)
+            self.scheduled_on = loop
+
+    def write_pending(self) -> None:
+        self.scheduled_on = None
+        stream = self.json_stream
+        if not self.pending or stream is None:
+            return
+        data = memoryview(b"".join(self.pending))
+        self.pending.clear()
+        while data:  # an unbuffered (raw) stream may take part of it
+            written = stream.write(data)
+            data = data[len(data) if written is None else written :]
+        stream.flush()
 
 
 _output = _Output()
+
+
+def _write_pending_rpc_lines(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+    _output.write_pending()
+    return event_dict
 
 
 class _UtcTimestamp:
@@ -51,7 +91,11 @@ def configure_logging(log_format: str, level: str, stream: TextIO | None = None)
     """Configure structlog once, from the composition root (never at import). `stream`: stderr."""
     stream = stream or sys.stderr
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
+    _output.write_pending()  # lines of a previous configuration
+    atexit.unregister(_output.write_pending)  # once: the last turn's lines, if no loop writes them
+    atexit.register(_output.write_pending)
     processors: list[structlog.typing.Processor] = [
+        _write_pending_rpc_lines,
         structlog.processors.add_log_level,
         _UtcTimestamp(),
         structlog.processors.format_exc_info,
@@ -92,15 +136,8 @@ def rpc_logger() -> RpcLogger:
 
     stamp = _UtcTimestamp()
     info, errors = _output.min_level <= logging.INFO, _output.min_level <= logging.ERROR
-    flush_scheduled = False
-
-    def flush() -> None:
-        nonlocal flush_scheduled
-        flush_scheduled = False
-        stream.flush()
 
     def as_json(error: bool, fields: dict[str, Any]) -> None:
-        nonlocal flush_scheduled
         if not (errors if error else info):
             return
         exc_info = fields.pop("exc_info", None)
@@ -110,15 +147,6 @@ def rpc_logger() -> RpcLogger:
         if exc_info is not None:  # last, as in the structlog chain
             fields["exc_info"] = exc_info
             structlog.processors.format_exc_info(None, "", fields)
-        stream.write(orjson.dumps(fields, default=repr) + b"\n")
-        # The lines of one turn of the event loop (replies that came back together) go out in
-        # one write, at the end of that turn: one system call per turn, not one per RPC.
-        if not flush_scheduled:
-            try:
-                asyncio.get_running_loop().call_soon(flush)
-            except RuntimeError:  # no event loop (a tool, a test): now
-                stream.flush()
-                return
-            flush_scheduled = True
+        _output.add(orjson.dumps(fields, default=repr) + b"\n")
 
     return as_json

@@ -89,40 +89,60 @@ def test_console_format_goes_through_structlog(fake_stderr: _Stderr) -> None:
     assert "method=Release" in text
 
 
-class _CountingBuffer(io.BufferedWriter):
-    """A buffered binary stream that counts what reaches the file underneath."""
+class _RawStream(io.RawIOBase):
+    """An unbuffered stream, as stderr is under PYTHONUNBUFFERED: every write is one system call.
 
-    def __init__(self) -> None:
-        self.file = io.BytesIO()
-        super().__init__(self.file)
-        self.flushes = 0
+    It takes at most `chunk` bytes per write, as a pipe may."""
 
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
+    def __init__(self, chunk: int = 1 << 20) -> None:
+        self.data = bytearray()
+        self.writes = 0
+        self.chunk = chunk
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        taken = bytes(data[: self.chunk])
+        self.data += taken
+        self.writes += 1
+        return len(taken)
+
+
+def _written(raw: _RawStream) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in raw.data.splitlines()]
 
 
 async def test_rpc_lines_of_one_loop_turn_go_out_in_one_write(fake_stderr: _Stderr) -> None:
-    buffer = _CountingBuffer()
-    fake_stderr.raw = buffer  # type: ignore[assignment]
+    raw = _RawStream()
+    fake_stderr.raw = raw  # type: ignore[assignment]
     logs.configure_logging("json", "info", fake_stderr)
     log = logs.rpc_logger()
     for i in range(5):
         log(False, {"method": "CheckAndReserve", "code": "OK", "n": i})
-    assert buffer.file.getvalue() == b""  # still this turn: nothing written yet
+    assert raw.writes == 0  # still this turn
     await asyncio.sleep(0)  # the turn ends
-    assert buffer.flushes == 1
-    written = [json.loads(line) for line in buffer.file.getvalue().splitlines()]
-    assert [line["n"] for line in written] == [0, 1, 2, 3, 4]
+    assert raw.writes == 1
+    assert [line["n"] for line in _written(raw)] == [0, 1, 2, 3, 4]
     log(False, {"method": "Commit", "code": "OK", "n": 5})
+    structlog.get_logger("quotad").warning("meanwhile")  # any other line keeps the order
+    assert [line.get("n", line["event"]) for line in _written(raw)] == [0, 1, 2, 3, 4, 5, "meanwhile"]
+
+
+async def test_a_stream_that_takes_part_of_a_write_gets_the_rest(fake_stderr: _Stderr) -> None:
+    raw = _RawStream(chunk=7)
+    fake_stderr.raw = raw  # type: ignore[assignment]
+    logs.configure_logging("json", "info", fake_stderr)
+    log = logs.rpc_logger()
+    for i in range(3):
+        log(False, {"method": "CheckAndReserve", "code": "OK", "n": i})
     await asyncio.sleep(0)
-    assert buffer.flushes == 2
-    assert json.loads(buffer.file.getvalue().splitlines()[-1])["n"] == 5
+    assert [line["n"] for line in _written(raw)] == [0, 1, 2]
 
 
 def test_rpc_lines_outside_an_event_loop_are_written_at_once(fake_stderr: _Stderr) -> None:
-    buffer = _CountingBuffer()
-    fake_stderr.raw = buffer  # type: ignore[assignment]
+    raw = _RawStream()
+    fake_stderr.raw = raw  # type: ignore[assignment]
     logs.configure_logging("json", "info", fake_stderr)
     logs.rpc_logger()(False, {"method": "CheckAndReserve", "code": "OK"})
-    assert json.loads(buffer.file.getvalue())["method"] == "CheckAndReserve"
+    assert _written(raw)[0]["method"] == "CheckAndReserve"
