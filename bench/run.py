@@ -3,7 +3,8 @@
     python bench/run.py                      # the full run (make bench): 3 runs, medians with min-max
     python bench/run.py --smoke              # seconds, one pass: the harness still works (make test)
 
-Starts a real Valkey, quotad (`quotad serve --workers N`) and the no-op grpc.aio
+Starts a real Valkey, quotad (`quotad serve --workers N`, configured as the Helm
+chart runs it: JSON logs, one line per RPC, and Prometheus metrics on) and the no-op grpc.aio
 server (bench/noop_server.py, answering with the very response bytes quotad
 gave), and drives each with the same Go load generator (bench/loadgen) at the
 same concurrency, message sizes and connections. For scenario 1 it also drives
@@ -410,6 +411,7 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
             "QUOTAD_LISTEN": quotad_address,
             "QUOTAD_REDIS_URL": valkey.url,
             "QUOTAD_LOG_FORMAT": "json",
+            "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{free_port()}",  # on, as the Helm chart deploys it
         }
         quotad_cmd = [sys.executable, "-m", "quotad_server", "serve", "--workers", str(workers)]
         with process(quotad_cmd, env) as quotad:
