@@ -16,19 +16,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _run(script: str, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run a bench/ script as a user would; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     if not (ROOT / ".tools" / "bin" / "quotad-loadgen").exists():
         pytest.fail("the load generator is not built: `make bench-tools`")
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run("run.py", "--smoke", "--out", str(out), timeout_s=300)
     assert "decisions/s" in result.stdout
     assert "redis ceiling" in result.stdout
     report = json.loads(out.read_text())
@@ -47,14 +53,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
 def test_memory_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "memory.py"), "--reservations", "2000", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run("memory.py", "--reservations", "2000", "--out", str(out), timeout_s=120)
     assert "a settled record" in result.stdout
     report = json.loads(out.read_text())
     # Real bytes from Redis's own accounting, each part of a reservation counted.
