@@ -12,6 +12,10 @@ decision core nor the store imports prometheus_client:
 
 Labels are bounded by the policy, never by callers: no subject or tenant label,
 and a model outside the policy's `models` list is counted as "other".
+
+Counters and histograms are quotad's own lock-free ones (fastmetrics), updated by
+the event loop alone. With `--workers N`, the supervising process serves the port:
+`MetricsEndpoint.for_workers` reads every worker's metrics at each scrape.
 """
 
 from __future__ import annotations
