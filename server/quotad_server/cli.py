@@ -73,6 +73,13 @@ async def serve(settings: Settings) -> int:
         stack.push_async_callback(store.aclose)
         try:
             await store.start()
+            eviction = await store.eviction_policy()
+            if eviction not in (None, "noeviction"):
+                log.warning(
+                    "redis may evict quotad's counters when memory runs short, and an evicted counter"
+                    " admits what it should deny: set maxmemory-policy noeviction",
+                    maxmemory_policy=eviction,
+                )
         except StoreUnavailable as error:
             log.error(
                 "redis is not reachable at start; health stays NOT_SERVING until it is", error=str(error)

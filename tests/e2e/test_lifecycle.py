@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from quotad.v1 import quota_pb2 as pb
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
@@ -247,3 +248,26 @@ def test_a_metrics_port_in_use_is_a_configuration_error(policy_path: Path, own_r
         )
     assert result.returncode == 2
     assert "cannot serve metrics" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "warned"), [("allkeys-lru", True), ("volatile-ttl", True), ("noeviction", False)]
+)
+async def test_a_redis_that_may_evict_is_called_out_at_start(
+    tmp_path: Path, own_redis: EmbeddedRedis, policy_path: Path, policy: str, warned: bool
+) -> None:
+    """Every quotad key has a TTL, so any eviction policy may drop live counters: say so at start."""
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.config_set("maxmemory-policy", policy)
+    admin.close()
+    quotad = Process(tmp_path, own_redis.url, policy_path)
+    try:
+        await quotad.wait_serving()
+    finally:
+        await quotad.close()
+    warnings = [line for line in quotad.lines() if "maxmemory_policy" in line]
+    assert bool(warnings) is warned
+    if warned:
+        assert warnings[0]["maxmemory_policy"] == policy
+        assert warnings[0]["level"] == "warning"
+        assert "noeviction" in warnings[0]["event"]

@@ -359,6 +359,19 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call(self._client.call("PING"))
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy, from INFO (which managed services allow where CONFIG is not).
+
+        Anything but noeviction may drop live counters under memory pressure, every key of
+        quotad having a TTL. None if the server does not say.
+        """
+        info: bytes = await self._call(self._client.call("INFO", "memory"))
+        for line in info.decode(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name == "maxmemory_policy":
+                return value.strip()
+        return None
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
