@@ -61,3 +61,8 @@ def test_memory_bench_smoke(tmp_path: Path) -> None:
         0 < report["per_settled_record"] < report["per_settled_reservation"] < report["per_open_reservation"]
     )
     assert report["per_subject"] > 0
+
+
+def test_inprocess_bench_smoke() -> None:
+    result = _run("inprocess.py", "--decisions", "2000", "--runs", "1", "--metrics", timeout_s=120)
+    assert "CPU per decision" in result.stdout
