@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
@@ -59,3 +60,23 @@ async def test_not_serving_until_the_encodings_are_loaded(redis_server: Embedded
     finally:
         await server.stop(0)
         await store.aclose()
+
+
+async def test_eviction_policy_is_read_and_never_in_the_way(redis_server: EmbeddedRedis) -> None:
+    """The start-up eviction check reads INFO; a user whose ACL denies INFO gets no answer, not an error."""
+    admin = aioredis.Redis.from_url(redis_server.url)
+    store = RedisStore.from_url(redis_server.url, timeout_s=1)
+    denied_url = redis_server.url.replace("redis://", "redis://no-info:secret@")
+    denied = RedisStore.from_url(denied_url, timeout_s=1)
+    try:
+        assert await store.eviction_policy() == "noeviction"  # Valkey's default
+        await admin.acl_setuser(
+            "no-info", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-info"]
+        )
+        await denied.start()  # an ordinary user otherwise
+        assert await denied.eviction_policy() is None
+    finally:
+        await admin.acl_deluser("no-info")
+        await admin.aclose()
+        await store.aclose()
+        await denied.aclose()

@@ -363,9 +363,13 @@ class RedisStore:
         """Redis's maxmemory-policy, from INFO (which managed services allow where CONFIG is not).
 
         Anything but noeviction may drop live counters under memory pressure, every key of
-        quotad having a TTL. None if the server does not say.
+        quotad having a TTL. None if the server does not say: a proxy without INFO, a user
+        whose ACL denies it, or no answer. Only advice hangs on it, never a decision.
         """
-        info: bytes = await self._call(self._client.call("INFO", "memory"))
+        try:
+            info: bytes = await self._call(self._client.call("INFO", "memory"))
+        except (StoreUnavailable, RedisReplyError):
+            return None
         for line in info.decode(errors="replace").splitlines():
             name, _, value = line.partition(":")
             if name == "maxmemory_policy":
