@@ -180,6 +180,35 @@ def _item_error(error: QuotadError) -> pb.Error:
     )
 
 
+def _commit_args(request: pb.CommitRequest) -> tuple[str, int, int, int]:
+    """QuotaCore.commit's arguments: reservation id, input, output and cached input tokens."""
+    return request.reservation_id, request.input_tokens, request.output_tokens, request.cached_input_tokens
+
+
+def _put_reserve_result(
+    into: pb.CheckAndReserveResult, outcome: ReserveOutcome | QuotadError, tally: dict[str, Any]
+) -> None:
+    """One batch or stream item's answer, counted in `tally` (allowed, denied, errors)."""
+    if isinstance(outcome, QuotadError):
+        tally["errors"] += 1
+        into.error.CopyFrom(_item_error(outcome))
+        return
+    tally["allowed" if outcome.decision is Decision.ALLOWED else "denied"] += 1
+    _fill_reserve_response(into.response, outcome, {})
+
+
+def _put_commit_result(
+    into: pb.CommitResult, outcome: SettleOutcome | QuotadError, tally: dict[str, Any]
+) -> None:
+    """One batch or stream item's answer, counted in `tally` (committed, errors)."""
+    if isinstance(outcome, QuotadError):
+        tally["errors"] += 1
+        into.error.CopyFrom(_item_error(outcome))
+        return
+    tally["committed"] += 1
+    into.response.CopyFrom(_commit_response(outcome))
+
+
 def _micros(duration: duration_pb2.Duration) -> int:
     return duration.seconds * 1_000_000 + duration.nanos // 1000
 
@@ -337,9 +366,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         return response
 
     async def _commit(self, request: pb.CommitRequest, fields: dict[str, Any]) -> pb.CommitResponse:
-        outcome = await self._core.commit(
-            request.reservation_id, request.input_tokens, request.output_tokens, request.cached_input_tokens
-        )
+        outcome = await self._core.commit(*_commit_args(request))
         fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
         return _commit_response(outcome)
 
@@ -347,21 +374,23 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         self, request: pb.CheckAndReserveRequest, tally: dict[str, Any]
     ) -> pb.CheckAndReserveResult:
         try:
-            response = await self._reserve(request, {})
+            outcome: ReserveOutcome | QuotadError = await self._core.check_and_reserve(
+                _reserve_request(request)
+            )
         except QuotadError as error:
-            tally["errors"] += 1
-            return pb.CheckAndReserveResult(error=_item_error(error))
-        tally["allowed" if response.decision == pb.DECISION_ALLOWED else "denied"] += 1
-        return pb.CheckAndReserveResult(response=response)
+            outcome = error
+        result = pb.CheckAndReserveResult()
+        _put_reserve_result(result, outcome, tally)
+        return result
 
     async def _commit_result(self, request: pb.CommitRequest, tally: dict[str, Any]) -> pb.CommitResult:
         try:
-            response = await self._commit(request, {})
+            outcome: SettleOutcome | QuotadError = await self._core.commit(*_commit_args(request))
         except QuotadError as error:
-            tally["errors"] += 1
-            return pb.CommitResult(error=_item_error(error))
-        tally["committed"] += 1
-        return pb.CommitResult(response=response)
+            outcome = error
+        result = pb.CommitResult()
+        _put_commit_result(result, outcome, tally)
+        return result
 
     @staticmethod
     def _check_batch_size(count: int) -> None:
@@ -449,13 +478,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             )
             response = pb.CheckAndReserveBatchResponse()
             for outcome in outcomes:
-                result = response.results.add()
-                if isinstance(outcome, QuotadError):
-                    fields["errors"] += 1
-                    result.error.CopyFrom(_item_error(outcome))
-                else:
-                    fields["allowed" if outcome.decision is Decision.ALLOWED else "denied"] += 1
-                    _fill_reserve_response(result.response, outcome, {})
+                _put_reserve_result(response.results.add(), outcome, fields)
             return response
 
         return await self._handle("CheckAndReserveBatch", context, fields, call())
@@ -467,21 +490,10 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
 
         async def call() -> pb.CommitBatchResponse:
             self._check_batch_size(len(request.requests))
-            outcomes = await self._core.commit_many(
-                [
-                    (r.reservation_id, r.input_tokens, r.output_tokens, r.cached_input_tokens)
-                    for r in request.requests
-                ]
-            )
+            outcomes = await self._core.commit_many([_commit_args(r) for r in request.requests])
             response = pb.CommitBatchResponse()
             for outcome in outcomes:
-                result = response.results.add()
-                if isinstance(outcome, QuotadError):
-                    fields["errors"] += 1
-                    result.error.CopyFrom(_item_error(outcome))
-                else:
-                    fields["committed"] += 1
-                    result.response.CopyFrom(_commit_response(outcome))
+                _put_commit_result(response.results.add(), outcome, fields)
             return response
 
         return await self._handle("CommitBatch", context, fields, call())

@@ -55,7 +55,9 @@ class _Output:
         self.pending.clear()
         while data:  # an unbuffered (raw) stream may take part of it
             written = stream.write(data)
-            data = data[len(data) if written is None else written :]
+            if written is None:  # a non-blocking stream that is full: drop the lines, never spin
+                break
+            data = data[written:]
         stream.flush()
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import platform
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -372,37 +372,20 @@ class InstrumentedStore:
             error = None
         self._metrics.store_call(operation, time.perf_counter() - started, error)
 
-    async def reserve(self, plan: ReservePlan) -> ReserveResult:
-        started = time.perf_counter()
-        try:
-            result = await self._inner.reserve(plan)
-        except Exception as error:
-            self._done("reserve", started, error)
-            raise
-        self._done("reserve", started, None)
-        return result
+    # Each timed call returns `_timed`'s coroutine itself: one coroutine per call, not two.
 
-    async def peek(
+    def reserve(self, plan: ReservePlan) -> Coroutine[Any, Any, ReserveResult]:
+        return self._timed("reserve", self._inner.reserve(plan))
+
+    def peek(
         self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
-    ) -> tuple[LimitStatus, ...]:
-        started = time.perf_counter()
-        try:
-            result = await self._inner.peek(partition, tenant, subject, limits)
-        except Exception as error:
-            self._done("peek", started, error)
-            raise
-        self._done("peek", started, None)
-        return result
+    ) -> Coroutine[Any, Any, tuple[LimitStatus, ...]]:
+        return self._timed("peek", self._inner.peek(partition, tenant, subject, limits))
 
-    async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
-        started = time.perf_counter()
-        try:
-            result = await self._inner.settle(reservation_id, actual, retention_us)
-        except Exception as error:
-            self._done("settle", started, error)
-            raise
-        self._done("settle", started, None)
-        return result
+    def settle(
+        self, reservation_id: str, actual: Cost | None, retention_us: int
+    ) -> Coroutine[Any, Any, SettleOutcome]:
+        return self._timed("settle", self._inner.settle(reservation_id, actual, retention_us))
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -414,28 +397,32 @@ class InstrumentedStore:
         self._done(operation, started, None)
         return result
 
-    async def reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
-        return await self._timed("reserve_many", self._inner.reserve_many(plans))
+    def reserve_many(
+        self, plans: Sequence[ReservePlan]
+    ) -> Coroutine[Any, Any, list[ReserveResult | QuotadError]]:
+        return self._timed("reserve_many", self._inner.reserve_many(plans))
 
-    async def commit_many(
+    def commit_many(
         self, commits: Sequence[tuple[str, Cost]], retention_us: int
-    ) -> list[SettleOutcome | QuotadError]:
-        return await self._timed("commit_many", self._inner.commit_many(commits, retention_us))
+    ) -> Coroutine[Any, Any, list[SettleOutcome | QuotadError]]:
+        return self._timed("commit_many", self._inner.commit_many(commits, retention_us))
 
-    async def record_usage(self, groups: Sequence[tuple[str, str, int, Mapping[str, int]]]) -> None:
-        await self._timed("record_usage", self._inner.record_usage(groups))
+    def record_usage(
+        self, groups: Sequence[tuple[str, str, int, Mapping[str, int]]]
+    ) -> Coroutine[Any, Any, None]:
+        return self._timed("record_usage", self._inner.record_usage(groups))
 
-    async def read_usage_stats(self, model: str, tier: str) -> dict[str, int]:
-        return await self._timed("read_usage_stats", self._inner.read_usage_stats(model, tier))
+    def read_usage_stats(self, model: str, tier: str) -> Coroutine[Any, Any, dict[str, int]]:
+        return self._timed("read_usage_stats", self._inner.read_usage_stats(model, tier))
 
-    async def leave_line(self, partition: str, ticket: str) -> None:
-        await self._timed("leave_line", self._inner.leave_line(partition, ticket))
+    def leave_line(self, partition: str, ticket: str) -> Coroutine[Any, Any, None]:
+        return self._timed("leave_line", self._inner.leave_line(partition, ticket))
 
     async def watch_wakeups(self, wake: Callable[[str], None]) -> None:
         await self._inner.watch_wakeups(wake)
 
-    async def ping(self) -> None:
-        await self._timed("ping", self._inner.ping())
+    def ping(self) -> Coroutine[Any, Any, None]:
+        return self._timed("ping", self._inner.ping())
 
     async def aclose(self) -> None:
         await self._inner.aclose()

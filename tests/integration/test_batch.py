@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import redis.asyncio as aioredis
 from quotad.v1 import quota_pb2 as pb
 
 from tests.conftest import RPC_TIMEOUT_S, ManualClock, QuotadFactory, rpc_error
@@ -144,3 +145,21 @@ async def test_concurrent_batches_never_over_admit(quotad: QuotadFactory) -> Non
             if result.response.decision == pb.DECISION_ALLOWED
         )
         assert 1000 - 19 <= admitted <= 1000
+
+
+async def test_scripts_flushed_from_redis_are_sent_again(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    """A restarted or failed-over Redis has no scripts (NOSCRIPT): the call goes again as EVAL, once."""
+    async with quotad(POLICY, clock=ManualClock()) as q:
+        await redis_client.script_flush()
+        assert (await q.reserve(subject="alice", input_tokens=100)).decision == pb.DECISION_ALLOWED
+        await redis_client.script_flush()
+        batch = pb.CheckAndReserveBatchRequest(requests=[reserve("alice", 100), reserve("bob", 100)])
+        response = await q.stub.CheckAndReserveBatch(batch, timeout=RPC_TIMEOUT_S)
+        assert [r.response.decision for r in response.results] == [pb.DECISION_ALLOWED] * 2
+        await redis_client.script_flush()
+        commit = await q.commit(response.results[1].response.reservation_id, input_tokens=50, output_tokens=0)
+        assert commit.committed.input_tokens == 50
+        assert await q.usage(subject="alice") == {"tokens": 800}  # each reserve counted once
+        assert await q.usage(subject="bob") == {"tokens": 950}

@@ -271,19 +271,24 @@ class RespClient:
             raise RedisReplyError(str(reply))
         return reply
 
+    @staticmethod
+    async def _after_error(protocol: _Protocol, script: Script, call: ScriptCall, error: Any) -> Any:
+        """An EVALSHA's error reply: NOSCRIPT runs EVAL (which also caches the script) instead."""
+        if str(error).startswith("NOSCRIPT"):
+            keys, args, tail = call
+            return await protocol.send(pack(("EVAL", script.source, len(keys), *keys, *args), tail))
+        return error
+
     async def run_script(
         self, script: Script, keys: list[str], args: list[Any], tail: Packed = NOTHING
     ) -> Any:
-        """EVALSHA, falling back to EVAL (which also caches the script) when Redis does not know it.
-
-        The script's arguments are `args` followed by `tail`.
-        """
+        """Run a script by SHA; its arguments are `args` followed by `tail`."""
         protocol = await self._connection()
         reply = await protocol.send(pack(("EVALSHA", script.sha, len(keys), *keys, *args), tail))
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await protocol.send(pack(("EVAL", script.source, len(keys), *keys, *args), tail))
         if isinstance(reply, hiredis.ReplyError):
-            raise RedisReplyError(str(reply))
+            reply = await self._after_error(protocol, script, (keys, args, tail), reply)
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisReplyError(str(reply))
         return reply
 
     async def run_scripts(self, script: Script, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -294,11 +299,11 @@ class RespClient:
             for keys, args, tail in calls
         ]
         replies: list[Any] = []
-        for future, (keys, args, tail) in zip(futures, calls, strict=True):
+        for future, call in zip(futures, calls, strict=True):
             try:
                 reply = await future
-                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    reply = await protocol.send(pack(("EVAL", script.source, len(keys), *keys, *args), tail))
+                if isinstance(reply, hiredis.ReplyError):
+                    reply = await self._after_error(protocol, script, call, reply)
                 replies.append(
                     RedisReplyError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
                 )
@@ -319,9 +324,7 @@ class RespClient:
     async def aclose(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._protocol is not None:
-            self._protocol.abort()
-            self._protocol = None
+        self.drop_connection(ConnectionError("the Redis client was closed"))
 
     async def subscribe(self, channel: str, on_message: Callable[[bytes], None]) -> None:
         """Deliver every message published on `channel`, on a connection of its own, until cancelled.
