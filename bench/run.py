@@ -8,9 +8,11 @@ chart runs it: JSON logs, one line per RPC, and Prometheus metrics on) and the n
 server (bench/noop_server.py, answering with the very response bytes quotad
 gave), and drives each with the same Go load generator (bench/loadgen) at the
 same concurrency, message sizes and connections. For scenario 1 it also drives
-the floor of any Redis-backed decision: the no-op server awaiting one Redis
-PING per call, through quotad's own Redis client. It also measures the raw Redis
-cost of quotad's own decision script: real EVALSHAs replayed with redis-cli --pipe.
+two floors: the no-op server awaiting one Redis PING per call, through quotad's
+own Redis client (the floor of any Redis-backed decision), and the no-op server
+awaiting quotad's own reserve script per call (the floor of quotad's decision
+with none of quotad's Python). It also measures the raw Redis cost of quotad's
+own decision script: real EVALSHAs replayed with redis-cli --pipe.
 
 Scenarios:
   reserve         CheckAndReserve, numeric tokens, 4 limits, 100,000 distinct subjects
@@ -422,11 +424,16 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
             floor_address = f"127.0.0.1:{free_port()}"
             noop_cmd = noop_server(noop_address, responses, workers)
             floor_cmd = noop_server(floor_address, responses, workers, "--redis-ping", valkey.url)
-            with process(noop_cmd) as noop, process(floor_cmd) as floor:
-                wait_listening(noop_address)
-                wait_listening(floor_address)
+            script_address = f"127.0.0.1:{free_port()}"
+            script_cmd = noop_server(script_address, responses, workers, "--redis-script", valkey.url)
+            with process(noop_cmd) as noop, process(floor_cmd) as floor, process(script_cmd) as script:
+                for address in (noop_address, floor_address, script_address):
+                    wait_listening(address, timeout_s=120)  # the script floor builds its commands first
                 quotad_pids, noop_pids = descendants(quotad.pid), descendants(noop.pid)
-                floor_pids = descendants(floor.pid)
+                floors = {
+                    "floor": (floor_address, descendants(floor.pid)),
+                    "script_floor": (script_address, descendants(script.pid)),
+                }
                 for scenario in [s for s in SCENARIOS if s.name in args.scenarios]:
                     for concurrency in args.concurrency:
                         client.flushall()
@@ -448,11 +455,11 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
                             f"  {scenario.name:15} workers={workers} c={concurrency:<3} "
                             f"quotad {ours['decisions_per_s']:>9.0f}/s  noop {ceiling['decisions_per_s']:>9.0f}/s"
                         )
-                        if scenario.name == "reserve":  # the floor of any Redis-backed decision
-                            row["floor"] = measure(
-                                floor_address, floor_pids, client, **point, duration_s=args.duration
-                            )
-                            line += f"  floor {row['floor']['decisions_per_s']:>9.0f}/s"
+                        if scenario.name == "reserve":  # the floors of a Redis-backed decision
+                            for name, (address, pids) in floors.items():
+                                client.flushall()
+                                row[name] = measure(address, pids, client, **point, duration_s=args.duration)
+                                line += f"  {name} {row[name]['decisions_per_s']:>9.0f}/s"
                         rows.append(row)
                         print(line, file=sys.stderr)
     return rows
@@ -508,16 +515,29 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                 "ratio_to_noop_unary": ratio_unary,
             }
         )
-        if "floor" in row:
-            summary[-1].update(
-                floor_decisions_per_s=figure("floor", "decisions_per_s"),
-                floor_ratio_to_noop=spread(
-                    [r["floor"]["decisions_per_s"] / max(1.0, r["noop"]["decisions_per_s"]) for r in same]
-                ),
-                ratio_to_floor=spread(
-                    [r["quotad"]["decisions_per_s"] / max(1.0, r["floor"]["decisions_per_s"]) for r in same]
-                ),
-            )
+        for name in ("floor", "script_floor"):
+            if name in row:
+                summary[-1].update(
+                    {
+                        f"{name}_decisions_per_s": figure(name, "decisions_per_s"),
+                        f"{name}_p99_us": figure(name, "latency_p99_us"),
+                        f"{name}_redis_cpu_cores": figure(name, "redis_cpu_cores"),
+                        f"{name}_scripts_per_decision": figure(name, "redis_scripts_per_decision"),
+                        f"{name}_rpc_errors": sum(sum(r[name]["rpc_errors"].values()) for r in same),
+                        f"{name}_ratio_to_noop": spread(
+                            [
+                                r[name]["decisions_per_s"] / max(1.0, r["noop"]["decisions_per_s"])
+                                for r in same
+                            ]
+                        ),
+                        f"ratio_to_{name}": spread(
+                            [
+                                r["quotad"]["decisions_per_s"] / max(1.0, r[name]["decisions_per_s"])
+                                for r in same
+                            ]
+                        ),
+                    }
+                )
     return summary
 
 
@@ -570,13 +590,18 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    floors = {
+        "floor": "no-op + one Redis PING per call",
+        "script_floor": "no-op + quotad's reserve script per call",
+    }
     for s in summary:
-        if "floor_decisions_per_s" in s:
-            print(
-                f"floor, {s['scenario']} w={s['workers']} c={s['concurrency']}: no-op + one Redis PING per call "
-                f"{fmt(s['floor_decisions_per_s'])}/s = {fmt(s['floor_ratio_to_noop'], digits=2)} x no-op; "
-                f"quotad = {fmt(s['ratio_to_floor'], digits=2)} x floor"
-            )
+        for name, label in floors.items():
+            if f"{name}_decisions_per_s" in s:
+                print(
+                    f"{name}, {s['scenario']} w={s['workers']} c={s['concurrency']}: {label} "
+                    f"{fmt(s[f'{name}_decisions_per_s'])}/s = {fmt(s[f'{name}_ratio_to_noop'], digits=2)} x no-op,"
+                    f" p99 {fmt(s[f'{name}_p99_us'], 1e-3, 2)} ms; quotad = {fmt(s[f'ratio_to_{name}'], digits=2)} x"
+                )
     valid = [c for c in redis_ceiling if "scripts_per_s" in c]
     for tier, subjects, label in REDIS_CEILINGS:
         of_tier = [c for c in valid if c.get("tier") == tier and c.get("subjects") == subjects]

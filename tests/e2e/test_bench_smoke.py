@@ -47,6 +47,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert row["item_errors"] == 0, row["scenario"]
     reserve = next(row for row in report["summary"] if row["scenario"] == "reserve")
     assert reserve["floor_decisions_per_s"]["median"] > 0  # no-op + one Redis PING per call
+    # no-op + quotad's own reserve script per call: every call ran the script, and cleanly
+    assert reserve["script_floor_decisions_per_s"]["median"] > 0
+    assert reserve["script_floor_rpc_errors"] == 0
+    assert 0.95 < reserve["script_floor_scripts_per_decision"]["median"] < 1.2
     hot = next(row for row in report["summary"] if row["scenario"] == "hot-subject")
     assert hot["allowed_share"]["median"] < 0.5  # one subject at its limit: mostly denials
 
