@@ -22,7 +22,8 @@ Scenarios:
   batch16         CheckAndReserveBatch, 16 decisions per RPC
   stream          CheckAndReserveStream, one request in flight per stream
 
-Prints one table and writes the same as JSON (default bench/results/latest.json).
+Prints one table and writes the same as JSON (default bench/results/latest.json), with
+the commit measured; bench/compare.py compares two such files.
 """
 
 from __future__ import annotations
@@ -617,6 +618,22 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
         print(f"redis ceiling: {redis_ceiling[0].get('skipped')}")
 
 
+def commit() -> str:
+    """The commit measured, '-dirty' when the checkout has changes (bench/compare.py shows it)."""
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([git, *command], cwd=ROOT, capture_output=True, text=True, check=False)
+
+    head = run("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    status = run("status", "--porcelain")
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -660,6 +677,7 @@ def main() -> None:
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "commit": commit(),
                 "machine": machine,
                 "runs": args.runs,
                 "duration_s": args.duration,

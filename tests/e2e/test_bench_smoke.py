@@ -70,3 +70,45 @@ def test_memory_bench_smoke(tmp_path: Path) -> None:
 def test_inprocess_bench_smoke() -> None:
     result = _run("inprocess.py", "--decisions", "2000", "--runs", "1", "--metrics", timeout_s=120)
     assert "CPU per decision" in result.stdout
+
+
+def _report(runs: int, ratio: tuple[float, float, float], redis_us: list[float]) -> dict[str, object]:
+    median, low, high = ratio
+    row = {
+        "scenario": "reserve",
+        "workers": 1,
+        "concurrency": 8,
+        "ratio_to_noop_same_scenario": {"median": median, "min": low, "max": high},
+        "p99_us": {"median": 5000.0, "min": 4000.0, "max": 6000.0},
+        "noop_p99_us": {"median": 4000.0, "min": 4000.0, "max": 4000.0},
+    }
+    ceilings = [{"tier": "standard", "subjects": 100_000, "redis_us_per_script": us} for us in redis_us]
+    return {
+        "commit": "abc1234",
+        "date": "2026-11-27",
+        "runs": runs,
+        "summary": [row],
+        "redis_ceiling": ceilings,
+    }
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "verdicts"),
+    [
+        # ranges apart: the ratio rose and Redis got cheaper
+        (_report(3, (0.5, 0.45, 0.55), [50, 48, 52]), _report(3, (0.7, 0.65, 0.75), [30, 29, 31]), 2),
+        # overlapping ranges: within the noise, no verdict
+        (_report(3, (0.5, 0.45, 0.6), [50, 48, 52]), _report(3, (0.58, 0.55, 0.65), [49, 45, 51]), 0),
+        # one pass has no range: no verdict however far apart
+        (_report(1, (0.5, 0.5, 0.5), [50]), _report(3, (0.7, 0.65, 0.75), [30, 29, 31]), 0),
+    ],
+)
+def test_compare(tmp_path: Path, old: dict[str, object], new: dict[str, object], verdicts: int) -> None:
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    result = _run("compare.py", str(tmp_path / "old.json"), str(tmp_path / "new.json"), timeout_s=60)
+    lines = result.stdout.splitlines()
+    assert any("x no-op" in line and "0.50" in line for line in lines)
+    assert any("redis us/script" in line for line in lines)
+    assert sum(line.rstrip().endswith("better") for line in lines) == verdicts
+    assert not any(line.rstrip().endswith("worse") for line in lines)
