@@ -67,6 +67,15 @@ def test_memory_bench_smoke(tmp_path: Path) -> None:
     assert report["per_subject"] > 0
 
 
+def test_redis_calls_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    result = _run("redis_calls.py", "--scripts", "5", "--runs", "1", "--out", str(out), timeout_s=120)
+    assert "TIME" in result.stdout
+    figures = json.loads(out.read_text())["us_per_call"]
+    assert len(figures) == 8
+    assert all(f["median"] > 0 for f in figures.values())  # each call costs more than the empty loop
+
+
 def test_inprocess_bench_smoke() -> None:
     result = _run("inprocess.py", "--decisions", "2000", "--runs", "1", "--metrics", timeout_s=120)
     assert "CPU per decision" in result.stdout
