@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import AsyncExitStack, ExitStack
@@ -29,7 +30,7 @@ from quotad_server.reload import PolicyFile, PolicyWatcher
 from quotad_server.server import QuotadServer
 from quotad_server.settings import Settings, SettingsError
 from quotad_server.store import Store
-from quotad_server.store.embedded import EmbeddedRedis, free_port
+from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings, prepare_cache
 
@@ -47,6 +48,12 @@ def redis_connection_options(settings: Settings) -> dict[str, Any]:
         options["ssl_certfile"] = settings.redis_tls_cert_file
         options["ssl_keyfile"] = settings.redis_tls_key_file
     return options
+
+
+def open_metrics(metrics: Metrics, settings: Settings) -> MetricsEndpoint:
+    if settings.metrics_fd >= 0:  # a worker of `serve --workers N`: its supervisor bound the socket
+        return MetricsEndpoint.on_inherited(metrics, settings.metrics_fd)
+    return MetricsEndpoint(metrics, settings.metrics_listen)
 
 
 async def serve(settings: Settings) -> int:
@@ -93,7 +100,7 @@ async def serve(settings: Settings) -> int:
             metrics.watch_policy(core)
             metrics.policy_loaded(policy_file.digest)
             try:
-                endpoint = MetricsEndpoint(metrics, settings.metrics_listen)
+                endpoint = open_metrics(metrics, settings)
             except OSError as error:
                 log.error("cannot serve metrics", listen=settings.metrics_listen, error=str(error))
                 return EXIT_CONFIG
@@ -151,18 +158,44 @@ def supervise(settings: Settings) -> int:
             log.warning("no QUOTAD_REDIS_URL: started an embedded Valkey server shared by the workers")
         env = {**os.environ, "QUOTAD_REDIS_URL": redis_url, "QUOTAD_WORKERS": "1"}
         envs = [env] * settings.workers
+        listeners: list[socket.socket] = []
         if settings.metrics_listen:
-            # One endpoint on the configured port, here; each worker serves its own on loopback.
-            ports = [free_port() for _ in range(settings.workers)]
+            # One endpoint on the configured port, here; each worker serves its own on loopback,
+            # on a socket bound here and handed down: no other process can take its port between.
+            listeners = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in envs]
+            ports = [listener.getsockname()[1] for listener in listeners]
             try:
                 endpoint = MetricsEndpoint.for_workers(ports, settings.metrics_listen)
             except OSError as error:
                 log.error("cannot serve metrics", listen=settings.metrics_listen, error=str(error))
                 return EXIT_CONFIG
             stack.callback(endpoint.close)
-            envs = [{**env, "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{port}"} for port in ports]
-        workers = [subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=e) for e in envs]
-        log.info("workers started", workers=settings.workers, pids=[w.pid for w in workers])
+            envs = [
+                {
+                    **env,
+                    "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{port}",
+                    "QUOTAD_METRICS_FD": str(listener.fileno()),
+                }
+                for port, listener in zip(ports, listeners, strict=True)
+            ]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "quotad_server", "serve"],
+                env=worker_env,
+                pass_fds=[listeners[index].fileno()] if listeners else [],
+            )
+            for index, worker_env in enumerate(envs)
+        ]
+        for listener in listeners:
+            listener.close()  # each worker holds its own now
+        log.info(
+            "workers started",
+            workers=settings.workers,
+            pids=[w.pid for w in workers],
+            metrics_ports=[int(e["QUOTAD_METRICS_LISTEN"].rpartition(":")[2]) for e in envs]
+            if listeners
+            else [],
+        )
 
         def forward(signum: int, _frame: object) -> None:
             for worker in workers:

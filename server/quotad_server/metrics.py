@@ -21,10 +21,14 @@ the event loop alone. With `--workers N`, the supervising process serves the por
 from __future__ import annotations
 
 import platform
+import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -33,6 +37,7 @@ from prometheus_client import (
     CollectorRegistry,
     Gauge,
     Info,
+    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -472,14 +477,47 @@ class _Workers(Collector):
         yield from families.values()
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged, as with prometheus_client's own server."""
+
+
+def _serve_on(listener: socket.socket, registry: CollectorRegistry) -> tuple[WSGIServer, threading.Thread]:
+    """Serve `registry` at /metrics on a socket that is already bound and listening."""
+    server = _ThreadingServer(listener.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    server.server_address = listener.getsockname()
+    server.server_name, server.server_port = str(server.server_address[0]), int(server.server_address[1])
+    server.setup_environ()
+    server.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="quotad-metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
 class MetricsEndpoint:
     """The /metrics HTTP endpoint on its own port (a daemon thread of prometheus_client)."""
 
-    def __init__(self, metrics: Metrics | CollectorRegistry, listen: str) -> None:
+    def __init__(
+        self, metrics: Metrics | CollectorRegistry, listen: str, *, listener: socket.socket | None = None
+    ) -> None:
         registry = metrics.registry if isinstance(metrics, Metrics) else metrics
-        host, _, port = listen.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry)
+        if listener is not None:
+            self._server, self._thread = _serve_on(listener, registry)
+        else:
+            host, _, port = listen.rpartition(":")
+            self._server, self._thread = start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry)
         self.port: int = self._server.server_port
+
+    @classmethod
+    def on_inherited(cls, metrics: Metrics, fd: int) -> MetricsEndpoint:
+        """A worker's endpoint, on the listening socket its supervisor bound and handed down as `fd`."""
+        return cls(metrics, "", listener=socket.socket(fileno=fd))
 
     @classmethod
     def for_workers(cls, ports: Sequence[int], listen: str, timeout_s: float = 2.0) -> MetricsEndpoint:

@@ -65,6 +65,7 @@ class Settings:
     tiktoken_cache_dir: str = ""
     shutdown_drain_ms: int = 0
     metrics_listen: str = ""
+    metrics_fd: int = -1  # set by `quotad serve --workers N` for its workers, never by hand
     policy_poll_ms: int = 1000
     redis_password: str = field(default="", repr=False)  # never in a log line or a traceback
     redis_tls_ca_file: str = ""
@@ -98,6 +99,11 @@ class Settings:
             )
         if metrics_listen and metrics_listen == listen:
             raise SettingsError(f"QUOTAD_METRICS_LISTEN={metrics_listen!r}: must differ from QUOTAD_LISTEN")
+        metrics_fd = _int(env, "QUOTAD_METRICS_FD", -1, 3, 1 << 20)
+        if metrics_fd >= 0 and not metrics_listen:
+            raise SettingsError(
+                "QUOTAD_METRICS_FD: set by `quotad serve --workers N` with QUOTAD_METRICS_LISTEN"
+            )
         tls_cert = env.get("QUOTAD_REDIS_TLS_CERT_FILE", "").strip()
         tls_key = env.get("QUOTAD_REDIS_TLS_KEY_FILE", "").strip()
         if bool(tls_cert) != bool(tls_key):
@@ -122,6 +128,7 @@ class Settings:
             tiktoken_cache_dir=env.get("TIKTOKEN_CACHE_DIR", "").strip(),
             shutdown_drain_ms=_int(env, "QUOTAD_SHUTDOWN_DRAIN_MS", 0, 0, 600_000),
             metrics_listen=metrics_listen,
+            metrics_fd=metrics_fd,
             policy_poll_ms=_int(env, "QUOTAD_POLICY_POLL_MS", 1000, 0, 3_600_000),
             redis_password=env.get("QUOTAD_REDIS_PASSWORD", ""),
             redis_tls_ca_file=tls_ca,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -184,7 +187,21 @@ def test_check_policy_offline(tmp_path: Path) -> None:
     assert f"{bad}: tiers.free.limits[0].metric: unknown metric 'tokens'" in result.stderr
 
 
-def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: EmbeddedRedis) -> None:
+def _logged(path: Path, event: str, timeout_s: float = 20) -> dict[str, Any]:
+    """The first JSON log line of `event` written to `path`, waiting for it up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == event:
+                found: dict[str, Any] = json.loads(line)
+                return found
+        time.sleep(0.02)
+    pytest.fail(f"no {event!r} log line within {timeout_s} s")
+
+
+def test_serve_with_workers_shares_one_port_and_stops_together(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
     address = f"127.0.0.1:{free_port()}"
     metrics_port = free_port()
     env = {
@@ -196,11 +213,21 @@ def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: Emb
         "QUOTAD_LOG_FORMAT": "json",
         "QUOTAD_SHUTDOWN_GRACE_S": "2",
     }
-    process = subprocess.Popen(
-        [*QUOTAD, "serve", "--workers", "2"], env=env, stderr=subprocess.PIPE, text=True
-    )
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr_file:
+        process = subprocess.Popen(
+            [*QUOTAD, "serve", "--workers", "2"], env=env, stderr=stderr_file, text=True
+        )
     server = Served(process, address)
     try:
+        # The workers' metrics ports are taken from the start, before any worker has booted: the
+        # supervisor binds them and hands the sockets down, so no other process can take one between.
+        started = _logged(log, "workers started")
+        assert len(started["metrics_ports"]) == 2
+        for port in started["metrics_ports"]:
+            with socket.socket() as squatter, pytest.raises(OSError, match="in use") as taken:
+                squatter.bind(("127.0.0.1", port))
+            assert taken.value.errno == errno.EADDRINUSE
         server.wait_serving()
         for i in range(20):  # new connections spread over both workers; every one is served
             request = {"subject": f"user-{i}", "model": "gpt-4o-mini", "input_tokens": 5}
@@ -216,10 +243,9 @@ def test_serve_with_workers_shares_one_port_and_stops_together(redis_server: Emb
         assert decided
         assert all(labels["worker"] in ("0", "1") for labels in decided)
     finally:
-        code, stderr = server.stop()
+        code, _ = server.stop()
     assert code == 0
-    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    started = next(line for line in lines if line.get("event") == "workers started")
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert len(started["pids"]) == 2
     serving_pids = {line["pid"] for line in lines if line.get("event") == "serving"}
     assert serving_pids == set(started["pids"])

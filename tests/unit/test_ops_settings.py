@@ -15,6 +15,7 @@ BASE = {"QUOTAD_POLICY": "p.yaml"}
 def test_defaults_keep_metrics_off_and_poll_every_second() -> None:
     settings = Settings.from_env(BASE)
     assert settings.metrics_listen == ""
+    assert settings.metrics_fd == -1  # bind QUOTAD_METRICS_LISTEN itself
     assert settings.policy_poll_ms == 1000
     assert settings.shutdown_drain_ms == 0
     assert redis_connection_options(settings) == {}
@@ -53,6 +54,11 @@ def test_everything_can_be_set() -> None:
     [
         ({"QUOTAD_METRICS_LISTEN": "9090"}, "QUOTAD_METRICS_LISTEN"),
         ({"QUOTAD_METRICS_LISTEN": "0.0.0.0:50051"}, "QUOTAD_METRICS_LISTEN"),  # the gRPC address
+        ({"QUOTAD_METRICS_FD": "7"}, "QUOTAD_METRICS_FD"),  # only with QUOTAD_METRICS_LISTEN
+        (
+            {"QUOTAD_METRICS_FD": "1", "QUOTAD_METRICS_LISTEN": "127.0.0.1:9091"},
+            "QUOTAD_METRICS_FD",
+        ),  # stdout
         ({"QUOTAD_POLICY_POLL_MS": "-1"}, "QUOTAD_POLICY_POLL_MS"),
         ({"QUOTAD_SHUTDOWN_DRAIN_MS": "soon"}, "QUOTAD_SHUTDOWN_DRAIN_MS"),
         ({"QUOTAD_REDIS_TLS_CERT_FILE": "c.pem", "QUOTAD_REDIS_URL": "rediss://r:6380"}, "TLS_KEY_FILE"),
