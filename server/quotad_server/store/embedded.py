@@ -26,10 +26,14 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """One Valkey server process on 127.0.0.1. Use `start()`/`stop()` or `with`."""
+    """One Valkey server process on 127.0.0.1. Use `start()`/`stop()` or `with`.
 
-    def __init__(self, port: int = 0) -> None:
+    `server` runs another Redis-compatible binary instead (the benchmarks compare builds).
+    """
+
+    def __init__(self, port: int = 0, server: Path | None = None) -> None:
         self.port = port or free_port()
+        self.server = server or self.binary()
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
 
@@ -45,7 +49,7 @@ class EmbeddedRedis:
         self._dir = tempfile.mkdtemp(prefix="quotad-valkey-")
         self.process = subprocess.Popen(
             [
-                str(self.binary()),
+                str(self.server),
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
