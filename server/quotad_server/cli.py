@@ -159,6 +159,7 @@ def supervise(settings: Settings) -> int:
         env = {**os.environ, "QUOTAD_REDIS_URL": redis_url, "QUOTAD_WORKERS": "1"}
         envs = [env] * settings.workers
         listeners: list[socket.socket] = []
+        ports: list[int] = []
         if settings.metrics_listen:
             # One endpoint on the configured port, here; each worker serves its own on loopback,
             # on a socket bound here and handed down: no other process can take its port between.
@@ -192,9 +193,7 @@ def supervise(settings: Settings) -> int:
             "workers started",
             workers=settings.workers,
             pids=[w.pid for w in workers],
-            metrics_ports=[int(e["QUOTAD_METRICS_LISTEN"].rpartition(":")[2]) for e in envs]
-            if listeners
-            else [],
+            metrics_ports=ports,
         )
 
         def forward(signum: int, _frame: object) -> None:
