@@ -24,6 +24,7 @@ from pathlib import Path
 
 import redis
 from quotad_server.store.embedded import EmbeddedRedis
+from run import server_version
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOP = 1_000  # calls per script
@@ -68,11 +69,7 @@ def main() -> None:
     runs: dict[str, list[float]] = {label: [] for label, _ in PROBES}
     with EmbeddedRedis(server=args.redis_server) as valkey:
         client = redis.Redis.from_url(valkey.url)
-        server = client.info("server")
-        version = server.get("valkey_version") or server.get("redis_version")
-        build = (
-            f"{server.get('server_name', 'redis')} {version}, {client.info('memory')['mem_allocator']} malloc"
-        )
+        build = server_version(client)
         for run in range(args.runs):
             client.flushall()
             client.set("hot:string", "12.5 1764201600123456")

@@ -619,7 +619,7 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
 
 
 def server_version(client: redis.Redis) -> str:
-    """Which Redis-compatible server the run measured, and its allocator (which matters: see README)."""
+    """Which Redis-compatible server a run measured, with its version and allocator."""
     server, memory = client.info("server"), client.info("memory")
     name = server.get("server_name", "redis")
     version = server.get("valkey_version") or server.get("redis_version")
