@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
+import redis
 import redis.asyncio as aioredis
 import tiktoken
 from quotad.v1 import quota_pb2 as pb
@@ -19,7 +21,7 @@ from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics
 from quotad_server.policy import parse_policy
 from quotad_server.server import QuotadServer
 from quotad_server.store import Store
-from quotad_server.store.embedded import EmbeddedRedis
+from quotad_server.store.embedded import EmbeddedRedis, free_port
 from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings
 
@@ -95,6 +97,46 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     """One real Valkey server for the session (tests flush it between them)."""
     with EmbeddedRedis() as server:
         yield server
+
+
+SLOTS = 16384
+
+
+@contextmanager
+def redis_cluster(shards: int) -> Iterator[list[EmbeddedRedis]]:
+    """A real Redis Cluster of `shards` Valkey nodes on loopback, the slots split evenly between them."""
+    options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    with ExitStack() as stack:
+        buses = [free_port() for _ in range(shards)]  # the default, port + 10000, may be taken or past 65535
+        nodes = [
+            stack.enter_context(EmbeddedRedis(options=(*options, "--cluster-port", str(bus))))
+            for bus in buses
+        ]
+        clients = [stack.enter_context(redis.Redis(port=node.port)) for node in nodes]
+        for index, client in enumerate(clients):
+            client.cluster("ADDSLOTSRANGE", index * SLOTS // shards, (index + 1) * SLOTS // shards - 1)
+            if index:
+                client.cluster("MEET", "127.0.0.1", nodes[0].port, buses[0])
+        deadline = time.monotonic() + 30
+        while True:  # the nodes learn of each other by gossip
+            states = [_cluster_info(client) for client in clients]
+            if all(s.get("cluster_state") == "ok" and s.get("cluster_size") == str(shards) for s in states):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the cluster did not form within 30 s: {states}")
+            time.sleep(0.05)
+        yield nodes
+
+
+def _cluster_info(client: redis.Redis) -> dict[str, str]:
+    info = client.cluster("INFO")  # redis-py parses CLUSTER INFO into a dict
+    return {str(name): str(value) for name, value in info.items()}
+
+
+@pytest.fixture(scope="session")
+def two_shard_cluster() -> Iterator[list[EmbeddedRedis]]:
+    with redis_cluster(2) as nodes:
+        yield nodes
 
 
 @pytest.fixture

@@ -56,6 +56,27 @@ def open_metrics(metrics: Metrics, settings: Settings) -> MetricsEndpoint:
     return MetricsEndpoint(metrics, settings.metrics_listen)
 
 
+async def redis_fits(store: RedisStore, log: Any) -> bool:
+    """Warn of an eviction policy that may drop counters; refuse a Redis Cluster of several shards."""
+    eviction = await store.eviction_policy()
+    if eviction not in (None, "noeviction"):
+        log.warning(
+            "redis may evict quotad's counters when memory runs short, and an evicted counter"
+            " admits what it should deny: set maxmemory-policy noeviction",
+            maxmemory_policy=eviction,
+        )
+    shards = await store.cluster_shards()
+    if shards is not None and shards > 1:
+        log.error(
+            "QUOTAD_REDIS_URL is one node of a Redis Cluster of several shards, and quotad talks to one"
+            " server: decisions whose keys live on another shard would fail. Point it at a single"
+            " primary (or a cluster of one shard)",
+            cluster_shards=shards,
+        )
+        return False
+    return True
+
+
 async def serve(settings: Settings) -> int:
     log = structlog.get_logger("quotad")
     policy_file = PolicyFile(settings.policy_path)
@@ -80,13 +101,8 @@ async def serve(settings: Settings) -> int:
         stack.push_async_callback(store.aclose)
         try:
             await store.start()
-            eviction = await store.eviction_policy()
-            if eviction not in (None, "noeviction"):
-                log.warning(
-                    "redis may evict quotad's counters when memory runs short, and an evicted counter"
-                    " admits what it should deny: set maxmemory-policy noeviction",
-                    maxmemory_policy=eviction,
-                )
+            if not await redis_fits(store, log):
+                return EXIT_CONFIG
         except StoreUnavailable as error:
             log.error(
                 "redis is not reachable at start; health stays NOT_SERVING until it is", error=str(error)

@@ -162,6 +162,26 @@ def test_serve_refuses_a_bad_policy_naming_file_path_and_value(tmp_path: Path) -
     assert "'1 hour'" in result.stderr
 
 
+def test_serve_refuses_one_node_of_a_redis_cluster_of_several_shards(
+    two_shard_cluster: list[EmbeddedRedis],
+) -> None:
+    env = {
+        **os.environ,
+        "QUOTAD_POLICY": str(EXAMPLE_POLICY),
+        "QUOTAD_LISTEN": f"127.0.0.1:{free_port()}",
+        "QUOTAD_REDIS_URL": two_shard_cluster[0].url,
+        "QUOTAD_LOG_FORMAT": "json",
+    }
+    result = subprocess.run(
+        [*QUOTAD, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    refused = [json.loads(line) for line in result.stderr.splitlines() if "Redis Cluster" in line]
+    assert refused
+    assert refused[0]["level"] == "error"
+    assert refused[0]["cluster_shards"] == 2
+
+
 def test_serve_without_a_policy_says_what_is_missing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAD_")}
     result = subprocess.run(

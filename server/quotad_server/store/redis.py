@@ -154,6 +154,10 @@ class _LimitSet:
 # to callers (UNAVAILABLE), not a bug. A script that gets one wrote nothing: Redis checks
 # these before it runs a script or at its first write, and never fails a later write of a
 # script that has written.
+SHARDED = (
+    "it is one shard of a Redis Cluster and this decision's keys live on another;"
+    " quotad needs a single primary (or a cluster of one shard)"
+)
 _CANNOT_SERVE = {
     "OOM": "out of memory (maxmemory reached; quotad needs maxmemory-policy noeviction and room)",
     "READONLY": "it is a read-only replica (a failover demoted it?)",
@@ -164,6 +168,10 @@ _CANNOT_SERVE = {
     "NOREPLICAS": "it refuses writes with too few replicas (min-replicas-to-write)",
     "TRYAGAIN": "a cluster resharding is in progress",
     "CLUSTERDOWN": "its cluster is down",
+    # A Redis Cluster of several shards: the decision's keys live on another node, and quotad's
+    # client talks to one server (see cluster_shards). Refused at start; UNAVAILABLE if it happens later.
+    "MOVED": SHARDED,
+    "ASK": SHARDED,
 }
 
 
@@ -358,6 +366,25 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._call(self._client.call("PING"))
+
+    async def cluster_shards(self) -> int | None:
+        """0 if Redis is not a Cluster, else how many shards serve its slots; None if it does not say.
+
+        quotad's client talks to one server: in a cluster of several shards, the keys of some
+        decisions live on another node (MOVED). Best effort, as for eviction_policy.
+        """
+        try:
+            info: bytes = await self._call(self._client.call("INFO", "cluster"))
+            if b"cluster_enabled:1" not in info:
+                return 0
+            state: bytes = await self._call(self._client.call("CLUSTER", "INFO"))
+        except (StoreUnavailable, RedisReplyError):
+            return None
+        for line in state.decode(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name == "cluster_size":
+                return int(value.strip())
+        return None
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, from INFO (which managed services allow where CONFIG is not).
