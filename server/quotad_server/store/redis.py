@@ -373,18 +373,11 @@ class RedisStore:
         quotad's client talks to one server: in a cluster of several shards, the keys of some
         decisions live on another node (MOVED). Best effort, as for eviction_policy.
         """
-        try:
-            info: bytes = await self._call(self._client.call("INFO", "cluster"))
-            if b"cluster_enabled:1" not in info:
-                return 0
-            state: bytes = await self._call(self._client.call("CLUSTER", "INFO"))
-        except (StoreUnavailable, RedisReplyError):
-            return None
-        for line in state.decode(errors="replace").splitlines():
-            name, _, value = line.partition(":")
-            if name == "cluster_size":
-                return int(value.strip())
-        return None
+        enabled = await self._server_field(("INFO", "cluster"), "cluster_enabled")
+        if enabled != "1":
+            return None if enabled is None else 0
+        size = await self._server_field(("CLUSTER", "INFO"), "cluster_size")
+        return int(size) if size is not None and size.isdigit() else None
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, from INFO (which managed services allow where CONFIG is not).
@@ -393,13 +386,17 @@ class RedisStore:
         quotad having a TTL. None if the server does not say: a proxy without INFO, a user
         whose ACL denies it, or no answer. Only advice hangs on it, never a decision.
         """
+        return await self._server_field(("INFO", "memory"), "maxmemory_policy")
+
+    async def _server_field(self, command: tuple[str, ...], field: str) -> str | None:
+        """One `field:value` line of an INFO-like reply; None if the server does not say."""
         try:
-            info: bytes = await self._call(self._client.call("INFO", "memory"))
+            text: bytes = await self._call(self._client.call(*command))
         except (StoreUnavailable, RedisReplyError):
             return None
-        for line in info.decode(errors="replace").splitlines():
+        for line in text.decode(errors="replace").splitlines():
             name, _, value = line.partition(":")
-            if name == "maxmemory_policy":
+            if name == field:
                 return value.strip()
         return None
 
