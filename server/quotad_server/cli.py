@@ -195,13 +195,10 @@ def supervise(settings: Settings) -> int:
                 }
                 for port, listener in zip(ports, listeners, strict=True)
             ]
+        handed_down = [[listener.fileno()] for listener in listeners] or [[]] * len(envs)
         workers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "quotad_server", "serve"],
-                env=worker_env,
-                pass_fds=[listeners[index].fileno()] if listeners else [],
-            )
-            for index, worker_env in enumerate(envs)
+            subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=worker_env, pass_fds=fds)
+            for worker_env, fds in zip(envs, handed_down, strict=True)
         ]
         for listener in listeners:
             listener.close()  # each worker holds its own now

@@ -38,7 +38,6 @@ from prometheus_client import (
     Gauge,
     Info,
     make_wsgi_app,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -500,18 +499,23 @@ def _serve_on(listener: socket.socket, registry: CollectorRegistry) -> tuple[WSG
     return server, thread
 
 
+def _bind(listen: str) -> socket.socket:
+    """A listening socket on `host:port` (an IPv6 host in brackets; an empty host is every IPv4 one)."""
+    host, _, port = listen.rpartition(":")
+    family, _, _, _, address = socket.getaddrinfo(
+        host.strip("[]") or "0.0.0.0", int(port), type=socket.SOCK_STREAM
+    )[0]
+    return socket.create_server(address, family=family)
+
+
 class MetricsEndpoint:
-    """The /metrics HTTP endpoint on its own port (a daemon thread of prometheus_client)."""
+    """The /metrics HTTP endpoint on its own port, served by a daemon thread."""
 
     def __init__(
         self, metrics: Metrics | CollectorRegistry, listen: str, *, listener: socket.socket | None = None
     ) -> None:
         registry = metrics.registry if isinstance(metrics, Metrics) else metrics
-        if listener is not None:
-            self._server, self._thread = _serve_on(listener, registry)
-        else:
-            host, _, port = listen.rpartition(":")
-            self._server, self._thread = start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry)
+        self._server, self._thread = _serve_on(_bind(listen) if listener is None else listener, registry)
         self.port: int = self._server.server_port
 
     @classmethod

@@ -154,7 +154,7 @@ class _LimitSet:
 # to callers (UNAVAILABLE), not a bug. A script that gets one wrote nothing: Redis checks
 # these before it runs a script or at its first write, and never fails a later write of a
 # script that has written.
-SHARDED = (
+_SHARDED = (
     "it is one shard of a Redis Cluster and this decision's keys live on another;"
     " quotad needs a single primary (or a cluster of one shard)"
 )
@@ -170,8 +170,8 @@ _CANNOT_SERVE = {
     "CLUSTERDOWN": "its cluster is down",
     # A Redis Cluster of several shards: the decision's keys live on another node, and quotad's
     # client talks to one server (see cluster_shards). Refused at start; UNAVAILABLE if it happens later.
-    "MOVED": SHARDED,
-    "ASK": SHARDED,
+    "MOVED": _SHARDED,
+    "ASK": _SHARDED,
 }
 
 
