@@ -10,6 +10,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := $(CURDIR)/.tools/bin
 GRPCURL_VERSION := v1.9.3
+# The fault-injection suite (tests/faults) puts Shopify's toxiproxy between quotad and Redis.
+TOXIPROXY_VERSION := v2.5.0
 # Code generation (buf.gen.yaml) and the clients. protoc 35.1 is the protoc of grpcio-tools
 # 1.85.1 and of protobuf-java 4.35.1; grpc-java's plugin is not published for 1.85 on linux.
 PROTOC_VERSION := 4.35.1
@@ -37,10 +39,15 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, the pinned protoc plugins, helm and the benchmark tools
+tools: $(TOOLS)/grpcurl $(TOOLS)/toxiproxy-server $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, toxiproxy, the pinned protoc plugins, helm and the benchmark tools
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+
+# Installed as `server`, a name too plain for a shared bin directory: renamed.
+$(TOOLS)/toxiproxy-server:
+	GOBIN=$(CURDIR)/.tools/dl go install github.com/Shopify/toxiproxy/v2/cmd/server@$(TOXIPROXY_VERSION)
+	install -D -m 0755 .tools/dl/server $@
 
 bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-cli (Debian redis-tools) if missing
 	@command -v redis-cli >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

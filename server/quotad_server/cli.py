@@ -96,6 +96,7 @@ async def serve(settings: Settings) -> int:
             redis_url,
             timeout_s=settings.redis_timeout_ms / 1000,
             key_prefix=settings.key_prefix,
+            late_observer=metrics.late_reservation if metrics is not None else None,
             **redis_connection_options(settings),
         )
         stack.push_async_callback(store.aclose)

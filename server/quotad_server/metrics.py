@@ -191,6 +191,16 @@ class Metrics:
             ["operation", "reason"],
             registry=registry,
         )
+        self.late_reservations = Counter(
+            "quotad_late_reservations",
+            "Reservations Redis made after quotad had answered UNAVAILABLE (their reply came too late),"
+            " by what quotad did: undone, held (an idempotent retry holds it), or stuck (the undo"
+            " failed; the lease frees its concurrency slots, its tokens stay charged).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("undone", "held", "stuck"):
+            self.late_reservations.labels(outcome)  # every series exists from the start, at zero
         self.policy_reloads = Counter(
             "quotad_policy_reloads",
             "Attempts to apply a changed policy file; failure means it was refused and the old one stays.",
@@ -300,6 +310,10 @@ class Metrics:
         if total_estimate > 0:
             total_actual = committed.input_tokens + committed.output_tokens
             self.estimation_ratio.labels("total").observe(total_actual / total_estimate)
+
+    def late_reservation(self, outcome: str) -> None:
+        """The store's LateObserver: what became of a reservation made after quotad gave up on it."""
+        self.late_reservations.labels(outcome).inc()
 
     def store_call(self, operation: str, seconds: float, error: BaseException | None) -> None:
         child = self._redis.get(operation)

@@ -18,6 +18,8 @@ from quotad_server.errors import StoreUnavailable
 from quotad_server.store import Store
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+RECHECK_S = 0.1
+"""How often health re-checks Redis while NOT_SERVING (QUOTAD_HEALTH_INTERVAL_MS applies while SERVING)."""
 LIVENESS_SERVICE = "liveness"
 """Health name that is SERVING while the process can answer at all, whatever Redis does:
 for liveness probes, so a Redis outage never gets every replica restarted."""
@@ -64,35 +66,47 @@ class QuotadServer:
         self._wakeups: asyncio.Task[None] | None = None
         self._stopping = False
         self._serving: bool | None = None
+        self._reason = ""
 
-    async def _set_serving(self, serving: bool) -> None:
-        if serving == self._serving:
+    async def _set_serving(self, serving: bool, reason: str = "") -> None:
+        """Set the health of the whole server and of QuotaService; log each change, and why.
+
+        While NOT_SERVING, a new reason is logged too (a lost connection that becomes a Redis
+        loading its dataset, say): an operator sees at warning level why decisions fail.
+        """
+        if serving == self._serving and (serving or reason == self._reason):
             return
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, status)
+        if serving != self._serving:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", SERVICE_NAME):
+                await self._health.set(service, status)
         if serving:
             _log.info("health changed", serving=True)
-        else:
-            _log.warning("health changed", serving=False)
-        self._serving = serving
+        elif reason:
+            _log.warning("health changed", serving=False, reason=reason)
+        self._serving, self._reason = serving, reason
 
     async def _watch_store(self) -> None:
-        # Not `while True`: a cancel that lands while a PING is in flight can be swallowed (it
+        # Not `while True`: a cancel that lands while a probe is in flight can be swallowed (it
         # surfaces as a connection error), and stop() would then wait for this loop forever.
         while not self._stopping:
             try:
                 await self._store.ping()
-                await self._set_serving(self._core.ready)
+                ready = self._core.ready
+                await self._set_serving(ready, "" if ready else "the tokenizers are still loading")
             except StoreUnavailable as error:
-                _log.debug("store ping failed", error=str(error))
-                await self._set_serving(False)
-            await asyncio.sleep(self._health_interval_s)
+                await self._set_serving(False, str(error))
+            # While NOT_SERVING, look again soon: SERVING comes back within RECHECK_S of Redis.
+            await asyncio.sleep(
+                self._health_interval_s if self._serving else min(self._health_interval_s, RECHECK_S)
+            )
 
     async def start(self) -> None:
-        await self._set_serving(False)
+        await self._set_serving(False, "starting")
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         self._monitor = asyncio.create_task(self._watch_store(), name="quotad-health")
@@ -108,7 +122,7 @@ class QuotadServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self._set_serving(False)
+        await self._set_serving(False, "stopping")
         if drain_s > 0:
             _log.info("draining: NOT_SERVING, still answering new RPCs", drain_s=drain_s)
             await asyncio.sleep(drain_s)

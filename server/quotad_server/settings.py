@@ -7,7 +7,8 @@ QUOTAD_REDIS_TIMEOUT_MS   bound on every Redis call; past it UNAVAILABLE (defaul
 QUOTAD_KEY_PREFIX         prefix of every Redis key             (default quotad)
 QUOTAD_LOG_FORMAT         json, console, or auto (json unless stderr is a terminal; default auto)
 QUOTAD_LOG_LEVEL          debug, info, warning, error           (default info)
-QUOTAD_HEALTH_INTERVAL_MS how often health re-checks Redis      (default 1000)
+QUOTAD_HEALTH_INTERVAL_MS how often health re-checks Redis while SERVING (default 1000);
+                          every 100 ms while NOT_SERVING
 QUOTAD_SHUTDOWN_GRACE_S   how long in-flight RPCs get on SIGTERM (default 10)
 QUOTAD_SHUTDOWN_DRAIN_MS  on SIGTERM, how long health says NOT_SERVING while new RPCs are still
                           accepted, before they are refused (default 0)

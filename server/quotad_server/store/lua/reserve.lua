@@ -61,7 +61,9 @@ score, or now - boost for a fresh request.
 
 The record (string, TTL = lease + retention) is what settle.lua needs, so a reservation
 is settled on the limits and prices it was made under even if the policy changes:
-  "r <lease_expires_at> <est_in> <est_out> <est_cost> <price_in> <price_cached> <price_out>"
+  "r<claims> <lease_expires_at> <est_in> <est_out> <est_cost> <price_in> <price_cached> <price_out>"
+  where <claims> counts the idempotent retries that handed the reservation out again
+  ("" for none): an undo (see settle.lua) names the count it saw.
   "<model>\t<tier>"
   then one line per limit: "<algorithm> <metric> <limit> <period> <key suffix>", where the
   key suffix is the key without '<prefix>:{tag}:l:' and, for a calendar budget, period is
@@ -70,7 +72,8 @@ is settled on the limits and prices it was made under even if the policy changes
 Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N, line}
   line: the index of the limit whose line the ticket waits in (0: none).
   code 1 allowed, 0 denied, 3 denied because the line is full, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
-  est. input, est. output, est. cost} (the first reservation; no limit is evaluated),
+  est. input, est. output, est. cost, claims} (the first reservation, no limit evaluated; claims: its
+  hand-outs so far, -1 once settled),
   -1 past the deadline (nothing written), -2 idempotency key reused for another request.
   wait is 0 when the cost fits now, -1 when it never can, else microseconds until it fits.
 ]]
@@ -106,11 +109,18 @@ if not peek and fingerprint ~= '' then
     local record = redis.call('GET', record_key)
     if record then
       local first_id = string.match(record_key, ':r:(%x+)$')
-      local lx, ein, eout, ecost = string.match(record, '^r (%d+) (%d+) (%d+) (%d+)')
-      if not lx then  -- settled: "<state> <ain> <aout> <lease_expired> <ein> <eout> <lx> <ecost> ..."
-        ein, eout, lx, ecost = string.match(record, '^%a %d+ %d+ %d (%d+) (%d+) (%d+) (%d+)')
+      local state, claims, rest = string.match(record, '^(%a)(%d*)( .*)$')
+      local lx, ein, eout, ecost
+      if state == 'r' then
+        -- Handed out once more: count it, so that an undo of an earlier hand-out leaves it be.
+        claims = (tonumber(claims) or 0) + 1
+        redis.call('SET', record_key, 'r' .. claims .. rest, 'KEEPTTL')
+        lx, ein, eout, ecost = string.match(rest, '^ (%d+) (%d+) (%d+) (%d+)')
+      else  -- settled: "<state> <ain> <aout> <lease_expired> <ein> <eout> <lx> <ecost> ..."
+        claims = -1
+        ein, eout, lx, ecost = string.match(rest, '^ %d+ %d+ %d (%d+) (%d+) (%d+) (%d+)')
       end
-      return {2, now, tonumber(lx), 0, first_id, tonumber(ein), tonumber(eout), tonumber(ecost)}
+      return {2, now, tonumber(lx), 0, first_id, tonumber(ein), tonumber(eout), tonumber(ecost), claims}
     end
   end
 end

@@ -1,4 +1,4 @@
---[[ settle.lua: Commit (reconcile with actual usage) or Release (refund everything).
+--[[ settle.lua: Commit (reconcile with actual usage), Release (refund everything), or undo.
 
 Why one script: the record's state change and the adjustment of every limit the
 reservation touched must happen together and exactly once, however often a
@@ -10,11 +10,12 @@ keys are rebuilt from KEYS[1]'s '<prefix>:{tag}' part, so they share its hash ta
 and live on its Redis Cluster slot.
 
 KEYS[1]  the reservation record "<prefix>:{tag}:r:<reservation id>"
+KEYS[2]  undo only: the reservation's idempotency key (KEYS[1] again when it had none)
 
-ARGV[1]  mode: "commit" or "release"
+ARGV[1]  mode: "commit", "release" or "undo"
 ARGV[2]  now in microseconds, or "" to read Redis TIME
 ARGV[3]  deadline in Redis-clock microseconds (see reserve.lua); 0 = none
-ARGV[4]  actual input tokens (commit), cache reads included
+ARGV[4]  actual input tokens (commit), cache reads included; undo: the claims the reply showed
 ARGV[5]  actual output tokens (commit)
 ARGV[6]  actual input tokens read from the prompt cache (commit), <= ARGV[4]
 ARGV[7]  TTL of the settled record in milliseconds (so retries still see the first result)
@@ -32,6 +33,14 @@ Per limit, delta = actual units - reserved units (release: actual is zero):
        windows sharing a zset (see reserve.lua) share the member: the first removes it.
   c    the reservation leaves the in-flight set
   d/m  the period the reservation was charged to takes the difference (never below 0)
+
+Undo: a Release that quotad runs by itself when Redis answered a reservation after quotad had
+told the caller UNAVAILABLE (the reply came too late: a paused Redis, a slow network). Nobody
+holds that reservation, so it is refunded, and its idempotency key is forgotten so that the
+caller's retry decides afresh. Unless a retry handed it out since (the record's claims, see
+reserve.lua, are past those the late reply showed): then a caller holds it, and it stays.
+Code 1: undone; 2: left as it was. One atomic step: an undo and a retry racing on two
+replicas never both win.
 
 Capacity freed on a limit that has a waiting line (see reserve.lua) is announced on the
 channel '<prefix>:wake' with the line's key, so replicas wake their waiters at once
@@ -64,10 +73,13 @@ if not record then
   return {0, 0, 0, 0, 0, 0, '', 0, 0, 0, ''}
 end
 local target = 'c'
-if mode == 'release' then target = 'x' end
+if mode ~= 'commit' then target = 'x' end
 local lines = string.gmatch(record, '[^\n]+')
 local head, meta = lines(), lines()
-local state = string.sub(head, 1, 1)
+local state, claims = string.match(head, '^(%a)(%d*)')
+if mode == 'undo' and (state ~= 'r' or (tonumber(claims) or 0) ~= tonumber(ARGV[4])) then
+  return {2, 0, 0, 0, 0, 0, state, 0, 0, 0, meta}
+end
 if state ~= 'r' then
   local ain, aout, lease_expired, ein, eout, _, ecost, acost, acached =
     string.match(head, '^%a (%d+) (%d+) (%d) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
@@ -82,12 +94,12 @@ local EPSILON = 1e-9
 local function ceil(x) return math.ceil(x - EPSILON) end
 
 local lease_expires, est_in, est_out, est_cost, p_in, p_cached, p_out =
-  string.match(head, '^r (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+  string.match(head, '^r%d* (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
 lease_expires, est_in, est_out, est_cost = tonumber(lease_expires), tonumber(est_in), tonumber(est_out), tonumber(est_cost)
 p_in, p_cached, p_out = tonumber(p_in), tonumber(p_cached), tonumber(p_out)
 
 local act_in, act_out, act_cached, act_requests = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 1
-if mode == 'release' then act_in, act_out, act_cached, act_requests = 0, 0, 0, 0 end
+if mode ~= 'commit' then act_in, act_out, act_cached, act_requests = 0, 0, 0, 0 end
 
 local M = 1000000
 local function cost_of(uncached, cached, output)
@@ -180,6 +192,10 @@ if #freed > 0 and redis.call('EXISTS', partition .. ':lines') == 1 then
   end
 end
 
+if mode == 'undo' and KEYS[2] ~= KEYS[1] then  -- forget the key, if it still names this reservation
+  local seen = redis.call('GET', KEYS[2])
+  if seen and string.sub(seen, -#KEYS[1] - 1) == '\n' .. KEYS[1] then redis.call('DEL', KEYS[2]) end
+end
 local lease_expired = 0
 if now > lease_expires then lease_expired = 1 end
 redis.call('SET', KEYS[1], table.concat({target, int(act_in), int(act_out), lease_expired, int(est_in), int(est_out),
