@@ -1,12 +1,15 @@
 """A live quotad for the other languages' tests: `python -m quotad_server serve` on a real Valkey.
 
 The TypeScript, Go and Java suites reach it through $QUOTAD_ADDR; they fail, never skip,
-when it is not set or not answering.
+when it is not set or not answering. Their outage tests pause its Valkey (SIGSTOP, then
+SIGCONT) through $QUOTAD_REDIS_PID: each suite runs its tests one at a time, so no other
+test of it is under way meanwhile.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
@@ -36,15 +38,12 @@ class LiveQuotad:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "QUOTAD_ADDR": self.address}
+        return {**os.environ, "QUOTAD_ADDR": self.address, "QUOTAD_REDIS_PID": str(self.redis_pid)}
 
-    def flush(self) -> None:
-        """Forget every counter and reservation (between two runs of an example)."""
-        client = redis.Redis.from_url(self.redis.url)
-        try:
-            client.flushall()
-        finally:
-            client.close()
+    @property
+    def redis_pid(self) -> int:
+        assert self.redis.process is not None
+        return self.redis.process.pid
 
 
 def wait_serving(address: str, process: subprocess.Popen[str], log: Path, timeout_s: float = 30) -> None:
@@ -112,9 +111,13 @@ def example_quotad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveQuo
 
 def run(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 600) -> str:
     """Run a client's test command; fail with its output unless it exits 0."""
-    result = subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
-    )
+    try:
+        result = subprocess.run(
+            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    finally:
+        if "QUOTAD_REDIS_PID" in env:  # an outage test that was cut short may have left it paused
+            os.kill(int(env["QUOTAD_REDIS_PID"]), signal.SIGCONT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"`{' '.join(command)}` in {cwd} exited {result.returncode}:\n{output}"
     return output

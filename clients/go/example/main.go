@@ -6,10 +6,12 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log"
 	"os"
+	"time"
 
 	"github.com/quotad/quotad/clients/go/quotad"
 )
@@ -24,10 +26,16 @@ func main() {
 		log.Fatal(err)
 	}
 	defer client.Close()
-	ctx := context.Background()
+	// One deadline for the whole program: a first call also connects, and each call's retries
+	// of UNAVAILABLE stay within what is left of it.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Your user's id. A new one each run here, so that running the example again within a
+	// minute starts from full limits instead of being denied.
+	subject := "user-" + rand.Text()[:8]
 
 	decision, err := client.Reserve(ctx, quotad.ReserveRequest{
-		Subject: "user-42", Model: "gpt-4o", InputTokens: 300, MaxOutputTokens: 200,
+		Subject: subject, Model: "gpt-4o", InputTokens: 300, MaxOutputTokens: 200,
 	})
 	var qerr *quotad.Error
 	if errors.As(err, &qerr) {
@@ -45,7 +53,7 @@ func main() {
 		log.Fatal(err)
 	}
 
-	usage, err := client.Usage(ctx, quotad.UsageRequest{Subject: "user-42", Model: "gpt-4o"})
+	usage, err := client.Usage(ctx, quotad.UsageRequest{Subject: subject, Model: "gpt-4o"})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -5,6 +5,12 @@
 // never happened. Error statuses come back as *Error, which carries the gRPC code and the
 // server's field violations for INVALID_ARGUMENT.
 //
+// Every call is retried when quotad answers UNAVAILABLE (its Redis was slow or down, or the
+// answer was lost), with jittered exponential backoff, until the call's deadline: the
+// context's, or DefaultTimeout. The retries are safe: Reserve sends one idempotency key on
+// every attempt, so a retry of a reservation that was made after all returns it (Replayed);
+// Commit and Release are idempotent; Usage changes nothing.
+//
 // The generated stubs are in github.com/quotad/quotad/clients/go/gen/quotad/v1.
 package quotad
 
@@ -14,6 +20,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	mathrand "math/rand/v2"
 	"strings"
 	"time"
 
@@ -27,22 +34,34 @@ import (
 	quotadv1 "github.com/quotad/quotad/clients/go/gen/quotad/v1"
 )
 
-// DefaultTimeout bounds each call that has no earlier deadline in its context.
-const DefaultTimeout = time.Second
+// DefaultTimeout is the deadline of a call whose context has none: all of its attempts and the
+// backoff between them. quotad answers UNAVAILABLE within its Redis timeout (250 ms by
+// default), so two seconds ride out a Redis hiccup of about a second and still fail fast
+// enough to fail open or closed.
+const DefaultTimeout = 2 * time.Second
 
-// RetryServiceConfig retries UNAVAILABLE up to twice with backoff. Safe for every method:
-// Reserve always sends an idempotency key, Commit and Release are idempotent on the server,
-// GetUsage changes nothing.
-const RetryServiceConfig = `{"methodConfig": [{
-  "name": [{"service": "quotad.v1.QuotaService"}],
-  "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}`
+// RetryPolicy says how a call that quotad answered UNAVAILABLE is tried again. The client
+// retries itself rather than through gRPC's retry service config, which caps a call at five
+// attempts whatever its deadline, and does not apply to a connection passed to New.
+type RetryPolicy struct {
+	// MaxAttempts caps the attempts of one call, the first included; 0: as many as fit before
+	// the deadline.
+	MaxAttempts int
+	// InitialBackoff is the backoff before the first retry (zero: 50 ms). It doubles for each
+	// next retry, up to MaxBackoff (zero: one second); each sleep is 50 to 100 % of it, at random.
+	InitialBackoff time.Duration
+	MaxBackoff     time.Duration
+}
+
+// DefaultRetryPolicy retries until the deadline, from 50 ms up to one second between attempts.
+var DefaultRetryPolicy = RetryPolicy{InitialBackoff: 50 * time.Millisecond, MaxBackoff: time.Second}
 
 // Client calls one quotad. It is safe for concurrent use.
 type Client struct {
 	conn    *grpc.ClientConn // nil when the caller owns the connection
 	stub    quotadv1.QuotaServiceClient
 	timeout time.Duration
+	retry   RetryPolicy
 }
 
 // Option configures Dial.
@@ -50,11 +69,17 @@ type Option func(*settings)
 
 type settings struct {
 	timeout     time.Duration
+	retry       RetryPolicy
 	dialOptions []grpc.DialOption
 }
 
-// WithTimeout sets the deadline of each call whose context has none (default one second).
+// WithTimeout sets the deadline of each call whose context has none (default DefaultTimeout),
+// all of its attempts included. Zero or less: no deadline but the context's (and without one,
+// UNAVAILABLE is retried until the context is cancelled, unless RetryPolicy.MaxAttempts caps it).
 func WithTimeout(d time.Duration) Option { return func(s *settings) { s.timeout = d } }
+
+// WithRetry sets how UNAVAILABLE is retried (default DefaultRetryPolicy).
+func WithRetry(p RetryPolicy) Option { return func(s *settings) { s.retry = p } }
 
 // WithDialOptions adds gRPC dial options: TLS (grpc.WithTransportCredentials), auth
 // (grpc.WithPerRPCCredentials), interceptors, keepalive. Without transport credentials
@@ -65,24 +90,25 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 
 // Dial returns a Client for target ("host:port"); it connects lazily. Close it when done.
 func Dial(target string, opts ...Option) (*Client, error) {
-	s := settings{timeout: DefaultTimeout}
+	s := settings{timeout: DefaultTimeout, retry: DefaultRetryPolicy}
 	for _, opt := range opts {
 		opt(&s)
 	}
 	dialOptions := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(RetryServiceConfig),
 	}, s.dialOptions...)
 	conn, err := grpc.NewClient(target, dialOptions...)
 	if err != nil {
 		return nil, fmt.Errorf("quotad: %w", err)
 	}
-	return &Client{conn: conn, stub: quotadv1.NewQuotaServiceClient(conn), timeout: s.timeout}, nil
+	return &Client{
+		conn: conn, stub: quotadv1.NewQuotaServiceClient(conn), timeout: s.timeout, retry: s.retry.withDefaults(),
+	}, nil
 }
 
-// New wraps a connection the caller made (and closes).
+// New wraps a connection the caller made (and closes); calls retry as DefaultRetryPolicy says.
 func New(conn grpc.ClientConnInterface, timeout time.Duration) *Client {
-	return &Client{stub: quotadv1.NewQuotaServiceClient(conn), timeout: timeout}
+	return &Client{stub: quotadv1.NewQuotaServiceClient(conn), timeout: timeout, retry: DefaultRetryPolicy.withDefaults()}
 }
 
 // Close closes the connection Dial opened.
@@ -102,7 +128,8 @@ type ReserveRequest struct {
 	InputTokens     int64
 	MaxOutputTokens int64
 	Lease           time.Duration // zero: the policy's default
-	// IdempotencyKey makes retries safe; empty: one is generated for this call.
+	// IdempotencyKey makes retries safe; empty: one is generated for this call, and every
+	// attempt of the call sends it. Set your own to retry past the call's deadline yourself.
 	IdempotencyKey string
 }
 
@@ -118,7 +145,9 @@ type Decision struct {
 	Allowed       bool
 	ReservationID string // set when allowed
 	Reserved      Cost   // set when allowed
-	Replayed      bool   // the idempotency key matched an earlier reservation
+	// Replayed: the idempotency key matched an earlier reservation, which is returned; e.g. an
+	// attempt that quotad answered UNAVAILABLE had reserved after all. It is charged once.
+	Replayed bool
 	// Denied only: the binding limit, why, and when the same request fits
 	// (RetryAfter is zero when it never can: DenyReason is DENY_REASON_EXCEEDS_CAPACITY).
 	BindingLimit string
@@ -130,6 +159,7 @@ type Decision struct {
 }
 
 // Reserve asks whether a call may go ahead and reserves its estimated cost on every limit.
+// UNAVAILABLE is retried with the same idempotency key until ctx's deadline (see the package doc).
 func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, error) {
 	request := &quotadv1.CheckAndReserveRequest{
 		Subject:         r.Subject,
@@ -146,11 +176,9 @@ func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, erro
 	if r.Lease != 0 {
 		request.Lease = durationpb.New(r.Lease)
 	}
-	ctx, cancel := c.deadline(ctx)
-	defer cancel()
-	response, err := c.stub.CheckAndReserve(ctx, request)
+	response, err := invoke(ctx, c, c.stub.CheckAndReserve, request)
 	if err != nil {
-		return nil, wrap(err)
+		return nil, err
 	}
 	decision := &Decision{
 		Allowed:       response.GetDecision() == quotadv1.Decision_DECISION_ALLOWED,
@@ -170,20 +198,14 @@ func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, erro
 
 // Commit settles a reservation with the tokens the call really used.
 func (c *Client) Commit(ctx context.Context, reservationID string, inputTokens, outputTokens int64) (*quotadv1.CommitResponse, error) {
-	ctx, cancel := c.deadline(ctx)
-	defer cancel()
-	response, err := c.stub.Commit(ctx, &quotadv1.CommitRequest{
+	return invoke(ctx, c, c.stub.Commit, &quotadv1.CommitRequest{
 		ReservationId: reservationID, InputTokens: inputTokens, OutputTokens: outputTokens,
 	})
-	return response, wrap(err)
 }
 
 // Release gives a reservation back: the call never happened.
 func (c *Client) Release(ctx context.Context, reservationID string) (*quotadv1.ReleaseResponse, error) {
-	ctx, cancel := c.deadline(ctx)
-	defer cancel()
-	response, err := c.stub.Release(ctx, &quotadv1.ReleaseRequest{ReservationId: reservationID})
-	return response, wrap(err)
+	return invoke(ctx, c, c.stub.Release, &quotadv1.ReleaseRequest{ReservationId: reservationID})
 }
 
 // UsageRequest names a caller whose limits to report.
@@ -193,12 +215,9 @@ type UsageRequest struct {
 
 // Usage reports every limit that applies to a caller, changing nothing.
 func (c *Client) Usage(ctx context.Context, r UsageRequest) (*quotadv1.GetUsageResponse, error) {
-	ctx, cancel := c.deadline(ctx)
-	defer cancel()
-	response, err := c.stub.GetUsage(ctx, &quotadv1.GetUsageRequest{
+	return invoke(ctx, c, c.stub.GetUsage, &quotadv1.GetUsageRequest{
 		Subject: r.Subject, Tenant: r.Tenant, Tier: r.Tier, Model: r.Model,
 	})
-	return response, wrap(err)
 }
 
 // Remaining maps each limit's name to its remaining units.
@@ -251,6 +270,45 @@ func wrap(err error) error {
 		}
 	}
 	return e
+}
+
+// invoke makes one logical call: one deadline for all of its attempts, and UNAVAILABLE retried
+// with backoff until it. Every attempt sends the same request (so the same idempotency key).
+func invoke[Req, Resp any](
+	ctx context.Context, c *Client, rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error), request Req,
+) (Resp, error) {
+	ctx, cancel := c.deadline(ctx)
+	defer cancel()
+	backoff := c.retry.InitialBackoff
+	for attempt := 1; ; attempt++ {
+		response, err := rpc(ctx, request)
+		if status.Code(err) != codes.Unavailable || (c.retry.MaxAttempts > 0 && attempt >= c.retry.MaxAttempts) {
+			return response, wrap(err)
+		}
+		sleep := backoff/2 + mathrand.N(backoff/2+1) // 50 to 100 %: clients that failed together spread out
+		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) <= sleep {
+			return response, wrap(err) // the next attempt would have no time left
+		}
+		timer := time.NewTimer(sleep)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return response, wrap(err)
+		case <-timer.C:
+		}
+		backoff = min(2*backoff, c.retry.MaxBackoff)
+	}
+}
+
+func (p RetryPolicy) withDefaults() RetryPolicy {
+	if p.InitialBackoff <= 0 {
+		p.InitialBackoff = DefaultRetryPolicy.InitialBackoff
+	}
+	if p.MaxBackoff <= 0 {
+		p.MaxBackoff = DefaultRetryPolicy.MaxBackoff
+	}
+	p.MaxBackoff = max(p.MaxBackoff, p.InitialBackoff)
+	return p
 }
 
 func (c *Client) deadline(ctx context.Context) (context.Context, context.CancelFunc) {

@@ -5,9 +5,11 @@
     async with QuotaClient("localhost:50051") as quota:
         async with quota.reserve("user-42", model="gpt-4o", input_tokens=812, max_output_tokens=256) as r:
             response = await openai.chat.completions.create(...)
-            r.record(response.usage)       # committed on exit; released if the body raises
+            r.record(response.usage)       # committed on exit, even if the body then raises
 
-`SyncQuotaClient` is the same for blocking code. `quotad.v1.quota_pb2` (also exported as
+Nothing recorded: the estimate is committed on exit, or the reservation released if the body
+raises. UNAVAILABLE is retried, with one idempotency key per reservation, within each call's
+`timeout` (see QuotaClient). `SyncQuotaClient` is the same for blocking code. `quotad.v1.quota_pb2` (also exported as
 `pb`) holds the generated messages.
 """
 

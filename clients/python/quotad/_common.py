@@ -5,6 +5,8 @@ Nothing here does I/O, so both clients make the same requests and the same decis
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -13,17 +15,22 @@ from datetime import timedelta
 import grpc
 from google.protobuf import duration_pb2
 
-from quotad.errors import QuotaDenied
-from quotad.usage import Usage
+from quotad.errors import QuotaDenied, QuotadError, from_rpc_error
+from quotad.usage import Tally, Usage
 from quotad.v1 import quota_pb2 as pb
 
 Metadata = Sequence[tuple[str, str]]
 MetadataProvider = Callable[[], Iterable[tuple[str, str]]]
 """Called before every RPC; returns metadata to send with it (e.g. a fresh bearer token)."""
 
-DEFAULT_TIMEOUT_S = 1.0
-DEFAULT_RETRIES = 2
-DEFAULT_RETRY_BACKOFF_S = 0.05
+# One call's deadline, all of its attempts and the sleeps between them included. quotad answers
+# UNAVAILABLE within its Redis timeout (QUOTAD_REDIS_TIMEOUT_MS, 250 ms by default), so 2 s
+# rides out a Redis hiccup of about a second (five or more attempts) and still fails fast
+# enough for a caller that then fails open or closed.
+DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_RETRY_BACKOFF_S = 0.05  # the first retry's backoff; it doubles for each next one ...
+MAX_RETRY_BACKOFF_S = 1.0  # ... up to this
+_JITTER = (0.5, 1.0)  # each sleep is the backoff times a random factor in this range
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,31 +40,80 @@ class Settings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     metadata: Metadata = ()
     metadata_provider: MetadataProvider | None = None
-    retries: int = DEFAULT_RETRIES
+    retries: int | None = None
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be 0 or more, got {self.retries}")
+        if self.retries is not None and self.retries < 0:
+            raise ValueError(f"retries must be 0 or more (or None: until the deadline), got {self.retries}")
+        if self.retry_backoff_s <= 0:
+            raise ValueError(f"retry_backoff must be positive, got {self.retry_backoff_s}")
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         extra = tuple(self.metadata_provider()) if self.metadata_provider is not None else ()
         return (*self.metadata, *extra)
 
-    def retry_delays(self) -> list[float]:
-        """Sleep before each retry: exponential from retry_backoff_s."""
-        return [self.retry_backoff_s * 2**attempt for attempt in range(self.retries)]
+    def attempts(self, extra_s: float = 0.0) -> Attempts:
+        """The attempts of one logical call, starting now; `extra_s` lengthens its deadline."""
+        return Attempts(self, self.timeout_s + extra_s)
+
+
+class Attempts:
+    """The attempts of one logical call: one deadline for all of them, and the sleep before each retry.
+
+    Each attempt gets what is left of the deadline as its own gRPC timeout, so the caller's
+    `timeout` bounds the whole call, retries included.
+    """
+
+    def __init__(
+        self, settings: Settings, budget_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._deadline = clock() + budget_s
+        self._retries_left = settings.retries
+        self._backoff_s = settings.retry_backoff_s
+        self.made = 0
+
+    def timeout(self) -> float:
+        """The gRPC timeout of the attempt about to be made (counted as made)."""
+        self.made += 1
+        return max(self._deadline - self._clock(), 0.0)
+
+    def delay_before_retry(self, code: grpc.StatusCode | None) -> float | None:
+        """Seconds to sleep before trying again, or None: give up and raise this attempt's error.
+
+        Gives up on any code but UNAVAILABLE, when the retries are spent, or when the sleep
+        would reach the deadline (the next attempt would have no time left).
+        """
+        if not is_retryable(code) or self._retries_left == 0:
+            return None
+        delay = self._backoff_s * random.uniform(*_JITTER)
+        if self._clock() + delay >= self._deadline:
+            return None
+        self._backoff_s = min(self._backoff_s * 2, MAX_RETRY_BACKOFF_S)
+        if self._retries_left is not None:
+            self._retries_left -= 1
+        return delay
+
+    def failure(self, error: grpc.RpcError) -> QuotadError:
+        """The QuotadError to raise for the last attempt's error, saying how many were made."""
+        failure = from_rpc_error(error)
+        if self.made > 1:
+            failure.add_note(f"quotad: {self.made} attempts, the same request each time")
+        return failure
 
 
 def is_retryable(code: grpc.StatusCode | None) -> bool:
-    """UNAVAILABLE only: nothing was decided, or the request is safe to repeat.
+    """UNAVAILABLE only: quotad, or its Redis, did not decide, or its answer was lost.
 
     Every call the clients retry is idempotent on the server: CheckAndReserve always
-    carries an idempotency key (one is generated when the caller gives none), Commit and
-    Release return the first result when repeated, and GetUsage changes nothing. So a
-    retry after a lost answer never reserves or settles twice.
+    carries an idempotency key (one is generated per logical call when the caller gives
+    none, and every attempt sends the same one), Commit and Release return the first result
+    when repeated, and GetUsage changes nothing. So a retry after an answer that was lost,
+    or after a Redis connection that dropped once the script was sent, never reserves or
+    settles twice. DEADLINE_EXCEEDED is not retried: the caller's deadline has passed.
     """
     return code == grpc.StatusCode.UNAVAILABLE
 
@@ -151,20 +207,35 @@ def wait_before_retrying(response: pb.CheckAndReserveResponse, budget_s: float) 
 
 @dataclass(slots=True)
 class Outcome:
-    """What a reservation's context manager settles with on a clean exit."""
+    """What a reservation's body recorded, settled on exit (the same rule for `reserve()` and Celery).
 
-    usage: object | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    Committed when anything was recorded, even if the body then raised: the LLM call happened
+    and its tokens were spent. Released only when nothing was recorded and the body raised.
+    """
+
+    tally: Tally | None = None
     settled: bool = False
 
-    def record(self, usage: object | None, input_tokens: int | None, output_tokens: int | None) -> None:
-        if usage is not None:
-            Usage.of(usage)  # fail now, in the caller's code, if it cannot be read
-        self.usage, self.input_tokens, self.output_tokens = usage, input_tokens, output_tokens
+    @property
+    def recorded(self) -> bool:
+        return self.tally is not None
 
-    def commit_fields(self, reserved: pb.Cost) -> tuple[object | None, int | None, int | None]:
-        """Usage recorded by the body, or the reserved estimate when it recorded none."""
-        if self.usage is None and self.input_tokens is None and self.output_tokens is None:
-            return None, reserved.input_tokens, reserved.output_tokens
-        return self.usage, self.input_tokens, self.output_tokens
+    def record(self, usage: object | None, input_tokens: int | None, output_tokens: int | None) -> None:
+        """Add a report to what the body recorded; see `reserve()`'s `record` for what it takes."""
+        if usage is not None:
+            if input_tokens is not None or output_tokens is not None:
+                raise TypeError("pass either a usage object or input_tokens/output_tokens, not both")
+            found = Tally.of(usage)  # raises now, in the caller's code, if it cannot be read
+            if found is not None:
+                self.tally = found if self.tally is None else self.tally.then(found)
+            return
+        if input_tokens is None and output_tokens is None:
+            return  # e.g. `record(chunk.usage)` for a chunk that has none: it says nothing
+        if input_tokens is None or output_tokens is None:
+            raise TypeError("record needs a usage object, or both input_tokens and output_tokens")
+        self.tally = Tally(input_tokens, 0, 0, output_tokens, whole=True)
+
+    def commit_usage(self, reserved: pb.Cost) -> Usage:
+        """What to commit: what was recorded, the reserved estimate standing in for what was not."""
+        tally = self.tally if self.tally is not None else Tally()
+        return tally.usage_or(input_tokens=reserved.input_tokens, output_tokens=reserved.output_tokens)

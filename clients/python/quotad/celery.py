@@ -215,11 +215,7 @@ class _Held:
     outcome: Outcome = field(default_factory=Outcome)
 
     def reported(self) -> bool:
-        return not (
-            self.outcome.usage is None
-            and self.outcome.input_tokens is None
-            and self.outcome.output_tokens is None
-        )
+        return self.outcome.recorded
 
 
 _held: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("quotad_celery_held", default=None)
@@ -241,8 +237,10 @@ def report_usage(
 
     An OpenAI (Chat Completions or Responses) or Anthropic `usage` object, a whole response that
     has `.usage`, a mapping of the same (see `quotad.usage`), or `input_tokens=` and
-    `output_tokens=`. Called again, the last report wins. A body that reported usage and then
-    raised is committed with it, not released: the tokens were spent.
+    `output_tokens=`. Called again, the last report wins; for a stream, report every event or
+    chunk as it arrives, as with a reservation's `record()` (an Anthropic `message_delta`
+    updates its `message_start`). A body that reported usage and then raised is committed with
+    it, not released: the tokens were spent.
     """
     if usage is None and (input_tokens is None or output_tokens is None):
         raise TypeError("report_usage needs a usage object, or both input_tokens and output_tokens")
@@ -354,13 +352,10 @@ class QuotaTask(Task[..., Any]):
             vars(self).pop("override_max_retries", None)
 
     def _commit(self, client: SyncQuotaClient, spec: TaskQuota, held: _Held) -> None:
-        usage, input_tokens, output_tokens = held.outcome.commit_fields(held.response.reserved)
         try:
             client.commit(
                 held.response.reservation_id,
-                usage,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
+                held.outcome.commit_usage(held.response.reserved),
                 exclude_cached=spec.exclude_cached,
             )
         except Exception:

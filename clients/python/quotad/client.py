@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 
 from quotad._common import (
-    DEFAULT_RETRIES,
     DEFAULT_RETRY_BACKOFF_S,
     DEFAULT_TIMEOUT_S,
     Metadata,
@@ -25,13 +24,11 @@ from quotad._common import (
     Outcome,
     Settings,
     commit_request,
-    is_retryable,
     new_idempotency_key,
     reserve_request,
     seconds,
     wait_before_retrying,
 )
-from quotad.errors import from_rpc_error
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
@@ -39,15 +36,18 @@ from quotad.v1 import quota_pb2_grpc as pb_grpc
 class QuotaClient:
     """One channel to quotad. Use as `async with QuotaClient("host:50051") as quota:`.
 
-    - `timeout`: the deadline of each RPC attempt, in seconds.
+    - `timeout`: the deadline of each call in seconds (default 2), all of its attempts and the
+      sleeps between them included. A CheckAndReserve with `server_wait` gets that much more.
     - `credentials`: `grpc.ssl_channel_credentials(...)` (optionally composed with call
       credentials) for TLS; plaintext when None.
     - `metadata`: sent with every RPC, e.g. `[("authorization", "Bearer ...")]`;
       `metadata_provider` is called before every RPC for metadata that changes.
     - `options`: gRPC channel options, e.g. `[("grpc.keepalive_time_ms", 30_000)]`.
-    - `retries`: how many times an UNAVAILABLE call is retried (exponential backoff from
-      `retry_backoff` seconds). Safe: every call is idempotent on the server (see
-      `quotad._common.is_retryable`).
+    - `retries`: how many times an UNAVAILABLE call may be retried; None (the default): as
+      many times as fit in `timeout`. The backoff starts at `retry_backoff` seconds (default
+      0.05), doubles up to 1 s, and is jittered (50 to 100 % of it). Safe: every call is
+      idempotent on the server, and a CheckAndReserve sends the same idempotency key on every
+      attempt (see `quotad._common.is_retryable`).
     - `channel`: use this channel instead of opening one (`credentials`/`options` unused).
     """
 
@@ -60,7 +60,7 @@ class QuotaClient:
         metadata: Metadata = (),
         metadata_provider: MetadataProvider | None = None,
         options: Sequence[tuple[str, Any]] = (),
-        retries: int = DEFAULT_RETRIES,
+        retries: int | None = None,
         retry_backoff: float = DEFAULT_RETRY_BACKOFF_S,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
@@ -84,20 +84,22 @@ class QuotaClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        """One RPC with the deadline, the metadata and the retries of UNAVAILABLE."""
-        delays = self._settings.retry_delays()
-        for attempt in range(len(delays) + 1):
+    async def _call(self, method: Any, request: Any, *, extra_s: float = 0.0) -> Any:
+        """One logical call: the deadline, the metadata, and UNAVAILABLE retried until the deadline.
+
+        Every attempt sends the same request, so a CheckAndReserve keeps its idempotency key.
+        """
+        attempts = self._settings.attempts(extra_s)
+        while True:
             try:
                 return await method(
-                    request, timeout=self._settings.timeout_s, metadata=self._settings.call_metadata()
+                    request, timeout=attempts.timeout(), metadata=self._settings.call_metadata()
                 )
             except grpc.aio.AioRpcError as error:
-                if attempt < len(delays) and is_retryable(error.code()):
-                    await asyncio.sleep(delays[attempt])
-                    continue
-                raise from_rpc_error(error) from error
-        raise AssertionError("unreachable")  # pragma: no cover
+                delay = attempts.delay_before_retry(error.code())
+                if delay is None:
+                    raise attempts.failure(error) from error
+                await asyncio.sleep(delay)
 
     async def check_and_reserve(
         self,
@@ -115,9 +117,11 @@ class QuotaClient:
     ) -> pb.CheckAndReserveResponse:
         """Reserve the estimated cost of one call on every limit, or get a denial (a value).
 
-        Without an `idempotency_key` (None or "") one is generated, so retries never reserve twice.
-        `priority` orders shared capacity (the tier's default when unspecified); with `server_wait`
-        quotad holds the request in its waiting line, up to that long, and admits it when it fits.
+        Without an `idempotency_key` (None or "") one is generated for this call, and every
+        attempt sends it, so retries never reserve twice: an answer with `replayed` set is the
+        reservation an earlier attempt made. `priority` orders shared capacity (the tier's default
+        when unspecified); with `server_wait` quotad holds the request in its waiting line, up to
+        that long, and admits it when it fits (the call's deadline is longer by as much).
         """
         request = reserve_request(
             subject,
@@ -131,7 +135,9 @@ class QuotaClient:
             priority=priority,
             server_wait=server_wait,
         )
-        response: pb.CheckAndReserveResponse = await self._call(self._stub.CheckAndReserve, request)
+        response: pb.CheckAndReserveResponse = await self._call(
+            self._stub.CheckAndReserve, request, extra_s=seconds(server_wait or 0)
+        )
         return response
 
     async def commit(
@@ -192,9 +198,10 @@ class QuotaClient:
         """`async with quota.reserve(...) as reservation:` reserve, run the body, settle.
 
         On enter: reserve, or raise QuotaDenied; with `max_wait` (seconds), a denial that
-        fits within it is waited out (sleeping its retry_after) and asked again. On a
-        clean exit: commit what the body recorded with `reservation.record(usage)`, or
-        the reserved estimate. When the body raises: release.
+        fits within it is waited out (sleeping its retry_after) and asked again. On exit:
+        commit what the body recorded with `reservation.record(...)`, the reserved estimate
+        standing in for what it did not; that holds when the body raises after recording,
+        since the LLM call happened. A body that raises before recording anything: release.
         """
         request = reserve_request(
             subject,
@@ -234,7 +241,15 @@ class AsyncReservation:
         input_tokens: int | None = None,
         output_tokens: int | None = None,
     ) -> None:
-        """What to commit on exit: a provider usage object, or plain numbers."""
+        """Record what the LLM call used, to commit on exit (even if the body then raises).
+
+        A provider usage object or a whole response (see `quotad.usage`), or plain
+        `input_tokens=` and `output_tokens=`; a later report replaces an earlier one. For a
+        stream, record every event or chunk as it arrives: those without usage are skipped, an
+        Anthropic `message_delta` updates its `message_start`, and an OpenAI chunk with `usage`
+        (`stream_options={"include_usage": True}`) gives all of it. None records nothing.
+        Raises TypeError for what cannot be read.
+        """
         self._outcome.record(usage, input_tokens, output_tokens)
 
     async def commit(
@@ -277,10 +292,15 @@ class AsyncReservation:
         if self._outcome.settled:
             return
         if exc is None:
-            usage, input_tokens, output_tokens = self._outcome.commit_fields(self.response.reserved)
-            await self.commit(usage, input_tokens=input_tokens, output_tokens=output_tokens)
+            await self.commit(self._outcome.commit_usage(self.response.reserved))
             return
+        # The body failed. What it recorded was spent (the LLM answered, then something broke):
+        # commit it. Nothing recorded: the call did not happen, give the reservation back.
         try:
-            await self.release()
-        except Exception as release_error:  # the body's exception matters more; the lease frees the slot
-            exc.add_note(f"quotad: releasing reservation {self.reservation_id} failed: {release_error}")
+            if self._outcome.recorded:
+                await self.commit(self._outcome.commit_usage(self.response.reserved))
+            else:
+                await self.release()
+        except Exception as settle_error:  # the body's exception matters more; the lease frees the slot
+            action = "committing" if self._outcome.recorded else "releasing"
+            exc.add_note(f"quotad: {action} reservation {self.reservation_id} failed: {settle_error}")

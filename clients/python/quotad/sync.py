@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 
 from quotad._common import (
-    DEFAULT_RETRIES,
     DEFAULT_RETRY_BACKOFF_S,
     DEFAULT_TIMEOUT_S,
     Metadata,
@@ -23,13 +22,11 @@ from quotad._common import (
     Outcome,
     Settings,
     commit_request,
-    is_retryable,
     new_idempotency_key,
     reserve_request,
     seconds,
     wait_before_retrying,
 )
-from quotad.errors import from_rpc_error
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
@@ -50,7 +47,7 @@ class SyncQuotaClient:
         metadata: Metadata = (),
         metadata_provider: MetadataProvider | None = None,
         options: Sequence[tuple[str, Any]] = (),
-        retries: int = DEFAULT_RETRIES,
+        retries: int | None = None,
         retry_backoff: float = DEFAULT_RETRY_BACKOFF_S,
         channel: grpc.Channel | None = None,
     ) -> None:
@@ -74,21 +71,21 @@ class SyncQuotaClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Any, request: Any) -> Any:
-        """One RPC with the deadline, the metadata and the retries of UNAVAILABLE."""
-        delays = self._settings.retry_delays()
-        for attempt in range(len(delays) + 1):
+    def _call(self, method: Any, request: Any, *, extra_s: float = 0.0) -> Any:
+        """One logical call: the deadline, the metadata, and UNAVAILABLE retried until the deadline.
+
+        Every attempt sends the same request, so a CheckAndReserve keeps its idempotency key.
+        """
+        attempts = self._settings.attempts(extra_s)
+        while True:
             try:
-                return method(
-                    request, timeout=self._settings.timeout_s, metadata=self._settings.call_metadata()
-                )
+                return method(request, timeout=attempts.timeout(), metadata=self._settings.call_metadata())
             except grpc.RpcError as error:
                 call: grpc.Call = error  # type: ignore[assignment]  # a failed call's error is the Call
-                if attempt < len(delays) and is_retryable(call.code()):
-                    time.sleep(delays[attempt])
-                    continue
-                raise from_rpc_error(error) from error
-        raise AssertionError("unreachable")  # pragma: no cover
+                delay = attempts.delay_before_retry(call.code())
+                if delay is None:
+                    raise attempts.failure(error) from error
+                time.sleep(delay)
 
     def check_and_reserve(
         self,
@@ -104,7 +101,10 @@ class SyncQuotaClient:
         priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
         server_wait: timedelta | None = None,
     ) -> pb.CheckAndReserveResponse:
-        """Reserve the estimated cost of one call on every limit, or get a denial (a value)."""
+        """Reserve the estimated cost of one call on every limit, or get a denial (a value).
+
+        As `QuotaClient.check_and_reserve`: one idempotency key per call, sent by every attempt.
+        """
         request = reserve_request(
             subject,
             tenant=tenant,
@@ -117,7 +117,9 @@ class SyncQuotaClient:
             priority=priority,
             server_wait=server_wait,
         )
-        response: pb.CheckAndReserveResponse = self._call(self._stub.CheckAndReserve, request)
+        response: pb.CheckAndReserveResponse = self._call(
+            self._stub.CheckAndReserve, request, extra_s=seconds(server_wait or 0)
+        )
         return response
 
     def commit(
@@ -213,7 +215,7 @@ class Reservation:
         input_tokens: int | None = None,
         output_tokens: int | None = None,
     ) -> None:
-        """What to commit on exit: a provider usage object, or plain numbers."""
+        """Record what the LLM call used, to commit on exit; as `AsyncReservation.record`."""
         self._outcome.record(usage, input_tokens, output_tokens)
 
     def commit(
@@ -256,10 +258,15 @@ class Reservation:
         if self._outcome.settled:
             return
         if exc is None:
-            usage, input_tokens, output_tokens = self._outcome.commit_fields(self.response.reserved)
-            self.commit(usage, input_tokens=input_tokens, output_tokens=output_tokens)
+            self.commit(self._outcome.commit_usage(self.response.reserved))
             return
+        # The body failed. What it recorded was spent (the LLM answered, then something broke):
+        # commit it. Nothing recorded: the call did not happen, give the reservation back.
         try:
-            self.release()
-        except Exception as release_error:  # the body's exception matters more; the lease frees the slot
-            exc.add_note(f"quotad: releasing reservation {self.reservation_id} failed: {release_error}")
+            if self._outcome.recorded:
+                self.commit(self._outcome.commit_usage(self.response.reserved))
+            else:
+                self.release()
+        except Exception as settle_error:  # the body's exception matters more; the lease frees the slot
+            action = "committing" if self._outcome.recorded else "releasing"
+            exc.add_note(f"quotad: {action} reservation {self.reservation_id} failed: {settle_error}")

@@ -5,11 +5,18 @@
  * `reserve()` resolves to a decision: a denial is a value (`allowed: false`), not an
  * error. Error statuses reject with a `QuotadError` carrying the gRPC code and, for
  * INVALID_ARGUMENT, the server's field violations.
+ *
+ * Every call is retried when quotad answers UNAVAILABLE (its Redis was slow or down, or the
+ * answer was lost), with jittered exponential backoff, within one deadline for all attempts
+ * (`timeoutMs`). Safe: `reserve` sends one idempotency key on every attempt, so a retry of a
+ * reservation that was made after all returns it (`replayed`); commit and release are
+ * idempotent; usage changes nothing.
  */
 import { randomUUID } from "node:crypto";
 import {
   type ChannelCredentials,
   type ChannelOptions,
+  type Interceptor,
   type ServiceError,
   Metadata,
   credentials,
@@ -33,32 +40,41 @@ import {
 
 export * as v1 from "./gen/quotad/v1/quota";
 
-/** UNAVAILABLE is retried twice by gRPC's retry policy. Safe: every reserve sends an
- * idempotency key, Commit and Release are idempotent, GetUsage changes nothing. */
-export const RETRY_SERVICE_CONFIG = {
-  methodConfig: [
-    {
-      name: [{ service: "quotad.v1.QuotaService" }],
-      retryPolicy: {
-        maxAttempts: 3,
-        initialBackoff: "0.05s",
-        maxBackoff: "1s",
-        backoffMultiplier: 2,
-        retryableStatusCodes: ["UNAVAILABLE"],
-      },
-    },
-  ],
-};
+/**
+ * The deadline of a call, in milliseconds: all of its attempts and the backoff between them.
+ * quotad answers UNAVAILABLE within its Redis timeout (250 ms by default), so two seconds ride
+ * out a Redis hiccup of about a second and still fail fast enough to fail open or closed.
+ */
+export const DEFAULT_TIMEOUT_MS = 2000;
+
+/**
+ * How a call that quotad answered UNAVAILABLE is tried again. The client retries itself rather
+ * than through gRPC's retry service config, which caps a call at five attempts whatever its
+ * deadline.
+ */
+export interface RetryOptions {
+  /** Attempts of one call at most, the first included; 0 (default): as many as fit in the deadline. */
+  maxAttempts?: number;
+  /** Backoff before the first retry (default 50); it doubles for each next one. Each sleep is
+   * 50 to 100 % of the backoff, at random, so clients that failed together spread out. */
+  initialBackoffMs?: number;
+  /** The longest backoff (default 1000). */
+  maxBackoffMs?: number;
+}
 
 export interface ClientOptions {
-  /** Deadline of each call, in milliseconds (default 1000). */
+  /** Deadline of each call in milliseconds, all of its attempts included (default 2000). */
   timeoutMs?: number;
+  /** How UNAVAILABLE is retried; see RetryOptions. */
+  retry?: RetryOptions;
   /** TLS: `credentials.createSsl(...)`; plaintext when omitted. */
   credentials?: ChannelCredentials;
   /** Metadata sent with every call, or a function called before every call (e.g. a fresh token). */
   metadata?: Record<string, string> | (() => Record<string, string>);
-  /** gRPC channel options (merged over the retry service config). */
+  /** gRPC channel options. */
   channelOptions?: ChannelOptions;
+  /** gRPC client interceptors (logging, tracing); each attempt of a call passes through them. */
+  interceptors?: Interceptor[];
 }
 
 export interface ReserveRequest {
@@ -70,7 +86,8 @@ export interface ReserveRequest {
   maxOutputTokens?: number;
   /** Lease of the reservation in milliseconds; the policy's default when omitted. */
   leaseMs?: number;
-  /** Makes retries safe; one is generated when omitted or empty. */
+  /** Makes retries safe; one is generated for the call when omitted or empty, and every attempt
+   * sends it. Give your own to retry past the call's deadline yourself. */
   idempotencyKey?: string;
   /** Instead of inputTokens: the prompt text, counted by the server. */
   prompt?: string;
@@ -88,7 +105,8 @@ export interface Allowed extends DecisionCommon {
   allowed: true;
   reservationId: string;
   reserved: Cost;
-  /** The idempotency key matched an earlier reservation, which is returned. */
+  /** The idempotency key matched an earlier reservation, which is returned: e.g. an attempt that
+   * quotad answered UNAVAILABLE had reserved after all. It is charged once. */
   replayed: boolean;
 }
 
@@ -139,14 +157,21 @@ export class QuotadError extends Error {
 export class QuotaClient {
   private readonly stub: QuotaServiceClient;
   private readonly timeoutMs: number;
+  private readonly retry: Required<RetryOptions>;
   private readonly metadata: ClientOptions["metadata"];
 
   constructor(target: string, options: ClientOptions = {}) {
-    this.timeoutMs = options.timeoutMs ?? 1000;
+    this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const initialBackoffMs = options.retry?.initialBackoffMs ?? 50;
+    this.retry = {
+      maxAttempts: options.retry?.maxAttempts ?? 0,
+      initialBackoffMs,
+      maxBackoffMs: Math.max(options.retry?.maxBackoffMs ?? 1000, initialBackoffMs),
+    };
     this.metadata = options.metadata;
     this.stub = new QuotaServiceClient(target, options.credentials ?? credentials.createInsecure(), {
-      "grpc.service_config": JSON.stringify(RETRY_SERVICE_CONFIG),
       ...options.channelOptions,
+      interceptors: options.interceptors ?? [],
     });
   }
 
@@ -157,27 +182,24 @@ export class QuotaClient {
   /** Reserve the estimated cost of one call on every limit; a denial resolves, it does not reject. */
   async reserve(request: ReserveRequest): Promise<ReserveDecision> {
     const leaseMs = request.leaseMs;
+    // Built once, outside the attempts: every attempt sends this call's one idempotency key.
+    const message = CheckAndReserveRequest.fromPartial({
+      subject: request.subject,
+      tenant: request.tenant ?? "",
+      tier: request.tier ?? "",
+      model: request.model ?? "",
+      inputTokens: request.inputTokens ?? 0,
+      maxOutputTokens: request.maxOutputTokens ?? 0,
+      lease:
+        leaseMs === undefined
+          ? undefined
+          : { seconds: Math.floor(leaseMs / 1000), nanos: (leaseMs % 1000) * 1_000_000 },
+      idempotencyKey: request.idempotencyKey || randomUUID(),
+      prompt: request.prompt ?? "",
+      messages: request.messages ?? [],
+    });
     const response = await this.call<CheckAndReserveResponse>((metadata, options, done) =>
-      this.stub.checkAndReserve(
-        CheckAndReserveRequest.fromPartial({
-          subject: request.subject,
-          tenant: request.tenant ?? "",
-          tier: request.tier ?? "",
-          model: request.model ?? "",
-          inputTokens: request.inputTokens ?? 0,
-          maxOutputTokens: request.maxOutputTokens ?? 0,
-          lease:
-            leaseMs === undefined
-              ? undefined
-              : { seconds: Math.floor(leaseMs / 1000), nanos: (leaseMs % 1000) * 1_000_000 },
-          idempotencyKey: request.idempotencyKey || randomUUID(),
-          prompt: request.prompt ?? "",
-          messages: request.messages ?? [],
-        }),
-        metadata,
-        options,
-        done,
-      ),
+      this.stub.checkAndReserve(message, metadata, options, done),
     );
     const remaining = remainingOf(response.limits);
     if (response.decision === Decision.DECISION_ALLOWED) {
@@ -252,23 +274,43 @@ export class QuotaClient {
     );
   }
 
-  private call<T>(
-    start: (
-      metadata: Metadata,
-      options: { deadline: Date },
-      done: (error: ServiceError | null, response: T) => void,
-    ) => void,
-  ): Promise<T> {
+  /**
+   * One logical call: one deadline for all of its attempts, and UNAVAILABLE retried with
+   * backoff until it. `start` makes one attempt; it sends the same message every time.
+   */
+  private async call<T>(start: Attempt<T>): Promise<T> {
+    const deadline = new Date(Date.now() + this.timeoutMs);
+    let backoffMs = this.retry.initialBackoffMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.attempt(start, deadline);
+      } catch (error) {
+        const failed = error as ServiceError;
+        const last = this.retry.maxAttempts > 0 && attempt >= this.retry.maxAttempts;
+        if (failed.code !== status.UNAVAILABLE || last) throw new QuotadError(failed);
+        const sleepMs = backoffMs * (0.5 + Math.random() / 2); // clients that failed together spread out
+        if (Date.now() + sleepMs >= deadline.getTime()) throw new QuotadError(failed); // no time left
+        await new Promise((resolve) => setTimeout(resolve, sleepMs));
+        backoffMs = Math.min(2 * backoffMs, this.retry.maxBackoffMs);
+      }
+    }
+  }
+
+  private attempt<T>(start: Attempt<T>, deadline: Date): Promise<T> {
     const metadata = new Metadata();
     const extra = typeof this.metadata === "function" ? this.metadata() : (this.metadata ?? {});
     for (const [key, value] of Object.entries(extra)) metadata.set(key, value);
     return new Promise<T>((resolve, reject) => {
-      start(metadata, { deadline: new Date(Date.now() + this.timeoutMs) }, (error, response) =>
-        error ? reject(new QuotadError(error)) : resolve(response),
-      );
+      start(metadata, { deadline }, (error, response) => (error ? reject(error) : resolve(response)));
     });
   }
 }
+
+type Attempt<T> = (
+  metadata: Metadata,
+  options: { deadline: Date },
+  done: (error: ServiceError | null, response: T) => void,
+) => void;
 
 /** Remaining units per limit name, from a response's limit statuses. */
 export function remainingOf(limits: LimitStatus[]): Record<string, number> {

@@ -17,7 +17,8 @@ import java.util.Optional;
  * @param allowed the cost was reserved on every limit
  * @param reservationId the reservation to commit or release (allowed only)
  * @param reserved the cost reserved (allowed only)
- * @param replayed the idempotency key matched an earlier reservation, which is returned
+ * @param replayed the idempotency key matched an earlier reservation, which is returned: e.g. an
+ *     attempt that quotad answered UNAVAILABLE had reserved after all; it is charged once
  * @param bindingLimit the limit that decided the denial (denied only)
  * @param denyReason LIMIT_EXCEEDED (retry after {@code retryAfter}) or EXCEEDS_CAPACITY (never fits)
  * @param retryAfter when this same request fits; empty when allowed or when it never can

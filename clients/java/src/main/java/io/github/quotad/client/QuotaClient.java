@@ -10,18 +10,20 @@ import io.github.quotad.v1.ReleaseRequest;
 import io.github.quotad.v1.ReleaseResponse;
 import io.grpc.CallCredentials;
 import io.grpc.ClientInterceptor;
+import io.grpc.Deadline;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
+import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.stub.MetadataUtils;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
-import java.util.Map;
 import java.util.UUID;
+import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
-import java.util.function.Supplier;
+import java.util.function.Function;
 
 /**
  * A thin blocking client for quotad, the quota-decision service for LLM calls.
@@ -30,6 +32,14 @@ import java.util.function.Supplier;
  * false}), not an exception. Error statuses throw {@link QuotadException}, which carries the gRPC
  * code and, for INVALID_ARGUMENT, the server's field violations. Requests are the generated
  * messages ({@code io.github.quotad.v1}), built with their builders.
+ *
+ * <p>Every call is retried when quotad answers UNAVAILABLE (its Redis was slow or down, or the
+ * answer was lost), with jittered exponential backoff, within one deadline for all of its attempts
+ * ({@link Builder#timeout}). Safe: {@link #reserve} sends one idempotency key on every attempt, so
+ * a retry of a reservation that was made after all returns it ({@link Decision#replayed()});
+ * Commit and Release are idempotent; GetUsage changes nothing. The client retries itself rather
+ * than through gRPC's retry service config, which caps a call at five attempts whatever its
+ * deadline and does not apply to a channel passed to {@link Builder#channel}.
  *
  * <pre>{@code
  * try (QuotaClient quota = QuotaClient.builder("localhost:50051").build()) {
@@ -42,37 +52,31 @@ import java.util.function.Supplier;
  */
 public final class QuotaClient implements AutoCloseable {
   /**
-   * UNAVAILABLE is retried twice by grpc-java's retry policy. Safe: every reserve carries an
-   * idempotency key, Commit and Release are idempotent, GetUsage changes nothing.
+   * The deadline of a call: all of its attempts and the backoff between them. quotad answers
+   * UNAVAILABLE within its Redis timeout (250 ms by default), so two seconds ride out a Redis
+   * hiccup of about a second and still fail fast enough to fail open or closed.
    */
-  public static final Map<String, ?> RETRY_SERVICE_CONFIG =
-      Map.of(
-          "methodConfig",
-          List.of(
-              Map.of(
-                  "name", List.of(Map.of("service", "quotad.v1.QuotaService")),
-                  "retryPolicy",
-                      Map.of(
-                          "maxAttempts", 3.0,
-                          "initialBackoff", "0.05s",
-                          "maxBackoff", "1s",
-                          "backoffMultiplier", 2.0,
-                          "retryableStatusCodes", List.of("UNAVAILABLE")))));
+  public static final Duration DEFAULT_TIMEOUT = Duration.ofSeconds(2);
+
+  /** The backoff before the first retry; it doubles for each next one, up to one second. */
+  public static final Duration DEFAULT_INITIAL_BACKOFF = Duration.ofMillis(50);
+
+  public static final Duration DEFAULT_MAX_BACKOFF = Duration.ofSeconds(1);
 
   private final ManagedChannel channel;
   private final boolean ownsChannel;
   private final QuotaServiceGrpc.QuotaServiceBlockingStub stub;
   private final Duration timeout;
+  private final int maxAttempts;
+  private final long initialBackoffNanos;
+  private final long maxBackoffNanos;
 
   private QuotaClient(Builder builder) {
     if (builder.channel != null) {
       this.channel = builder.channel;
       this.ownsChannel = false;
     } else {
-      ManagedChannelBuilder<?> channelBuilder =
-          ManagedChannelBuilder.forTarget(builder.target)
-              .defaultServiceConfig(RETRY_SERVICE_CONFIG)
-              .enableRetry();
+      ManagedChannelBuilder<?> channelBuilder = ManagedChannelBuilder.forTarget(builder.target);
       if (builder.tls) {
         channelBuilder.useTransportSecurity();
       } else {
@@ -89,23 +93,27 @@ public final class QuotaClient implements AutoCloseable {
     }
     this.stub = stub;
     this.timeout = builder.timeout;
+    this.maxAttempts = builder.maxAttempts;
+    this.initialBackoffNanos = builder.initialBackoff.toNanos();
+    this.maxBackoffNanos = Math.max(builder.maxBackoff.toNanos(), initialBackoffNanos);
   }
 
-  /** A builder for a client of {@code target} ("host:port"): plaintext, one-second deadlines. */
+  /** A builder for a client of {@code target} ("host:port"): plaintext, two-second deadlines. */
   public static Builder builder(String target) {
     return new Builder(target);
   }
 
   /**
    * Reserves the estimated cost of one LLM call on every limit, or returns a denial. Without an
-   * idempotency key one is generated, so retries never reserve twice.
+   * idempotency key one is generated for this call, and every attempt sends it, so retries never
+   * reserve twice. Set your own to retry past the call's deadline yourself.
    */
   public Decision reserve(CheckAndReserveRequest request) {
     if (request.getIdempotencyKey().isEmpty()) {
       request = request.toBuilder().setIdempotencyKey(UUID.randomUUID().toString()).build();
     }
     CheckAndReserveRequest withKey = request;
-    return Decision.of(call(() -> stub().checkAndReserve(withKey)));
+    return Decision.of(call(stub -> stub.checkAndReserve(withKey)));
   }
 
   /** Settles a reservation with the tokens the call really used. */
@@ -116,18 +124,18 @@ public final class QuotaClient implements AutoCloseable {
             .setInputTokens(inputTokens)
             .setOutputTokens(outputTokens)
             .build();
-    return call(() -> stub().commit(request));
+    return call(stub -> stub.commit(request));
   }
 
   /** Gives a reservation back: the call never happened. */
   public ReleaseResponse release(String reservationId) {
     ReleaseRequest request = ReleaseRequest.newBuilder().setReservationId(reservationId).build();
-    return call(() -> stub().release(request));
+    return call(stub -> stub.release(request));
   }
 
   /** Every limit that applies to a caller; changes nothing. */
   public GetUsageResponse usage(GetUsageRequest request) {
-    return call(() -> stub().getUsage(request));
+    return call(stub -> stub.getUsage(request));
   }
 
   @Override
@@ -145,22 +153,47 @@ public final class QuotaClient implements AutoCloseable {
     }
   }
 
-  private QuotaServiceGrpc.QuotaServiceBlockingStub stub() {
-    return stub.withDeadlineAfter(timeout.toNanos(), TimeUnit.NANOSECONDS);
-  }
-
-  private static <T> T call(Supplier<T> rpc) {
-    try {
-      return rpc.get();
-    } catch (StatusRuntimeException e) {
-      throw QuotadException.of(e);
+  /**
+   * One logical call: one deadline for all of its attempts, and UNAVAILABLE retried with backoff
+   * until it. Every attempt sends the same request (so the same idempotency key).
+   */
+  private <T> T call(Function<QuotaServiceGrpc.QuotaServiceBlockingStub, T> rpc) {
+    QuotaServiceGrpc.QuotaServiceBlockingStub withDeadline =
+        stub.withDeadline(Deadline.after(timeout.toNanos(), TimeUnit.NANOSECONDS));
+    Deadline deadline = withDeadline.getCallOptions().getDeadline();
+    long backoffNanos = initialBackoffNanos;
+    for (int attempt = 1; ; attempt++) {
+      try {
+        return rpc.apply(withDeadline);
+      } catch (StatusRuntimeException e) {
+        boolean last = maxAttempts > 0 && attempt >= maxAttempts;
+        if (e.getStatus().getCode() != Status.Code.UNAVAILABLE || last) {
+          throw QuotadException.of(e);
+        }
+        // 50 to 100 % of the backoff, at random: clients that failed together spread out.
+        long sleepNanos =
+            backoffNanos / 2 + ThreadLocalRandom.current().nextLong(backoffNanos / 2 + 1);
+        if (deadline.timeRemaining(TimeUnit.NANOSECONDS) <= sleepNanos) {
+          throw QuotadException.of(e); // the next attempt would have no time left
+        }
+        try {
+          TimeUnit.NANOSECONDS.sleep(sleepNanos);
+        } catch (InterruptedException interrupted) {
+          Thread.currentThread().interrupt();
+          throw QuotadException.of(e);
+        }
+        backoffNanos = Math.min(2 * backoffNanos, maxBackoffNanos);
+      }
     }
   }
 
   /** Configures a {@link QuotaClient}. */
   public static final class Builder {
     private final String target;
-    private Duration timeout = Duration.ofSeconds(1);
+    private Duration timeout = DEFAULT_TIMEOUT;
+    private int maxAttempts;
+    private Duration initialBackoff = DEFAULT_INITIAL_BACKOFF;
+    private Duration maxBackoff = DEFAULT_MAX_BACKOFF;
     private boolean tls;
     private ManagedChannel channel;
     private CallCredentials callCredentials;
@@ -171,9 +204,38 @@ public final class QuotaClient implements AutoCloseable {
       this.target = target;
     }
 
-    /** The deadline of each call (default one second). */
+    /** The deadline of each call, all of its attempts included (default two seconds). */
     public Builder timeout(Duration timeout) {
+      if (timeout.isNegative() || timeout.isZero()) {
+        throw new IllegalArgumentException("timeout must be positive, got " + timeout);
+      }
       this.timeout = timeout;
+      return this;
+    }
+
+    /**
+     * The attempts of one call at most, the first included; 0 (the default): as many as fit in
+     * its deadline.
+     */
+    public Builder maxAttempts(int maxAttempts) {
+      if (maxAttempts < 0) {
+        throw new IllegalArgumentException("maxAttempts must be 0 or more, got " + maxAttempts);
+      }
+      this.maxAttempts = maxAttempts;
+      return this;
+    }
+
+    /**
+     * The backoff before the first retry of UNAVAILABLE (default 50 ms), doubling for each next
+     * one up to {@code max} (default one second); each sleep is 50 to 100 % of it, at random.
+     */
+    public Builder retryBackoff(Duration initial, Duration max) {
+      if (initial.isNegative() || initial.isZero() || max.isNegative() || max.isZero()) {
+        throw new IllegalArgumentException(
+            "backoffs must be positive, got " + initial + " and " + max);
+      }
+      this.initialBackoff = initial;
+      this.maxBackoff = max;
       return this;
     }
 

@@ -3,6 +3,8 @@ package io.github.quotad.client;
 import io.github.quotad.v1.CheckAndReserveRequest;
 import io.github.quotad.v1.GetUsageRequest;
 import io.github.quotad.v1.LimitStatus;
+import java.time.Duration;
+import java.util.UUID;
 
 /**
  * Reserve quota for one LLM call, commit what it used, print the caller's limits. With quotad
@@ -14,11 +16,17 @@ public final class ReserveExample {
 
   public static void main(String[] args) {
     String address = System.getenv().getOrDefault("QUOTAD_ADDR", "localhost:50051");
-    try (QuotaClient quota = QuotaClient.builder(address).build()) {
+    // Your user's id. A new one each run here, so that running the example again within a minute
+    // starts from full limits instead of being denied.
+    String subject = "user-" + UUID.randomUUID().toString().substring(0, 8);
+    // 30 s per call: the first one also connects, and in a fresh JVM loads gRPC and Netty, which
+    // on a busy machine takes longer than the two-second default. Retries of UNAVAILABLE stay
+    // within it. A long-lived service pays that once, at its first call.
+    try (QuotaClient quota = QuotaClient.builder(address).timeout(Duration.ofSeconds(30)).build()) {
       Decision decision =
           quota.reserve(
               CheckAndReserveRequest.newBuilder()
-                  .setSubject("user-42")
+                  .setSubject(subject)
                   .setModel("gpt-4o")
                   .setInputTokens(300)
                   .setMaxOutputTokens(200)
@@ -31,7 +39,7 @@ public final class ReserveExample {
       quota.commit(decision.reservationId(), 300, 97);
 
       var usage =
-          quota.usage(GetUsageRequest.newBuilder().setSubject("user-42").setModel("gpt-4o").build());
+          quota.usage(GetUsageRequest.newBuilder().setSubject(subject).setModel("gpt-4o").build());
       for (LimitStatus limit : usage.getLimitsList()) {
         System.out.printf(
             "%s: %d of %d left%n", limit.getName(), limit.getRemaining(), limit.getLimit());
