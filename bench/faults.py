@@ -11,6 +11,7 @@ call for a subject of its own, while one fault plays:
 
   debug-sleep   DEBUG SLEEP 0.4 once a second (Redis runs what it read, then sleeps before replying)
   sigstop       SIGSTOP for 0.4 s once a second
+  sigstop-2s    SIGSTOP for 2 s every 4 s
   delay-100     100 ms added each way by the proxy (below the 250 ms timeout, round trip 200 ms)
   jitter        125-275 ms each way
   delay-400     400 ms each way (past the timeout: every call's reply comes late)
@@ -60,7 +61,7 @@ tiers:
       - {name: tph, metric: total_tokens, limit: 1000, period: 1h, algorithm: sliding_window}
       - {name: in-flight, metric: concurrent, limit: 1}
 """
-PROBES = ("debug-sleep", "sigstop", "delay-100", "jitter", "delay-400", "restart")
+PROBES = ("debug-sleep", "sigstop", "sigstop-2s", "delay-100", "jitter", "delay-400", "restart")
 LATE_OUTCOMES = ("undone", "held", "stuck")
 
 
@@ -204,11 +205,11 @@ class Bench:
                 redis.Redis(port=self.redis.port).execute_command, "DEBUG", "SLEEP", "0.4"
             )
 
-        async def sigstop() -> None:
+        async def sigstop(pause_s: float) -> None:
             assert self.redis.process is not None
             os.kill(self.redis.process.pid, signal.SIGSTOP)
             try:
-                await asyncio.sleep(0.4)
+                await asyncio.sleep(pause_s)
             finally:
                 os.kill(self.redis.process.pid, signal.SIGCONT)
 
@@ -236,7 +237,8 @@ class Bench:
 
         plays: dict[str, Callable[[], Awaitable[None]]] = {
             "debug-sleep": lambda: periodic(debug_sleep, 1.0),
-            "sigstop": lambda: periodic(sigstop, 1.0),
+            "sigstop": lambda: periodic(lambda: sigstop(0.4), 1.0),
+            "sigstop-2s": lambda: periodic(lambda: sigstop(2.0), 4.0),
             "delay-100": lambda: delayed(100, 0),
             "jitter": lambda: delayed(200, 75),
             "delay-400": lambda: delayed(400, 0),
@@ -351,7 +353,10 @@ def main() -> None:
     parser.add_argument("--redis-server", type=Path, help="another Redis-compatible server binary")
     parser.add_argument("--server-path", type=Path, help="run the quotad_server package found here")
     parser.add_argument(
-        "--redis-option", action="append", default=[], help="one more server argument, e.g. --redis-option=--save=60 1"
+        "--redis-option",
+        action="append",
+        default=[],
+        help="one more server argument, e.g. --redis-option=--save=60 1",
     )
     args = parser.parse_args()
     unknown = set(args.probes) - set(PROBES)

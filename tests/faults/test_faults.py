@@ -171,23 +171,31 @@ async def test_a_slow_network_charges_exactly_what_it_answers(
     assert codes["ALLOWED"] + codes["UNAVAILABLE"] > WORKERS
 
 
+@pytest.mark.parametrize(
+    ("pause_s", "pauses"),
+    [
+        pytest.param(0.4, 3, id="3x0.4s"),
+        pytest.param(2.0, 1, id="2s"),  # connections retired, connect attempts that time out
+    ],
+)
 async def test_a_paused_redis_charges_exactly_what_it_answers(
-    replicas: tuple[Quotad, Quotad], redis_server: EmbeddedRedis
+    replicas: tuple[Quotad, Quotad], redis_server: EmbeddedRedis, pause_s: float, pauses: int
 ) -> None:
     a, b = replicas
     assert redis_server.process is not None
     pid = redis_server.process.pid
 
-    async def pauses() -> None:
-        for _ in range(3):
+    async def pausing() -> None:
+        for _ in range(pauses):
             await asyncio.sleep(0.25)
             os.kill(pid, signal.SIGSTOP)
             try:
-                await asyncio.sleep(0.4)
+                await asyncio.sleep(pause_s)
             finally:
                 os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(0.25)
 
-    codes = await check(a, b, await drive(a, pauses))
+    codes = await check(a, b, await drive(a, pausing))
     assert codes["UNAVAILABLE"] > 0, codes
     assert codes["ALLOWED"] > 0, codes
 

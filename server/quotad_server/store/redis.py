@@ -413,10 +413,9 @@ class RedisStore:
 
         Its clock is sampled on the way, so the estimate stays fresh while no decision is made.
         """
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
+        sent = asyncio.get_running_loop().time()
         seconds, micros = await self._run(self._health, [key(self._prefix, "health", "probe")], [10_000])
-        self._client.clock.observe(int(seconds) * 1_000_000 + int(micros), sent, loop.time())
+        self._observe_clock(int(seconds) * 1_000_000 + int(micros), sent)
 
     async def cluster_shards(self) -> int | None:
         """0 if Redis is not a Cluster, else how many shards serve its slots; None if it does not say.
