@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis
@@ -122,9 +123,10 @@ def replica(
             process.kill()
 
 
-async def serving(stub: health_pb2_grpc.HealthStub) -> bool:
+async def serving(stub: Any) -> bool:
+    """Whether a replica's health is SERVING (`stub`: a HealthStub on an aio channel)."""
     try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[misc]
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
     except grpc.aio.AioRpcError:
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -167,8 +169,8 @@ class Bench:
     async def run(self) -> list[Probe]:
         channels = [grpc.aio.insecure_channel(r.address) for r in [*self.replicas, self.checker]]
         self.stubs = [pb_grpc.QuotaServiceStub(c) for c in channels]
-        self.health = [health_pb2_grpc.HealthStub(c) for c in channels[:3]]  # type: ignore[no-untyped-call]
-        for stub in (*self.health, health_pb2_grpc.HealthStub(channels[3])):  # type: ignore[no-untyped-call]
+        self.health: list[Any] = [health_pb2_grpc.HealthStub(c) for c in channels[:3]]
+        for stub in (*self.health, health_pb2_grpc.HealthStub(channels[3])):
             for _ in range(300):
                 if await serving(stub):
                     break
@@ -247,7 +249,7 @@ class Bench:
         return plays[name]
 
     @staticmethod
-    async def until_serving(stub: health_pb2_grpc.HealthStub, since: float) -> float:
+    async def until_serving(stub: Any, since: float) -> float:
         while True:
             if await serving(stub):
                 return time.monotonic() - since

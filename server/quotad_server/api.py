@@ -1,19 +1,25 @@
 """The gRPC servicer: proto <-> model, errors -> status codes, one log line per RPC.
 
-Nothing is decided here; QuotaCore decides.
+Nothing is decided here; QuotaCore decides. The edge also owns what only the wire can get
+wrong: bodies that do not decode, Durations out of their own range, unknown enum values,
+and the size of the errors sent back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, message_factory, timestamp_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from quotad.v1 import quota_pb2 as pb
@@ -48,8 +54,24 @@ from quotad_server.tokens import ChatMessage
 Response = TypeVar("Response")
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Request = TypeVar("Request", bound=Message)
 MAX_BATCH = 1000
 STREAM_WINDOW = 256  # items of one stream decided concurrently before reading more
+
+# Errors are bounded whatever the request: a status travels in trailing metadata, which
+# clients cap (gRPC's default: 8 KB, then rejections at random up to a hard 16 KB), and a
+# client over the cap sees RESOURCE_EXHAUSTED instead of the INVALID_ARGUMENT it earned.
+# Worst case here: a 1 KB message (3 KB once percent-encoded) and ~2.3 KB of BadRequest
+# (3.1 KB in base64). Batch and stream item errors get the same bounds: a 1000-item batch of
+# errors stays within the 4 MB a client receives by default.
+MAX_VIOLATIONS = 20  # field violations sent; one more says how many were left out
+MAX_VIOLATION_BYTES = 2048  # their fields and descriptions together, in UTF-8
+MAX_FIELD_BYTES = 128
+MAX_DESCRIPTION_BYTES = 512
+MAX_MESSAGE_BYTES = 1024
+LOG_FIELD_BYTES = 256  # request strings in the log line (the core refuses longer ids anyway)
+DURATION_MAX_SECONDS = 315_576_000_000  # google.protobuf.Duration's range: +-10,000 years
+_NANOS_MAX = 999_999_999
 
 _DECISION = {Decision.ALLOWED: pb.DECISION_ALLOWED, Decision.DENIED: pb.DECISION_DENIED}
 _DENY_REASON = {
@@ -152,31 +174,69 @@ def _code_of(error: QuotadError) -> int:
     return number
 
 
+def _clip(text: str, limit: int) -> str:
+    """`text` if it fits in `limit` UTF-8 bytes, else its longest prefix that does with an ellipsis."""
+    if len(text) * 4 <= limit:  # no character takes more than 4 bytes: the usual case, no encoding
+        return text
+    encoded = text.encode(errors="replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "\u2026"  # the ellipsis takes 3 bytes
+
+
+def _message(error: QuotadError) -> str:
+    """The error's message for the caller, bounded."""
+    return _clip(str(error), MAX_MESSAGE_BYTES)
+
+
+def _violations(error: QuotadError) -> list[FieldViolation]:
+    """The field violations to send for `error`: the first ones that fit the bounds, each
+    clipped, then one (with no field) saying how many were left out."""
+    if not isinstance(error, InvalidRequest):
+        return []
+    kept: list[FieldViolation] = []
+    budget = MAX_VIOLATION_BYTES
+    for violation in error.violations[:MAX_VIOLATIONS]:
+        field = _clip(violation.field, MAX_FIELD_BYTES)
+        description = _clip(violation.description, MAX_DESCRIPTION_BYTES)
+        size = len(field.encode(errors="replace")) + len(description.encode(errors="replace"))
+        if size > budget:
+            break
+        budget -= size
+        kept.append(FieldViolation(field, description))
+    left_out = len(error.violations) - len(kept)
+    if left_out:
+        kept.append(FieldViolation("", f"{left_out} more field violation{'s' * (left_out > 1)} left out"))
+    return kept
+
+
 def _status_for(error: QuotadError) -> grpc.Status:
     """The status a unary call fails with: field violations travel as google.rpc.BadRequest."""
     details = []
-    if isinstance(error, InvalidRequest):
+    violations = _violations(error)
+    if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                for v in violations
             ]
         )
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
-    status_proto = status_pb2.Status(code=_code_of(error), message=str(error), details=details)
+    status_proto = status_pb2.Status(code=_code_of(error), message=_message(error), details=details)
     status: grpc.Status = rpc_status.to_status(status_proto)
     return status
 
 
 def _item_error(error: QuotadError) -> pb.Error:
-    """The error result of one batch or stream item."""
-    violations = error.violations if isinstance(error, InvalidRequest) else ()
+    """The error result of one batch or stream item, bounded as a unary call's status is."""
     return pb.Error(
         code=_code_of(error),
-        message=str(error),
-        field_violations=[pb.FieldViolation(field=v.field, description=v.description) for v in violations],
+        message=_message(error),
+        field_violations=[
+            pb.FieldViolation(field=v.field, description=v.description) for v in _violations(error)
+        ],
     )
 
 
@@ -209,23 +269,38 @@ def _put_commit_result(
     into.response.CopyFrom(_commit_response(outcome))
 
 
-def _micros(duration: duration_pb2.Duration) -> int:
-    return duration.seconds * 1_000_000 + duration.nanos // 1000
+def _micros(duration: duration_pb2.Duration, field: str, violations: list[FieldViolation]) -> int:
+    """A Duration in microseconds; a violation naming `field` if it is not a valid Duration."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if not -DURATION_MAX_SECONDS <= seconds <= DURATION_MAX_SECONDS:
+        problem = f"seconds must be between -{DURATION_MAX_SECONDS} and {DURATION_MAX_SECONDS}, got {seconds}"
+    elif not -_NANOS_MAX <= nanos <= _NANOS_MAX:
+        problem = f"nanos must be between -{_NANOS_MAX} and {_NANOS_MAX}, got {nanos}"
+    elif (seconds < 0 < nanos) or (nanos < 0 < seconds):
+        problem = f"seconds ({seconds}) and nanos ({nanos}) must have the same sign"
+    else:
+        return seconds * 1_000_000 + nanos // 1000
+    violations.append(FieldViolation(field, f"not a valid google.protobuf.Duration: {problem}"))
+    return 0
 
 
-def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
-    lease_us = _micros(request.lease) if request.HasField("lease") else None
+def _reserve_request(request: pb.CheckAndReserveRequest, max_messages: int) -> ReserveRequest:
+    """The core's request. Raises InvalidRequest for what only the wire form can get wrong
+    (Durations, enum values), before the core checks the rest."""
+    violations: list[FieldViolation] = []
+    lease_us = _micros(request.lease, "lease", violations) if request.HasField("lease") else None
+    max_wait_us = _micros(request.max_wait, "max_wait", violations) if request.HasField("max_wait") else 0
     priority = None
     if request.priority != pb.PRIORITY_UNSPECIFIED:
         priority = _PRIORITY_IN.get(request.priority)
         if priority is None:
-            raise InvalidRequest(
-                [
-                    FieldViolation(
-                        "priority", f"unknown priority {request.priority}; use PRIORITY_LOW, _NORMAL or _HIGH"
-                    )
-                ]
+            violations.append(
+                FieldViolation(
+                    "priority", f"unknown priority {request.priority}; use PRIORITY_LOW, _NORMAL or _HIGH"
+                )
             )
+    if violations:
+        raise InvalidRequest(violations)
     return ReserveRequest(
         subject=request.subject,
         tenant=request.tenant,
@@ -236,12 +311,27 @@ def _reserve_request(request: pb.CheckAndReserveRequest) -> ReserveRequest:
         lease_us=lease_us,
         idempotency_key=request.idempotency_key,
         prompt=request.prompt,
-        messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages)
+        # One past the core's bound at most: the core refuses more, and a 4 MB body of empty
+        # messages (two million) would cost seconds to turn into model objects.
+        messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages[: max_messages + 1])
         if request.messages
         else (),
         priority=priority,
-        max_wait_us=_micros(request.max_wait) if request.HasField("max_wait") else 0,
+        max_wait_us=max_wait_us,
     )
+
+
+def _reserve_requests(
+    requests: Sequence[pb.CheckAndReserveRequest], max_messages: int
+) -> list[ReserveRequest | InvalidRequest]:
+    """A batch's requests, each translated on its own: a bad one is that item's error."""
+    translated: list[ReserveRequest | InvalidRequest] = []
+    for request in requests:
+        try:
+            translated.append(_reserve_request(request, max_messages))
+        except InvalidRequest as error:
+            translated.append(error)
+    return translated
 
 
 def _fill_reserve_response(
@@ -308,6 +398,134 @@ async def _in_order(
                 entry[1].cancel()
 
 
+# -- bodies that do not decode ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a request deserializer returns, instead of raising, for bytes that are not a valid
+    message of its type: a corrupt or truncated wire format, invalid UTF-8 in a string field.
+
+    grpc answers UNKNOWN when a deserializer raises (and fails a stream with it); this lets
+    the method answer INVALID_ARGUMENT instead, for the call or for that stream item.
+    """
+
+    type_name: str
+    reason: str
+
+    def error(self) -> InvalidRequest:
+        """The error to answer with: no field can be named, so no field violations."""
+        return InvalidRequest([], f"the request does not decode as {self.type_name}: {self.reason}")
+
+
+def _decoded(request: Request | Undecodable) -> Request:
+    """The request, or InvalidRequest if its body did not decode."""
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
+def _decoder(message_class: type[Request]) -> Callable[[bytes], Request | Undecodable]:
+    """A request deserializer that never raises."""
+    parse, type_name = message_class.FromString, message_class.DESCRIPTOR.full_name
+
+    def decode(body: bytes) -> Request | Undecodable:
+        try:
+            return parse(body)
+        except DecodeError as error:  # upb's only failure on bytes, nesting too deep included
+            # upb says "Error parsing message with type 'T': why"; the message names T already.
+            reason = str(error).removeprefix(f"Error parsing message with type '{type_name}'")
+            return Undecodable(type_name, reason.lstrip(": ") or "invalid wire format")
+
+    return decode
+
+
+def _refusing_undecodable(behaviour: Callable[..., Any], client_streaming: bool) -> Callable[..., Any]:
+    """`behaviour` (a method of a servicer that knows nothing of Undecodable: grpc's health and
+    reflection servicers) behind a check that answers INVALID_ARGUMENT for an undecodable
+    request or stream item. It keeps the method's kind, which tells grpc.aio how to run it:
+    a coroutine (health's Check and Watch), a blocking function (health's List, unimplemented
+    in grpc.aio: run in grpc's thread pool), or an async generator over a request stream
+    (reflection). Other kinds are not needed, so not guarded: TypeError, at start."""
+    if client_streaming:
+        if not inspect.isasyncgenfunction(behaviour):
+            raise TypeError(f"{behaviour!r}: only async generators are guarded on request streams")
+
+        async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request.error()))
+                yield request
+
+        async def streaming(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for response in behaviour(checked(requests, context), context):
+                yield response
+
+        return streaming
+    if inspect.iscoroutinefunction(behaviour):
+
+        async def unary(request: Any, context: Any) -> Any:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request.error()))
+            return await behaviour(request, context)
+
+        return unary
+    if inspect.isasyncgenfunction(behaviour):
+        raise TypeError(f"{behaviour!r}: async generators are guarded on request streams only")
+
+    def blocking(request: Any, context: Any) -> Any:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request.error()))
+        return behaviour(request, context)
+
+    return blocking
+
+
+_HANDLER_KINDS = {  # (client streaming, server streaming) -> grpc's handler factory
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rpc_method_handlers(
+    service: ServiceDescriptor, servicer: object, *, refuse_undecodable: bool = False
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """A handler for every method of `service`, served by the servicer's method of that name,
+    as the generated add_*_to_server would register, except that the request deserializers
+    never raise: an undecodable body reaches the method as an `Undecodable`.
+
+    QuotaServicer answers it itself (logged and counted like any bad input; a stream item gets
+    an error result). For servicers that expect only messages (grpc's health and reflection),
+    `refuse_undecodable` answers INVALID_ARGUMENT before the servicer sees it.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        behaviour = getattr(servicer, method.name)
+        if refuse_undecodable:
+            behaviour = _refusing_undecodable(behaviour, method.client_streaming)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            behaviour,
+            request_deserializer=_decoder(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+    return handlers
+
+
+def add_service(
+    server: grpc.aio.Server, service: ServiceDescriptor, servicer: object, *, refuse_undecodable: bool = False
+) -> None:
+    """Serve `service` with `servicer` on `server` (see rpc_method_handlers)."""
+    handlers = rpc_method_handlers(service, servicer, refuse_undecodable=refuse_undecodable)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+# -- the servicer ------------------------------------------------------------------------
+
+
 class RpcObserver(Protocol):
     """Told about every finished RPC: its method, final status code name and duration (metrics.py)."""
 
@@ -315,7 +533,11 @@ class RpcObserver(Protocol):
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
-    """quotad.v1.QuotaService over a QuotaCore."""
+    """quotad.v1.QuotaService over a QuotaCore.
+
+    Register it with `add_service`: every request may then be an `Undecodable`, answered
+    INVALID_ARGUMENT (or, on a stream, with an error result for that item).
+    """
 
     def __init__(self, core: QuotaCore, observer: RpcObserver | None = None) -> None:
         self._core = core
@@ -337,7 +559,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         except QuotadError as error:
             status = _status_for(error)
             code = status.code.name
-            fields["error"] = str(error)
+            fields["error"] = status.details
             await context.abort_with_status(status)
             raise  # unreachable: abort_with_status raises
         except BaseException as error:
@@ -358,24 +580,34 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     # -- one item: proto -> core -> proto; raises QuotadError ---------------------------
 
     async def _reserve(
-        self, request: pb.CheckAndReserveRequest, fields: dict[str, Any]
+        self, request: pb.CheckAndReserveRequest | Undecodable, fields: dict[str, Any]
     ) -> pb.CheckAndReserveResponse:
-        outcome = await self._core.check_and_reserve(_reserve_request(request))
+        request = _decoded(request)
+        fields.update(
+            subject=_clip(request.subject, LOG_FIELD_BYTES),
+            tenant=_clip(request.tenant, LOG_FIELD_BYTES),
+            model=_clip(request.model, LOG_FIELD_BYTES),
+        )
+        outcome = await self._core.check_and_reserve(_reserve_request(request, self._core.max_messages))
         response = pb.CheckAndReserveResponse()
         _fill_reserve_response(response, outcome, fields)
         return response
 
-    async def _commit(self, request: pb.CommitRequest, fields: dict[str, Any]) -> pb.CommitResponse:
+    async def _commit(
+        self, request: pb.CommitRequest | Undecodable, fields: dict[str, Any]
+    ) -> pb.CommitResponse:
+        request = _decoded(request)
+        fields["reservation_id"] = _clip(request.reservation_id, LOG_FIELD_BYTES)
         outcome = await self._core.commit(*_commit_args(request))
         fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
         return _commit_response(outcome)
 
     async def _reserve_result(
-        self, request: pb.CheckAndReserveRequest, tally: dict[str, Any]
+        self, request: pb.CheckAndReserveRequest | Undecodable, tally: dict[str, Any]
     ) -> pb.CheckAndReserveResult:
         try:
             outcome: ReserveOutcome | QuotadError = await self._core.check_and_reserve(
-                _reserve_request(request)
+                _reserve_request(_decoded(request), self._core.max_messages)
             )
         except QuotadError as error:
             outcome = error
@@ -383,9 +615,11 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         _put_reserve_result(result, outcome, tally)
         return result
 
-    async def _commit_result(self, request: pb.CommitRequest, tally: dict[str, Any]) -> pb.CommitResult:
+    async def _commit_result(
+        self, request: pb.CommitRequest | Undecodable, tally: dict[str, Any]
+    ) -> pb.CommitResult:
         try:
-            outcome: SettleOutcome | QuotadError = await self._core.commit(*_commit_args(request))
+            outcome: SettleOutcome | QuotadError = await self._core.commit(*_commit_args(_decoded(request)))
         except QuotadError as error:
             outcome = error
         result = pb.CommitResult()
@@ -400,40 +634,44 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     # -- unary ------------------------------------------------------------------------
 
     async def CheckAndReserve(
-        self, request: pb.CheckAndReserveRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: pb.CheckAndReserveRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CheckAndReserveResponse:
-        fields: dict[str, Any] = {
-            "subject": request.subject,
-            "tenant": request.tenant,
-            "model": request.model,
-        }
+        fields: dict[str, Any] = {}
         return await self._handle("CheckAndReserve", context, fields, self._reserve(request, fields))
 
     async def Commit(
-        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CommitRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CommitResponse:
-        fields: dict[str, Any] = {"reservation_id": request.reservation_id}
+        fields: dict[str, Any] = {}
         return await self._handle("Commit", context, fields, self._commit(request, fields))
 
     async def Release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.ReleaseRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReleaseResponse:
-        fields: dict[str, Any] = {"reservation_id": request.reservation_id}
+        fields: dict[str, Any] = {}
 
         async def call() -> pb.ReleaseResponse:
-            outcome = await self._core.release(request.reservation_id)
+            reservation_id = _decoded(request).reservation_id
+            fields["reservation_id"] = _clip(reservation_id, LOG_FIELD_BYTES)
+            outcome = await self._core.release(reservation_id)
             fields["repeat"] = outcome.repeat
             return pb.ReleaseResponse(refunded=_cost(outcome.reserved), repeat=outcome.repeat)
 
         return await self._handle("Release", context, fields, call())
 
     async def GetUsage(
-        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.GetUsageRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetUsageResponse:
-        fields: dict[str, Any] = {"subject": request.subject, "tenant": request.tenant}
+        fields: dict[str, Any] = {}
 
         async def call() -> pb.GetUsageResponse:
-            report = await self._core.get_usage(request.subject, request.tenant, request.tier, request.model)
+            query = _decoded(request)
+            fields.update(
+                subject=_clip(query.subject, LOG_FIELD_BYTES), tenant=_clip(query.tenant, LOG_FIELD_BYTES)
+            )
+            report = await self._core.get_usage(query.subject, query.tenant, query.tier, query.model)
             fields.update(tenant=report.tenant, tier=report.tier)
             response = pb.GetUsageResponse(tenant=report.tenant, tier=report.tier)
             _add_limit_statuses(response.limits, report.limits)
@@ -442,12 +680,14 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         return await self._handle("GetUsage", context, fields, call())
 
     async def GetAccuracy(
-        self, request: pb.GetAccuracyRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.GetAccuracyRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetAccuracyResponse:
-        fields: dict[str, Any] = {"model": request.model, "tier": request.tier}
+        fields: dict[str, Any] = {}
 
         async def call() -> pb.GetAccuracyResponse:
-            report = await self._core.accuracy(request.model, request.tier)
+            query = _decoded(request)
+            fields.update(model=_clip(query.model, LOG_FIELD_BYTES), tier=_clip(query.tier, LOG_FIELD_BYTES))
+            report = await self._core.accuracy(query.model, query.tier)
             return pb.GetAccuracyResponse(
                 model=report.model,
                 tier=report.tier,
@@ -467,30 +707,40 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     # -- batches and streams: one log line per call, with the tally of its items ------
 
     async def CheckAndReserveBatch(
-        self, request: pb.CheckAndReserveBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: pb.CheckAndReserveBatchRequest | Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CheckAndReserveBatchResponse:
-        fields: dict[str, Any] = {"items": len(request.requests), "allowed": 0, "denied": 0, "errors": 0}
+        fields: dict[str, Any] = {"items": 0, "allowed": 0, "denied": 0, "errors": 0}
 
         async def call() -> pb.CheckAndReserveBatchResponse:
-            self._check_batch_size(len(request.requests))
-            outcomes = await self._core.check_and_reserve_many(
-                [_reserve_request(r) for r in request.requests]
+            requests = _decoded(request).requests
+            fields["items"] = len(requests)
+            self._check_batch_size(len(requests))
+            translated = _reserve_requests(requests, self._core.max_messages)
+            decided = iter(
+                await self._core.check_and_reserve_many(
+                    [item for item in translated if isinstance(item, ReserveRequest)]
+                )
             )
             response = pb.CheckAndReserveBatchResponse()
-            for outcome in outcomes:
+            for item in translated:
+                outcome = item if isinstance(item, InvalidRequest) else next(decided)
                 _put_reserve_result(response.results.add(), outcome, fields)
             return response
 
         return await self._handle("CheckAndReserveBatch", context, fields, call())
 
     async def CommitBatch(
-        self, request: pb.CommitBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CommitBatchRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CommitBatchResponse:
-        fields: dict[str, Any] = {"items": len(request.requests), "committed": 0, "errors": 0}
+        fields: dict[str, Any] = {"items": 0, "committed": 0, "errors": 0}
 
         async def call() -> pb.CommitBatchResponse:
-            self._check_batch_size(len(request.requests))
-            outcomes = await self._core.commit_many([_commit_args(r) for r in request.requests])
+            requests = _decoded(request).requests
+            fields["items"] = len(requests)
+            self._check_batch_size(len(requests))
+            outcomes = await self._core.commit_many([_commit_args(r) for r in requests])
             response = pb.CommitBatchResponse()
             for outcome in outcomes:
                 _put_commit_result(response.results.add(), outcome, fields)
@@ -512,7 +762,10 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             async for item, result in _in_order(items, decide):
                 tally["items"] += 1
                 yield answer(item, result)
-        except BaseException:
+        except Exception as error:
+            code, tally["exc_info"] = "UNKNOWN", error  # a bug: log the traceback, let gRPC say UNKNOWN
+            raise
+        except BaseException:  # cancelled, or the caller went away
             code = "CANCELLED"
             raise
         finally:
@@ -520,12 +773,13 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             if self._observer is not None:
                 self._observer.rpc_finished(method, code, elapsed)
             self._log_rpc(
-                False, {"method": method, "code": code, "latency_ms": round(elapsed * 1000, 3), **tally}
+                code == "UNKNOWN",
+                {"method": method, "code": code, "latency_ms": round(elapsed * 1000, 3), **tally},
             )
 
     async def CheckAndReserveStream(
         self,
-        request_iterator: AsyncIterator[pb.CheckAndReserveStreamRequest],
+        request_iterator: AsyncIterator[pb.CheckAndReserveStreamRequest | Undecodable],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.CheckAndReserveStreamResponse]:
         tally: dict[str, Any] = {"items": 0, "allowed": 0, "denied": 0, "errors": 0}
@@ -534,14 +788,16 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             "CheckAndReserveStream",
             request_iterator,
             tally,
-            lambda item: self._reserve_result(item.request, tally),
-            lambda item, result: pb.CheckAndReserveStreamResponse(request_id=item.request_id, result=result),
+            lambda item: self._reserve_result(item if isinstance(item, Undecodable) else item.request, tally),
+            lambda item, result: pb.CheckAndReserveStreamResponse(
+                request_id=_request_id(item), result=result
+            ),
         ):
             yield answer
 
     async def CommitStream(
         self,
-        request_iterator: AsyncIterator[pb.CommitStreamRequest],
+        request_iterator: AsyncIterator[pb.CommitStreamRequest | Undecodable],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.CommitStreamResponse]:
         tally: dict[str, Any] = {"items": 0, "committed": 0, "errors": 0}
@@ -549,7 +805,13 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             "CommitStream",
             request_iterator,
             tally,
-            lambda item: self._commit_result(item.request, tally),
-            lambda item, result: pb.CommitStreamResponse(request_id=item.request_id, result=result),
+            lambda item: self._commit_result(item if isinstance(item, Undecodable) else item.request, tally),
+            lambda item, result: pb.CommitStreamResponse(request_id=_request_id(item), result=result),
         ):
             yield answer
+
+
+def _request_id(item: pb.CheckAndReserveStreamRequest | pb.CommitStreamRequest | Undecodable) -> str:
+    """The request_id a stream answer echoes. An undecodable item has none to read: its answer,
+    in its place in the stream's order, is what identifies it."""
+    return "" if isinstance(item, Undecodable) else item.request_id

@@ -45,6 +45,9 @@ _PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2}
 # Counting this much text takes ~0.2 ms here (2 KB: 43 us), about one RPC's own work: cheaper in place
 # than a hop to a thread, whose wake-ups cost more than that under load. Larger prompts go to a thread.
 INLINE_COUNT_BYTES = 8192
+MESSAGE_OVERHEAD_BYTES = 16
+"""What a chat message counts for against max_prompt_bytes beyond its text: its framing, as a
+model charges tokens for each message. So the bound on a prompt's size bounds its messages too."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -153,6 +156,11 @@ class QuotaCore:
         self._routes_policy: Policy | None = None
 
     @property
+    def max_messages(self) -> int:
+        """The most chat messages a request may have (see MESSAGE_OVERHEAD_BYTES)."""
+        return self._max_prompt_bytes // MESSAGE_OVERHEAD_BYTES
+
+    @property
     def ready(self) -> bool:
         """True once the tokenizers are loaded."""
         return self.encodings is not None
@@ -192,8 +200,18 @@ class QuotaCore:
             violations.append(FieldViolation("input_tokens", f"give input_tokens or {field}, not both"))
         if not request.model:
             violations.append(FieldViolation("model", "required to count a prompt"))
+        if len(request.messages) > self.max_messages:  # before looking at each of them
+            violations.append(
+                FieldViolation(
+                    "messages",
+                    f"more than {self.max_messages} messages (each counts {MESSAGE_OVERHEAD_BYTES} bytes"
+                    f" of the {self._max_prompt_bytes} a prompt may have, its text aside)",
+                )
+            )
+            raise InvalidRequest(violations)
         size = len(request.prompt.encode()) + sum(
-            len(m.content.encode()) + len(m.role) + len(m.name) for m in request.messages
+            len(m.content.encode()) + len(m.role) + len(m.name) + MESSAGE_OVERHEAD_BYTES
+            for m in request.messages
         )
         if size > self._max_prompt_bytes:
             field = "prompt" if request.prompt else "messages"

@@ -29,11 +29,22 @@ class QuotadError(Exception):
 
 
 class InvalidRequest(QuotadError):
-    """The request is malformed or names something the policy does not have."""
+    """The request is malformed or names something the policy does not have.
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
+    The message names the first few violations only (a request can have as many as it has
+    items); `message` replaces it when no field can be named, e.g. for an undecodable body.
+    """
+
+    MESSAGE_VIOLATIONS = 20
+
+    def __init__(self, violations: list[FieldViolation], message: str = "") -> None:
         self.violations = tuple(violations)
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        if not message:
+            shown = self.violations[: self.MESSAGE_VIOLATIONS]
+            message = "; ".join(f"{v.field}: {v.description}" for v in shown)
+            if len(self.violations) > len(shown):
+                message += f"; and {len(self.violations) - len(shown)} more"
+        super().__init__(message)
 
 
 class NotFound(QuotadError):

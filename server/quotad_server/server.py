@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from quotad.v1 import quota_pb2 as pb
-from quotad.v1 import quota_pb2_grpc as pb_grpc
 
-from quotad_server.api import QuotaServicer, RpcObserver
+from quotad_server.api import QuotaServicer, RpcObserver, add_service
 from quotad_server.core import QuotaCore
 from quotad_server.errors import StoreUnavailable
 from quotad_server.store import Store
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["QuotaService"]
+SERVICE_NAME = SERVICE.full_name
+_HEALTH = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
+_REFLECTION = descriptor_pool.Default().FindServiceByName(reflection.SERVICE_NAME)
+STOP_TASKS_S = 5.0
+"""How long stop() waits for the health monitor and the wake-up listener to end."""
 RECHECK_S = 0.1
 """How often health re-checks Redis while NOT_SERVING (QUOTAD_HEALTH_INTERVAL_MS applies while SERVING)."""
 LIVENESS_SERVICE = "liveness"
@@ -48,16 +52,15 @@ class QuotadServer:
         self._store = store
         self._health_interval_s = health_interval_s
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        pb_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(core, observer), self._server)
+        # Registered by add_service rather than the generated add_*_to_server: same methods,
+        # but a body that does not decode is INVALID_ARGUMENT, not grpc's UNKNOWN. grpc's own
+        # health and reflection servicers get the same answer from a guard in front of them.
+        add_service(self._server, SERVICE, QuotaServicer(core, observer))
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
+        add_service(self._server, _HEALTH, self._health, refuse_undecodable=True)
+        reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        add_service(
+            self._server, _REFLECTION, reflection.aio.ReflectionServicer(reflected), refuse_undecodable=True
         )
         self.port = self._server.add_insecure_port(listen)
         if self.port == 0:
@@ -117,11 +120,11 @@ class QuotadServer:
         (load balancers and health-checking clients move away meanwhile); then new RPCs are
         refused and in-flight ones get `grace_s` to finish."""
         self._stopping = True
-        for task in (self._monitor, self._wakeups):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [task for task in (self._monitor, self._wakeups) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # bounded: a task that swallowed its cancel must not hold the shutdown up
+            await asyncio.wait(tasks, timeout=STOP_TASKS_S)
         await self._set_serving(False, "stopping")
         if drain_s > 0:
             _log.info("draining: NOT_SERVING, still answering new RPCs", drain_s=drain_s)

@@ -26,6 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -210,7 +211,7 @@ async def test_a_sleeping_redis_charges_exactly_what_it_answers(
     async def naps() -> None:
         for _ in range(3):
             await asyncio.sleep(0.25)
-            await sleeper.execute_command("DEBUG", "SLEEP", "0.4")
+            await sleeper.execute_command("DEBUG", "SLEEP", "0.4")  # type: ignore[no-untyped-call]
 
     try:
         codes = await check(a, b, await drive(a, naps))
@@ -299,8 +300,8 @@ async def test_a_lost_reply_is_resolved_by_the_idempotent_retry(
 
 
 async def _serving(q: Quotad) -> bool:
-    stub: health_pb2_grpc.HealthStub = health_pb2_grpc.HealthStub(q.channel)  # type: ignore[no-untyped-call]
-    response = await stub.Check(health_pb2.HealthCheckRequest(service="quotad.v1.QuotaService"), timeout=5)  # type: ignore[misc]
+    stub: Any = health_pb2_grpc.HealthStub(q.channel)  # the typeshed stub knows only sync channels
+    response = await stub.Check(health_pb2.HealthCheckRequest(service="quotad.v1.QuotaService"), timeout=5)
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 

@@ -314,6 +314,7 @@ async def test_idempotency_key_returns_the_first_reservation(
         # Nothing changed but the record's count of hand-outs (an undo of a late reply reads it).
         record_key = next(k for k in await redis_client.keys("*:r:*"))
         record = await redis_client.get(record_key)
+        assert isinstance(record, bytes)
         assert record.startswith(b"r1 ")
         await redis_client.set(record_key, b"r" + record[2:], keepttl=True)
         assert await snapshot(redis_client) == after_first

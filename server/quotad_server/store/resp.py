@@ -214,6 +214,8 @@ class _Protocol(asyncio.Protocol):
         self.closed = True
         if self.lost is None:
             self.lost = exc or ConnectionError("connection closed by Redis")
+        if self.on_push is not None:
+            self.on_push(None)  # the subscriber's end of messages
         error = ConnectionError(f"lost the Redis connection: {self.lost}")
         while self._pending:
             future = self._pending.popleft()[0]
@@ -528,7 +530,8 @@ class RespClient:
         """Deliver every message published on `channel`, on a connection of its own, until cancelled.
 
         A lost connection is re-established (after a pause of one timeout); messages
-        published meanwhile are lost, which subscribers must tolerate.
+        published meanwhile are lost, which subscribers must tolerate. No timeouts inside:
+        Python 3.11's wait_for can swallow the cancel that ends this loop.
         """
         while True:
             try:
@@ -537,15 +540,11 @@ class RespClient:
                 await asyncio.sleep(self._timeout_s)
                 continue
             received: asyncio.Queue[Any] = asyncio.Queue()
-            protocol.on_push = received.put_nowait
+            protocol.on_push = received.put_nowait  # and None once the connection is lost
             subscribe: tuple[Any, ...] = ("SUBSCRIBE", channel)
             protocol.send_unanswered(hiredis.pack_command(subscribe))
             try:
-                while protocol.lost is None:
-                    try:
-                        message = await asyncio.wait_for(received.get(), 1.0)
-                    except TimeoutError:
-                        continue
+                while (message := await received.get()) is not None:
                     if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
                         on_message(message[2])
             finally:
