@@ -25,8 +25,9 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -35,8 +36,13 @@ from google.protobuf.message import Message
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
-SERVICE = pb.DESCRIPTOR.services_by_name["QuotaService"]
-METHODS = [method.name for method in SERVICE.methods]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # what the fuzz test shares with this tool
+from tests import fuzzing
+from tests.fuzzing import mutated
+
+T = TypeVar("T")
+
+SERVICE, METHODS = fuzzing.SERVICE, fuzzing.METHODS
 STREAMS = {method.name for method in SERVICE.methods if method.client_streaming}
 MISSING = "ITEMS_UNANSWERED"  # a stream that ended OK without answering every item
 BROKEN = {"UNKNOWN", "INTERNAL", "UNAVAILABLE", MISSING}  # never an answer to bad input
@@ -123,51 +129,20 @@ def random_message(
     return message
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        if not value:
-            return bytes(out) + bytes([byte])
-        out.append(byte | 0x80)
+class Rolls:
+    """A fuzzing.Chooser on a seeded random.Random: the same run every time for one --seed."""
 
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
 
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    def integer(self, low: int, high: int) -> int:
+        return self._rng.randint(low, high)
 
+    def choice(self, options: Sequence[T]) -> T:
+        return self._rng.choice(options)
 
-def bad_utf8_field(descriptor: Descriptor, depth: int = 0) -> bytes:
-    """Bytes that add a string field holding invalid UTF-8, at the top or inside a sub-message."""
-    for field in descriptor.fields:
-        if field.type == FieldDescriptor.TYPE_STRING:
-            return _length_delimited(field.number, b"ok\xff\xfe\xc3")
-    for field in descriptor.fields:
-        if field.message_type is not None and depth < 3:
-            inner = bad_utf8_field(field.message_type, depth + 1)
-            if inner:
-                return _length_delimited(field.number, inner)
-    return b""
-
-
-def mutated(seed: bytes, descriptor: Descriptor, rng: random.Random) -> bytes:
-    """A valid body with a few bytes flipped, inserted, deleted or truncated, or a bad string spliced in."""
-    body = bytearray(seed)
-    for _ in range(rng.randint(1, 4)):
-        kind = rng.choice(["flip", "insert", "delete", "truncate", "varint", "bad-utf8"])
-        at = rng.randint(0, len(body))
-        if kind == "flip" and body:
-            body[min(at, len(body) - 1)] ^= 1 << rng.randrange(8)
-        elif kind == "insert":
-            body[at:at] = rng.randbytes(rng.randint(1, 8))
-        elif kind == "delete":
-            del body[at : at + rng.randint(1, 8)]
-        elif kind == "truncate":
-            del body[at:]
-        elif kind == "varint":  # an over-long varint where a tag or a length should be
-            body[at:at] = b"\xff" * 10 + b"\x01"
-        elif kind == "bad-utf8":
-            body += bad_utf8_field(descriptor)
-    return bytes(body)
+    def binary(self, low: int, high: int) -> bytes:
+        return self._rng.randbytes(self._rng.randint(low, high))
 
 
 def fuzzed_body(method: str, seeds: dict[str, list[bytes]], rng: random.Random) -> bytes:
@@ -177,73 +152,10 @@ def fuzzed_body(method: str, seeds: dict[str, list[bytes]], rng: random.Random) 
     if roll < 0.25:
         return rng.randbytes(rng.randrange(257))
     if roll < 0.70:
-        return mutated(rng.choice(seeds[method]), descriptor, rng)
+        return mutated(rng.choice(seeds[method]), descriptor, Rolls(rng))
     if roll < 0.90:
         return random_message(descriptor, rng).SerializeToString()
     return rng.choice(seeds[method])
-
-
-# -- valid requests to start from --------------------------------------------------------
-
-
-async def make_seeds(channel: grpc.aio.Channel) -> dict[str, list[bytes]]:
-    """Valid requests of every method under the example policy; commits name real reservations."""
-    stub = pb_grpc.QuotaServiceStub(channel)
-    ids = []
-    for index in range(16):
-        request = pb.CheckAndReserveRequest(subject=f"fuzz-seed-{index}", model="gpt-4o", input_tokens=5)
-        ids.append((await stub.CheckAndReserve(request, timeout=10)).reservation_id)
-    reserve = pb.CheckAndReserveRequest(
-        subject="alice", model="gpt-4o", input_tokens=10, max_output_tokens=20
-    )
-    full = pb.CheckAndReserveRequest(
-        subject="bob",
-        tenant="acme",
-        tier="premium",
-        model="gpt-4o",
-        input_tokens=100,
-        max_output_tokens=50,
-        idempotency_key="key-1",
-        priority=pb.PRIORITY_LOW,
-    )
-    full.lease.FromSeconds(5)
-    full.max_wait.FromMilliseconds(20)
-    chat = pb.CheckAndReserveRequest(
-        subject="carol",
-        model="gpt-4o-mini",
-        max_output_tokens=64,
-        messages=[
-            pb.ChatMessage(role="system", content="Be brief."),
-            pb.ChatMessage(role="user", content="Hi"),
-        ],
-    )
-    prompt = pb.CheckAndReserveRequest(
-        subject="dave", model="gpt-4o", prompt="Hello, world.", max_output_tokens=8
-    )
-    reserves = [reserve, full, chat, prompt]
-    commits = [pb.CommitRequest(reservation_id=i, input_tokens=5, output_tokens=3) for i in ids[:8]]
-    messages: dict[str, list[Message]] = {
-        "CheckAndReserve": list(reserves),
-        "Commit": list(commits),
-        "Release": [pb.ReleaseRequest(reservation_id=i) for i in ids[6:]],
-        "GetUsage": [pb.GetUsageRequest(subject="alice", model="gpt-4o"), pb.GetUsageRequest(subject="bob")],
-        "GetAccuracy": [
-            pb.GetAccuracyRequest(model="gpt-4o"),
-            pb.GetAccuracyRequest(model="gpt-4o", tier="free"),
-        ],
-        "CheckAndReserveBatch": [pb.CheckAndReserveBatchRequest(requests=reserves)],
-        "CommitBatch": [pb.CommitBatchRequest(requests=commits[:4])],
-        "CheckAndReserveStream": [
-            pb.CheckAndReserveStreamRequest(request_id=f"r{i}", request=r) for i, r in enumerate(reserves)
-        ],
-        "CommitStream": [
-            pb.CommitStreamRequest(request_id=f"c{i}", request=c) for i, c in enumerate(commits)
-        ],
-    }
-    missing = set(METHODS) - set(messages)
-    if missing:
-        raise SystemExit(f"no valid requests for {sorted(missing)}: add them to make_seeds")
-    return {method: [m.SerializeToString() for m in found] for method, found in messages.items()}
 
 
 # -- sending and counting ----------------------------------------------------------------
@@ -302,7 +214,7 @@ async def fuzz(address: str, cases: int, seed: int, in_flight: int, call_timeout
     rng = random.Random(seed)
     tally = Tally()
     async with grpc.aio.insecure_channel(address) as channel:
-        seeds = await make_seeds(channel)
+        seeds = await fuzzing.seeds(pb_grpc.QuotaServiceStub(channel))
         queue: asyncio.Queue[tuple[str, list[bytes]] | None] = asyncio.Queue(in_flight * 2)
 
         async def worker() -> None:

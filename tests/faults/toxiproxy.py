@@ -47,15 +47,18 @@ class Toxiproxy:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                self._request("GET", "/version")
-                return self
-            except OSError:
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError("toxiproxy did not start") from None
-                time.sleep(0.02)
+        try:
+            while True:
+                try:
+                    self._request("GET", "/version")
+                    return self
+                except OSError:
+                    if self._process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("toxiproxy did not start") from None
+                    time.sleep(0.02)
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *_: object) -> None:
         if self._process is not None:

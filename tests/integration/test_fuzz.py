@@ -19,10 +19,10 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -38,6 +38,7 @@ from quotad.v1 import quota_pb2 as pb
 from quotad_server.store.embedded import EmbeddedRedis
 
 from tests.conftest import Quotad, running_quotad
+from tests.fuzzing import METHODS, SERVICE, mutated, seeds
 
 POLICY = """
     defaults: {tier: free}
@@ -70,9 +71,8 @@ POLICY = """
 # Hypothesis caches what it finds in the code under .hypothesis/ in the working directory, from
 # test collection on (its pytest plugin): keep that out of the checkout, in one temporary place.
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "quotad-hypothesis")
-SERVICE = pb.DESCRIPTOR.services_by_name["QuotaService"]
-METHODS = [method.name for method in SERVICE.methods]
 STREAMS = [method.name for method in SERVICE.methods if method.client_streaming]
+T = TypeVar("T")
 RPC_TIMEOUT_S = 30.0  # generous: a loaded machine must never turn into a failure
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024  # grpc's default: a bigger body is RESOURCE_EXHAUSTED
 ANSWERS = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"}
@@ -113,83 +113,13 @@ class Fuzzed:
         return f"Fuzzed(port={self.quotad.port})"
 
 
-def _reserve_seeds() -> list[pb.CheckAndReserveRequest]:
-    good = pb.CheckAndReserveRequest(subject="alice", model="gpt-4o", input_tokens=10, max_output_tokens=20)
-    with_all = pb.CheckAndReserveRequest(
-        subject="bob",
-        tenant="acme",
-        tier="premium",
-        model="gpt-4o",
-        input_tokens=100,
-        max_output_tokens=50,
-        idempotency_key="key-1",
-        priority=pb.PRIORITY_LOW,
-    )
-    with_all.lease.FromSeconds(5)
-    with_all.max_wait.FromMilliseconds(20)
-    chat = pb.CheckAndReserveRequest(
-        subject="carol",
-        model="gpt-4o-mini",
-        max_output_tokens=64,
-        messages=[
-            pb.ChatMessage(role="system", content="Be brief."),
-            pb.ChatMessage(role="user", content="Hi"),
-        ],
-    )
-    prompt = pb.CheckAndReserveRequest(
-        subject="dave", model="gpt-4o", prompt="Hello, world.", max_output_tokens=8
-    )
-    return [good, with_all, chat, prompt]
-
-
-async def _seeds(quotad: Quotad) -> dict[str, list[bytes]]:
-    """Valid serialized requests of every method; the commits and releases name real reservations."""
-    reserves = _reserve_seeds()
-    ids = []
-    for index in range(12):
-        response = await quotad.stub.CheckAndReserve(
-            pb.CheckAndReserveRequest(subject=f"seed-{index}", model="gpt-4o", input_tokens=5), timeout=5
-        )
-        ids.append(response.reservation_id)
-    commits = [
-        pb.CommitRequest(reservation_id=ids[0], input_tokens=5, output_tokens=3, cached_input_tokens=1),
-        pb.CommitRequest(reservation_id=ids[1], input_tokens=7),
-        pb.CommitRequest(reservation_id=ids[2][:8] + "0" * 32, output_tokens=1),  # right shape, never issued
-    ]
-    releases = [pb.ReleaseRequest(reservation_id=ids[3]), pb.ReleaseRequest(reservation_id=ids[0])]
-    items: dict[str, list[Message]] = {
-        "CheckAndReserve": list(reserves),
-        "Commit": list(commits),
-        "Release": list(releases),
-        "GetUsage": [
-            pb.GetUsageRequest(subject="alice", model="gpt-4o"),
-            pb.GetUsageRequest(subject="bob", tenant="acme", tier="premium"),
-        ],
-        "GetAccuracy": [
-            pb.GetAccuracyRequest(model="gpt-4o-mini"),
-            pb.GetAccuracyRequest(model="gpt-4o", tier="free"),
-        ],
-        "CheckAndReserveBatch": [pb.CheckAndReserveBatchRequest(requests=reserves)],
-        "CommitBatch": [pb.CommitBatchRequest(requests=[*commits, pb.CommitRequest(reservation_id=ids[4])])],
-        "CheckAndReserveStream": [
-            pb.CheckAndReserveStreamRequest(request_id=f"r{i}", request=r) for i, r in enumerate(reserves)
-        ],
-        "CommitStream": [
-            pb.CommitStreamRequest(request_id=f"c{i}", request=c)
-            for i, c in enumerate([*commits, pb.CommitRequest(reservation_id=ids[5], input_tokens=1)])
-        ],
-    }
-    assert set(items) == set(METHODS), "a new method needs seeds here"
-    return {method: [m.SerializeToString() for m in messages] for method, messages in items.items()}
-
-
 @pytest.fixture(scope="module")
 async def fuzzed(redis_server: EmbeddedRedis) -> AsyncIterator[Fuzzed]:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
     # A generous store timeout: on a loaded machine a 1000-item batch must not become UNAVAILABLE.
     async with running_quotad(POLICY, redis_server.url, timeout_s=10.0) as quotad:
-        fuzz = Fuzzed(quotad, quotad.channel, 0, await _seeds(quotad))
+        fuzz = Fuzzed(quotad, quotad.channel, 0, await seeds(quotad.stub))
         for method, bodies in fuzz.seeds.items():  # warm every path before the baseline
             await _send(fuzz, method, bodies if method in STREAMS else bodies[:1])
         gc.collect()
@@ -331,52 +261,25 @@ def _messages(descriptor: Descriptor, depth: int = 0, small: bool = False) -> st
     return st.fixed_dictionaries({}, optional=fields).map(build)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        if not value:
-            return bytes(out) + bytes([byte])
-        out.append(byte | 0x80)
+class _Draws:
+    """A fuzzing.Chooser that draws from hypothesis, so it can shrink a failing mutation."""
 
+    def __init__(self, draw: st.DrawFn) -> None:
+        self._draw = draw
 
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    def integer(self, low: int, high: int) -> int:
+        return self._draw(st.integers(low, high))
 
+    def choice(self, options: Sequence[T]) -> T:
+        return self._draw(st.sampled_from(options))
 
-def _bad_utf8_field(descriptor: Descriptor, depth: int = 0) -> bytes | None:
-    """Bytes that add a string field holding invalid UTF-8, at the top or inside a sub-message."""
-    for candidate in descriptor.fields:
-        if candidate.type == FieldDescriptor.TYPE_STRING:
-            return _length_delimited(candidate.number, b"ok\xff\xfe\xc3")
-    for candidate in descriptor.fields:
-        if candidate.message_type is not None and depth < 3:
-            inner = _bad_utf8_field(candidate.message_type, depth + 1)
-            if inner is not None:
-                return _length_delimited(candidate.number, inner)
-    return None
+    def binary(self, low: int, high: int) -> bytes:
+        return self._draw(st.binary(min_size=low, max_size=high))
 
 
 @st.composite
 def _mutated(draw: st.DrawFn, seed: bytes, descriptor: Descriptor) -> bytes:
-    """A valid body with a few bytes flipped, inserted, deleted or truncated, or a bad string spliced in."""
-    body = bytearray(seed)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "varint", "bad-utf8"]))
-        at = draw(st.integers(0, len(body)))
-        if kind == "flip" and body:
-            body[min(at, len(body) - 1)] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "insert":
-            body[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "delete":
-            del body[at : at + draw(st.integers(1, 8))]
-        elif kind == "truncate":
-            del body[at:]
-        elif kind == "varint":  # an over-long varint where a tag or a length should be
-            body[at:at] = b"\xff" * 10 + b"\x01"
-        elif kind == "bad-utf8":
-            body += _bad_utf8_field(descriptor) or b""
-    return bytes(body)
+    return mutated(seed, descriptor, _Draws(draw))
 
 
 def _body(fuzz: Fuzzed, method: str) -> st.SearchStrategy[bytes]:
