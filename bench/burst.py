@@ -1,6 +1,7 @@
 """A burst, replayed: steady HIGH traffic and a LOW flood three times the provider's limit.
 
     python bench/burst.py [--seconds 12] [--out-dir bench/results]
+    python bench/burst.py --aging 1s --replicas 3     # aging: LOW outranks new HIGH after 2 s of waiting
 
 A real quotad (`quotad serve`) on a real Valkey, driven by asyncio clients at fixed
 rates. The provider limit is shared (global), with LOW allowed 60% of it and NORMAL 85%.
@@ -8,6 +9,11 @@ HIGH sends steadily the whole time; LOW floods at 3x the limit in the middle thi
 asking to wait up to 2 s. Prints per priority the admitted rate during the flood, the
 p50/p99 wait and the denials, and writes burst.png: admitted tokens/s per priority over
 time, with the limit. HIGH must keep its admitted rate through the flood.
+
+With a short --aging, LOW waiters that have waited twice that long outrank newly arriving HIGH
+ones (HIGH's boost is two steps of aging): LOW then makes progress through the flood, and HIGH
+must still have (nearly) all of its calls admitted. --replicas N sprays the calls over N quotad
+processes on the one Redis, as a deployment does.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ LOW_PER_S = 90  # 9,000 tokens/s while flooding: three times the limit
 POLICY = f"""
 defaults: {{tier: app}}
 admission: {{low: 0.6, normal: 0.85, high: 1.0}}
-waiting: {{max_wait: 5s, max_line: 2000, aging: 30s, heartbeat: 1s}}
+waiting: {{max_wait: 5s, max_line: 2000, aging: AGING, heartbeat: 1s}}
 tiers:
   app: {{limits: []}}
 global:
@@ -47,12 +53,13 @@ global:
 """
 
 
-async def drive(address: str, seconds: float) -> list[dict[str, Any]]:
-    """Send both streams of calls; returns one record per call."""
+async def drive(addresses: list[str], seconds: float) -> list[dict[str, Any]]:
+    """Send both streams of calls, each call to the next replica in turn; one record per call."""
     records: list[dict[str, Any]] = []
     max_wait = duration_pb2.Duration(seconds=2)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.QuotaServiceStub(channel)
+    channels = [grpc.aio.insecure_channel(address) for address in addresses]
+    try:
+        stubs = [pb_grpc.QuotaServiceStub(channel) for channel in channels]
         started = time.monotonic()
 
         async def call(priority: pb.Priority.ValueType, index: int) -> None:
@@ -60,7 +67,7 @@ async def drive(address: str, seconds: float) -> list[dict[str, Any]]:
             request = pb.CheckAndReserveRequest(
                 subject=f"u{index % 50}", priority=priority, input_tokens=TOKENS, max_wait=max_wait
             )
-            response = await stub.CheckAndReserve(request, timeout=10)
+            response = await stubs[index % len(stubs)].CheckAndReserve(request, timeout=10)
             records.append({
                 "priority": "high" if priority == pb.PRIORITY_HIGH else "low",
                 "sent": sent,
@@ -82,6 +89,9 @@ async def drive(address: str, seconds: float) -> list[dict[str, Any]]:
             stream(pb.PRIORITY_HIGH, HIGH_PER_S, 0, seconds),
             stream(pb.PRIORITY_LOW, LOW_PER_S, seconds / 3, 2 * seconds / 3),
         )
+    finally:
+        for channel in channels:
+            await channel.close()
     return records
 
 
@@ -95,6 +105,7 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         summary[priority] = {
             "calls": len(mine),
             "denied": sum(not r["allowed"] for r in mine),
+            "admitted_share": sum(r["allowed"] for r in mine) / len(mine) if mine else 0.0,
             "admitted_tokens_per_s_in_flood": len(in_flood) * TOKENS / (flood[1] - flood[0]),
             "wait_p50_s": statistics.median(waits) if waits else 0.0,
             "wait_p99_s": waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
@@ -144,39 +155,64 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--aging", default="30s", help="the policy's waiting.aging (default 30s)")
+    parser.add_argument("--replicas", type=int, default=1, help="quotad processes on the one Redis")
     args = parser.parse_args()
     with EmbeddedRedis() as valkey, tempfile.TemporaryDirectory() as tmp:
         policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
-        address = f"127.0.0.1:{free_port()}"
-        env = {**os.environ, "QUOTAD_POLICY": str(policy), "QUOTAD_LISTEN": address,
-               "QUOTAD_REDIS_URL": valkey.url, "QUOTAD_LOG_LEVEL": "warning"}  # fmt: skip
-        server = subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=env)
+        policy.write_text(POLICY.replace("AGING", args.aging))
+        addresses = [f"127.0.0.1:{free_port()}" for _ in range(args.replicas)]
+        servers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "quotad_server", "serve"],
+                env={
+                    **os.environ,
+                    "QUOTAD_POLICY": str(policy),
+                    "QUOTAD_LISTEN": address,
+                    "QUOTAD_REDIS_URL": valkey.url,
+                    "QUOTAD_LOG_LEVEL": "warning",
+                },
+            )
+            for address in addresses
+        ]
         try:
-            channel = grpc.insecure_channel(address)
-            grpc.channel_ready_future(channel).result(timeout=30)
-            channel.close()
+            for address in addresses:
+                channel = grpc.insecure_channel(address)
+                grpc.channel_ready_future(channel).result(timeout=30)
+                channel.close()
             time.sleep(1)  # health: tokenizers loaded
-            records = asyncio.run(drive(address, args.seconds))
+            records = asyncio.run(drive(addresses, args.seconds))
         finally:
-            server.terminate()
-            server.wait()
+            for server in servers:
+                server.terminate()
+                server.wait()
     summary = summarize(records, args.seconds)
     print(
-        f"limit {LIMIT_PER_S} tokens/s; HIGH offers {HIGH_PER_S * TOKENS}/s, LOW floods {LOW_PER_S * TOKENS}/s"
+        f"limit {LIMIT_PER_S} tokens/s; HIGH offers {HIGH_PER_S * TOKENS}/s, LOW floods {LOW_PER_S * TOKENS}/s;"
+        f" aging {args.aging}, {args.replicas} replica(s)"
     )
     print(
-        f"{'priority':8}  {'calls':>6}  {'denied':>6}  {'admitted tokens/s (flood)':>25}  {'wait p50':>8}  {'p99':>6}"
+        f"{'priority':8}  {'calls':>6}  {'denied':>6}  {'admitted':>8}  {'admitted tokens/s (flood)':>25}"
+        f"  {'wait p50':>8}  {'p99':>6}"
     )
     for priority, row in summary.items():
-        print(f"{priority:8}  {row['calls']:>6}  {row['denied']:>6}  {row['admitted_tokens_per_s_in_flood']:>25.0f}  "
-              f"{row['wait_p50_s']:>7.3f}s  {row['wait_p99_s']:>5.2f}s")  # fmt: skip
+        print(f"{priority:8}  {row['calls']:>6}  {row['denied']:>6}  {row['admitted_share']:>8.0%}"
+              f"  {row['admitted_tokens_per_s_in_flood']:>25.0f}"
+              f"  {row['wait_p50_s']:>7.3f}s  {row['wait_p99_s']:>5.2f}s")  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    chart(records, args.seconds, args.out_dir / "burst.png")
-    (args.out_dir / "burst.json").write_text(
-        json.dumps({"limit_tokens_per_s": LIMIT_PER_S, **summary}, indent=2)
+    name = (
+        "burst"
+        if args.aging == "30s" and args.replicas == 1
+        else f"burst-aging-{args.aging}-x{args.replicas}"
     )
-    print(f"wrote {args.out_dir / 'burst.png'}")
+    chart(records, args.seconds, args.out_dir / f"{name}.png")
+    (args.out_dir / f"{name}.json").write_text(
+        json.dumps(
+            {"limit_tokens_per_s": LIMIT_PER_S, "aging": args.aging, "replicas": args.replicas, **summary},
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out_dir / f'{name}.png'}")
 
 
 if __name__ == "__main__":

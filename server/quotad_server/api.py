@@ -27,6 +27,7 @@ from quotad.v1 import quota_pb2_grpc as pb_grpc
 
 from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidRequest,
@@ -168,6 +169,8 @@ def _code_of(error: QuotadError) -> int:
         code = grpc.StatusCode.FAILED_PRECONDITION
     elif isinstance(error, StoreUnavailable | NotReady):
         code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(error, DeadlineExceeded):
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
     else:
         code = grpc.StatusCode.INTERNAL
     number: int = code.value[0]
@@ -284,9 +287,12 @@ def _micros(duration: duration_pb2.Duration, field: str, violations: list[FieldV
     return 0
 
 
-def _reserve_request(request: pb.CheckAndReserveRequest, max_messages: int) -> ReserveRequest:
+def _reserve_request(
+    request: pb.CheckAndReserveRequest, max_messages: int, time_left_s: float | None = None
+) -> ReserveRequest:
     """The core's request. Raises InvalidRequest for what only the wire form can get wrong
-    (Durations, enum values), before the core checks the rest."""
+    (Durations, enum values), before the core checks the rest. `time_left_s`: until the
+    caller's gRPC deadline, if it set one."""
     violations: list[FieldViolation] = []
     lease_us = _micros(request.lease, "lease", violations) if request.HasField("lease") else None
     max_wait_us = _micros(request.max_wait, "max_wait", violations) if request.HasField("max_wait") else 0
@@ -318,17 +324,18 @@ def _reserve_request(request: pb.CheckAndReserveRequest, max_messages: int) -> R
         else (),
         priority=priority,
         max_wait_us=max_wait_us,
+        time_left_s=time_left_s,
     )
 
 
 def _reserve_requests(
-    requests: Sequence[pb.CheckAndReserveRequest], max_messages: int
+    requests: Sequence[pb.CheckAndReserveRequest], max_messages: int, time_left_s: float | None
 ) -> list[ReserveRequest | InvalidRequest]:
     """A batch's requests, each translated on its own: a bad one is that item's error."""
     translated: list[ReserveRequest | InvalidRequest] = []
     for request in requests:
         try:
-            translated.append(_reserve_request(request, max_messages))
+            translated.append(_reserve_request(request, max_messages, time_left_s))
         except InvalidRequest as error:
             translated.append(error)
     return translated
@@ -580,7 +587,10 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     # -- one item: proto -> core -> proto; raises QuotadError ---------------------------
 
     async def _reserve(
-        self, request: pb.CheckAndReserveRequest | Undecodable, fields: dict[str, Any]
+        self,
+        request: pb.CheckAndReserveRequest | Undecodable,
+        fields: dict[str, Any],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CheckAndReserveResponse:
         request = _decoded(request)
         fields.update(
@@ -588,7 +598,9 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             tenant=_clip(request.tenant, LOG_FIELD_BYTES),
             model=_clip(request.model, LOG_FIELD_BYTES),
         )
-        outcome = await self._core.check_and_reserve(_reserve_request(request, self._core.max_messages))
+        outcome = await self._core.check_and_reserve(
+            _reserve_request(request, self._core.max_messages, context.time_remaining())
+        )
         response = pb.CheckAndReserveResponse()
         _fill_reserve_response(response, outcome, fields)
         return response
@@ -639,7 +651,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CheckAndReserveResponse:
         fields: dict[str, Any] = {}
-        return await self._handle("CheckAndReserve", context, fields, self._reserve(request, fields))
+        return await self._handle("CheckAndReserve", context, fields, self._reserve(request, fields, context))
 
     async def Commit(
         self, request: pb.CommitRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
@@ -717,7 +729,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             requests = _decoded(request).requests
             fields["items"] = len(requests)
             self._check_batch_size(len(requests))
-            translated = _reserve_requests(requests, self._core.max_messages)
+            translated = _reserve_requests(requests, self._core.max_messages, context.time_remaining())
             decided = iter(
                 await self._core.check_and_reserve_many(
                     [item for item in translated if isinstance(item, ReserveRequest)]

@@ -67,6 +67,7 @@ class ReserveRequest:
     messages: tuple[ChatMessage, ...] = ()
     priority: Priority | None = None
     max_wait_us: int = 0
+    time_left_s: float | None = None  # until the caller's own deadline, if it set one
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +151,8 @@ class QuotaCore:
         self._counters: dict[tuple[str, float], TokenCounter] = {}
         self._outputs = OutputEstimator(store, refresh_s=learning_refresh_s)
         self._recorder = UsageRecorder(store, flush_s=stats_flush_s)
-        # Per line, this replica's waiters: their event and (-priority rank, start) to find the best.
-        self._waiters: dict[str, dict[asyncio.Event, tuple[int, float]]] = {}
+        # Per line, this replica's waiters: their event and their rank in the line (the lowest goes first).
+        self._waiters: dict[str, dict[asyncio.Event, int]] = {}  # line -> waiter -> rank
         self._routes: dict[tuple[str, str, str], _Route] = {}
         self._routes_policy: Policy | None = None
 
@@ -400,16 +401,26 @@ class QuotaCore:
         plan, tier = self._plan(
             request, await self._input_tokens(request), await self._output_tokens(request)
         )
+        if request.time_left_s is not None:
+            plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if request.max_wait_us <= 0:
             return self._outcome(plan, tier, await self._store.reserve(plan))
         return await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000)
 
     async def _wait_in_line(self, plan: ReservePlan, tier: str, max_wait_s: float) -> ReserveOutcome:
+        """Try, wait in line, try again when woken, until admitted or the wait is over.
+
+        The wait ends at max_wait or at the caller's own deadline, whichever comes first, and
+        the store's calls end by that deadline too: nothing is admitted for a caller that has
+        left. A cancel (the caller gone) while a try is in flight is made good by the store,
+        which undoes what that try reserved when its reply comes (see RedisStore).
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
+        ends = started + max_wait_s if plan.deadline is None else min(started + max_wait_s, plan.deadline)
         heartbeat_s = self.policy.heartbeat_us / 1_000_000
         plan = replace(plan, ticket=secrets.token_hex(8), enqueue=True)
-        woken = asyncio.Event()
+        woken, was_woken = asyncio.Event(), False
         line = ""
         admitted = False
         try:
@@ -422,7 +433,7 @@ class QuotaCore:
                     return outcome
                 if result.queue_full:
                     return replace(outcome, deny_reason=DenyReason.QUEUE_FULL)
-                remaining_s = max_wait_s - (loop.time() - started)
+                remaining_s = ends - loop.time()
                 if outcome.retry_after_us is None or remaining_s <= 0:
                     return outcome  # never fits, or the wait is over
                 # retry_after assumes no Commit or Release frees capacity sooner: wait for those too.
@@ -430,12 +441,22 @@ class QuotaCore:
                 if result.line != line:
                     self._waiters.get(line, {}).pop(woken, None)
                     line = result.line
-                    self._waiters.setdefault(line, {})[woken] = (-_PRIORITY_RANK[plan.priority], started)
+                if line:
+                    self._waiters.setdefault(line, {})[woken] = result.rank
+                    if was_woken and result.spare:
+                        # Woken for capacity this waiter cannot use (its priority's cap, say):
+                        # the next of this replica's waiters may, so it tries now, not at its heartbeat.
+                        self._wake(line, after=result.rank)
                 woken.clear()
                 # Capacity freed by a Commit or Release wakes us at once; refill and lease expiry
-                # by retry_after; the heartbeat keeps our place alive.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), min(remaining_s, retry_s, heartbeat_s))
+                # by retry_after; the heartbeat keeps our place alive. (asyncio.timeout, not
+                # wait_for: Python 3.11's wait_for can swallow the cancel of a caller that left.)
+                try:
+                    async with asyncio.timeout(min(remaining_s, retry_s, heartbeat_s)):
+                        await woken.wait()
+                    was_woken = True
+                except TimeoutError:
+                    was_woken = False
         finally:
             self._waiters.get(line, {}).pop(woken, None)
             if line and not self._waiters.get(line):
@@ -444,15 +465,21 @@ class QuotaCore:
                 with contextlib.suppress(QuotadError):
                     await asyncio.shield(self._store.leave_line(plan.partition, plan.ticket))
 
-    def _wake(self, line: str) -> None:
-        """Capacity was freed on `line`, or its head left: wake this replica's best waiter there.
+    def _wake(self, line: str, after: int | None = None) -> None:
+        """Capacity was freed on `line`, or a place left it: wake this replica's best waiter there
+        (ranked after `after`, when a waiter passes on capacity it cannot use).
 
         Only the best: the line admits in rank order, so the others would only be told to wait.
-        Each replica wakes its own best, so the line's head, wherever it waits, tries at once.
+        The rank is the line's own (from Redis), so every replica wakes in the order the script
+        admits in, aging included. Each replica wakes its own best, so the line's head, wherever
+        it waits, tries at once.
         """
         waiters = self._waiters.get(line)
-        if waiters:
-            min(waiters.items(), key=lambda item: item[1])[0].set()
+        if not waiters:
+            return
+        candidates = [(rank, event) for event, rank in waiters.items() if after is None or rank > after]
+        if candidates:
+            min(candidates, key=lambda item: item[0])[1].set()
 
     async def watch_wakeups(self) -> None:
         """Wake this replica's waiters when capacity is freed on their lines (runs until cancelled)."""
@@ -470,6 +497,9 @@ class QuotaCore:
             except QuotadError as error:
                 planned.append(error)
         plans = [item[0] for item in planned if not isinstance(item, QuotadError)]
+        if requests and requests[0].time_left_s is not None:  # one caller, one deadline for the batch
+            deadline = asyncio.get_running_loop().time() + requests[0].time_left_s
+            plans = [replace(plan, deadline=deadline) for plan in plans]
         results = iter(await self._store.reserve_many(plans))
         outcomes: list[ReserveOutcome | QuotadError] = []
         for item in planned:

@@ -9,6 +9,7 @@ gRPC layer knows about status codes.
     +-- FailedPrecondition   e.g. Commit after Release                 -> FAILED_PRECONDITION
     +-- StoreUnavailable     Redis unreachable, slow or gave up        -> UNAVAILABLE
     +-- NotReady             still starting (tokenizers loading)       -> UNAVAILABLE
+    +-- DeadlineExceeded     the caller's own deadline came first      -> DEADLINE_EXCEEDED
 """
 
 from __future__ import annotations
@@ -61,3 +62,7 @@ class StoreUnavailable(QuotadError):
 
 class NotReady(QuotadError):
     """The service is still starting (e.g. loading tokenizers); retry shortly."""
+
+
+class DeadlineExceeded(QuotadError):
+    """The caller's own deadline passed before a decision was made; nothing was reserved."""

@@ -45,7 +45,14 @@ from prometheus_client.registry import Collector
 
 from quotad_server import __version__
 from quotad_server.core import QuotaCore, ReserveRequest
-from quotad_server.errors import FailedPrecondition, InvalidRequest, NotFound, QuotadError, StoreUnavailable
+from quotad_server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    QuotadError,
+    StoreUnavailable,
+)
 from quotad_server.fastmetrics import Counter, CounterChild, Histogram, HistogramChild
 from quotad_server.model import Cost, Decision, Limit, LimitStatus, ReserveOutcome, SettleOutcome
 from quotad_server.policy import Policy
@@ -58,7 +65,8 @@ OTHER_MODEL = "other"
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _REDIS_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
-_ANSWERS = (FailedPrecondition, InvalidRequest, NotFound)  # a store's answers, not its failures
+# A store's answers, not its failures (DeadlineExceeded: the caller's deadline, not Redis, ended it).
+_ANSWERS = (FailedPrecondition, InvalidRequest, NotFound, DeadlineExceeded)
 
 
 class _PolicyLimits(Collector):
@@ -378,7 +386,8 @@ class InstrumentedCore(QuotaCore):
 class InstrumentedStore:
     """A Store that times every call to `inner` and counts its failures. Answers are unchanged.
 
-    NotFound, FailedPrecondition and InvalidRequest are answers, not failures: not counted.
+    NotFound, FailedPrecondition, InvalidRequest and DeadlineExceeded are answers, not failures:
+    not counted.
     """
 
     def __init__(self, inner: Store, metrics: Metrics) -> None:

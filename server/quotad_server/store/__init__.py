@@ -45,6 +45,9 @@ class ReservePlan:
     enqueue: bool = False
     max_line: int = 1000
     ticket_ttl_ms: int = 3000
+    # When the caller gives up (event-loop time), if it said: the store's call and the
+    # script's deadline end no later, so nothing is admitted for a caller that has left.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)  # a value, but not frozen: see quotad_server.model
@@ -59,6 +62,8 @@ class ReserveResult:
     reserved: Cost | None = None
     queue_full: bool = False
     line: str = ""  # the waiting line the ticket holds a place in
+    rank: int = 0  # its rank there (lower goes first): the order every replica wakes its waiters in
+    spare: bool = False  # capacity is left on the line's limit that another waiter may fit
 
 
 class Store(Protocol):

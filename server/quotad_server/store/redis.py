@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import structlog
 
 from quotad_server.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidRequest,
@@ -505,17 +506,21 @@ class RedisStore:
                 reserved=Cost(1, int(input_tokens), int(output_tokens), cost_micro_usd=int(cost)),
             )
         allowed = code == _REPLY_ALLOWED
-        line_index = reply[4 + 3 * len(plan.limits)] if len(reply) > 4 + 3 * len(plan.limits) else 0
-        line = ""
+        at = 4 + 3 * len(plan.limits)  # after the statuses: the waiting line, its rank, spare capacity
+        line_index = reply[at] if len(reply) > at else 0
+        line, rank, spare = "", 0, False
         if line_index:
             line = self.limit_keys(hash_tag(plan.partition), plan.limits, plan.tenant, plan.subject)[
                 line_index - 1
             ]
             line += ":q"
+            rank, spare = reply[at + 1], reply[at + 2] == 1
         return ReserveResult(
             allowed=allowed,
             queue_full=code == _REPLY_QUEUE_FULL,
             line=line,
+            rank=rank,
+            spare=spare,
             reservation_id=reservation_id if allowed else "",
             lease_expires_at_us=lease_expires_us if allowed else 0,
             limits=self._statuses(plan.limits, reply),
@@ -535,16 +540,25 @@ class RedisStore:
         )
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
-        deadline = self._client.deadline()
+        deadline, callers = self._client.deadline(), False
+        if plan.deadline is not None and plan.deadline < deadline:  # the caller's comes first
+            deadline, callers = plan.deadline, True
         reservation_id, (keys, args, tail) = self._reserve_call(plan, await self._script_deadline(deadline))
         sent = asyncio.get_running_loop().time()
         on_late = functools.partial(self._late_reservation, plan, reservation_id, keys[1])
-        reply = await self._run(self._reserve, keys, args, tail, deadline=deadline, on_late=on_late)
-        self._observe_clock(reply[1], sent)
-        return self._reserve_result(plan, reservation_id, reply)
+        try:
+            reply = await self._run(self._reserve, keys, args, tail, deadline=deadline, on_late=on_late)
+            self._observe_clock(reply[1], sent)
+            return self._reserve_result(plan, reservation_id, reply)
+        except StoreUnavailable as error:
+            if callers and (isinstance(error.__cause__, TimeoutError) or error.__cause__ is None):
+                raise DeadlineExceeded(
+                    "the caller's deadline passed before redis decided; nothing was reserved"
+                ) from error
+            raise
 
     async def reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
-        deadline = self._client.deadline()
+        deadline = min([self._client.deadline(), *(p.deadline for p in plans if p.deadline is not None)])
         script_deadline = await self._script_deadline(deadline) if plans else 0
         calls = [self._reserve_call(plan, script_deadline) for plan in plans]
         hooks: list[LateReply | None] = [

@@ -50,14 +50,23 @@ State, per algorithm (units are requests, tokens or micro-dollars; times are mic
 Waiting lines. A request denied with enqueue=1 takes a place (its ticket) in the line of
 its binding limit: zset KEYS[b] .. ':q' scored by rank = arrival time - boost, where the
 boost grows with priority (so higher priorities go first, FIFO within a priority, and a
-waiter ages past newer arrivals of higher priority after a bounded time). A ticket is
-live while '<prefix>:{tag}:w:<ticket>' exists (its value: the line); the waiting
-replica refreshes it, so a dead replica's places expire. A waiter admitted from a line
-that still holds others announces it on '<prefix>:wake' (settle.lua does the same for
-freed capacity), so the next in line tries at once. '<prefix>:{tag}:lines' is the
-set of non-empty lines. Every request, waiting or not, may take capacity on a limit only
-if no live waiter in that limit's line ranks before it; its own rank is its ticket's
-score, or now - boost for a fresh request.
+waiter ages past newer arrivals of higher priority after a bounded time). The replicas
+order their own waiters by the same rank (the reply carries it). A ticket is live while
+'<prefix>:{tag}:w:<ticket>' exists; its value is "<line>\n<cost> <cap> <ready>": its cost
+and admission cap on the line's limit, and 1 if nothing but that limit held it back at its
+last try. The waiting replica refreshes it, so a dead replica's places expire; zset
+KEYS[b] .. ':qx' holds each place's expiry, so dead places are dropped before a line's
+length is compared with its bound. A waiter admitted from a line that still holds others
+announces it on '<prefix>:wake' (settle.lua does the same for freed capacity, leave.lua
+for a place given up), so the next in line tries at once. '<prefix>:{tag}:lines' is the
+set of non-empty lines.
+
+Order without head-of-line blocking: on a limit with a line, the live waiters ranked before
+a request claim capacity first, in rank order, each one that fits (its cost within its own
+cap, with the claims before it) and is ready; a waiter that cannot fit (capped by its
+priority, say) or is held back by another of its limits claims nothing and holds nobody
+back. The request takes what is left, or waits (wait = HINT). At most SCAN waiters are
+looked at; a fresh request's rank is now - boost, a waiter's its ticket's score.
 
 The record (string, TTL = lease + retention) is what settle.lua needs, so a reservation
 is settled on the limits and prices it was made under even if the policy changes:
@@ -70,7 +79,9 @@ is settled on the limits and prices it was made under even if the policy changes
   the first day of the period it was charged to.
 
 Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N, line}
-  line: the index of the limit whose line the ticket waits in (0: none).
+  line: the index of the limit whose line the ticket waits in (0: none); when it waits,
+  then its rank in that line and 1 if capacity is left on that limit that others may fit
+  (the replica then lets its next waiter try: this one cannot use it).
   code 1 allowed, 0 denied, 3 denied because the line is full, 2 replayed: {2, now, lease_expires_at, 0, reservation id,
   est. input, est. output, est. cost, claims} (the first reservation, no limit evaluated; claims: its
   hand-outs so far, -1 once settled),
@@ -182,21 +193,36 @@ if not peek and redis.call('EXISTS', registry) == 1 then
   local present = redis.call('SMISMEMBER', registry, unpack(lines))
   for i = 1, n do lined[i] = present[i] == 1 end
   if ticket ~= '-' then
-    my_line = redis.call('GET', ticket_key(ticket))
-    if my_line then my_rank = tonumber(redis.call('ZSCORE', my_line, ticket) or my_rank) end
+    local place = redis.call('GET', ticket_key(ticket))
+    if place then
+      my_line = string.match(place, '^[^\n]*')
+      my_rank = tonumber(redis.call('ZSCORE', my_line, ticket) or my_rank)
+    end
   end
 end
--- The best live waiter of a line, dropping the places of waiters that are gone.
-local function line_head(line)
-  while true do
-    local head = redis.call('ZRANGE', line, 0, 0, 'WITHSCORES')
-    if not head[1] then
-      redis.call('SREM', registry, line)
-      return nil
+local SCAN = 16
+-- The capacity that the live waiters ranked before this request claim on a line (see the
+-- header), with `used` in use; the places of waiters that are gone are dropped on the way.
+local function claimed_before(line, used, limit)
+  local claim, dropped = 0, false
+  local members = redis.call('ZRANGE', line, 0, SCAN - 1, 'WITHSCORES')
+  for j = 1, #members, 2 do
+    local id, rank = members[j], tonumber(members[j + 1])
+    if id == ticket or rank > my_rank or (rank == my_rank and id > ticket) then break end
+    local place = redis.call('GET', ticket_key(id))
+    if not place then
+      redis.call('ZREM', line, id)
+      redis.call('ZREM', line .. 'x', id)
+      dropped = true
+    else
+      local cost, cap, ready = string.match(place, '\n(%S+) (%S+) (%d)$')
+      cost, cap = tonumber(cost), tonumber(cap)
+      if ready == '1' and used + claim + cost - cap <= EPSILON then claim = claim + cost end
+      if used + claim >= limit then break end  -- nothing is left to claim
     end
-    if redis.call('EXISTS', ticket_key(head[1])) == 1 then return head[1], tonumber(head[2]) end
-    redis.call('ZREM', line, head[1])
   end
+  if dropped and redis.call('ZCARD', line) == 0 then redis.call('SREM', registry, line) end
+  return claim
 end
 local HINT = tonumber(ticket_ttl) * 1000 / 3  -- about one heartbeat, for those a line holds back
 
@@ -209,7 +235,7 @@ for i = 1, n do
   local limit, period, cap = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   local key = KEYS[i + 2]
   local cost = units(metric)
-  local used, wait, reset_after, extra = 0, 0, 0, 0
+  local used, wait, reset_after, extra, claim = 0, 0, 0, 0, 0
   if alg == 'b' then
     local raw = redis.call('GET', key)
     if raw then
@@ -285,21 +311,21 @@ for i = 1, n do
     end
   end
   if wait == 0 and lined[i] then
-    local head, score = line_head(key .. ':q')
-    if head and head ~= ticket and (score < my_rank or (score == my_rank and head < ticket)) then
-      wait = HINT  -- capacity is there, but a waiter ranked before this request takes it first
+    claim = claimed_before(key .. ':q', used, limit)
+    if used + claim + cost - cap > EPSILON then
+      wait = HINT  -- capacity is there, but waiters ranked before this request take it first
     end
   end
   if wait ~= 0 then admit = false end
   if alg == 'w' and metric == 'r' and period > (span[key] or 0) then span[key] = period end
-  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra, cap}
+  statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra, cap, claim}
 end
 
 local lease_expires = now + lease_us
 local reply = {1, now, lease_expires, n}
 for i = 1, n do
   local s = statuses[i]
-  local remaining = s[11] - s[7]  -- what this request's priority may still fill
+  local remaining = s[11] - s[7] - s[12]  -- what this request's priority may still fill
   if admit then remaining = remaining - s[6] end
   reply[#reply + 1] = math.floor(remaining)
   reply[#reply + 1] = s[9]
@@ -319,7 +345,14 @@ if not admit then
   if enqueue == '1' and not never then
     -- Wait in the binding limit's line; a ticket already in a line keeps its place.
     local line = my_line or (KEYS[binding + 2] .. ':q')
+    local expiry, ttl = line .. 'x', tonumber(ticket_ttl)
     if not my_line then
+      -- Only live places count: drop those whose waiters stopped renewing them.
+      local dead = redis.call('ZRANGEBYSCORE', expiry, '-inf', int(now), 'LIMIT', 0, 1000)
+      if #dead > 0 then
+        redis.call('ZREM', line, unpack(dead))
+        redis.call('ZREM', expiry, unpack(dead))
+      end
       if redis.call('ZCARD', line) >= tonumber(max_line) then
         reply[1] = 3
         return reply
@@ -327,18 +360,34 @@ if not admit then
       redis.call('ZADD', line, my_rank, ticket)
       redis.call('SADD', registry, line)
     end
-    redis.call('SET', ticket_key(ticket), line, 'PX', tonumber(ticket_ttl))
-    -- Lines and the registry outlive their last live waiter by a ticket's life, then go by themselves.
-    redis.call('PEXPIRE', line, 2 * tonumber(ticket_ttl))
-    redis.call('PEXPIRE', registry, 2 * tonumber(ticket_ttl))
+    -- What this place claims on its line's limit, and whether only that limit held it back.
+    local at, place = 0, '0 0 0'
     for i = 1, n do
-      if KEYS[i + 2] .. ':q' == line then reply[#reply] = i end
+      if KEYS[i + 2] .. ':q' == line then at = i end
     end
+    if at > 0 then
+      local ready = 1
+      for i = 1, n do
+        if i ~= at and statuses[i][8] ~= 0 then ready = 0 end
+      end
+      local s = statuses[at]
+      place = string.format('%.17g %.17g %d', s[6], s[11], ready)
+    end
+    redis.call('SET', ticket_key(ticket), line .. '\n' .. place, 'PX', ttl)
+    redis.call('ZADD', expiry, now + ttl * 1000, ticket)
+    -- Lines and the registry outlive their last live waiter by a ticket's life, then go by themselves.
+    for _, k in ipairs({line, expiry, registry}) do redis.call('PEXPIRE', k, 2 * ttl) end
+    reply[#reply] = at
+    reply[#reply + 1] = my_rank
+    local spare = 0
+    if at > 0 and statuses[at][3] - statuses[at][7] - statuses[at][12] > EPSILON then spare = 1 end
+    reply[#reply + 1] = spare
   end
   return reply
 end
 if my_line then  -- admitted: leave the line, and let the next in line know its turn may have come
   redis.call('ZREM', my_line, ticket)
+  redis.call('ZREM', my_line .. 'x', ticket)
   redis.call('DEL', ticket_key(ticket))
   if redis.call('ZCARD', my_line) == 0 then
     redis.call('SREM', registry, my_line)
