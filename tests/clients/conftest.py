@@ -3,7 +3,8 @@
 The TypeScript, Go and Java suites reach it through $QUOTAD_ADDR; they fail, never skip,
 when it is not set or not answering. Their outage tests pause its Valkey (SIGSTOP, then
 SIGCONT) through $QUOTAD_REDIS_PID: each suite runs its tests one at a time, so no other
-test of it is under way meanwhile.
+test of it is under way meanwhile. Their server-side waiting tests read the waiting lines
+from that Valkey, at $QUOTAD_REDIS_ADDR (host:port), to know when a request waits in line.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ class LiveQuotad:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "QUOTAD_ADDR": self.address, "QUOTAD_REDIS_PID": str(self.redis_pid)}
+        return {
+            **os.environ,
+            "QUOTAD_ADDR": self.address,
+            "QUOTAD_REDIS_PID": str(self.redis_pid),
+            "QUOTAD_REDIS_ADDR": f"127.0.0.1:{self.redis.port}",
+        }
 
     @property
     def redis_pid(self) -> int:

@@ -1,7 +1,8 @@
 """Every non-Python client's own test suite and every README example, against a live quotad.
 
 Each suite does reserve -> commit, a denial, an INVALID_ARGUMENT with its field
-violations, a reserve that retries through a real Redis outage, and replays
+violations, a reserve that retries through a real Redis outage, reserves that wait in
+quotad's line past the client's default deadline (server wait), and replays
 tests/conformance/scenario.json (the Java suite also runs its README example). Their
 runners' output is shown when one fails.
 """
@@ -39,6 +40,9 @@ def test_go_client(conformance_quotad: LiveQuotad) -> None:
         "TestInvalidArgument",
         "TestConformance",
         "TestReserveRetriesThroughARedisOutage",
+        "TestServerWaitIsAdmittedWhenCapacityFrees",
+        "TestServerWaitLongerThanTheDefaultDeadlineIsNotCutOff",
+        "TestRetriesKeepTheDeadlineOfTimeoutPlusServerWait",
     ):
         assert f"--- PASS: {name}" in output, output
 
@@ -48,6 +52,7 @@ def test_typescript_client(conformance_quotad: LiveQuotad) -> None:
     assert re.search(r"\bpass [1-9]", output), output
     assert re.search(r"\bfail 0\b", output), output
     assert "✔ reserve retries through a Redis outage and reserves once" in output, output
+    assert "✔ a server wait longer than the default deadline is not cut off by it" in output, output
 
 
 def test_java_client(conformance_quotad: LiveQuotad) -> None:
@@ -58,7 +63,7 @@ def test_java_client(conformance_quotad: LiveQuotad) -> None:
     assert reports, f"surefire ran no test class:\n{output}"
     assert {report.name for report in reports} >= {
         f"TEST-io.github.quotad.client.{name}.xml"
-        for name in ("QuotaClientTest", "ConformanceTest", "ExampleTest", "OutageTest")
+        for name in ("QuotaClientTest", "ConformanceTest", "ExampleTest", "OutageTest", "WaitingTest")
     }, output
     for report in reports:
         assert_passed(report)

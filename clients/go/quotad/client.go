@@ -11,6 +11,10 @@
 // every attempt, so a retry of a reservation that was made after all returns it (Replayed);
 // Commit and Release are idempotent; Usage changes nothing.
 //
+// A Reserve with a ServerWait may wait that long in quotad's waiting line, so the deadline it
+// gets when its context has none is the client's timeout plus the ServerWait; a retry asks only
+// for what is left of the wait.
+//
 // The generated stubs are in github.com/quotad/quotad/clients/go/gen/quotad/v1.
 package quotad
 
@@ -29,6 +33,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	quotadv1 "github.com/quotad/quotad/clients/go/gen/quotad/v1"
@@ -74,8 +79,9 @@ type settings struct {
 }
 
 // WithTimeout sets the deadline of each call whose context has none (default DefaultTimeout),
-// all of its attempts included. Zero or less: no deadline but the context's (and without one,
-// UNAVAILABLE is retried until the context is cancelled, unless RetryPolicy.MaxAttempts caps it).
+// all of its attempts included; a Reserve with a ServerWait gets that much longer. Zero or less:
+// no deadline but the context's (and without one, UNAVAILABLE is retried until the context is
+// cancelled, unless RetryPolicy.MaxAttempts caps it).
 func WithTimeout(d time.Duration) Option { return func(s *settings) { s.timeout = d } }
 
 // WithRetry sets how UNAVAILABLE is retried (default DefaultRetryPolicy).
@@ -131,6 +137,16 @@ type ReserveRequest struct {
 	// IdempotencyKey makes retries safe; empty: one is generated for this call, and every
 	// attempt of the call sends it. Set your own to retry past the call's deadline yourself.
 	IdempotencyKey string
+	// Priority orders shared (tenant and global) capacity and the waiting line; unspecified
+	// (the zero value): the tier's default.
+	Priority quotadv1.Priority
+	// ServerWait is how long quotad may hold the request in its waiting line (in priority, then
+	// arrival order) and admit it as soon as it fits, instead of denying it at once; bounded by
+	// the policy's waiting.max_wait (CheckAndReserveRequest.max_wait). Zero: decided at once.
+	// Without a deadline of ctx's own, the call's deadline is the client's timeout plus
+	// ServerWait, so the wait is not cut short; a retry after UNAVAILABLE asks only for what is
+	// left of it. A deadline of ctx's own still wins: give it room for the wait.
+	ServerWait time.Duration
 }
 
 // Cost is an amount of requests and tokens.
@@ -155,11 +171,15 @@ type Decision struct {
 	RetryAfter   time.Duration
 	// Remaining units per limit name, after this request when allowed, before it when denied.
 	Remaining map[string]int64
-	Response  *quotadv1.CheckAndReserveResponse
+	// Waited is how long the request waited in quotad's line before this answer.
+	Waited   time.Duration
+	Response *quotadv1.CheckAndReserveResponse
 }
 
 // Reserve asks whether a call may go ahead and reserves its estimated cost on every limit.
-// UNAVAILABLE is retried with the same idempotency key until ctx's deadline (see the package doc).
+// UNAVAILABLE is retried with the same idempotency key until the call's deadline (see the
+// package doc). With r.ServerWait, quotad holds a request that does not fit yet in its waiting
+// line and answers when it is admitted or when the wait is over.
 func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, error) {
 	request := &quotadv1.CheckAndReserveRequest{
 		Subject:         r.Subject,
@@ -169,6 +189,7 @@ func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, erro
 		InputTokens:     r.InputTokens,
 		MaxOutputTokens: r.MaxOutputTokens,
 		IdempotencyKey:  r.IdempotencyKey,
+		Priority:        r.Priority,
 	}
 	if request.IdempotencyKey == "" {
 		request.IdempotencyKey = newIdempotencyKey()
@@ -176,7 +197,12 @@ func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, erro
 	if r.Lease != 0 {
 		request.Lease = durationpb.New(r.Lease)
 	}
-	response, err := invoke(ctx, c, c.stub.CheckAndReserve, request)
+	if r.ServerWait != 0 {
+		request.MaxWait = durationpb.New(r.ServerWait) // quotad refuses a negative one: INVALID_ARGUMENT
+	}
+	ctx, cancel := c.deadline(ctx, max(r.ServerWait, 0))
+	defer cancel()
+	response, err := invoke(ctx, c, c.checkAndReserve(r.ServerWait), request)
 	if err != nil {
 		return nil, err
 	}
@@ -188,12 +214,34 @@ func (c *Client) Reserve(ctx context.Context, r ReserveRequest) (*Decision, erro
 		BindingLimit:  response.GetBindingLimit(),
 		DenyReason:    response.GetDenyReason(),
 		Remaining:     remaining(response.GetLimits()),
+		Waited:        response.GetWaited().AsDuration(),
 		Response:      response,
 	}
 	if response.GetRetryAfter() != nil {
 		decision.RetryAfter = response.GetRetryAfter().AsDuration()
 	}
 	return decision, nil
+}
+
+// checkAndReserve makes the attempts of one CheckAndReserve. With a server wait, the wait ends
+// at the same time however many attempts it takes: a retry asks for what is left of it, so its
+// answer still comes before the call's deadline (with the same idempotency key: the same
+// reservation, if an earlier attempt made one).
+func (c *Client) checkAndReserve(serverWait time.Duration) func(
+	context.Context, *quotadv1.CheckAndReserveRequest, ...grpc.CallOption,
+) (*quotadv1.CheckAndReserveResponse, error) {
+	if serverWait <= 0 {
+		return c.stub.CheckAndReserve
+	}
+	waitEnds, retry := time.Now().Add(serverWait), false
+	return func(ctx context.Context, request *quotadv1.CheckAndReserveRequest, opts ...grpc.CallOption) (*quotadv1.CheckAndReserveResponse, error) {
+		if retry {
+			request = proto.Clone(request).(*quotadv1.CheckAndReserveRequest)
+			request.MaxWait = durationpb.New(min(serverWait, max(time.Until(waitEnds), 0)))
+		}
+		retry = true
+		return c.stub.CheckAndReserve(ctx, request, opts...)
+	}
 }
 
 // Commit settles a reservation with the tokens the call really used.
@@ -277,7 +325,7 @@ func wrap(err error) error {
 func invoke[Req, Resp any](
 	ctx context.Context, c *Client, rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error), request Req,
 ) (Resp, error) {
-	ctx, cancel := c.deadline(ctx)
+	ctx, cancel := c.deadline(ctx, 0)
 	defer cancel()
 	backoff := c.retry.InitialBackoff
 	for attempt := 1; ; attempt++ {
@@ -311,11 +359,13 @@ func (p RetryPolicy) withDefaults() RetryPolicy {
 	return p
 }
 
-func (c *Client) deadline(ctx context.Context) (context.Context, context.CancelFunc) {
+// deadline gives ctx the client's timeout plus extra, unless it has a deadline of its own (or
+// the client has no timeout).
+func (c *Client) deadline(ctx context.Context, extra time.Duration) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok || c.timeout <= 0 {
 		return ctx, func() {}
 	}
-	return context.WithTimeout(ctx, c.timeout)
+	return context.WithTimeout(ctx, c.timeout+extra)
 }
 
 func cost(c *quotadv1.Cost) Cost {

@@ -5,15 +5,18 @@ Nothing here does I/O, so both clients make the same requests and the same decis
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 from quotad.errors import QuotaDenied, QuotadError, from_rpc_error
 from quotad.usage import Tally, Usage
@@ -22,6 +25,7 @@ from quotad.v1 import quota_pb2 as pb
 Metadata = Sequence[tuple[str, str]]
 MetadataProvider = Callable[[], Iterable[tuple[str, str]]]
 """Called before every RPC; returns metadata to send with it (e.g. a fresh bearer token)."""
+RequestT = TypeVar("RequestT", bound=Message)
 
 # One call's deadline, all of its attempts and the sleeps between them included. quotad answers
 # UNAVAILABLE within its Redis timeout (QUOTAD_REDIS_TIMEOUT_MS, 250 ms by default), so 2 s
@@ -55,26 +59,54 @@ class Settings:
         extra = tuple(self.metadata_provider()) if self.metadata_provider is not None else ()
         return (*self.metadata, *extra)
 
-    def attempts(self, extra_s: float = 0.0) -> Attempts:
-        """The attempts of one logical call, starting now; `extra_s` lengthens its deadline."""
-        return Attempts(self, self.timeout_s + extra_s)
+    def attempts(self, request: Message | None = None) -> Attempts:
+        """The attempts of one logical call of `request`, starting now.
+
+        A CheckAndReserve with a server wait (`max_wait`) may be held that long in quotad's line,
+        so its deadline is longer by as much: `timeout_s` is left for the answer.
+        """
+        wait_s = server_wait_s(request)
+        return Attempts(self, self.timeout_s + wait_s, wait_s=wait_s)
 
 
 class Attempts:
     """The attempts of one logical call: one deadline for all of them, and the sleep before each retry.
 
     Each attempt gets what is left of the deadline as its own gRPC timeout, so the caller's
-    `timeout` bounds the whole call, retries included.
+    `timeout` bounds the whole call, retries included. A server wait (`wait_s`, in the budget)
+    ends at the same time however many attempts it takes: a retry asks for what is left of it.
     """
 
     def __init__(
-        self, settings: Settings, budget_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Settings,
+        budget_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        wait_s: float = 0.0,
     ) -> None:
         self._clock = clock
-        self._deadline = clock() + budget_s
+        started = clock()
+        self._deadline = started + budget_s
+        self._wait_s = wait_s
+        self._wait_ends = started + wait_s
         self._retries_left = settings.retries
         self._backoff_s = settings.retry_backoff_s
         self.made = 0
+
+    def attempt(self, request: RequestT) -> tuple[RequestT, float]:
+        """The request the attempt about to be made sends, and its gRPC timeout (counted as made).
+
+        The call's request, except that a retried CheckAndReserve with a server wait asks only
+        for what is left of the wait, so that its answer still comes before the deadline (with
+        the same idempotency key: the same reservation, if an earlier attempt made one).
+        """
+        if self.made > 0 and self._wait_s > 0 and isinstance(request, pb.CheckAndReserveRequest):
+            retry = copy.deepcopy(request)
+            left_s = min(self._wait_s, max(self._wait_ends - self._clock(), 0.0))
+            retry.max_wait.FromMicroseconds(int(left_s * 1_000_000))
+            request = retry
+        return request, self.timeout()
 
     def timeout(self) -> float:
         """The gRPC timeout of the attempt about to be made (counted as made)."""
@@ -116,6 +148,13 @@ def is_retryable(code: grpc.StatusCode | None) -> bool:
     settles twice. DEADLINE_EXCEEDED is not retried: the caller's deadline has passed.
     """
     return code == grpc.StatusCode.UNAVAILABLE
+
+
+def server_wait_s(request: Message | None) -> float:
+    """How long quotad may hold `request` in its waiting line: a CheckAndReserve's max_wait, or 0."""
+    if isinstance(request, pb.CheckAndReserveRequest) and request.HasField("max_wait"):
+        return max(request.max_wait.ToTimedelta().total_seconds(), 0.0)
+    return 0.0
 
 
 def new_idempotency_key() -> str:

@@ -84,17 +84,18 @@ class QuotaClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any, *, extra_s: float = 0.0) -> Any:
+    async def _call(self, method: Any, request: Any) -> Any:
         """One logical call: the deadline, the metadata, and UNAVAILABLE retried until the deadline.
 
-        Every attempt sends the same request, so a CheckAndReserve keeps its idempotency key.
+        Every attempt sends the same request, so a CheckAndReserve keeps its idempotency key; a
+        CheckAndReserve with a server wait gets a deadline longer by as much, and a retry asks for
+        what is left of the wait (see `Attempts`).
         """
-        attempts = self._settings.attempts(extra_s)
+        attempts = self._settings.attempts(request)
         while True:
+            sent, timeout = attempts.attempt(request)
             try:
-                return await method(
-                    request, timeout=attempts.timeout(), metadata=self._settings.call_metadata()
-                )
+                return await method(sent, timeout=timeout, metadata=self._settings.call_metadata())
             except grpc.aio.AioRpcError as error:
                 delay = attempts.delay_before_retry(error.code())
                 if delay is None:
@@ -135,9 +136,7 @@ class QuotaClient:
             priority=priority,
             server_wait=server_wait,
         )
-        response: pb.CheckAndReserveResponse = await self._call(
-            self._stub.CheckAndReserve, request, extra_s=seconds(server_wait or 0)
-        )
+        response: pb.CheckAndReserveResponse = await self._call(self._stub.CheckAndReserve, request)
         return response
 
     async def commit(
@@ -194,11 +193,14 @@ class QuotaClient:
         max_wait: float | timedelta = 0,
         exclude_cached: bool = False,
         priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
+        server_wait: timedelta | None = None,
     ) -> AsyncReservation:
         """`async with quota.reserve(...) as reservation:` reserve, run the body, settle.
 
-        On enter: reserve, or raise QuotaDenied; with `max_wait` (seconds), a denial that
-        fits within it is waited out (sleeping its retry_after) and asked again. On exit:
+        On enter: reserve, or raise QuotaDenied; with `server_wait`, quotad holds the request in
+        its waiting line, up to that long, and admits it when it fits (each CheckAndReserve's
+        deadline is longer by as much); with `max_wait` (seconds), a denial that fits within it
+        is waited out here (sleeping its retry_after) and asked again. On exit:
         commit what the body recorded with `reservation.record(...)`, the reserved estimate
         standing in for what it did not; that holds when the body raises after recording,
         since the LLM call happened. A body that raises before recording anything: release.
@@ -213,6 +215,7 @@ class QuotaClient:
             lease=lease,
             idempotency_key=idempotency_key or new_idempotency_key(),
             priority=priority,
+            server_wait=server_wait,
         )
         return AsyncReservation(self, request, seconds(max_wait), exclude_cached)
 

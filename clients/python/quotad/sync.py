@@ -71,15 +71,18 @@ class SyncQuotaClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, *, extra_s: float = 0.0) -> Any:
+    def _call(self, method: Any, request: Any) -> Any:
         """One logical call: the deadline, the metadata, and UNAVAILABLE retried until the deadline.
 
-        Every attempt sends the same request, so a CheckAndReserve keeps its idempotency key.
+        Every attempt sends the same request, so a CheckAndReserve keeps its idempotency key; a
+        CheckAndReserve with a server wait gets a deadline longer by as much, and a retry asks for
+        what is left of the wait (see `Attempts`).
         """
-        attempts = self._settings.attempts(extra_s)
+        attempts = self._settings.attempts(request)
         while True:
+            sent, timeout = attempts.attempt(request)
             try:
-                return method(request, timeout=attempts.timeout(), metadata=self._settings.call_metadata())
+                return method(sent, timeout=timeout, metadata=self._settings.call_metadata())
             except grpc.RpcError as error:
                 call: grpc.Call = error  # type: ignore[assignment]  # a failed call's error is the Call
                 delay = attempts.delay_before_retry(call.code())
@@ -117,9 +120,7 @@ class SyncQuotaClient:
             priority=priority,
             server_wait=server_wait,
         )
-        response: pb.CheckAndReserveResponse = self._call(
-            self._stub.CheckAndReserve, request, extra_s=seconds(server_wait or 0)
-        )
+        response: pb.CheckAndReserveResponse = self._call(self._stub.CheckAndReserve, request)
         return response
 
     def commit(
@@ -171,6 +172,7 @@ class SyncQuotaClient:
         max_wait: float | timedelta = 0,
         exclude_cached: bool = False,
         priority: pb.Priority.ValueType = pb.PRIORITY_UNSPECIFIED,
+        server_wait: timedelta | None = None,
     ) -> Reservation:
         """`with quota.reserve(...) as reservation:` as `QuotaClient.reserve`, blocking."""
         request = reserve_request(
@@ -183,6 +185,7 @@ class SyncQuotaClient:
             lease=lease,
             idempotency_key=idempotency_key or new_idempotency_key(),
             priority=priority,
+            server_wait=server_wait,
         )
         return Reservation(self, request, seconds(max_wait), exclude_cached)
 

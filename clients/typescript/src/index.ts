@@ -11,6 +11,9 @@
  * (`timeoutMs`). Safe: `reserve` sends one idempotency key on every attempt, so a retry of a
  * reservation that was made after all returns it (`replayed`); commit and release are
  * idempotent; usage changes nothing.
+ *
+ * A `reserve` with `serverWaitMs` may wait that long in quotad's waiting line, so its deadline is
+ * `timeoutMs` plus `serverWaitMs`; a retry asks only for what is left of the wait.
  */
 import { randomUUID } from "node:crypto";
 import {
@@ -35,8 +38,10 @@ import {
   type ReleaseResponse,
   Decision,
   DenyReason,
+  Priority as PriorityValue,
   QuotaServiceClient,
 } from "./gen/quotad/v1/quota";
+import type { Duration } from "./gen/google/protobuf/duration";
 
 export * as v1 from "./gen/quotad/v1/quota";
 
@@ -63,7 +68,8 @@ export interface RetryOptions {
 }
 
 export interface ClientOptions {
-  /** Deadline of each call in milliseconds, all of its attempts included (default 2000). */
+  /** Deadline of each call in milliseconds, all of its attempts included (default 2000); a
+   * `reserve` with `serverWaitMs` gets that much longer. */
   timeoutMs?: number;
   /** How UNAVAILABLE is retried; see RetryOptions. */
   retry?: RetryOptions;
@@ -93,11 +99,31 @@ export interface ReserveRequest {
   prompt?: string;
   /** Instead of inputTokens: chat messages, counted by the server. */
   messages?: ChatMessage[];
+  /** Orders shared (tenant and global) capacity and the waiting line; the tier's default when omitted. */
+  priority?: Priority;
+  /**
+   * How long quotad may hold the request in its waiting line (in priority, then arrival order) and
+   * admit it as soon as it fits, instead of denying it at once; bounded by the policy's
+   * `waiting.max_wait`. Omitted or 0: decided at once. The call's deadline is `timeoutMs` plus this,
+   * so the wait is not cut short; a retry after UNAVAILABLE asks only for what is left of it.
+   */
+  serverWaitMs?: number;
 }
+
+/** A request's priority: "low" for batch work, "normal", "high" for paid or interactive users. */
+export type Priority = "low" | "normal" | "high";
+
+const PRIORITIES: Record<Priority, PriorityValue> = {
+  low: PriorityValue.PRIORITY_LOW,
+  normal: PriorityValue.PRIORITY_NORMAL,
+  high: PriorityValue.PRIORITY_HIGH,
+};
 
 interface DecisionCommon {
   /** Remaining units per limit name: after this request when allowed, before it when denied. */
   remaining: Record<string, number>;
+  /** How long the request waited in quotad's line before this answer, in milliseconds. */
+  waitedMs: number;
   response: CheckAndReserveResponse;
 }
 
@@ -112,7 +138,8 @@ export interface Allowed extends DecisionCommon {
 
 export interface Denied extends DecisionCommon {
   allowed: false;
-  reason: "limit_exceeded" | "exceeds_capacity" | "budget_exhausted";
+  /** "queue_full": it asked to wait, but the binding limit's waiting line was full. */
+  reason: "limit_exceeded" | "exceeds_capacity" | "budget_exhausted" | "queue_full";
   bindingLimit: string;
   /** When this same request fits, in milliseconds; undefined when it never can. */
   retryAfterMs: number | undefined;
@@ -179,9 +206,13 @@ export class QuotaClient {
     this.stub.close();
   }
 
-  /** Reserve the estimated cost of one call on every limit; a denial resolves, it does not reject. */
+  /**
+   * Reserve the estimated cost of one call on every limit; a denial resolves, it does not reject.
+   * With `serverWaitMs`, quotad holds a request that does not fit yet in its waiting line and
+   * answers when it is admitted or when the wait is over; the call's deadline is longer by as much.
+   */
   async reserve(request: ReserveRequest): Promise<ReserveDecision> {
-    const leaseMs = request.leaseMs;
+    const serverWaitMs = request.serverWaitMs ?? 0;
     // Built once, outside the attempts: every attempt sends this call's one idempotency key.
     const message = CheckAndReserveRequest.fromPartial({
       subject: request.subject,
@@ -190,18 +221,30 @@ export class QuotaClient {
       model: request.model ?? "",
       inputTokens: request.inputTokens ?? 0,
       maxOutputTokens: request.maxOutputTokens ?? 0,
-      lease:
-        leaseMs === undefined
-          ? undefined
-          : { seconds: Math.floor(leaseMs / 1000), nanos: (leaseMs % 1000) * 1_000_000 },
+      lease: request.leaseMs === undefined ? undefined : duration(request.leaseMs),
       idempotencyKey: request.idempotencyKey || randomUUID(),
       prompt: request.prompt ?? "",
       messages: request.messages ?? [],
+      priority: request.priority === undefined ? undefined : PRIORITIES[request.priority],
+      maxWait: serverWaitMs === 0 ? undefined : duration(serverWaitMs),
     });
-    const response = await this.call<CheckAndReserveResponse>((metadata, options, done) =>
-      this.stub.checkAndReserve(message, metadata, options, done),
+    // The wait ends at the same time however many attempts it takes: a retry asks for what is
+    // left of it, so its answer still comes within the call's deadline.
+    const waitEnds = Date.now() + serverWaitMs;
+    const response = await this.call<CheckAndReserveResponse>(
+      (metadata, options, done, attempt) =>
+        this.stub.checkAndReserve(
+          attempt === 1 || serverWaitMs <= 0
+            ? message
+            : { ...message, maxWait: duration(Math.max(0, Math.min(serverWaitMs, waitEnds - Date.now()))) },
+          metadata,
+          options,
+          done,
+        ),
+      Math.max(0, serverWaitMs),
     );
     const remaining = remainingOf(response.limits);
+    const waitedMs = milliseconds(response.waited) ?? 0;
     if (response.decision === Decision.DECISION_ALLOWED) {
       return {
         allowed: true,
@@ -209,6 +252,7 @@ export class QuotaClient {
         reserved: response.reserved ?? Cost.fromPartial({}),
         replayed: response.replayed,
         remaining,
+        waitedMs,
         response,
       };
     }
@@ -219,13 +263,13 @@ export class QuotaClient {
           ? "exceeds_capacity"
           : response.denyReason === DenyReason.DENY_REASON_BUDGET_EXHAUSTED
             ? "budget_exhausted"
-            : "limit_exceeded",
+            : response.denyReason === DenyReason.DENY_REASON_QUEUE_FULL
+              ? "queue_full"
+              : "limit_exceeded",
       bindingLimit: response.bindingLimit,
-      retryAfterMs:
-        response.retryAfter === undefined
-          ? undefined
-          : response.retryAfter.seconds * 1000 + response.retryAfter.nanos / 1_000_000,
+      retryAfterMs: milliseconds(response.retryAfter),
       remaining,
+      waitedMs,
       response,
     };
   }
@@ -275,15 +319,16 @@ export class QuotaClient {
   }
 
   /**
-   * One logical call: one deadline for all of its attempts, and UNAVAILABLE retried with
-   * backoff until it. `start` makes one attempt; it sends the same message every time.
+   * One logical call: one deadline for all of its attempts, `timeoutMs` plus `extraMs` from now,
+   * and UNAVAILABLE retried with backoff until it. `start` makes one attempt; every attempt sends
+   * the same message (a reserve's one idempotency key), but for what is left of a server wait.
    */
-  private async call<T>(start: Attempt<T>): Promise<T> {
-    const deadline = new Date(Date.now() + this.timeoutMs);
+  private async call<T>(start: Attempt<T>, extraMs = 0): Promise<T> {
+    const deadline = new Date(Date.now() + this.timeoutMs + extraMs);
     let backoffMs = this.retry.initialBackoffMs;
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.attempt(start, deadline);
+        return await this.attempt(start, deadline, attempt);
       } catch (error) {
         const failed = error as ServiceError;
         const last = this.retry.maxAttempts > 0 && attempt >= this.retry.maxAttempts;
@@ -296,21 +341,34 @@ export class QuotaClient {
     }
   }
 
-  private attempt<T>(start: Attempt<T>, deadline: Date): Promise<T> {
+  private attempt<T>(start: Attempt<T>, deadline: Date, attempt: number): Promise<T> {
     const metadata = new Metadata();
     const extra = typeof this.metadata === "function" ? this.metadata() : (this.metadata ?? {});
     for (const [key, value] of Object.entries(extra)) metadata.set(key, value);
     return new Promise<T>((resolve, reject) => {
-      start(metadata, { deadline }, (error, response) => (error ? reject(error) : resolve(response)));
+      start(metadata, { deadline }, (error, response) => (error ? reject(error) : resolve(response)), attempt);
     });
   }
 }
 
+/** Makes attempt number `attempt` (1 for the first) of a call. */
 type Attempt<T> = (
   metadata: Metadata,
   options: { deadline: Date },
   done: (error: ServiceError | null, response: T) => void,
+  attempt: number,
 ) => void;
+
+/** Milliseconds as a google.protobuf.Duration (seconds and nanos of the same sign). */
+function duration(ms: number): Duration {
+  const nanos = Math.round(ms * 1_000_000);
+  const seconds = Math.trunc(nanos / 1_000_000_000);
+  return { seconds, nanos: nanos - seconds * 1_000_000_000 };
+}
+
+function milliseconds(value: Duration | undefined): number | undefined {
+  return value === undefined ? undefined : value.seconds * 1000 + value.nanos / 1_000_000;
+}
 
 /** Remaining units per limit name, from a response's limit statuses. */
 export function remainingOf(limits: LimitStatus[]): Record<string, number> {

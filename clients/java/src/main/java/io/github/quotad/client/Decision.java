@@ -20,7 +20,9 @@ import java.util.Optional;
  * @param replayed the idempotency key matched an earlier reservation, which is returned: e.g. an
  *     attempt that quotad answered UNAVAILABLE had reserved after all; it is charged once
  * @param bindingLimit the limit that decided the denial (denied only)
- * @param denyReason LIMIT_EXCEEDED (retry after {@code retryAfter}) or EXCEEDS_CAPACITY (never fits)
+ * @param denyReason LIMIT_EXCEEDED (retry after {@code retryAfter}), EXCEEDS_CAPACITY (never fits),
+ *     BUDGET_EXHAUSTED (retry after {@code retryAfter}, when the budget resets) or QUEUE_FULL (it
+ *     asked to wait, but the binding limit's waiting line was full)
  * @param retryAfter when this same request fits; empty when allowed or when it never can
  * @param remaining remaining units per limit name: after this request when allowed, before it when denied
  * @param response the full answer
@@ -53,6 +55,11 @@ public record Decision(
         retryAfter,
         remaining(response.getLimitsList()),
         response);
+  }
+
+  /** How long the request waited in quotad's line before this answer (zero if it did not wait). */
+  public Duration waited() {
+    return QuotaClient.duration(response.getWaited());
   }
 
   /** Remaining units per limit name, in policy order. */

@@ -20,10 +20,10 @@ import io.grpc.stub.MetadataUtils;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Objects;
 import java.util.UUID;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
-import java.util.function.Function;
 
 /**
  * A thin blocking client for quotad, the quota-decision service for LLM calls.
@@ -40,6 +40,10 @@ import java.util.function.Function;
  * Commit and Release are idempotent; GetUsage changes nothing. The client retries itself rather
  * than through gRPC's retry service config, which caps a call at five attempts whatever its
  * deadline and does not apply to a channel passed to {@link Builder#channel}.
+ *
+ * <p>A reserve with a server wait ({@link #reserve(CheckAndReserveRequest, Duration)}, or a
+ * request's {@code max_wait}) may wait that long in quotad's waiting line, so its deadline is the
+ * client's timeout plus the wait; a retry asks only for what is left of the wait.
  *
  * <pre>{@code
  * try (QuotaClient quota = QuotaClient.builder("localhost:50051").build()) {
@@ -107,13 +111,51 @@ public final class QuotaClient implements AutoCloseable {
    * Reserves the estimated cost of one LLM call on every limit, or returns a denial. Without an
    * idempotency key one is generated for this call, and every attempt sends it, so retries never
    * reserve twice. Set your own to retry past the call's deadline yourself.
+   *
+   * <p>A request with a {@code max_wait} (see {@link #reserve(CheckAndReserveRequest, Duration)})
+   * gets a deadline longer by as much. Its {@code priority} ({@code setPriority}) orders shared
+   * capacity and the waiting line; unspecified: the tier's default.
    */
   public Decision reserve(CheckAndReserveRequest request) {
     if (request.getIdempotencyKey().isEmpty()) {
       request = request.toBuilder().setIdempotencyKey(UUID.randomUUID().toString()).build();
     }
     CheckAndReserveRequest withKey = request;
-    return Decision.of(call(stub -> stub.checkAndReserve(withKey)));
+    Duration wait = request.hasMaxWait() ? duration(request.getMaxWait()) : Duration.ZERO;
+    if (wait.isNegative() || wait.isZero()) { // quotad refuses a negative one: INVALID_ARGUMENT
+      return Decision.of(call(Duration.ZERO, (stub, attempt) -> stub.checkAndReserve(withKey)));
+    }
+    // The wait ends at the same time however many attempts it takes: a retry asks for what is
+    // left of it, so its answer still comes before the call's deadline (with the same idempotency
+    // key: the same reservation, if an earlier attempt made one).
+    long waitEnds = System.nanoTime() + wait.toNanos();
+    return Decision.of(
+        call(
+            wait,
+            (stub, attempt) -> {
+              if (attempt == 1) {
+                return stub.checkAndReserve(withKey);
+              }
+              long left = Math.max(0, Math.min(wait.toNanos(), waitEnds - System.nanoTime()));
+              return stub.checkAndReserve(
+                  withKey.toBuilder().setMaxWait(protoDuration(Duration.ofNanos(left))).build());
+            }));
+  }
+
+  /**
+   * Reserves as {@link #reserve(CheckAndReserveRequest)}, letting quotad hold the request in its
+   * waiting line (in priority, then arrival order) for up to {@code serverWait} and admit it as
+   * soon as it fits, instead of denying it at once; bounded by the policy's {@code
+   * waiting.max_wait}. Zero: decided at once. The call's deadline is the client's timeout plus
+   * {@code serverWait}, so the wait is not cut short; a retry after UNAVAILABLE asks only for
+   * what is left of it. It sets the request's {@code max_wait}.
+   */
+  public Decision reserve(CheckAndReserveRequest request, Duration serverWait) {
+    Objects.requireNonNull(serverWait, "serverWait");
+    return reserve(
+        serverWait.isZero()
+            ? request.toBuilder().clearMaxWait().build()
+            : request.toBuilder().setMaxWait(protoDuration(serverWait)).build());
   }
 
   /** Settles a reservation with the tokens the call really used. */
@@ -124,18 +166,18 @@ public final class QuotaClient implements AutoCloseable {
             .setInputTokens(inputTokens)
             .setOutputTokens(outputTokens)
             .build();
-    return call(stub -> stub.commit(request));
+    return call(Duration.ZERO, (stub, attempt) -> stub.commit(request));
   }
 
   /** Gives a reservation back: the call never happened. */
   public ReleaseResponse release(String reservationId) {
     ReleaseRequest request = ReleaseRequest.newBuilder().setReservationId(reservationId).build();
-    return call(stub -> stub.release(request));
+    return call(Duration.ZERO, (stub, attempt) -> stub.release(request));
   }
 
   /** Every limit that applies to a caller; changes nothing. */
   public GetUsageResponse usage(GetUsageRequest request) {
-    return call(stub -> stub.getUsage(request));
+    return call(Duration.ZERO, (stub, attempt) -> stub.getUsage(request));
   }
 
   @Override
@@ -153,18 +195,25 @@ public final class QuotaClient implements AutoCloseable {
     }
   }
 
+  /** Makes attempt {@code attempt} (1 for the first) of a call, on a stub with its deadline. */
+  @FunctionalInterface
+  private interface Attempt<T> {
+    T make(QuotaServiceGrpc.QuotaServiceBlockingStub stub, int attempt);
+  }
+
   /**
-   * One logical call: one deadline for all of its attempts, and UNAVAILABLE retried with backoff
-   * until it. Every attempt sends the same request (so the same idempotency key).
+   * One logical call: one deadline for all of its attempts, the timeout plus {@code extra} from
+   * now, and UNAVAILABLE retried with backoff until it. Every attempt sends the same request (so
+   * the same idempotency key), but for what is left of a server wait.
    */
-  private <T> T call(Function<QuotaServiceGrpc.QuotaServiceBlockingStub, T> rpc) {
+  private <T> T call(Duration extra, Attempt<T> rpc) {
     QuotaServiceGrpc.QuotaServiceBlockingStub withDeadline =
-        stub.withDeadline(Deadline.after(timeout.toNanos(), TimeUnit.NANOSECONDS));
+        stub.withDeadline(Deadline.after(timeout.plus(extra).toNanos(), TimeUnit.NANOSECONDS));
     Deadline deadline = withDeadline.getCallOptions().getDeadline();
     long backoffNanos = initialBackoffNanos;
     for (int attempt = 1; ; attempt++) {
       try {
-        return rpc.apply(withDeadline);
+        return rpc.make(withDeadline, attempt);
       } catch (StatusRuntimeException e) {
         boolean last = maxAttempts > 0 && attempt >= maxAttempts;
         if (e.getStatus().getCode() != Status.Code.UNAVAILABLE || last) {
@@ -187,6 +236,22 @@ public final class QuotaClient implements AutoCloseable {
     }
   }
 
+  /** A google.protobuf.Duration as a java.time one. */
+  static Duration duration(com.google.protobuf.Duration duration) {
+    return Duration.ofSeconds(duration.getSeconds(), duration.getNanos());
+  }
+
+  /** A google.protobuf.Duration: seconds and nanos of the same sign, as the protobuf spec says. */
+  static com.google.protobuf.Duration protoDuration(Duration duration) {
+    long seconds = duration.getSeconds();
+    int nanos = duration.getNano(); // java.time keeps nanos positive, even for a negative duration
+    if (seconds < 0 && nanos > 0) {
+      seconds += 1;
+      nanos -= 1_000_000_000;
+    }
+    return com.google.protobuf.Duration.newBuilder().setSeconds(seconds).setNanos(nanos).build();
+  }
+
   /** Configures a {@link QuotaClient}. */
   public static final class Builder {
     private final String target;
@@ -204,7 +269,10 @@ public final class QuotaClient implements AutoCloseable {
       this.target = target;
     }
 
-    /** The deadline of each call, all of its attempts included (default two seconds). */
+    /**
+     * The deadline of each call, all of its attempts included (default two seconds); a reserve with
+     * a server wait gets that much longer.
+     */
     public Builder timeout(Duration timeout) {
       if (timeout.isNegative() || timeout.isZero()) {
         throw new IllegalArgumentException("timeout must be positive, got " + timeout);

@@ -2,8 +2,16 @@ package io.github.quotad.client;
 
 import static org.junit.jupiter.api.Assertions.fail;
 
+import java.io.BufferedReader;
+import java.io.IOException;
+import java.io.InputStreamReader;
+import java.io.OutputStream;
+import java.net.InetSocketAddress;
+import java.net.Socket;
+import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.HexFormat;
+import java.util.List;
 import java.util.concurrent.ThreadLocalRandom;
 
 /** The live quotad the tests run against: $QUOTAD_ADDR, serving tests/conformance/policy.yaml. */
@@ -22,6 +30,53 @@ final class Live {
 
   static QuotaClient client() {
     return QuotaClient.builder(address()).timeout(Duration.ofSeconds(5)).build();
+  }
+
+  /**
+   * Counts the places in the waiting lines whose keys match ARGV[1]: each limit's line is a sorted
+   * set, its key the limit's key plus ":q".
+   */
+  private static final String COUNT_PLACES =
+      "local n = 0 for _, line in ipairs(redis.call('KEYS', ARGV[1])) do"
+          + " n = n + redis.call('ZCARD', line) end return n";
+
+  /**
+   * Places taken in the waiting lines of {@code subject}'s limits, read from the Redis of the
+   * quotad under test at $QUOTAD_REDIS_ADDR (host:port) with one EVAL over a plain socket, so the
+   * tests need no Redis client.
+   */
+  static long placesInLine(String subject) throws IOException {
+    String address = System.getenv("QUOTAD_REDIS_ADDR");
+    if (address == null || address.isEmpty()) {
+      fail(
+          "QUOTAD_REDIS_ADDR is not set: the Redis of the quotad at $QUOTAD_ADDR"
+              + " (`make test` sets it)");
+    }
+    int colon = address.lastIndexOf(':');
+    StringBuilder command = new StringBuilder();
+    List<String> args = List.of("EVAL", COUNT_PLACES, "0", "*:" + subject + ":*:q");
+    command.append('*').append(args.size()).append("\r\n");
+    for (String arg : args) {
+      command.append('$').append(arg.getBytes(StandardCharsets.UTF_8).length).append("\r\n");
+      command.append(arg).append("\r\n");
+    }
+    try (Socket socket = new Socket()) {
+      socket.connect(
+          new InetSocketAddress(
+              address.substring(0, colon), Integer.parseInt(address.substring(colon + 1))),
+          10_000);
+      socket.setSoTimeout(10_000);
+      OutputStream out = socket.getOutputStream();
+      out.write(command.toString().getBytes(StandardCharsets.UTF_8));
+      out.flush();
+      String reply =
+          new BufferedReader(new InputStreamReader(socket.getInputStream(), StandardCharsets.UTF_8))
+              .readLine();
+      if (reply == null || !reply.matches(":[0-9]+")) {
+        fail("Redis answered " + reply);
+      }
+      return Long.parseLong(reply.substring(1));
+    }
   }
 
   static String unique(String prefix) {
