@@ -45,11 +45,18 @@ def _flush(url: str) -> None:
     client.close()
 
 
-class _NoDeadline:
-    """The servicer context of a call without a deadline (errors would abort: none are expected)."""
+class _Context:
+    """The servicer context of a plaintext call with no deadline and no identity, as the servicer
+    reads it (errors would abort: none are expected)."""
 
     def time_remaining(self) -> None:
         return None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
 
 
 async def one_run(url: str, requests: list[bytes], in_flight: int, metrics: bool) -> tuple[float, float]:
@@ -64,7 +71,7 @@ async def one_run(url: str, requests: list[bytes], in_flight: int, metrics: bool
         )
     else:
         servicer = QuotaServicer(QuotaCore(policy, store))
-    context: Any = _NoDeadline()  # CheckAndReserve reads the caller's deadline, and aborts on errors
+    context: Any = _Context()  # CheckAndReserve reads the caller's deadline, and aborts on errors
 
     async def caller(first: int) -> None:
         for raw in requests[first::in_flight]:

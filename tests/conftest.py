@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 import tiktoken
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.auth import Authenticator, TokenFile
 from quotad_server.core import QuotaCore
 from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics
 from quotad_server.policy import parse_policy
@@ -166,9 +168,11 @@ async def running_quotad(
     health_interval_s: float = 0.05,
     max_prompt_bytes: int = 1 << 20,
     metrics: Metrics | None = None,
+    tokens_file: Path | None = None,
     **defaults: object,
 ) -> AsyncIterator[Quotad]:
-    """A quotad on `redis_url`; with `metrics`, wired as cli.py wires it when metrics are on."""
+    """A quotad on `redis_url`; with `metrics`, wired as cli.py wires it when metrics are on;
+    with `tokens_file`, it knows those bearer tokens (QUOTAD_TOKENS_FILE)."""
     policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
     store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
     await store.start()
@@ -184,8 +188,14 @@ async def running_quotad(
         served = InstrumentedStore(store, metrics)
         core = InstrumentedCore(policy, served, metrics=metrics, **core_options)
         metrics.watch_policy(core)
+    authenticator = Authenticator(TokenFile(str(tokens_file)) if tokens_file is not None else None)
     server = QuotadServer(
-        core, served, listen="127.0.0.1:0", health_interval_s=health_interval_s, observer=metrics
+        core,
+        served,
+        listen="127.0.0.1:0",
+        health_interval_s=health_interval_s,
+        observer=metrics,
+        authenticator=authenticator,
     )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

@@ -2,6 +2,6 @@
 
 import sys
 
-from quotad_server.cli import main
+from quotad_server.entry import main
 
 sys.exit(main())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import structlog
 from google.protobuf import any_pb2, duration_pb2, message_factory, timestamp_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -25,6 +26,7 @@ from grpc_status import rpc_status
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
+from quotad_server.auth import ANONYMOUS, Authenticator, Caller
 from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.errors import (
     DeadlineExceeded,
@@ -33,8 +35,10 @@ from quotad_server.errors import (
     InvalidRequest,
     NotFound,
     NotReady,
+    PermissionDenied,
     QuotadError,
     StoreUnavailable,
+    Unauthenticated,
 )
 from quotad_server.logs import rpc_logger
 from quotad_server.model import (
@@ -171,6 +175,10 @@ def _code_of(error: QuotadError) -> int:
         code = grpc.StatusCode.UNAVAILABLE
     elif isinstance(error, DeadlineExceeded):
         code = grpc.StatusCode.DEADLINE_EXCEEDED
+    elif isinstance(error, Unauthenticated):
+        code = grpc.StatusCode.UNAUTHENTICATED
+    elif isinstance(error, PermissionDenied):
+        code = grpc.StatusCode.PERMISSION_DENIED
     else:
         code = grpc.StatusCode.INTERNAL
     number: int = code.value[0]
@@ -288,7 +296,10 @@ def _micros(duration: duration_pb2.Duration, field: str, violations: list[FieldV
 
 
 def _reserve_request(
-    request: pb.CheckAndReserveRequest, max_messages: int, time_left_s: float | None = None
+    request: pb.CheckAndReserveRequest,
+    max_messages: int,
+    time_left_s: float | None = None,
+    caller: Caller = ANONYMOUS,
 ) -> ReserveRequest:
     """The core's request. Raises InvalidRequest for what only the wire form can get wrong
     (Durations, enum values), before the core checks the rest. `time_left_s`: until the
@@ -325,17 +336,21 @@ def _reserve_request(
         priority=priority,
         max_wait_us=max_wait_us,
         time_left_s=time_left_s,
+        caller=caller,
     )
 
 
 def _reserve_requests(
-    requests: Sequence[pb.CheckAndReserveRequest], max_messages: int, time_left_s: float | None
+    requests: Sequence[pb.CheckAndReserveRequest],
+    max_messages: int,
+    time_left_s: float | None,
+    caller: Caller,
 ) -> list[ReserveRequest | InvalidRequest]:
     """A batch's requests, each translated on its own: a bad one is that item's error."""
     translated: list[ReserveRequest | InvalidRequest] = []
     for request in requests:
         try:
-            translated.append(_reserve_request(request, max_messages, time_left_s))
+            translated.append(_reserve_request(request, max_messages, time_left_s, caller))
         except InvalidRequest as error:
             translated.append(error)
     return translated
@@ -534,9 +549,12 @@ def add_service(
 
 
 class RpcObserver(Protocol):
-    """Told about every finished RPC: its method, final status code name and duration (metrics.py)."""
+    """Told about every finished RPC: its method, final status code name and duration (metrics.py),
+    and about every call or item refused to its caller (UNAUTHENTICATED, PERMISSION_DENIED)."""
 
     def rpc_finished(self, method: str, code: str, seconds: float) -> None: ...
+
+    def refused(self, method: str, code: str) -> None: ...
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
@@ -546,10 +564,48 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     INVALID_ARGUMENT (or, on a stream, with an error result for that item).
     """
 
-    def __init__(self, core: QuotaCore, observer: RpcObserver | None = None) -> None:
+    def __init__(
+        self, core: QuotaCore, observer: RpcObserver | None = None, authenticator: Authenticator | None = None
+    ) -> None:
         self._core = core
         self._observer = observer
+        self._authenticator = authenticator or Authenticator()
         self._log_rpc = rpc_logger()
+        self._audit = structlog.get_logger("quotad.audit")
+
+    def _identify(self, context: grpc.aio.ServicerContext[Any, Any], fields: dict[str, Any]) -> Caller:
+        """The caller, from its bearer token or client certificate; Unauthenticated for a bad token."""
+        caller = self._authenticator.caller(context.invocation_metadata() or (), context.auth_context())
+        if caller.identity is not None:
+            fields["caller"] = _clip(caller.identity, LOG_FIELD_BYTES)
+        return caller
+
+    def _refused(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        fields: dict[str, Any],
+        error: QuotadError,
+    ) -> None:
+        """One audit line and one count per call or item refused to its caller."""
+        if not isinstance(error, Unauthenticated | PermissionDenied):
+            return
+        code = (
+            grpc.StatusCode.UNAUTHENTICATED
+            if isinstance(error, Unauthenticated)
+            else grpc.StatusCode.PERMISSION_DENIED
+        )
+        self._audit.warning(
+            "refused",
+            method=method,
+            code=code.name,
+            caller=fields.get("caller"),
+            peer=context.peer(),
+            tenant=fields.get("tenant"),
+            reason=_message(error),
+        )
+        if self._observer is not None:
+            self._observer.refused(method, code.name)
 
     async def _handle(
         self,
@@ -567,6 +623,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             status = _status_for(error)
             code = status.code.name
             fields["error"] = status.details
+            self._refused(method, context, fields, error)
             await context.abort_with_status(status)
             raise  # unreachable: abort_with_status raises
         except BaseException as error:
@@ -598,42 +655,63 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             tenant=_clip(request.tenant, LOG_FIELD_BYTES),
             model=_clip(request.model, LOG_FIELD_BYTES),
         )
+        caller = self._identify(context, fields)
         outcome = await self._core.check_and_reserve(
-            _reserve_request(request, self._core.max_messages, context.time_remaining())
+            _reserve_request(request, self._core.max_messages, context.time_remaining(), caller)
         )
         response = pb.CheckAndReserveResponse()
         _fill_reserve_response(response, outcome, fields)
         return response
 
     async def _commit(
-        self, request: pb.CommitRequest | Undecodable, fields: dict[str, Any]
+        self,
+        request: pb.CommitRequest | Undecodable,
+        fields: dict[str, Any],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CommitResponse:
         request = _decoded(request)
         fields["reservation_id"] = _clip(request.reservation_id, LOG_FIELD_BYTES)
-        outcome = await self._core.commit(*_commit_args(request))
+        caller = self._identify(context, fields)
+        outcome = await self._core.commit(*_commit_args(request), caller=caller)
         fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
         return _commit_response(outcome)
 
     async def _reserve_result(
-        self, request: pb.CheckAndReserveRequest | Undecodable, tally: dict[str, Any]
+        self,
+        request: pb.CheckAndReserveRequest | Undecodable,
+        tally: dict[str, Any],
+        caller: Caller | QuotadError,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CheckAndReserveResult:
         try:
+            if isinstance(caller, QuotadError):
+                raise caller
             outcome: ReserveOutcome | QuotadError = await self._core.check_and_reserve(
-                _reserve_request(_decoded(request), self._core.max_messages)
+                _reserve_request(_decoded(request), self._core.max_messages, None, caller)
             )
         except QuotadError as error:
             outcome = error
+            self._refused("CheckAndReserveStream", context, tally, error)
         result = pb.CheckAndReserveResult()
         _put_reserve_result(result, outcome, tally)
         return result
 
     async def _commit_result(
-        self, request: pb.CommitRequest | Undecodable, tally: dict[str, Any]
+        self,
+        request: pb.CommitRequest | Undecodable,
+        tally: dict[str, Any],
+        caller: Caller | QuotadError,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CommitResult:
         try:
-            outcome: SettleOutcome | QuotadError = await self._core.commit(*_commit_args(_decoded(request)))
+            if isinstance(caller, QuotadError):
+                raise caller
+            outcome: SettleOutcome | QuotadError = await self._core.commit(
+                *_commit_args(_decoded(request)), caller=caller
+            )
         except QuotadError as error:
             outcome = error
+            self._refused("CommitStream", context, tally, error)
         result = pb.CommitResult()
         _put_commit_result(result, outcome, tally)
         return result
@@ -657,7 +735,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         self, request: pb.CommitRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CommitResponse:
         fields: dict[str, Any] = {}
-        return await self._handle("Commit", context, fields, self._commit(request, fields))
+        return await self._handle("Commit", context, fields, self._commit(request, fields, context))
 
     async def Release(
         self, request: pb.ReleaseRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
@@ -667,7 +745,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         async def call() -> pb.ReleaseResponse:
             reservation_id = _decoded(request).reservation_id
             fields["reservation_id"] = _clip(reservation_id, LOG_FIELD_BYTES)
-            outcome = await self._core.release(reservation_id)
+            outcome = await self._core.release(reservation_id, self._identify(context, fields))
             fields["repeat"] = outcome.repeat
             return pb.ReleaseResponse(refunded=_cost(outcome.reserved), repeat=outcome.repeat)
 
@@ -683,7 +761,8 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             fields.update(
                 subject=_clip(query.subject, LOG_FIELD_BYTES), tenant=_clip(query.tenant, LOG_FIELD_BYTES)
             )
-            report = await self._core.get_usage(query.subject, query.tenant, query.tier, query.model)
+            caller = self._identify(context, fields)
+            report = await self._core.get_usage(query.subject, query.tenant, query.tier, query.model, caller)
             fields.update(tenant=report.tenant, tier=report.tier)
             response = pb.GetUsageResponse(tenant=report.tenant, tier=report.tier)
             _add_limit_statuses(response.limits, report.limits)
@@ -699,7 +778,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         async def call() -> pb.GetAccuracyResponse:
             query = _decoded(request)
             fields.update(model=_clip(query.model, LOG_FIELD_BYTES), tier=_clip(query.tier, LOG_FIELD_BYTES))
-            report = await self._core.accuracy(query.model, query.tier)
+            report = await self._core.accuracy(query.model, query.tier, self._identify(context, fields))
             return pb.GetAccuracyResponse(
                 model=report.model,
                 tier=report.tier,
@@ -729,7 +808,10 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             requests = _decoded(request).requests
             fields["items"] = len(requests)
             self._check_batch_size(len(requests))
-            translated = _reserve_requests(requests, self._core.max_messages, context.time_remaining())
+            caller = self._identify(context, fields)
+            translated = _reserve_requests(
+                requests, self._core.max_messages, context.time_remaining(), caller
+            )
             decided = iter(
                 await self._core.check_and_reserve_many(
                     [item for item in translated if isinstance(item, ReserveRequest)]
@@ -738,6 +820,8 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             response = pb.CheckAndReserveBatchResponse()
             for item in translated:
                 outcome = item if isinstance(item, InvalidRequest) else next(decided)
+                if isinstance(outcome, QuotadError):
+                    self._refused("CheckAndReserveBatch", context, fields, outcome)
                 _put_reserve_result(response.results.add(), outcome, fields)
             return response
 
@@ -752,13 +836,25 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             requests = _decoded(request).requests
             fields["items"] = len(requests)
             self._check_batch_size(len(requests))
-            outcomes = await self._core.commit_many([_commit_args(r) for r in requests])
+            caller = self._identify(context, fields)
+            outcomes = await self._core.commit_many([_commit_args(r) for r in requests], caller)
             response = pb.CommitBatchResponse()
             for outcome in outcomes:
+                if isinstance(outcome, QuotadError):
+                    self._refused("CommitBatch", context, fields, outcome)
                 _put_commit_result(response.results.add(), outcome, fields)
             return response
 
         return await self._handle("CommitBatch", context, fields, call())
+
+    def _stream_caller(
+        self, context: grpc.aio.ServicerContext[Any, Any], tally: dict[str, Any]
+    ) -> Caller | QuotadError:
+        """A stream's caller, once for all its items; a bad token makes every item's answer."""
+        try:
+            return self._identify(context, tally)
+        except QuotadError as error:
+            return error
 
     async def _stream(
         self,
@@ -795,12 +891,15 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.CheckAndReserveStreamResponse]:
         tally: dict[str, Any] = {"items": 0, "allowed": 0, "denied": 0, "errors": 0}
+        caller = self._stream_caller(context, tally)
         # An async generator itself: that is how grpc.aio tells a streaming handler.
         async for answer in self._stream(
             "CheckAndReserveStream",
             request_iterator,
             tally,
-            lambda item: self._reserve_result(item if isinstance(item, Undecodable) else item.request, tally),
+            lambda item: self._reserve_result(
+                item if isinstance(item, Undecodable) else item.request, tally, caller, context
+            ),
             lambda item, result: pb.CheckAndReserveStreamResponse(
                 request_id=_request_id(item), result=result
             ),
@@ -813,11 +912,14 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.CommitStreamResponse]:
         tally: dict[str, Any] = {"items": 0, "committed": 0, "errors": 0}
+        caller = self._stream_caller(context, tally)
         async for answer in self._stream(
             "CommitStream",
             request_iterator,
             tally,
-            lambda item: self._commit_result(item if isinstance(item, Undecodable) else item.request, tally),
+            lambda item: self._commit_result(
+                item if isinstance(item, Undecodable) else item.request, tally, caller, context
+            ),
             lambda item, result: pb.CommitStreamResponse(request_id=_request_id(item), result=result),
         ):
             yield answer

@@ -21,17 +21,20 @@ from typing import Any
 import structlog
 
 from quotad_server import __version__
+from quotad_server.auth import Authenticator, TokenFile, hash_token
 from quotad_server.core import QuotaCore
 from quotad_server.errors import StoreUnavailable
 from quotad_server.logs import configure_logging
 from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics, MetricsEndpoint
 from quotad_server.policy import PolicyError, load_policy
+from quotad_server.probe import health, local_sockets
 from quotad_server.reload import PolicyFile, PolicyWatcher
 from quotad_server.server import QuotadServer
 from quotad_server.settings import Settings, SettingsError
 from quotad_server.store import Store
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
+from quotad_server.tls import ServerTls
 from quotad_server.tokens import load_encodings, prepare_cache
 
 EXIT_CONFIG = 2
@@ -123,12 +126,18 @@ async def serve(settings: Settings) -> int:
                 return EXIT_CONFIG
             stack.callback(endpoint.close)
             log.info("metrics endpoint", listen=settings.metrics_listen, port=endpoint.port, path="/metrics")
+        if (edge := who_may_connect(settings)) is None:
+            return EXIT_CONFIG
+        tls, tokens = edge
         server = QuotadServer(
             core,
             served,
             listen=settings.listen,
             health_interval_s=settings.health_interval_ms / 1000,
             observer=metrics,
+            tls=tls,
+            local_socket=settings.local_socket,
+            authenticator=Authenticator(tokens),
         )
         await server.start()
         # Health stays NOT_SERVING until the tokenizers are in memory (off the event loop).
@@ -142,6 +151,10 @@ async def serve(settings: Settings) -> int:
         log.info(
             "serving",
             listen=settings.listen,
+            tls="mutual" if settings.tls_client_ca else "on" if tls else "off",
+            tokens=settings.tokens_file or None,
+            callers=len(core.policy.callers),
+            local_socket=settings.local_socket or None,
             port=server.port,
             pid=os.getpid(),
             policy=settings.policy_path,
@@ -175,6 +188,11 @@ def supervise(settings: Settings) -> int:
             log.warning("no QUOTAD_REDIS_URL: started an embedded Valkey server shared by the workers")
         env = {**os.environ, "QUOTAD_REDIS_URL": redis_url, "QUOTAD_WORKERS": "1"}
         envs = [env] * settings.workers
+        if settings.local_socket:  # one socket a worker: `quotad health` checks every one
+            envs = [
+                {**env, "QUOTAD_LOCAL_SOCKET": path}
+                for path in local_sockets(settings.local_socket, len(envs))
+            ]
         listeners: list[socket.socket] = []
         ports: list[int] = []
         if settings.metrics_listen:
@@ -190,11 +208,11 @@ def supervise(settings: Settings) -> int:
             stack.callback(endpoint.close)
             envs = [
                 {
-                    **env,
+                    **worker_env,
                     "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{port}",
                     "QUOTAD_METRICS_FD": str(listener.fileno()),
                 }
-                for port, listener in zip(ports, listeners, strict=True)
+                for worker_env, port, listener in zip(envs, ports, listeners, strict=True)
             ]
         handed_down = [[listener.fileno()] for listener in listeners] or [[]] * len(envs)
         workers = [
@@ -229,6 +247,24 @@ def supervise(settings: Settings) -> int:
     return max((abs(code) for code in codes), default=0)
 
 
+def who_may_connect(settings: Settings) -> tuple[ServerTls | None, TokenFile | None] | None:
+    """The port's TLS and the bearer tokens, read (and checked) at start; None (logged) if they
+    do not load."""
+    log = structlog.get_logger("quotad")
+    try:
+        tls = ServerTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls else None
+        tokens = TokenFile(settings.tokens_file) if settings.tokens_file else None
+    except (OSError, ValueError) as error:
+        log.error("TLS or tokens refused", error=str(error))
+        return None
+    if tls is None:
+        log.warning(
+            "serving plaintext: set QUOTAD_TLS_CERT and QUOTAD_TLS_KEY outside development"
+            + ("; bearer tokens travel in the clear" if tokens is not None else "")
+        )
+    return tls, tokens
+
+
 def check_policy(path: str) -> int:
     try:
         policy = load_policy(path)
@@ -259,7 +295,28 @@ def main(argv: list[str] | None = None) -> int:
         "prepare-encodings", help="write the bundled tiktoken encodings into DIR (use as TIKTOKEN_CACHE_DIR)"
     )
     prepare.add_argument("dir")
+    probe = commands.add_parser(
+        "health", help="exit 0 if this pod's quotad is SERVING (over QUOTAD_LOCAL_SOCKET): for exec probes"
+    )
+    probe.add_argument("--service", default="", help="'liveness' for liveness; default: readiness")
+    probe.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    hashing = commands.add_parser(
+        "hash-token", help="read a bearer token on stdin; print its line for QUOTAD_TOKENS_FILE"
+    )
+    hashing.add_argument(
+        "identity", help="the identity the token stands for, as the policy's callers name it"
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "health":
+        return health(os.environ, args.service, args.timeout)  # `quotad health` alone is served by entry.py
+    if args.command == "hash-token":
+        token = sys.stdin.readline().strip()
+        if not token or " " in args.identity:
+            print("quotad hash-token: a token on stdin, and an identity without spaces", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"{args.identity} {hash_token(token)}")
+        return 0
 
     if args.command == "check-policy":
         return check_policy(args.file)

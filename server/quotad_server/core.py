@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import tiktoken
 
+from quotad_server.auth import ANONYMOUS, Authorization, Caller
 from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError
 from quotad_server.learning import OutputEstimator, UsageRecorder
 from quotad_server.model import (
@@ -68,13 +69,13 @@ class ReserveRequest:
     priority: Priority | None = None
     max_wait_us: int = 0
     time_left_s: float | None = None  # until the caller's own deadline, if it set one
+    caller: Caller = ANONYMOUS
 
 
 @dataclass(frozen=True, slots=True)
 class _Route:
-    """What a request's (tenant, tier, model), as sent, resolve to under one policy."""
+    """What a request's (tenant charged, tier as authorized, model) resolve to under one policy."""
 
-    tenant: str
     tier: str
     limits: tuple[Limit, ...]
     partition: str
@@ -155,6 +156,8 @@ class QuotaCore:
         self._waiters: dict[str, dict[asyncio.Event, int]] = {}  # line -> waiter -> rank
         self._routes: dict[tuple[str, str, str], _Route] = {}
         self._routes_policy: Policy | None = None
+        self._authz: Authorization | None = None
+        self._authz_policy: Policy | None = None
 
     @property
     def max_messages(self) -> int:
@@ -290,14 +293,19 @@ class QuotaCore:
         """Validate a request and resolve its limits and cost; returns the plan and the tier."""
         policy = self.policy
         violations: list[FieldViolation] = []
-        route = self._route(policy, request.tenant, request.tier, request.model)
+        # Who may act for which tenant, at which tier, and whose counters it charges (unknown
+        # tenants may share one set): the policy's callers decide before anything is resolved.
+        tenant, counted_as, tier = self.authorization().reserve(request.caller, request.tenant, request.tier)
+        route_key = (counted_as, tier, request.model)
+        route = self._route(policy, *route_key)
         if route is None:
-            tenant, tier = self._resolve_caller(
-                violations, request.subject, request.tenant, request.tier, request.model, need_model=True
+            _, tier = self._resolve_caller(
+                violations, request.subject, tenant, tier, request.model, need_model=True
             )
         else:
             _check_text(violations, "subject", request.subject, required=True)
-            tenant, tier = route.tenant, route.tier
+            _check_text(violations, "tenant", tenant, required=False)  # the route may be another's
+            tier = route.tier
         _check_tokens(violations, "input_tokens", input_tokens)
         _check_tokens(violations, "max_output_tokens", request.max_output_tokens)
         _check_text(violations, "idempotency_key", request.idempotency_key, required=False)
@@ -318,7 +326,7 @@ class QuotaCore:
                 )
             )
         if route is None and not violations:
-            route = self._new_route(policy, violations, request, tenant, tier)
+            route = self._new_route(policy, violations, route_key, counted_as, tier)
         if violations:
             raise InvalidRequest(violations)
         assert route is not None
@@ -332,6 +340,7 @@ class QuotaCore:
         plan = ReservePlan(
             partition=route.partition,
             tenant=tenant,
+            counted_as=counted_as,
             subject=request.subject,
             limits=route.limits,
             input_tokens=input_tokens,
@@ -355,26 +364,33 @@ class QuotaCore:
         self,
         policy: Policy,
         violations: list[FieldViolation],
-        request: ReserveRequest,
-        tenant: str,
+        key: tuple[str, str, str],
+        counted_as: str,
         tier: str,
     ) -> _Route | None:
-        """Resolve a valid (tenant, tier, model) and remember it; None (and a violation) if it cannot work."""
-        limits = policy.limits_for(tier, tenant, request.model)
-        model = policy.models.get(request.model)
+        """Resolve a valid (tenant charged, tier, model) and remember it under `key`; None (and a
+        violation) if it cannot work."""
+        model_name = key[2]
+        limits = policy.limits_for(tier, counted_as, model_name)
+        model = policy.models.get(model_name)
         price = model.price if model else None
         if price is None and any(limit.metric is Metric.COST_USD for limit in limits):
             violations.append(
-                FieldViolation(
-                    "model", f"{request.model!r} has no price in the policy, which cost limits need"
-                )
+                FieldViolation("model", f"{model_name!r} has no price in the policy, which cost limits need")
             )
             return None
-        route = _Route(tenant, tier, limits, policy.partition(tenant), price, policy.tier_priority[tier])
+        route = _Route(tier, limits, policy.partition(counted_as), price, policy.tier_priority[tier])
         if len(self._routes) >= 10_000:  # tenants and subjects' tiers are open-ended; keep it bounded
             self._routes.clear()
-        self._routes[(request.tenant, request.tier, request.model)] = route
+        self._routes[key] = route
         return route
+
+    def authorization(self) -> Authorization:
+        """The policy's callers rules, for the policy in force (it may have been reloaded)."""
+        policy = self.policy
+        if self._authz is None or self._authz_policy is not policy:
+            self._authz, self._authz_policy = Authorization(policy), policy
+        return self._authz
 
     def _outcome(self, plan: ReservePlan, tier: str, result: ReserveResult) -> ReserveOutcome:
         if not result.allowed:
@@ -541,11 +557,17 @@ class QuotaCore:
         )
 
     async def commit(
-        self, reservation_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+        self,
+        reservation_id: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        caller: Caller = ANONYMOUS,
     ) -> SettleOutcome:
-        """Reconcile a reservation with the actual usage; idempotent."""
+        """Reconcile a reservation with the actual usage; idempotent. Only one of the caller's tenants'."""
+        tenants = self.authorization().settle(caller)
         actual = _actual_usage(reservation_id, input_tokens, output_tokens, cached_input_tokens)
-        outcome = await self._store.settle(reservation_id, actual, self.policy.retention_us)
+        outcome = await self._store.settle(reservation_id, actual, self.policy.retention_us, tenants)
         await self._learn([outcome])
         return outcome
 
@@ -573,9 +595,10 @@ class QuotaCore:
         await self._recorder.flush()
 
     async def commit_many(
-        self, commits: Sequence[tuple[str, int, int, int]]
+        self, commits: Sequence[tuple[str, int, int, int]], caller: Caller = ANONYMOUS
     ) -> list[SettleOutcome | QuotadError]:
         """Commit each (reservation id, input, output, cached input tokens) on its own, in one round trip."""
+        tenants = self.authorization().settle(caller)
         valid: list[tuple[str, Cost]] = []
         checked: list[QuotadError | None] = []
         for reservation_id, input_tokens, output_tokens, cached_input_tokens in commits:
@@ -586,13 +609,14 @@ class QuotaCore:
                 continue
             checked.append(None)
             valid.append((reservation_id, actual))
-        settled = iter(await self._store.commit_many(valid, self.policy.retention_us))
+        settled = iter(await self._store.commit_many(valid, self.policy.retention_us, tenants))
         outcomes = [error if error is not None else next(settled) for error in checked]
         await self._learn(outcomes)
         return outcomes
 
-    async def accuracy(self, model: str, tier: str) -> AccuracyReport:
+    async def accuracy(self, model: str, tier: str, caller: Caller = ANONYMOUS) -> AccuracyReport:
         """How far estimates were from actual usage for `model` (and `tier`, or every tier)."""
+        self.authorization().accuracy(caller)
         violations: list[FieldViolation] = []
         _check_text(violations, "model", model, required=True)
         if tier and tier not in self.policy.tier_limits:
@@ -619,18 +643,25 @@ class QuotaCore:
             learned_output_tokens=learned,
         )
 
-    async def release(self, reservation_id: str) -> SettleOutcome:
-        """Refund a whole reservation (the call never happened); idempotent."""
+    async def release(self, reservation_id: str, caller: Caller = ANONYMOUS) -> SettleOutcome:
+        """Refund a whole reservation (the call never happened); idempotent. Only one of the caller's tenants'."""
+        tenants = self.authorization().settle(caller)
         if not reservation_id:
             raise InvalidRequest([FieldViolation("reservation_id", "required")])
-        return await self._store.settle(reservation_id, None, self.policy.retention_us)
+        return await self._store.settle(reservation_id, None, self.policy.retention_us, tenants)
 
-    async def get_usage(self, subject: str, tenant: str, tier: str, model: str) -> UsageReport:
-        """The status of every limit that applies to a caller, changing nothing."""
+    async def get_usage(
+        self, subject: str, tenant: str, tier: str, model: str, caller: Caller = ANONYMOUS
+    ) -> UsageReport:
+        """The status of every limit that applies to a subject of one of the caller's tenants, changing nothing."""
         violations: list[FieldViolation] = []
-        tenant, tier = self._resolve_caller(violations, subject, tenant, tier, model, need_model=False)
+        _check_text(violations, "tenant", tenant, required=False)
         if violations:
             raise InvalidRequest(violations)
-        limits = self.policy.limits_for(tier, tenant, model)
-        statuses = await self._store.peek(self.policy.partition(tenant), tenant, subject, limits)
+        tenant, counted_as = self.authorization().read(caller, tenant)
+        _, tier = self._resolve_caller(violations, subject, tenant, tier, model, need_model=False)
+        if violations:
+            raise InvalidRequest(violations)
+        limits = self.policy.limits_for(tier, counted_as, model)
+        statuses = await self._store.peek(self.policy.partition(counted_as), counted_as, subject, limits)
         return UsageReport(tenant=tenant, tier=tier, limits=statuses)

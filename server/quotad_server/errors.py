@@ -10,6 +10,8 @@ gRPC layer knows about status codes.
     +-- StoreUnavailable     Redis unreachable, slow or gave up        -> UNAVAILABLE
     +-- NotReady             still starting (tokenizers loading)       -> UNAVAILABLE
     +-- DeadlineExceeded     the caller's own deadline came first      -> DEADLINE_EXCEEDED
+    +-- Unauthenticated      no identity where the policy needs one    -> UNAUTHENTICATED
+    +-- PermissionDenied     the caller may not do this                -> PERMISSION_DENIED
 """
 
 from __future__ import annotations
@@ -66,3 +68,11 @@ class NotReady(QuotadError):
 
 class DeadlineExceeded(QuotadError):
     """The caller's own deadline passed before a decision was made; nothing was reserved."""
+
+
+class Unauthenticated(QuotadError):
+    """The policy names its callers and this call has no identity, or a bad token."""
+
+
+class PermissionDenied(QuotadError):
+    """The caller may not do this: the method, the tenant or the tier is not its to use."""

@@ -44,12 +44,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from quotad_server import __version__
+from quotad_server.auth import ANONYMOUS, Caller
 from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     QuotadError,
     StoreUnavailable,
 )
@@ -66,7 +68,7 @@ _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 _REDIS_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 # A store's answers, not its failures (DeadlineExceeded: the caller's deadline, not Redis, ended it).
-_ANSWERS = (FailedPrecondition, InvalidRequest, NotFound, DeadlineExceeded)
+_ANSWERS = (FailedPrecondition, InvalidRequest, NotFound, DeadlineExceeded, PermissionDenied)
 
 
 class _PolicyLimits(Collector):
@@ -207,6 +209,14 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.refusals = Counter(
+            "quotad_refusals",
+            "Calls and batch or stream items refused to their caller, by method and code: UNAUTHENTICATED"
+            " (no identity where the policy names callers, or a bad token) or PERMISSION_DENIED (a method,"
+            " tenant or tier the policy does not give it). Each also writes one line to the quotad.audit log.",
+            ["method", "code"],
+            registry=registry,
+        )
         for outcome in ("undone", "held", "stuck"):
             self.late_reservations.labels(outcome)  # every series exists from the start, at zero
         self.policy_reloads = Counter(
@@ -319,6 +329,10 @@ class Metrics:
             total_actual = committed.input_tokens + committed.output_tokens
             self.estimation_ratio.labels("total").observe(total_actual / total_estimate)
 
+    def refused(self, method: str, code: str) -> None:
+        """The servicer's RpcObserver: a call or item refused to its caller."""
+        self.refusals.labels(method, code).inc()
+
     def late_reservation(self, outcome: str) -> None:
         """The store's LateObserver: what became of a reservation made after quotad gave up on it."""
         self.late_reservations.labels(outcome).inc()
@@ -362,23 +376,30 @@ class InstrumentedCore(QuotaCore):
         return outcomes
 
     async def commit(
-        self, reservation_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+        self,
+        reservation_id: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        caller: Caller = ANONYMOUS,
     ) -> SettleOutcome:
-        outcome = await super().commit(reservation_id, input_tokens, output_tokens, cached_input_tokens)
+        outcome = await super().commit(
+            reservation_id, input_tokens, output_tokens, cached_input_tokens, caller
+        )
         self._metrics.settled("commit", outcome)
         return outcome
 
     async def commit_many(
-        self, commits: Sequence[tuple[str, int, int, int]]
+        self, commits: Sequence[tuple[str, int, int, int]], caller: Caller = ANONYMOUS
     ) -> list[SettleOutcome | QuotadError]:
-        outcomes = await super().commit_many(commits)
+        outcomes = await super().commit_many(commits, caller)
         for outcome in outcomes:
             if not isinstance(outcome, QuotadError):
                 self._metrics.settled("commit", outcome)
         return outcomes
 
-    async def release(self, reservation_id: str) -> SettleOutcome:
-        outcome = await super().release(reservation_id)
+    async def release(self, reservation_id: str, caller: Caller = ANONYMOUS) -> SettleOutcome:
+        outcome = await super().release(reservation_id, caller)
         self._metrics.settled("release", outcome)
         return outcome
 
@@ -410,9 +431,13 @@ class InstrumentedStore:
         return self._timed("peek", self._inner.peek(partition, tenant, subject, limits))
 
     def settle(
-        self, reservation_id: str, actual: Cost | None, retention_us: int
+        self,
+        reservation_id: str,
+        actual: Cost | None,
+        retention_us: int,
+        tenants: frozenset[str] | None = None,
     ) -> Coroutine[Any, Any, SettleOutcome]:
-        return self._timed("settle", self._inner.settle(reservation_id, actual, retention_us))
+        return self._timed("settle", self._inner.settle(reservation_id, actual, retention_us, tenants))
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -430,9 +455,9 @@ class InstrumentedStore:
         return self._timed("reserve_many", self._inner.reserve_many(plans))
 
     def commit_many(
-        self, commits: Sequence[tuple[str, Cost]], retention_us: int
+        self, commits: Sequence[tuple[str, Cost]], retention_us: int, tenants: frozenset[str] | None = None
     ) -> Coroutine[Any, Any, list[SettleOutcome | QuotadError]]:
-        return self._timed("commit_many", self._inner.commit_many(commits, retention_us))
+        return self._timed("commit_many", self._inner.commit_many(commits, retention_us, tenants))
 
     def record_usage(
         self, groups: Sequence[tuple[str, str, int, Mapping[str, int]]]

@@ -12,6 +12,7 @@ the same: derive new ones with dataclasses.replace, never assign to a field.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
@@ -242,3 +243,31 @@ class AccuracyReport:
     overrun_tokens: int
     learning: bool
     learned_output_tokens: int | None
+
+
+class Method(StrEnum):
+    """What a caller may do, as the policy's `callers.<identity>.methods` names it."""
+
+    RESERVE = "reserve"  # CheckAndReserve, its batch and stream
+    SETTLE = "settle"  # Commit and Release, their batch and stream
+    READ = "read"  # GetUsage
+    ACCURACY = "accuracy"  # GetAccuracy
+
+
+@dataclass(frozen=True, slots=True)
+class TenantGrant:
+    """How a caller may act for one tenant: the tier fixed, chosen from a list, or as requested."""
+
+    tier: str | None = None  # this tier, whatever the request says (another one is refused)
+    tiers: tuple[str, ...] = ()  # one of these, the first when the request names none
+
+
+@dataclass(frozen=True, slots=True)
+class CallerRule:
+    """One entry of the policy's `callers`: identities matching `pattern` (`*` matches anything),
+    the tenants they may act for (`*`: any), and what they may do."""
+
+    pattern: str
+    tenants: Mapping[str, TenantGrant]
+    methods: frozenset[Method]
+    default_tenant: str  # the first tenant named (the policy's default tenant if that is `*`)

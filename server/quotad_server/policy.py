@@ -17,7 +17,18 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quotad_server.model import Algorithm, Calendar, Limit, Metric, Price, Priority, Scope
+from quotad_server.model import (
+    Algorithm,
+    Calendar,
+    CallerRule,
+    Limit,
+    Method,
+    Metric,
+    Price,
+    Priority,
+    Scope,
+    TenantGrant,
+)
 
 MAX_LIMIT = 10**15
 MAX_PRICE_USD = 1000  # per million tokens: keeps exact integer cost arithmetic in Lua (< 2^53)
@@ -271,6 +282,37 @@ class ModelPolicy:
     learned_window: int = 10_000
 
 
+class TenantGrantSpec(_Strict):
+    """How a caller acts for one tenant: `tier` fixes the tier, `tiers` lets it choose among some;
+    neither: the tier as requested (or the default)."""
+
+    tier: str | None = None
+    tiers: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> TenantGrantSpec:
+        if self.tier is not None and self.tiers is not None:
+            raise ValueError("give tier (fixed) or tiers (the caller chooses), not both")
+        return self
+
+
+class CallerSpec(_Strict):
+    """What the callers whose identity matches may do (see the README, Security)."""
+
+    tenants: dict[str, TenantGrantSpec] = Field(min_length=1)
+    methods: list[Method] = Field(default_factory=lambda: [Method.RESERVE, Method.SETTLE, Method.READ])
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        for method in value:
+            if method not in Method.__members__.values():
+                raise ValueError(f"unknown method {method!r}: expected some of {', '.join(Method)}")
+        return [Method(method) for method in value]
+
+
 class PolicyDocument(_Strict):
     version: Literal[1] = 1
     defaults: Defaults
@@ -282,6 +324,11 @@ class PolicyDocument(_Strict):
     global_: LimitGroup = Field(default_factory=LimitGroup, alias="global")
     admission: AdmissionSpec | None = None  # the default ceilings of every tenant and global limit
     waiting: WaitingSpec = Field(default_factory=WaitingSpec)
+    # Who may ask for what; when present, every call needs an identity (certificate or token).
+    callers: dict[str, CallerSpec] = Field(default_factory=dict)
+    # Tenants not named under `tenants`: each with counters of its own (own), all sharing one set
+    # (shared: naming new tenants escapes no cap), or refused.
+    unknown_tenants: Literal["own", "shared", "refuse"] = "own"
 
     @field_validator("retention")
     @classmethod
@@ -300,6 +347,20 @@ class PolicyDocument(_Strict):
                     raise ValueError(f"limit {spec.name!r} names model {spec.model!r}, not in models")
                 if spec.metric is Metric.COST_USD and not self.models:
                     raise ValueError(f"cost limit {spec.name!r} needs a models section with prices")
+        known = {*self.tenants, self.defaults.tenant} - {WILDCARD_TENANT}
+        for identity, caller in self.callers.items():
+            if not identity.strip():
+                raise ValueError("callers: an identity (or pattern) must not be empty")
+            for tenant, grant in caller.tenants.items():
+                for tier in [grant.tier] if grant.tier else grant.tiers or []:
+                    if tier not in self.tiers:
+                        raise ValueError(
+                            f"callers.{identity}.tenants.{tenant}: tier {tier!r} is not one of the tiers"
+                        )
+                if self.unknown_tenants == "refuse" and tenant != WILDCARD_TENANT and tenant not in known:
+                    raise ValueError(
+                        f"callers.{identity}.tenants: {tenant!r} is refused (unknown_tenants: refuse); name it under tenants"
+                    )
         return self
 
 
@@ -323,6 +384,9 @@ class Policy:
     heartbeat_us: int
     tenant_limits: dict[str, tuple[Limit, ...]]
     global_limits: tuple[Limit, ...]
+    callers: tuple[CallerRule, ...] = ()  # exact identities first, then patterns, the longest first
+    unknown_tenants: str = "own"
+    known_tenants: frozenset[str] = frozenset()
     _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
 
     def limits_for(self, tier: str, tenant: str, model: str) -> tuple[Limit, ...]:
@@ -411,7 +475,30 @@ def parse_policy(text: str, source: str) -> Policy:
             for name, g in doc.tenants.items()
         },
         global_limits=tuple(s.to_limit(Scope.GLOBAL, doc.admission) for s in doc.global_.limits),
+        callers=_caller_rules(doc),
+        unknown_tenants=doc.unknown_tenants,
+        known_tenants=frozenset({*doc.tenants, doc.defaults.tenant} - {WILDCARD_TENANT}),
     )
+
+
+def _caller_rules(doc: PolicyDocument) -> tuple[CallerRule, ...]:
+    """The callers section, in the order identities are matched: exact ones first, then patterns
+    with `*`, the longest (most specific) first."""
+    rules = [
+        CallerRule(
+            pattern=identity,
+            tenants={
+                tenant: TenantGrant(grant.tier, tuple(grant.tiers or ()))
+                for tenant, grant in spec.tenants.items()
+            },
+            methods=frozenset(spec.methods),
+            default_tenant=next(
+                (tenant for tenant in spec.tenants if tenant != WILDCARD_TENANT), doc.defaults.tenant
+            ),
+        )
+        for identity, spec in doc.callers.items()
+    ]
+    return tuple(sorted(rules, key=lambda rule: ("*" in rule.pattern, -len(rule.pattern))))
 
 
 def load_policy(path: str | Path) -> Policy:

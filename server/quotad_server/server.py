@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import stat
 
 import grpc
 import structlog
@@ -12,9 +15,11 @@ from grpc_reflection.v1alpha import reflection
 from quotad.v1 import quota_pb2 as pb
 
 from quotad_server.api import QuotaServicer, RpcObserver, add_service
+from quotad_server.auth import Authenticator
 from quotad_server.core import QuotaCore
 from quotad_server.errors import StoreUnavailable
 from quotad_server.store import Store
+from quotad_server.tls import ServerTls
 
 SERVICE = pb.DESCRIPTOR.services_by_name["QuotaService"]
 SERVICE_NAME = SERVICE.full_name
@@ -37,6 +42,10 @@ class QuotadServer:
     answers: a monitor checks every `health_interval_s` and flips the overall ("")
     and the QuotaService status. The policy is loaded before the server is built.
     `LIVENESS_SERVICE` is SERVING from start until the server stops accepting RPCs.
+
+    With `tls`, `listen` serves TLS only (health and reflection included); `local_socket`
+    also serves everything in plaintext on a Unix socket, for probes and tools inside the
+    pod (the policy's callers rules still apply there: it carries no identity).
     """
 
     def __init__(
@@ -47,6 +56,9 @@ class QuotadServer:
         listen: str,
         health_interval_s: float = 1.0,
         observer: RpcObserver | None = None,
+        tls: ServerTls | None = None,
+        local_socket: str = "",
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._core = core
         self._store = store
@@ -55,16 +67,25 @@ class QuotadServer:
         # Registered by add_service rather than the generated add_*_to_server: same methods,
         # but a body that does not decode is INVALID_ARGUMENT, not grpc's UNKNOWN. grpc's own
         # health and reflection servicers get the same answer from a guard in front of them.
-        add_service(self._server, SERVICE, QuotaServicer(core, observer))
+        add_service(self._server, SERVICE, QuotaServicer(core, observer, authenticator))
         self._health = health.aio.HealthServicer()
         add_service(self._server, _HEALTH, self._health, refuse_undecodable=True)
         reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         add_service(
             self._server, _REFLECTION, reflection.aio.ReflectionServicer(reflected), refuse_undecodable=True
         )
-        self.port = self._server.add_insecure_port(listen)
+        if tls is not None:
+            self.port = self._server.add_secure_port(listen, tls.credentials())
+        else:
+            self.port = self._server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
+        if local_socket:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(local_socket).st_mode):  # a previous process's, left behind
+                    os.unlink(local_socket)
+            if not self._server.add_insecure_port(f"unix:{local_socket}"):
+                raise OSError(f"cannot listen on the Unix socket {local_socket}")
         self._monitor: asyncio.Task[None] | None = None
         self._wakeups: asyncio.Task[None] | None = None
         self._stopping = False

@@ -19,10 +19,18 @@ QUOTAD_REDIS_PASSWORD     Redis password (AUTH), kept out of the URL; empty = th
 QUOTAD_REDIS_TLS_CA_FILE  CA bundle that verifies a rediss:// server (default: the system's)
 QUOTAD_REDIS_TLS_CERT_FILE, QUOTAD_REDIS_TLS_KEY_FILE
                           client certificate and key for Redis mutual TLS (both or neither)
+QUOTAD_TLS_CERT, QUOTAD_TLS_KEY
+                          PEM certificate (chain) and key: the gRPC port serves TLS only (both or
+                          neither; re-read when the files change). Empty: plaintext (development)
+QUOTAD_TLS_CLIENT_CA      PEM CA bundle: client certificates are required and verified (mTLS)
+QUOTAD_TOKENS_FILE        hashed bearer tokens, '<identity> sha256:<hex>' a line (re-read on change)
+QUOTAD_LOCAL_SOCKET       a Unix socket path quotad also serves on, plaintext, for probes and tools
+                          inside the pod (`quotad health`); worker i of N listens on '<path>.<i>'
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +80,15 @@ class Settings:
     redis_tls_ca_file: str = ""
     redis_tls_cert_file: str = ""
     redis_tls_key_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tokens_file: str = ""
+    local_socket: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -135,4 +152,34 @@ class Settings:
             redis_tls_ca_file=tls_ca,
             redis_tls_cert_file=tls_cert,
             redis_tls_key_file=tls_key,
+            **_serving_settings(env),
         )
+
+
+def _serving_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings of who may connect, and how: TLS, tokens, the local socket."""
+    cert, key = env.get("QUOTAD_TLS_CERT", "").strip(), env.get("QUOTAD_TLS_KEY", "").strip()
+    if bool(cert) != bool(key):
+        raise SettingsError("QUOTAD_TLS_CERT and QUOTAD_TLS_KEY: set both (TLS) or neither (plaintext)")
+    client_ca = env.get("QUOTAD_TLS_CLIENT_CA", "").strip()
+    if client_ca and not cert:
+        raise SettingsError("QUOTAD_TLS_CLIENT_CA: client certificates need TLS (QUOTAD_TLS_CERT, _KEY)")
+    tokens = env.get("QUOTAD_TOKENS_FILE", "").strip()
+    for name, path in (
+        ("QUOTAD_TLS_CERT", cert),
+        ("QUOTAD_TLS_KEY", key),
+        ("QUOTAD_TLS_CLIENT_CA", client_ca),
+        ("QUOTAD_TOKENS_FILE", tokens),
+    ):
+        if path and not os.path.isfile(path):
+            raise SettingsError(f"{name}={path!r}: no such file")
+    local_socket = env.get("QUOTAD_LOCAL_SOCKET", "").strip()
+    if local_socket and not os.path.isabs(local_socket):
+        raise SettingsError(f"QUOTAD_LOCAL_SOCKET={local_socket!r}: expected an absolute path")
+    return {
+        "tls_cert": cert,
+        "tls_key": key,
+        "tls_client_ca": client_ca,
+        "tokens_file": tokens,
+        "local_socket": local_socket,
+    }

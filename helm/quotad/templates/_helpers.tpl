@@ -45,6 +45,45 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-policy" (include "quotad.fullname" .)) .Values.policyExistingConfigMap }}
 {{- end }}
 
+{{/* Where the server certificate comes from: existing, certManager or generated (tls.enabled only). */}}
+{{- define "quotad.tlsSource" -}}
+{{- if .Values.tls.existingSecret }}existing
+{{- else if .Values.tls.certManager.enabled }}certManager
+{{- else }}generated
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding tls.crt, tls.key (and maybe ca.crt). The generated one has a name of its
+own so that moving to cert-manager never has two owners fight over one Secret. */}}
+{{- define "quotad.tlsSecretName" -}}
+{{- $source := include "quotad.tlsSource" . }}
+{{- if eq $source "existing" }}
+{{- .Values.tls.existingSecret }}
+{{- else if eq $source "certManager" }}
+{{- printf "%s-tls" (include "quotad.fullname" .) }}
+{{- else }}
+{{- printf "%s-generated-tls" (include "quotad.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The names the server certificate carries, as a JSON list: the Service's, then tls.dnsNames. */}}
+{{- define "quotad.tlsDnsNames" -}}
+{{- $svc := include "quotad.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) }}
+{{- concat $names .Values.tls.dnsNames | uniq | toJson }}
+{{- end }}
+
+{{/* Where the container finds the client CA bundle (tls.clientAuth). */}}
+{{- define "quotad.clientCaFile" -}}
+{{- $auth := .Values.tls.clientAuth }}
+{{- if or $auth.caSecret $auth.caConfigMap }}
+{{- printf "/etc/quotad/client-ca/%s" $auth.caKey }}
+{{- else }}
+{{- printf "/etc/quotad/tls/%s" $auth.caKey }}
+{{- end }}
+{{- end }}
+
 {{/* Checks the schema cannot express; each failure says what to change. */}}
 {{- define "quotad.validate" -}}
 {{- $redis := .Values.redis }}
@@ -74,6 +113,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if eq (int .Values.metrics.port) 50051 }}
 {{- fail "metrics.port must differ from the gRPC port 50051" }}
+{{- end }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.enabled $tls.existingSecret $tls.certManager.enabled }}
+{{- fail "tls: set tls.existingSecret or tls.certManager.enabled, not both" }}
+{{- end }}
+{{- if and $tls.enabled $tls.certManager.enabled (not $tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name: the Issuer or ClusterIssuer that signs the certificate" }}
+{{- end }}
+{{- if and $tls.clientAuth.enabled (not $tls.enabled) }}
+{{- fail "tls.clientAuth.enabled needs tls.enabled: client certificates are verified in the TLS handshake" }}
+{{- end }}
+{{- if and $tls.clientAuth.caSecret $tls.clientAuth.caConfigMap }}
+{{- fail "tls.clientAuth: set caSecret or caConfigMap, not both" }}
+{{- end }}
+{{- if and $tls.enabled $tls.clientAuth.enabled (eq (include "quotad.tlsSource" .) "generated") (not (or $tls.clientAuth.caSecret $tls.clientAuth.caConfigMap)) }}
+{{- fail "tls.clientAuth with the chart-generated certificate needs tls.clientAuth.caSecret or caConfigMap: the CA that signs your clients (the generated CA signs nothing after install)" }}
 {{- end }}
 {{- $s := .Values.shutdown }}
 {{- $needed := add $s.preStopSleepSeconds (div (add $s.drainMs 999) 1000) $s.graceSeconds }}

@@ -24,7 +24,8 @@ class ReservePlan:
     """
 
     partition: str
-    tenant: str
+    tenant: str  # the tenant the caller acts for: recorded, and checked when it settles
+    counted_as: str  # the tenant whose counters are charged (all unknown ones may share one set)
     subject: str
     limits: tuple[Limit, ...]
     input_tokens: int
@@ -78,7 +79,7 @@ class Store(Protocol):
         ...
 
     async def commit_many(
-        self, commits: Sequence[tuple[str, Cost]], retention_us: int
+        self, commits: Sequence[tuple[str, Cost]], retention_us: int, tenants: frozenset[str] | None = None
     ) -> list[SettleOutcome | QuotadError]:
         """settle() with actual usage for each (reservation id, usage), in one round trip."""
         ...
@@ -89,12 +90,20 @@ class Store(Protocol):
         """The status of the limits, changing nothing."""
         ...
 
-    async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
+    async def settle(
+        self,
+        reservation_id: str,
+        actual: Cost | None,
+        retention_us: int,
+        tenants: frozenset[str] | None = None,
+    ) -> SettleOutcome:
         """Commit `actual` usage (its cost is computed from the reservation's prices), or
-        release when `actual` is None. Idempotent.
+        release when `actual` is None. Idempotent. Only a reservation made for one of `tenants`
+        (None: any) is settled, checked in the same atomic step.
 
-        Raises InvalidRequest for a malformed id, NotFound for an unknown one and
-        FailedPrecondition when the reservation was settled the other way.
+        Raises InvalidRequest for a malformed id, NotFound for an unknown one,
+        FailedPrecondition when the reservation was settled the other way and
+        PermissionDenied when it is another tenant's.
         """
         ...
 

@@ -27,6 +27,7 @@ from quotad_server.errors import (
     FieldViolation,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     QuotadError,
     StoreUnavailable,
 )
@@ -98,6 +99,7 @@ RESERVATION_ID = re.compile(rf"^[0-9a-f]{{{_TAG_HEX + 32}}}$")
 
 _REPLY_ALLOWED, _REPLY_DENIED, _REPLY_REPLAYED, _REPLY_QUEUE_FULL = 1, 0, 2, 3
 _REPLY_NOT_FOUND, _REPLY_PAST_DEADLINE, _REPLY_FINGERPRINT, _REPLY_WRONG_STATE = 0, -1, -2, -3
+_REPLY_FORBIDDEN = -4
 _REPLY_UNDONE = 1
 
 
@@ -213,6 +215,11 @@ class _RandomHex:
             self._pool, at = os.urandom(self._POOL), 0
         self._at = at + 16
         return self._pool[at : at + 16].hex()
+
+
+def _tenants_arg(tenants: frozenset[str] | None) -> str:
+    """settle.lua's ARGV[8]: the tenants whose reservations may be settled, or '*' for any."""
+    return "*" if tenants is None else "\t".join(sorted(tenants))
 
 
 def _load_script(name: str) -> str:
@@ -469,7 +476,11 @@ class RedisStore:
             if plan.idempotency_key
             else record_key  # unused by the script; any key of the same slot will do
         )
-        keys = [record_key, idempotency_key, *self.limit_keys(tag, plan.limits, plan.tenant, plan.subject)]
+        keys = [
+            record_key,
+            idempotency_key,
+            *self.limit_keys(tag, plan.limits, plan.counted_as, plan.subject),
+        ]
         args: list[Any] = [
             "reserve",
             self._now_arg(),
@@ -482,7 +493,7 @@ class RedisStore:
             plan.output_tokens,
             plan.cost_micro_usd,
             _price_arg(plan.price),
-            f"{plan.model}\t{plan.tier}",
+            f"{plan.model}\t{plan.tier}\t{plan.tenant}",
             f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
         ]
         return reservation_id, (keys, args, self._limit_set(plan.limits).packed[plan.priority])
@@ -510,7 +521,7 @@ class RedisStore:
         line_index = reply[at] if len(reply) > at else 0
         line, rank, spare = "", 0, False
         if line_index:
-            line = self.limit_keys(hash_tag(plan.partition), plan.limits, plan.tenant, plan.subject)[
+            line = self.limit_keys(hash_tag(plan.partition), plan.limits, plan.counted_as, plan.subject)[
                 line_index - 1
             ]
             line += ":q"
@@ -609,7 +620,7 @@ class RedisStore:
         runs: settle.lua checks the claims) and all the time a retired connection has to answer.
         """
         record_key = self._record_key(reservation_id[:_TAG_HEX], reservation_id)
-        args = ["undo", self._now_arg(), 0, claims, 0, 0, max(1, ttl_us // 1000)]
+        args = ["undo", self._now_arg(), 0, claims, 0, 0, max(1, ttl_us // 1000), "*"]
         loop = asyncio.get_running_loop()
         for pause in (*UNDO_BACKOFF_S, None):
             try:
@@ -683,7 +694,12 @@ class RedisStore:
         return self._statuses(limits, reply)
 
     def _settle_call(
-        self, reservation_id: str, actual: Cost | None, retention_us: int, script_deadline: int
+        self,
+        reservation_id: str,
+        actual: Cost | None,
+        retention_us: int,
+        script_deadline: int,
+        tenants: frozenset[str] | None,
     ) -> ScriptCall:
         if not RESERVATION_ID.match(reservation_id):
             raise InvalidRequest(
@@ -699,6 +715,7 @@ class RedisStore:
             used.output_tokens,
             used.cached_input_tokens,
             max(1, retention_us // 1000),
+            _tenants_arg(tenants),
         ]
         return keys, args, NOTHING
 
@@ -714,8 +731,10 @@ class RedisStore:
         if code == _REPLY_WRONG_STATE:
             done = "committed" if state == b"c" else "released"
             raise FailedPrecondition(f"reservation {reservation_id} was already {done}")
+        if code == _REPLY_FORBIDDEN:
+            raise PermissionDenied(f"reservation {reservation_id} is not one this caller may settle")
         committed = state == b"c"
-        model, _, tier = meta.decode().partition("\t")
+        model, tier = [*meta.decode().split("\t"), "", ""][:2]
         return SettleOutcome(
             reserved=Cost(1, int(est_in), int(est_out), cost_micro_usd=int(est_cost)),
             committed=Cost(1, int(act_in), int(act_out), int(act_cached), int(act_cost))
@@ -727,14 +746,21 @@ class RedisStore:
             tier=tier,
         )
 
-    async def settle(self, reservation_id: str, actual: Cost | None, retention_us: int) -> SettleOutcome:
+    async def settle(
+        self,
+        reservation_id: str,
+        actual: Cost | None,
+        retention_us: int,
+        tenants: frozenset[str] | None = None,
+    ) -> SettleOutcome:
         deadline = self._client.deadline()
-        call = self._settle_call(reservation_id, actual, retention_us, await self._script_deadline(deadline))
+        script_deadline = await self._script_deadline(deadline)
+        call = self._settle_call(reservation_id, actual, retention_us, script_deadline, tenants)
         reply = await self._run(self._settle, *call, deadline=deadline)
         return self._settle_result(reservation_id, reply)
 
     async def commit_many(
-        self, commits: Sequence[tuple[str, Cost]], retention_us: int
+        self, commits: Sequence[tuple[str, Cost]], retention_us: int, tenants: frozenset[str] | None = None
     ) -> list[SettleOutcome | QuotadError]:
         results: list[SettleOutcome | QuotadError | None] = []
         calls: list[ScriptCall] = []
@@ -742,7 +768,9 @@ class RedisStore:
         script_deadline = await self._script_deadline(deadline) if commits else 0
         for reservation_id, actual in commits:
             try:
-                calls.append(self._settle_call(reservation_id, actual, retention_us, script_deadline))
+                calls.append(
+                    self._settle_call(reservation_id, actual, retention_us, script_deadline, tenants)
+                )
                 results.append(None)
             except QuotadError as error:
                 results.append(error)

@@ -24,7 +24,8 @@ ARGV[8]   estimated input tokens
 ARGV[9]   estimated output tokens
 ARGV[10]  estimated cost in micro-dollars
 ARGV[11]  prices "<input> <cached input> <output>" in micro-dollars per million tokens
-ARGV[12]  "<model>\t<tier>", kept in the record for usage statistics
+ARGV[12]  "<model>\t<tier>\t<tenant>", kept in the record: the model and tier for usage
+          statistics, the tenant the caller acted for to check who may settle it
 ARGV[13]  the waiting line: "<ticket> <boost> <enqueue> <max line> <ticket ttl ms>" (see below)
 ARGV[14]  N, the number of limits; then 5 values per limit:
           algorithm (b token bucket, w sliding window, c concurrency, d calendar day,
@@ -73,7 +74,7 @@ is settled on the limits and prices it was made under even if the policy changes
   "r<claims> <lease_expires_at> <est_in> <est_out> <est_cost> <price_in> <price_cached> <price_out>"
   where <claims> counts the idempotent retries that handed the reservation out again
   ("" for none): an undo (see settle.lua) names the count it saw.
-  "<model>\t<tier>"
+  "<model>\t<tier>\t<tenant>"
   then one line per limit: "<algorithm> <metric> <limit> <period> <key suffix>", where the
   key suffix is the key without '<prefix>:{tag}:l:' and, for a calendar budget, period is
   the first day of the period it was charged to.

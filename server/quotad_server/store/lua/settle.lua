@@ -19,6 +19,8 @@ ARGV[4]  actual input tokens (commit), cache reads included; undo: the claims th
 ARGV[5]  actual output tokens (commit)
 ARGV[6]  actual input tokens read from the prompt cache (commit), <= ARGV[4]
 ARGV[7]  TTL of the settled record in milliseconds (so retries still see the first result)
+ARGV[8]  the tenants whose reservations the caller may settle, tab-separated, or "*" for any:
+         another tenant's reservation is refused (code -4) before anything is read out or written
 
 The actual cost, in whole micro-dollars, is computed here with the record's prices P
 (micro-dollars per million tokens) exactly as Price.cost_micro_usd computes estimates:
@@ -48,13 +50,14 @@ instead of polling.
 
 The settled record shrinks to "<c|x> <actual_in> <actual_out> <lease_expired> <est_in>
 <est_out> <lease_expires_at> <est_cost> <actual_cost> <actual_cached>" and the
-"<model>\t<tier>" line: enough to answer retries and idempotent replays.
+"<model>\t<tier>\t<tenant>" line: enough to answer retries and idempotent replays.
 
 Returns {code, est_in, est_out, actual_in, actual_out, lease_expired, state, est_cost,
-  actual_cost, actual_cached, "<model>\t<tier>"}
+  actual_cost, actual_cached, "<model>\t<tier>\t<tenant>"}
   code 1 settled now, 2 already settled this way (first result returned, nothing changed),
   0 no such reservation, -1 past the deadline (nothing written),
-  -3 settled the other way (commit after release or release after commit; state says which)
+  -3 settled the other way (commit after release or release after commit; state says which),
+  -4 another tenant's reservation (nothing read out, nothing written)
 ]]
 
 local mode = ARGV[1]
@@ -76,6 +79,12 @@ local target = 'c'
 if mode ~= 'commit' then target = 'x' end
 local lines = string.gmatch(record, '[^\n]+')
 local head, meta = lines(), lines()
+if ARGV[8] ~= '*' then  -- a record from before tenants were recorded has none: only '*' settles it
+  local tenant = string.match(meta, '^[^\t]*\t[^\t]*\t(.*)$') or ''
+  if not string.find('\t' .. ARGV[8] .. '\t', '\t' .. tenant .. '\t', 1, true) then
+    return {-4, 0, 0, 0, 0, 0, '', 0, 0, 0, ''}
+  end
+end
 local state, claims = string.match(head, '^(%a)(%d*)')
 if mode == 'undo' and (state ~= 'r' or (tonumber(claims) or 0) ~= tonumber(ARGV[4])) then
   return {2, 0, 0, 0, 0, 0, state, 0, 0, 0, meta}
