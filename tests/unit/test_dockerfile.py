@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from quotad_server.cli import main
+from quotad_server.entry import main as entry
 from quotad_server.tokens import load_encodings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,7 @@ def test_the_entry_point_is_the_real_console_script(capsys: pytest.CaptureFixtur
     assert entrypoint == ["quotad"]
     assert entrypoint[0] in scripts
     module, _, function = scripts[entrypoint[0]].partition(":")
-    assert getattr(import_module(module), function) is main
+    assert getattr(import_module(module), function) is entry  # `quotad health` alone, or cli.main
     # `quotad serve` is a real subcommand.
     assert command == ["serve"]
     with pytest.raises(SystemExit) as exited:
