@@ -5,7 +5,8 @@
 Decisions/s drift with this shared machine's speed from one run to the next, so the
 comparison is of the figures each run measured against its own ceilings: quotad's rate
 as a share of the no-op server's and of the script floor's in the same run, its p99 as a
-share of the no-op server's, and Redis's microseconds per replayed script. Each figure is
+share of the no-op server's, scenario 1's rate with TLS and mutual TLS as a share of its
+plaintext rate, and Redis's microseconds per replayed script. Each figure is
 the median of the run's passes with their min-max; a change is called out only when the
 two ranges do not overlap, since anything less is within this machine's run-to-run noise.
 """
@@ -34,6 +35,8 @@ FIGURES: list[tuple[str, Callable[[Row], Spread | None], bool]] = [
     ("x no-op", lambda row: row.get("ratio_to_noop_same_scenario"), True),
     ("x script floor", lambda row: row.get("ratio_to_script_floor"), True),
     ("p99 / no-op p99", _p99_ratio, False),
+    ("TLS x plaintext", lambda row: row.get("tls_ratio_to_plaintext"), True),
+    ("mTLS x plaintext", lambda row: row.get("mtls_ratio_to_plaintext"), True),
 ]
 
 

@@ -2,6 +2,7 @@
 
     python bench/run.py                      # the full run (make bench): 3 runs, medians with min-max
     python bench/run.py --smoke              # seconds, one pass: the harness still works (make test)
+    python bench/run.py --no-tls             # without the TLS and mutual TLS runs of scenario 1
 
 Starts a real Valkey, quotad (`quotad serve --workers N`, configured as the Helm
 chart runs it: JSON logs, one line per RPC, and Prometheus metrics on) and the no-op grpc.aio
@@ -13,6 +14,16 @@ own Redis client (the floor of any Redis-backed decision), and the no-op server
 awaiting quotad's own reserve script per call (the floor of quotad's decision
 with none of quotad's Python). It also measures the raw Redis cost of quotad's
 own decision script: real EVALSHAs replayed with redis-cli --pipe.
+
+TLS (on unless --no-tls, as the Helm chart serves TLS by default): for scenario 1, two more
+quotads run beside the plaintext one, one serving TLS and one mutual TLS (QUOTAD_TLS_*, with
+throwaway certificates from tests/pki.py). At each point the load generator drives the three
+back to back (plaintext, TLS, mTLS; the reverse every other pass), before the no-op server,
+so that the machine's noise hits all three alike. Each pass's TLS rate is divided by that
+same pass's plaintext rate; a second table reports the median and min-max of those ratios,
+with p99 and the server's CPU per decision, and one line per transport pools the ratios of
+every point and pass. The connections are long-lived, as a client's are: the handshake is
+paid in the warm-up, and what is measured is TLS on every call.
 
 Scenarios:
   reserve         CheckAndReserve, numeric tokens, 4 limits, 100,000 distinct subjects
@@ -41,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +75,9 @@ LOADGEN = ROOT / ".tools" / "bin" / "quotad-loadgen"
 SERVICE = "/quotad.v1.QuotaService/"
 SUBJECTS = 100_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+sys.path.insert(0, str(ROOT))  # tests/pki.py makes the certificates, here as in the TLS tests
+from tests.pki import Pki  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,51 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
             chunk = []
 
 
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transport:
+    """One secure way to reach quotad: the server's QUOTAD_TLS_* settings, the load generator's
+    -tls* flags, and the credentials of a Python client (the health check)."""
+
+    name: str  # a row's figures are under quotad_<name>, the summary's under <name>_*
+    label: str
+    env: dict[str, str]
+    flags: tuple[str, ...]
+    credentials: grpc.ChannelCredentials
+
+
+TRANSPORTS = {"tls": "TLS", "mtls": "mTLS"}  # name -> label, in the order of tls_transports()
+TLS_CALLER = "spiffe://bench.local/ns/bench/sa/loadgen"  # the load generator's identity under mutual TLS
+
+
+def tls_transports(directory: Path) -> list[Transport]:
+    """TLS and mutual TLS with throwaway certificates (tests/pki.py: RSA 2048, made by openssl).
+
+    The policy stays bench/policy.yaml with no `callers`, so the three quotads decide alike and
+    the ratios are the transport's cost alone; under mutual TLS quotad still reads the caller's
+    identity from its certificate on every call, as it does whether or not the policy names callers.
+    """
+    pki = Pki(directory)
+    server = pki.server()
+    client = pki.issue("loadgen", sans=f"URI:{TLS_CALLER}", client=True)
+    roots = pki.ca.read_bytes()
+    cert, key = client.read()
+    serve = {"QUOTAD_TLS_CERT": str(server.cert), "QUOTAD_TLS_KEY": str(server.key)}
+    verify = ("-tls-ca", str(pki.ca))
+    return [
+        Transport("tls", TRANSPORTS["tls"], serve, verify, grpc.ssl_channel_credentials(roots)),
+        Transport(
+            "mtls",
+            TRANSPORTS["mtls"],
+            {**serve, "QUOTAD_TLS_CLIENT_CA": str(pki.ca)},
+            (*verify, "-tls-cert", str(client.cert), "-tls-key", str(client.key)),
+            grpc.ssl_channel_credentials(roots, key, cert),
+        ),
+    ]
+
+
 # -- processes ----------------------------------------------------------------------------
 
 
@@ -215,9 +274,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def wait_serving(address: str, timeout_s: float = 30) -> None:
+def wait_serving(
+    address: str, credentials: grpc.ChannelCredentials | None = None, timeout_s: float = 30
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed's stub lacks the methods
         while time.monotonic() < deadline:
             try:
@@ -256,7 +320,13 @@ def process(command: list[str], env: dict[str, str] | None = None) -> Iterator[s
 
 
 def loadgen(
-    address: str, scenario: Scenario, inputs: Path, concurrency: int, duration_s: float
+    address: str,
+    scenario: Scenario,
+    inputs: Path,
+    concurrency: int,
+    duration_s: float,
+    *,
+    flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     command = [
         str(LOADGEN),
@@ -274,6 +344,7 @@ def loadgen(
         f"{duration_s}s",
         "-warmup",
         f"{min(1.0, duration_s / 2)}s",
+        *flags,
     ]
     if scenario.batch_response:
         command.append("-batch-response")
@@ -291,15 +362,20 @@ def measure(
     inputs: Path,
     concurrency: int,
     duration_s: float,
+    flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """One loadgen run with the server's and Redis's CPU and Redis's own counters around it."""
+    """One loadgen run with the server's and Redis's CPU and Redis's own counters around it.
+    `flags`: the load generator's -tls* flags."""
     redis_pid = int(client.info("server")["process_id"])
     client.config_resetstat()
     reads_before = int(client.info("stats")["total_reads_processed"])
     cpu_before, redis_before, started = cpu_seconds(pids), cpu_seconds([redis_pid]), time.monotonic()
-    report = loadgen(address, scenario, inputs, concurrency, duration_s)
+    report = loadgen(address, scenario, inputs, concurrency, duration_s, flags=flags)
     wall = time.monotonic() - started
-    report["server_cpu_cores"] = (cpu_seconds(pids) - cpu_before) / wall
+    server_cpu = cpu_seconds(pids) - cpu_before
+    report["server_cpu_cores"] = server_cpu / wall
+    # Warm-up included on both sides: the CPU is read around the whole loadgen run.
+    report["server_cpu_us_per_decision"] = server_cpu * 1e6 / max(1, report["all_decisions"])
     report["redis_cpu_cores"] = (cpu_seconds([redis_pid]) - redis_before) / wall
     stats = client.info("commandstats")
     scripts = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
@@ -402,7 +478,11 @@ def noop_server(address: str, responses: Path, workers: int, *options: str) -> l
     ]
 
 
-def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> list[dict[str, Any]]:
+def one_pass(
+    args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis, transports: list[Transport], number: int
+) -> list[dict[str, Any]]:
+    """One pass over every scenario, concurrency and worker count. `transports`: the secure
+    quotads that also serve scenario 1; pass `number` sets the order they run in at each point."""
     client = redis.Redis.from_url(valkey.url)
     rows: list[dict[str, Any]] = []
     for workers in args.workers:
@@ -417,8 +497,21 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
             "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{free_port()}",  # on, as the Helm chart deploys it
         }
         quotad_cmd = [sys.executable, "-m", "quotad_server", "serve", "--workers", str(workers)]
-        with process(quotad_cmd, env) as quotad:
+        with ExitStack() as running:
+            quotad = running.enter_context(process(quotad_cmd, env))
+            secure: list[tuple[Transport, str, subprocess.Popen[bytes]]] = []
+            for transport in transports:  # started together: their start-ups overlap
+                address = f"127.0.0.1:{free_port()}"
+                secure_env = {
+                    **env,
+                    **transport.env,
+                    "QUOTAD_LISTEN": address,
+                    "QUOTAD_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+                }
+                secure.append((transport, address, running.enter_context(process(quotad_cmd, secure_env))))
             wait_serving(quotad_address)
+            for transport, address, _ in secure:
+                wait_serving(address, transport.credentials)
             responses = inputs / f"responses-{workers}"
             responses.mkdir(exist_ok=True)
             capture_responses(quotad_address, responses)
@@ -435,23 +528,35 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
                     "floor": (floor_address, descendants(floor.pid)),
                     "script_floor": (script_address, descendants(script.pid)),
                 }
+                # (row key, address, server pids, loadgen flags): plaintext, then each transport
+                quotads = [("quotad", quotad_address, quotad_pids, ())] + [
+                    (f"quotad_{t.name}", address, descendants(child.pid), t.flags)
+                    for t, address, child in secure
+                ]
                 for scenario in [s for s in SCENARIOS if s.name in args.scenarios]:
                     for concurrency in args.concurrency:
-                        client.flushall()
                         point: dict[str, Any] = {
                             "scenario": scenario,
                             "inputs": inputs,
                             "concurrency": concurrency,
                         }
-                        ours = measure(quotad_address, quotad_pids, client, **point, duration_s=args.duration)
-                        ceiling = measure(noop_address, noop_pids, client, **point, duration_s=args.duration)
-                        row = {
+                        row: dict[str, Any] = {
                             "scenario": scenario.name,
                             "workers": workers,
                             "concurrency": concurrency,
-                            "quotad": ours,
-                            "noop": ceiling,
                         }
+                        # Scenario 1's quotads back to back, in the reverse order every other pass
+                        # so that a drift of the machine's speed favours neither side.
+                        measured = quotads if scenario.name == "reserve" else quotads[:1]
+                        for key, address, pids, flags in measured[:: -1 if number % 2 else 1]:
+                            client.flushall()
+                            row[key] = measure(
+                                address, pids, client, **point, duration_s=args.duration, flags=flags
+                            )
+                        ours = row["quotad"]
+                        row["noop"] = ceiling = measure(
+                            noop_address, noop_pids, client, **point, duration_s=args.duration
+                        )
                         line = (
                             f"  {scenario.name:15} workers={workers} c={concurrency:<3} "
                             f"quotad {ours['decisions_per_s']:>9.0f}/s  noop {ceiling['decisions_per_s']:>9.0f}/s"
@@ -461,6 +566,9 @@ def one_pass(args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis) -> l
                                 client.flushall()
                                 row[name] = measure(address, pids, client, **point, duration_s=args.duration)
                                 line += f"  {name} {row[name]['decisions_per_s']:>9.0f}/s"
+                            for transport in transports:
+                                rate = row[f"quotad_{transport.name}"]["decisions_per_s"]
+                                line += f"  quotad {transport.label} {rate:>9.0f}/s"
                         rows.append(row)
                         print(line, file=sys.stderr)
     return rows
@@ -507,6 +615,7 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                 "p99_us": figure("quotad", "latency_p99_us"),
                 "p999_us": figure("quotad", "latency_p999_us"),
                 "server_cpu_cores": figure("quotad", "server_cpu_cores"),
+                "server_cpu_us_per_decision": figure("quotad", "server_cpu_us_per_decision"),
                 "redis_cpu_cores": figure("quotad", "redis_cpu_cores"),
                 "redis_us_per_decision": figure("quotad", "redis_us_per_decision"),
                 "redis_round_trips_per_decision": figure("quotad", "redis_round_trips_per_decision"),
@@ -539,7 +648,63 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                         ),
                     }
                 )
+        for name in TRANSPORTS:
+            side = f"quotad_{name}"
+            if side in row:
+                summary[-1].update(
+                    {
+                        f"{name}_transport": row[side]["tls"],  # what the load generator spoke: on, mutual
+                        f"{name}_decisions_per_s": figure(side, "decisions_per_s"),
+                        f"{name}_ratio_to_plaintext": spread(
+                            [
+                                r[side]["decisions_per_s"] / max(1.0, r["quotad"]["decisions_per_s"])
+                                for r in same
+                            ]
+                        ),
+                        f"{name}_p50_us": figure(side, "latency_p50_us"),
+                        f"{name}_p99_us": figure(side, "latency_p99_us"),
+                        f"{name}_server_cpu_cores": figure(side, "server_cpu_cores"),
+                        f"{name}_server_cpu_us_per_decision": figure(side, "server_cpu_us_per_decision"),
+                        f"{name}_cpu_ratio_to_plaintext": spread(
+                            [
+                                r[side]["server_cpu_us_per_decision"]
+                                / max(1.0, r["quotad"]["server_cpu_us_per_decision"])
+                                for r in same
+                            ]
+                        ),
+                        f"{name}_rpc_errors": sum(sum(r[side]["rpc_errors"].values()) for r in same),
+                        f"{name}_item_errors": sum(r[side]["item_errors"] for r in same),
+                    }
+                )
     return summary
+
+
+def pooled_tls(passes: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each transport's ratios to plaintext over every scenario-1 point of every pass: one
+    figure per run, from more pairs than any one point has (a 3-second rate here moves by a
+    fifth from one measurement to the next, more than TLS costs)."""
+    pooled = {}
+    for name in TRANSPORTS:
+        pairs = [
+            (row[f"quotad_{name}"], row["quotad"])
+            for rows in passes
+            for row in rows
+            if f"quotad_{name}" in row
+        ]
+        if pairs:
+            pooled[name] = {
+                "pairs": len(pairs),
+                "ratio_to_plaintext": spread(
+                    [ours["decisions_per_s"] / max(1.0, plain["decisions_per_s"]) for ours, plain in pairs]
+                ),
+                "cpu_ratio_to_plaintext": spread(
+                    [
+                        ours["server_cpu_us_per_decision"] / max(1.0, plain["server_cpu_us_per_decision"])
+                        for ours, plain in pairs
+                    ]
+                ),
+            }
+    return pooled
 
 
 def fmt(value: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> str:
@@ -549,6 +714,52 @@ def fmt(value: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> 
     if low == high:
         return f"{median:.{digits}f}"
     return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def print_columns(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def print_tls_table(summary: list[dict[str, Any]], tls: dict[str, Any]) -> None:
+    """Scenario 1 with TLS and mutual TLS against plaintext, measured in the same passes."""
+    if "skipped" in tls:
+        print(f"TLS: {tls['skipped']}")
+    measured = [s for s in summary if any(f"{name}_decisions_per_s" in s for name in TRANSPORTS)]
+    if not measured:
+        return
+    names = [name for name in TRANSPORTS if f"{name}_decisions_per_s" in measured[0]]
+    headers = ["TLS (scenario 1)", "w", "c", "plaintext/s", "p99 ms", "cpu us/dec"]
+    for name in names:
+        label = TRANSPORTS[name]
+        headers += [f"{label}/s", f"{label} x plaintext", f"{label} p99 ms", f"{label} cpu x plaintext"]
+    rows = []
+    for s in measured:
+        row = [
+            s["scenario"],
+            str(s["workers"]),
+            str(s["concurrency"]),
+            fmt(s["decisions_per_s"]),
+            fmt(s["p99_us"], 1e-3, 2),
+            fmt(s["server_cpu_us_per_decision"]),
+        ]
+        for name in names:
+            row += [
+                fmt(s[f"{name}_decisions_per_s"]),
+                fmt(s[f"{name}_ratio_to_plaintext"], digits=2),
+                fmt(s[f"{name}_p99_us"], 1e-3, 2),
+                fmt(s[f"{name}_cpu_ratio_to_plaintext"], digits=2),
+            ]
+        rows.append(row)
+    print_columns(headers, rows)
+    for name, pooled in tls.get("pooled", {}).items():
+        print(
+            f"{TRANSPORTS[name]}, every scenario-1 point of every pass ({pooled['pairs']} pairs): "
+            f"{fmt(pooled['ratio_to_plaintext'], digits=2)} x plaintext decisions/s, "
+            f"{fmt(pooled['cpu_ratio_to_plaintext'], digits=2)} x plaintext server CPU per decision"
+        )
 
 
 def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any]]) -> None:
@@ -587,10 +798,7 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
         ]
         for s in summary
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print_columns(headers, rows)
     floors = {
         "floor": "no-op + one Redis PING per call",
         "script_floor": "no-op + quotad's reserve script per call",
@@ -642,6 +850,24 @@ def commit() -> str:
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
+def secure_transports(args: argparse.Namespace, directory: Path) -> tuple[list[Transport], dict[str, Any]]:
+    """The TLS transports to measure, and what the report says of them (in the JSON's "tls")."""
+    if not args.tls:
+        return [], {"skipped": "--no-tls"}
+    if "reserve" not in args.scenarios:
+        return [], {"skipped": "measured for scenario 1 (reserve) only, which this run leaves out"}
+    if shutil.which("openssl") is None:
+        return [], {"skipped": "openssl not installed (it makes the certificates; `make bench-tools`)"}
+    certificates = directory / "pki"
+    certificates.mkdir()
+    transports = tls_transports(certificates)
+    return transports, {
+        "transports": [t.name for t in transports],
+        "certificates": "RSA 2048, signed by a throwaway CA (tests/pki.py)",
+        "client_identity": TLS_CALLER,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -654,6 +880,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--smoke", action="store_true", help="one short pass: check the harness works")
     parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure scenario 1 with quotad serving TLS and mutual TLS (default: on)",
+    )
+    parser.add_argument(
         "--redis-server",
         type=Path,
         default=None,
@@ -664,6 +896,8 @@ def main() -> None:
         args.runs, args.duration, args.concurrency, args.workers = 1, 0.5, [8], [1]
     if not LOADGEN.exists():
         sys.exit(f"{LOADGEN} is missing: `make bench-tools` builds it")
+    if LOADGEN.stat().st_mtime < (ROOT / "bench" / "loadgen" / "main.go").stat().st_mtime:
+        sys.exit(f"{LOADGEN} is older than bench/loadgen/main.go: `make bench-tools` rebuilds it")
 
     with (
         tempfile.TemporaryDirectory(prefix="quotad-bench-") as tmp,
@@ -671,11 +905,12 @@ def main() -> None:
     ):
         inputs = Path(tmp)
         write_requests(inputs, 2_000 if args.smoke else 50_000)
+        transports, tls = secure_transports(args, inputs)
         passes, ceilings = [], []
         redis_version = "unknown"
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr)
-            passes.append(one_pass(args, inputs, valkey))
+            passes.append(one_pass(args, inputs, valkey, transports, run))
             ceiling_decisions = 5_000 if args.smoke else 100_000
             client = redis.Redis.from_url(valkey.url)
             redis_version = server_version(client)
@@ -689,7 +924,10 @@ def main() -> None:
                 key = row["workers"] * 1000 + row["concurrency"]
                 noop_unary.setdefault(key, []).append(row["noop"]["decisions_per_s"])
     summary = summarize(passes, noop_unary)
+    if transports:
+        tls["pooled"] = pooled_tls(passes)
     print_table(summary, ceilings)
+    print_tls_table(summary, tls)
     print(f"redis server: {redis_version}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {
@@ -706,6 +944,7 @@ def main() -> None:
                 "machine": machine,
                 "runs": args.runs,
                 "duration_s": args.duration,
+                "tls": tls,
                 "summary": summary,
                 "redis_ceiling": ceilings,
                 "passes": passes,

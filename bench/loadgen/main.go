@@ -11,12 +11,19 @@
 //	pair    CheckAndReserve, then Commit of the reservation when allowed
 //	stream  one bidirectional stream per worker, one request in flight on each
 //
+// Plaintext by default. -tls-ca (the roots that verify the server; the
+// system's with -tls alone) switches to TLS, -tls-cert and -tls-key add a
+// client certificate (mutual TLS), -tls-server-name overrides the name checked
+// against the server's certificate (by default the host of -addr).
+//
 // It prints one JSON object: counts by outcome, decisions/s and latency
 // percentiles in microseconds.
 package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -30,6 +37,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -49,6 +57,7 @@ func (rawCodec) Name() string { return "proto" }
 type result struct {
 	Mode           string           `json:"mode"`
 	Method         string           `json:"method"`
+	TLS            string           `json:"tls"` // off, on or mutual
 	Concurrency    int              `json:"concurrency"`
 	Connections    int              `json:"connections"`
 	DurationS      float64          `json:"duration_s"`
@@ -190,6 +199,55 @@ func (t *tally) countError(err error) {
 	t.errs[code.String()]++
 }
 
+// tlsOptions are the -tls* flags.
+type tlsOptions struct {
+	on            bool
+	ca, cert, key string
+	serverName    string
+}
+
+// mode is "off", "on" or "mutual": what the connections will speak.
+func (o tlsOptions) mode() string {
+	switch {
+	case o.cert != "":
+		return "mutual"
+	case o.on || o.ca != "" || o.serverName != "":
+		return "on"
+	default:
+		return "off"
+	}
+}
+
+// credentials are the connections' transport credentials: insecure (plaintext) unless a -tls*
+// flag is set, then TLS verifying the server with -tls-ca (else the system's roots).
+func (o tlsOptions) credentials() (credentials.TransportCredentials, error) {
+	if (o.cert == "") != (o.key == "") {
+		return nil, errors.New("-tls-cert and -tls-key: set both (mutual TLS) or neither")
+	}
+	if o.mode() == "off" {
+		return insecure.NewCredentials(), nil
+	}
+	config := &tls.Config{ServerName: o.serverName, MinVersion: tls.VersionTLS12}
+	if o.ca != "" {
+		pem, err := os.ReadFile(o.ca)
+		if err != nil {
+			return nil, err
+		}
+		config.RootCAs = x509.NewCertPool()
+		if !config.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s: no PEM certificate in it", o.ca)
+		}
+	}
+	if o.cert != "" {
+		pair, err := tls.LoadX509KeyPair(o.cert, o.key)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return credentials.NewTLS(config), nil
+}
+
 func percentile(sorted []int64, p float64) float64 {
 	if len(sorted) == 0 {
 		return 0
@@ -209,6 +267,13 @@ func main() {
 	duration := flag.Duration("duration", 5*time.Second, "measured time")
 	warmup := flag.Duration("warmup", time.Second, "unmeasured time before it")
 	batchResponse := flag.Bool("batch-response", false, "responses are CheckAndReserveBatchResponse")
+	var secure tlsOptions
+	flag.BoolVar(&secure.on, "tls", false, "TLS, verifying the server with the system's roots unless -tls-ca")
+	flag.StringVar(&secure.ca, "tls-ca", "", "PEM roots that verify the server's certificate (implies -tls)")
+	flag.StringVar(&secure.cert, "tls-cert", "", "PEM client certificate, for mutual TLS (with -tls-key)")
+	flag.StringVar(&secure.key, "tls-key", "", "PEM key of -tls-cert")
+	flag.StringVar(&secure.serverName, "tls-server-name", "",
+		"the name to verify the server's certificate against (default: the host of -addr)")
 	flag.Parse()
 
 	requests, err := readRequests(*requestsPath)
@@ -216,10 +281,15 @@ func main() {
 		fmt.Fprintln(os.Stderr, "requests:", err)
 		os.Exit(2)
 	}
+	transport, err := secure.credentials()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tls:", err)
+		os.Exit(2)
+	}
 	connections := make([]*grpc.ClientConn, *conns)
 	for i := range connections {
 		connections[i], err = grpc.NewClient(*addr,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithTransportCredentials(transport),
 			grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "connect:", err)
@@ -312,8 +382,8 @@ func main() {
 	close(stop)
 	wg.Wait()
 
-	out := result{Mode: *mode, Method: *method, Concurrency: *concurrency, Connections: *conns,
-		DurationS: elapsed, RPCErrors: map[string]int64{}}
+	out := result{Mode: *mode, Method: *method, TLS: secure.mode(), Concurrency: *concurrency,
+		Connections: *conns, DurationS: elapsed, RPCErrors: map[string]int64{}}
 	var all []int64
 	for _, t := range tallies {
 		out.RPCs += t.rpcs

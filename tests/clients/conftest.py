@@ -5,6 +5,16 @@ when it is not set or not answering. Their outage tests pause its Valkey (SIGSTO
 SIGCONT) through $QUOTAD_REDIS_PID: each suite runs its tests one at a time, so no other
 test of it is under way meanwhile. Their server-side waiting tests read the waiting lines
 from that Valkey, at $QUOTAD_REDIS_ADDR (host:port), to know when a request waits in line.
+
+Two more quotads serve the same policy over TLS, with a `callers:` section that names the
+clients (`secure_quotads`, shared by every suite of the session): one requires client
+certificates (mutual TLS) and knows its caller by the certificate's SPIFFE ID; the other
+serves TLS without asking for one and knows its caller by a bearer token. Every suite replays
+the conformance scenario over mutual TLS and checks both refusals (no client certificate: the
+handshake fails; no token: UNAUTHENTICATED), through the variables of `SecureQuotads.env`:
+$QUOTAD_MTLS_ADDR, $QUOTAD_TOKEN_ADDR, $QUOTAD_TLS_CA (the CA that signed both quotads'
+certificates), $QUOTAD_CLIENT_CERT and $QUOTAD_CLIENT_KEY (a certificate that CA signed for
+the client), $QUOTAD_TOKEN. (Not QUOTAD_TLS_CERT and _KEY: those are the server's own.)
 """
 
 from __future__ import annotations
@@ -15,13 +25,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from quotad_server.auth import hash_token
 from quotad_server.store.embedded import EmbeddedRedis, free_port
+
+from tests.pki import Pair, Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFORMANCE_POLICY = ROOT / "tests" / "conformance" / "policy.yaml"
@@ -52,9 +66,18 @@ class LiveQuotad:
         return self.redis.process.pid
 
 
-def wait_serving(address: str, process: subprocess.Popen[str], log: Path, timeout_s: float = 30) -> None:
+def wait_serving(
+    address: str,
+    process: subprocess.Popen[str],
+    log: Path,
+    timeout_s: float = 30,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    opened = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with opened as channel:
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -73,7 +96,14 @@ def wait_serving(address: str, process: subprocess.Popen[str], log: Path, timeou
     pytest.fail(f"quotad at {address} did not become SERVING within {timeout_s} s:\n{log.read_text()}")
 
 
-def serve(policy: Path, log: Path) -> Iterator[LiveQuotad]:
+def serve(
+    policy: Path,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Iterator[LiveQuotad]:
+    """quotad on a Valkey of its own; `extra_env` configures it further (TLS), `credentials`
+    are the ones its health is checked with until it serves."""
     with EmbeddedRedis() as store, log.open("w") as log_file:
         address = f"127.0.0.1:{free_port()}"
         env = {
@@ -83,6 +113,7 @@ def serve(policy: Path, log: Path) -> Iterator[LiveQuotad]:
             "QUOTAD_REDIS_URL": store.url,
             "QUOTAD_LOG_LEVEL": "warning",
             "QUOTAD_SHUTDOWN_GRACE_S": "1",
+            **(extra_env or {}),
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "quotad_server", "serve"],
@@ -92,7 +123,7 @@ def serve(policy: Path, log: Path) -> Iterator[LiveQuotad]:
             text=True,
         )
         try:
-            wait_serving(address, process, log)
+            wait_serving(address, process, log, credentials=credentials)
             yield LiveQuotad(address, store, process)
         finally:
             process.terminate()
@@ -107,6 +138,81 @@ def serve(policy: Path, log: Path) -> Iterator[LiveQuotad]:
 def conformance_quotad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveQuotad]:
     """quotad with tests/conformance/policy.yaml: what every client's own suite expects."""
     yield from serve(CONFORMANCE_POLICY, tmp_path_factory.mktemp("quotad") / "quotad.log")
+
+
+# The client the secure quotads know: by its certificate's SAN URI over mutual TLS, by its token
+# over TLS. Both may act for any tenant (the scenario's tenant has a run id in its name).
+CLIENT_SPIFFE_ID = "spiffe://quotad.test/ns/conformance/sa/client"
+TOKEN_IDENTITY = "conformance-token-client"
+CALLERS = f"""
+# Added by tests/clients/conftest.py for the secure quotads: who the clients are.
+callers:
+  "{CLIENT_SPIFFE_ID}": {{tenants: {{"*": {{}}}}}}
+  {TOKEN_IDENTITY}: {{tenants: {{"*": {{}}}}}}
+"""
+
+
+@dataclass
+class SecureQuotads:
+    """quotad over mutual TLS, and quotad over TLS with bearer tokens, and what their client holds."""
+
+    mtls: LiveQuotad
+    token: LiveQuotad
+    ca: Path
+    client: Pair
+    bearer_token: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client's suite reaches both with (see the module's doc)."""
+        return {
+            "QUOTAD_MTLS_ADDR": self.mtls.address,
+            "QUOTAD_TOKEN_ADDR": self.token.address,
+            "QUOTAD_TLS_CA": str(self.ca),
+            "QUOTAD_CLIENT_CERT": str(self.client.cert),
+            "QUOTAD_CLIENT_KEY": str(self.client.key),
+            "QUOTAD_TOKEN": self.bearer_token,
+        }
+
+
+@pytest.fixture(scope="session")
+def secure_quotads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureQuotads]:
+    """Both secure quotads, on certificates made for this session (tests/pki.py)."""
+    root = tmp_path_factory.mktemp("secure-quotads")
+    pki = Pki(root)
+    server = pki.server()
+    client = pki.issue("client", sans=f"URI:{CLIENT_SPIFFE_ID}", client=True)
+    token = f"token-{os.urandom(16).hex()}"
+    (root / "tokens").write_text(f"{TOKEN_IDENTITY} {hash_token(token)}\n")
+    policy = root / "policy.yaml"
+    policy.write_text(CONFORMANCE_POLICY.read_text() + CALLERS)
+    tls = {"QUOTAD_TLS_CERT": str(server.cert), "QUOTAD_TLS_KEY": str(server.key)}
+    ca = pki.ca.read_bytes()
+    cert, key = client.read()
+    with ExitStack() as stack:
+        mtls = stack.enter_context(
+            contextmanager(serve)(
+                policy,
+                root / "mtls.log",
+                {**tls, "QUOTAD_TLS_CLIENT_CA": str(pki.ca)},
+                grpc.ssl_channel_credentials(ca, key, cert),
+            )
+        )
+        tokens = stack.enter_context(
+            contextmanager(serve)(
+                policy,
+                root / "token.log",
+                {**tls, "QUOTAD_TOKENS_FILE": str(root / "tokens")},
+                grpc.ssl_channel_credentials(ca),
+            )
+        )
+        yield SecureQuotads(mtls, tokens, pki.ca, client, token)
+
+
+@pytest.fixture(scope="module")
+def clients_env(conformance_quotad: LiveQuotad, secure_quotads: SecureQuotads) -> dict[str, str]:
+    """The environment a client's suite runs in: the conformance quotad, and both secure ones."""
+    return {**conformance_quotad.env, **secure_quotads.env}
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,11 @@
 Each suite does reserve -> commit, a denial, an INVALID_ARGUMENT with its field
 violations, a reserve that retries through a real Redis outage, reserves that wait in
 quotad's line past the client's default deadline (server wait), and replays
-tests/conformance/scenario.json (the Java suite also runs its README example). Their
-runners' output is shown when one fails.
+tests/conformance/scenario.json (the Java suite also runs its README example). Each also
+replays the scenario over mutual TLS, is refused without a client certificate (the handshake
+fails: UNAVAILABLE), reserves with a bearer token over TLS and is refused without one
+(UNAUTHENTICATED), against the secure quotads of conftest.py. Their runners' output is shown
+when one fails.
 """
 
 from __future__ import annotations
@@ -32,13 +35,18 @@ def maven(*goals: str) -> list[str]:
     return [tool("mvn"), "-B", "-q", f"-Dmaven.repo.local={MAVEN_REPO}", *goals]
 
 
-def test_go_client(conformance_quotad: LiveQuotad) -> None:
-    output = run([tool("go"), "test", "-count=1", "-v", "./..."], CLIENTS / "go", conformance_quotad.env)
+def test_go_client(clients_env: dict[str, str]) -> None:
+    output = run([tool("go"), "test", "-count=1", "-v", "./..."], CLIENTS / "go", clients_env)
     for name in (
         "TestReserveThenCommit",
         "TestDenialIsAValue",
         "TestInvalidArgument",
         "TestConformance",
+        "TestConformanceOverMutualTLS",
+        "TestMutualTLSWithoutAClientCertificateIsRefused",
+        "TestBearerTokenOverTLS",
+        "TestWithoutAKnownTokenTheCallIsUnauthenticated",
+        "TestTokenIsNotSentOverPlaintextUnlessAllowed",
         "TestReserveRetriesThroughARedisOutage",
         "TestServerWaitIsAdmittedWhenCapacityFrees",
         "TestServerWaitLongerThanTheDefaultDeadlineIsNotCutOff",
@@ -47,23 +55,37 @@ def test_go_client(conformance_quotad: LiveQuotad) -> None:
         assert f"--- PASS: {name}" in output, output
 
 
-def test_typescript_client(conformance_quotad: LiveQuotad) -> None:
-    output = run([tool("npm"), "test"], CLIENTS / "typescript", conformance_quotad.env)
+def test_typescript_client(clients_env: dict[str, str]) -> None:
+    output = run([tool("npm"), "test"], CLIENTS / "typescript", clients_env)
     assert re.search(r"\bpass [1-9]", output), output
     assert re.search(r"\bfail 0\b", output), output
-    assert "✔ reserve retries through a Redis outage and reserves once" in output, output
-    assert "✔ a server wait longer than the default deadline is not cut off by it" in output, output
+    for name in (
+        "reserve retries through a Redis outage and reserves once",
+        "a server wait longer than the default deadline is not cut off by it",
+        "conformance scenario over mutual TLS",
+        "mutual TLS: without a client certificate the handshake fails",
+        "a bearer token over TLS names the caller; asked for before every call",
+        "without a known token the call is UNAUTHENTICATED",
+    ):
+        assert f"✔ {name}" in output, output
 
 
-def test_java_client(conformance_quotad: LiveQuotad) -> None:
+def test_java_client(clients_env: dict[str, str]) -> None:
     surefire_reports = CLIENTS / "java" / "target" / "surefire-reports"
     shutil.rmtree(surefire_reports, ignore_errors=True)
-    output = run(maven("test"), CLIENTS / "java", conformance_quotad.env)
+    output = run(maven("test"), CLIENTS / "java", clients_env)
     reports = sorted(surefire_reports.glob("TEST-*.xml"))
     assert reports, f"surefire ran no test class:\n{output}"
     assert {report.name for report in reports} >= {
         f"TEST-io.github.quotad.client.{name}.xml"
-        for name in ("QuotaClientTest", "ConformanceTest", "ExampleTest", "OutageTest", "WaitingTest")
+        for name in (
+            "QuotaClientTest",
+            "ConformanceTest",
+            "ExampleTest",
+            "OutageTest",
+            "WaitingTest",
+            "TlsTest",
+        )
     }, output
     for report in reports:
         assert_passed(report)
@@ -86,10 +108,12 @@ def python_readme_example() -> str:
 
 # The example policy's per-user limits after one run of an example: it reserves 300 + 200 tokens and
 # commits 300 + 97. Each run is a new user, so these hold run after run (its tenant and global
-# limits, shared by every user, keep going down and are not checked).
+# limits, shared by every user, keep going down and are not checked). The token bucket refills one
+# token every 60 ms (1000 a minute) between the reserve and the usage read, which on a loaded machine
+# shows: 603 up to 649 (3 s). A commit of the estimate instead would show 500.
 EXAMPLE_OUTPUT = (
     re.compile(r"^requests-per-minute: 9 of 10 left$", re.MULTILINE),
-    re.compile(r"^tokens-per-minute: 603 of 1000 left$", re.MULTILINE),
+    re.compile(r"^tokens-per-minute: (?:60[3-9]|6[1-4][0-9]) of 1000 left$", re.MULTILINE),
 )
 
 

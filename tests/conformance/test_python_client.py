@@ -1,7 +1,8 @@
 """The conformance scenario, replayed through the Python client against a live quotad.
 
 The TypeScript, Go and Java clients replay the same scenario.json (tests/clients/);
-all four must agree with it.
+all four must agree with it. Each also replays it over mutual TLS against the secure quotad of
+tests/clients/conftest.py (Python: tests/clients/test_python_tls.py, with `replay` from here).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ every scenario with real, successful traffic, never on speed.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,8 @@ def _run(script: str, *args: str, timeout_s: float) -> subprocess.CompletedProce
 def test_bench_smoke(tmp_path: Path) -> None:
     if not (ROOT / ".tools" / "bin" / "quotad-loadgen").exists():
         pytest.fail("the load generator is not built: `make bench-tools`")
+    if shutil.which("openssl") is None:  # the smoke measures scenario 1 over TLS too
+        pytest.fail("openssl is needed to make the TLS runs' certificates: `make bench-tools`")
     out = tmp_path / "bench.json"
     server = EmbeddedRedis.binary()  # named explicitly, as --redis-server picks another build
     result = _run("run.py", "--smoke", "--out", str(out), "--redis-server", str(server), timeout_s=300)
@@ -54,6 +57,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert reserve["script_floor_decisions_per_s"]["median"] > 0
     assert reserve["script_floor_rpc_errors"] == 0
     assert 0.95 < reserve["script_floor_scripts_per_decision"]["median"] < 1.2
+    # quotad serving TLS and mutual TLS, driven in the same pass, every call answered over them
+    assert report["tls"]["transports"] == ["tls", "mtls"]
+    assert "TLS x plaintext" in result.stdout
+    for name, spoken in (("tls", "on"), ("mtls", "mutual")):
+        assert reserve[f"{name}_transport"] == spoken  # the load generator's connections: TLS, with a cert
+        assert reserve[f"{name}_decisions_per_s"]["median"] > 0
+        assert reserve[f"{name}_rpc_errors"] == 0
+        assert reserve[f"{name}_item_errors"] == 0
+        assert reserve[f"{name}_ratio_to_plaintext"]["median"] > 0
+        assert report["tls"]["pooled"][name]["pairs"] == 1  # one point, one pass
     hot = next(row for row in report["summary"] if row["scenario"] == "hot-subject")
     assert hot["allowed_share"]["median"] < 0.5  # one subject at its limit: mostly denials
 
@@ -93,6 +106,7 @@ def _report(runs: int, ratio: tuple[float, float, float], redis_us: list[float])
         "ratio_to_noop_same_scenario": {"median": median, "min": low, "max": high},
         "p99_us": {"median": 5000.0, "min": 4000.0, "max": 6000.0},
         "noop_p99_us": {"median": 4000.0, "min": 4000.0, "max": 4000.0},
+        "tls_ratio_to_plaintext": {"median": 0.9, "min": 0.85, "max": 0.95},  # the same in every case
     }
     ceilings = [{"tier": "standard", "subjects": 100_000, "redis_us_per_script": us} for us in redis_us]
     return {
@@ -122,5 +136,6 @@ def test_compare(tmp_path: Path, old: dict[str, object], new: dict[str, object],
     lines = result.stdout.splitlines()
     assert any("x no-op" in line and "0.50" in line for line in lines)
     assert any("redis us/script" in line for line in lines)
+    assert any("TLS x plaintext" in line and "0.90" in line for line in lines)
     assert sum(line.rstrip().endswith("better") for line in lines) == verdicts
     assert not any(line.rstrip().endswith("worse") for line in lines)

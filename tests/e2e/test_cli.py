@@ -1,4 +1,5 @@
-"""The README's commands for real: `quotad serve` as a process, grpcurl against it, `quotad check-policy`."""
+"""The README's commands for real: `quotad serve` as a process, grpcurl against it (in plaintext, and
+over mutual TLS with a bearer token), `quotad check-policy`."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from quotad_server.auth import hash_token
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
 from tests.metrics_scrape import scrape, value
+from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_POLICY = ROOT / "server" / "quotad_server" / "examples" / "policy.yaml"
@@ -35,12 +39,17 @@ def grpcurl_binary() -> str:
 
 
 class Served:
-    def __init__(self, process: subprocess.Popen[str], address: str) -> None:
+    """A `quotad serve` process, and grpcurl against it with `security`: its TLS flags, or -plaintext."""
+
+    def __init__(
+        self, process: subprocess.Popen[str], address: str, security: tuple[str, ...] = ("-plaintext",)
+    ) -> None:
         self.process = process
         self.address = address
+        self.security = security
 
     def grpcurl(self, *args: str, data: dict[str, object] | None = None) -> str:
-        command = [grpcurl_binary(), "-plaintext", "-max-time", "10"]
+        command = [grpcurl_binary(), *self.security, "-max-time", "10"]
         if data is not None:
             command += ["-d", json.dumps(data)]
         result = subprocess.run(
@@ -50,13 +59,14 @@ class Served:
         return result.stdout
 
     def wait_serving(self) -> None:
-        deadline = time.monotonic() + 20
+        # Generous: a loaded 2-core machine has taken more than 20 s to start two workers.
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.stderr.read() if self.process.stderr else ""
             result = subprocess.run(
                 [
                     grpcurl_binary(),
-                    "-plaintext",
+                    *self.security,
                     "-max-time",
                     "2",
                     self.address,
@@ -69,7 +79,7 @@ class Served:
             if '"SERVING"' in result.stdout:
                 return
             time.sleep(0.1)
-        pytest.fail("quotad did not become SERVING within 20 s")
+        pytest.fail("quotad did not become SERVING within 60 s")
 
     def stop(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGTERM)
@@ -77,7 +87,7 @@ class Served:
         return self.process.returncode, stderr
 
 
-def _serve(extra_env: dict[str, str]) -> Served:
+def _serve(extra_env: dict[str, str], security: tuple[str, ...] = ("-plaintext",)) -> Served:
     address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
@@ -88,7 +98,7 @@ def _serve(extra_env: dict[str, str]) -> Served:
         **extra_env,
     }
     process = subprocess.Popen([*QUOTAD, "serve"], env=env, stderr=subprocess.PIPE, text=True)
-    return Served(process, address)
+    return Served(process, address, security)
 
 
 @pytest.fixture
@@ -272,17 +282,18 @@ def test_serve_with_workers_shares_one_port_and_stops_together(
     assert sum(line.get("event") == "stopped" for line in lines) == 2
 
 
-def readme_operating_block() -> str:
-    """The sh block of the README's "Operating quotad" section, as an operator would paste it."""
+def readme_operating_blocks() -> list[str]:
+    """The sh blocks of the README's "Operating quotad" section, as an operator would paste them:
+    in plaintext (against `make run`), then over TLS."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Operating quotad\n", 1)[1].split("\n## ", 1)[0]
     blocks: list[str] = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert len(blocks) == 1, "the Operating quotad section has one sh block"
-    return blocks[0]
+    assert len(blocks) == 2, "the Operating quotad section has two sh blocks: plaintext, then TLS"
+    return blocks
 
 
 def test_readme_operating_commands_run_as_written(served: Served, redis_server: EmbeddedRedis) -> None:
-    block = readme_operating_block()
+    block = readme_operating_blocks()[0]
     for command in (" list", " describe", "Health/Check", "/CheckAndReserve", "/GetUsage", "/Commit"):
         assert command in block, f"the README lost its {command.strip()} command"
     flush = redis.Redis.from_url(redis_server.url)
@@ -308,3 +319,120 @@ def test_readme_operating_commands_run_as_written(served: Served, redis_server: 
     assert '"remaining": "500"' in out  # GetUsage: tokens-per-minute after reserving 500 of 1000
     committed = json.loads(out[out.rindex('{\n  "reserved"') :])
     assert committed["committed"] == {"requests": "1", "input_tokens": "300", "output_tokens": "97"}
+
+
+# The TLS block's quotad: mutual TLS with a certificate for the name the README gives -authority, and
+# a tokens file. The client certificate acts for any tenant; the token's caller may only read.
+README_SERVER_NAME = "quotad.llm.svc"
+README_CLIENT = "spiffe://quotad.test/ns/docs/sa/grpcurl"
+README_TOKEN_CALLER = "docs-reader"
+README_CALLERS = f"""
+callers:
+  "{README_CLIENT}": {{tenants: {{"*": {{}}}}}}
+  {README_TOKEN_CALLER}: {{tenants: {{"*": {{}}}}, methods: [read]}}
+"""
+
+
+@dataclass
+class ServedTls:
+    served: Served
+    files: Path  # ca.crt, client.crt, client.key, as the README names them
+    token: str
+
+
+@pytest.fixture
+def served_tls(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[ServedTls]:
+    pki = Pki(tmp_path)
+    server = pki.issue("server", sans=f"DNS:{README_SERVER_NAME},IP:127.0.0.1")
+    client = pki.issue("client", sans=f"URI:{README_CLIENT}", client=True)
+    files = tmp_path / "grpcurl"
+    files.mkdir()
+    for source, name in ((pki.ca, "ca.crt"), (client.cert, "client.crt"), (client.key, "client.key")):
+        shutil.copy(source, files / name)
+    token = f"docs-{os.urandom(8).hex()}"
+    (tmp_path / "tokens").write_text(f"{README_TOKEN_CALLER} {hash_token(token)}\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(EXAMPLE_POLICY.read_text() + README_CALLERS)
+    env = {
+        "QUOTAD_REDIS_URL": redis_server.url,
+        "QUOTAD_POLICY": str(policy),
+        "QUOTAD_TLS_CERT": str(server.cert),
+        "QUOTAD_TLS_KEY": str(server.key),
+        "QUOTAD_TLS_CLIENT_CA": str(pki.ca),
+        "QUOTAD_TOKENS_FILE": str(tmp_path / "tokens"),
+    }
+    served = _serve(env, security=_tls_flags(files, certificate=True))
+    try:
+        served.wait_serving()
+        yield ServedTls(served, files, token)
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.communicate()
+
+
+def _tls_flags(files: Path, *, certificate: bool) -> tuple[str, ...]:
+    """grpcurl's flags for the TLS quotad: its CA and name, and the client certificate."""
+    flags: tuple[str, ...] = ("-cacert", str(files / "ca.crt"), "-authority", README_SERVER_NAME)
+    if certificate:
+        flags += ("-cert", str(files / "client.crt"), "-key", str(files / "client.key"))
+    return flags
+
+
+def test_readme_tls_commands_run_as_written(served_tls: ServedTls, redis_server: EmbeddedRedis) -> None:
+    block = readme_operating_blocks()[1]
+    for part in (
+        "-cacert ca.crt",
+        "-cert client.crt",
+        "-key client.key",
+        "-authority",
+        "authorization: Bearer",
+    ):
+        assert part in block, f"the README's TLS block lost its {part}"
+    flush = redis.Redis.from_url(redis_server.url)
+    flush.flushall()
+    flush.close()
+
+    env = {**os.environ, "QUOTAD_ADDR": served_tls.served.address, "QUOTAD_TOKEN": served_tls.token}
+    env["PATH"] = f"{Path(grpcurl_binary()).parent}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=served_tls.files,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert '"status": "SERVING"' in out
+    assert '"decision": "DECISION_ALLOWED"' in out
+    assert out.count('"name": "tokens-per-minute"') == 2  # CheckAndReserve's limits, then GetUsage's
+
+    # The token named the caller, not the certificate: it may read, not reserve.
+    bearer = ("-H", f"authorization: Bearer {served_tls.token}")
+    refused = _grpcurl_tls(
+        served_tls, *bearer, "-d", '{"subject": "bob"}', "quotad.v1.QuotaService/CheckAndReserve"
+    )
+    assert refused.returncode != 0
+    assert "PermissionDenied" in refused.stderr, refused.stderr
+    # Without a client certificate, no handshake.
+    anonymous = _grpcurl_tls(served_tls, "grpc.health.v1.Health/Check", certificate=False)
+    assert anonymous.returncode != 0
+    assert "SERVING" not in anonymous.stdout
+
+
+def _grpcurl_tls(
+    served_tls: ServedTls, *args: str, certificate: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """grpcurl `args` (options, then the method) against the TLS quotad; its exit code not checked."""
+    flags = _tls_flags(served_tls.files, certificate=certificate)
+    *options, method = args
+    return subprocess.run(
+        [grpcurl_binary(), *flags, "-max-time", "10", *options, served_tls.served.address, method],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )

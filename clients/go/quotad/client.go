@@ -15,12 +15,16 @@
 // gets when its context has none is the client's timeout plus the ServerWait; a retry asks only
 // for what is left of the wait.
 //
+// TLS, a client certificate (mutual TLS) and a bearer token: WithTLSFiles (or WithTLS) and
+// WithToken.
+//
 // The generated stubs are in github.com/quotad/quotad/clients/go/gen/quotad/v1.
 package quotad
 
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -31,7 +35,6 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -73,9 +76,13 @@ type Client struct {
 type Option func(*settings)
 
 type settings struct {
-	timeout     time.Duration
-	retry       RetryPolicy
-	dialOptions []grpc.DialOption
+	timeout        time.Duration
+	retry          RetryPolicy
+	dialOptions    []grpc.DialOption
+	tlsFiles       *TLSFiles
+	tlsConfig      *tls.Config
+	token          func(context.Context) (string, error)
+	plaintextToken bool
 }
 
 // WithTimeout sets the deadline of each call whose context has none (default DefaultTimeout),
@@ -87,23 +94,30 @@ func WithTimeout(d time.Duration) Option { return func(s *settings) { s.timeout 
 // WithRetry sets how UNAVAILABLE is retried (default DefaultRetryPolicy).
 func WithRetry(p RetryPolicy) Option { return func(s *settings) { s.retry = p } }
 
-// WithDialOptions adds gRPC dial options: TLS (grpc.WithTransportCredentials), auth
-// (grpc.WithPerRPCCredentials), interceptors, keepalive. Without transport credentials
-// the connection is plaintext.
+// WithDialOptions adds gRPC dial options: interceptors, keepalive, grpc.WithAuthority, other
+// transport (grpc.WithTransportCredentials) or per-RPC credentials. TLS and tokens have options
+// of their own (WithTLSFiles, WithTLS, WithToken); without any, the connection is plaintext.
 func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(s *settings) { s.dialOptions = append(s.dialOptions, opts...) }
 }
 
-// Dial returns a Client for target ("host:port"); it connects lazily. Close it when done.
+// Dial returns a Client for target ("host:port"); it connects lazily. Close it when done. It
+// returns an error for TLS files that do not load, and for a token over plaintext (unless
+// WithPlaintextToken).
 func Dial(target string, opts ...Option) (*Client, error) {
 	s := settings{timeout: DefaultTimeout, retry: DefaultRetryPolicy}
 	for _, opt := range opts {
 		opt(&s)
 	}
-	dialOptions := append([]grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-	}, s.dialOptions...)
-	conn, err := grpc.NewClient(target, dialOptions...)
+	dialOptions, err := s.transportOptions()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(target, append(dialOptions, s.dialOptions...)...)
+	if err != nil && s.token != nil && strings.Contains(err.Error(), "transport level security") {
+		return nil, fmt.Errorf("quotad: a bearer token over plaintext would travel in the clear "+
+			"(WithTLSFiles or WithTLS; or WithPlaintextToken where the network is trusted): %w", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("quotad: %w", err)
 	}

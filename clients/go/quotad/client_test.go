@@ -143,6 +143,12 @@ func costMap(c *quotadv1.Cost) map[string]int64 {
 }
 
 func TestConformance(t *testing.T) {
+	replay(t, dial(t))
+}
+
+// replay replays the scenario through client.
+func replay(t *testing.T, client *quotad.Client) {
+	t.Helper()
 	raw, err := os.ReadFile(filepath.Join("..", "..", "..", "tests", "conformance", "scenario.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -151,7 +157,7 @@ func TestConformance(t *testing.T) {
 	if err := json.Unmarshal(raw, &sc); err != nil {
 		t.Fatal(err)
 	}
-	client, ctx := dial(t), context.Background()
+	ctx := context.Background()
 	runID := unique("go")
 	subject, tenant := sc.Subject+"-"+runID, sc.Tenant+"-"+runID
 	saved := map[string]string{}

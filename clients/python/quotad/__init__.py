@@ -9,10 +9,12 @@
 
 Nothing recorded: the estimate is committed on exit, or the reservation released if the body
 raises. UNAVAILABLE is retried, with one idempotency key per reservation, within each call's
-`timeout` (see QuotaClient). `SyncQuotaClient` is the same for blocking code. `quotad.v1.quota_pb2` (also exported as
-`pb`) holds the generated messages.
+`timeout` (see QuotaClient). `SyncQuotaClient` is the same for blocking code. TLS, mutual TLS
+and a bearer token: `QuotaClient(target, tls=TlsConfig(ca=..., cert=..., key=...), token=...)`.
+`quotad.v1.quota_pb2` (also exported as `pb`) holds the generated messages.
 """
 
+from quotad._transport import TlsConfig
 from quotad.client import AsyncReservation, QuotaClient
 from quotad.errors import (
     FailedPrecondition,
@@ -38,6 +40,7 @@ __all__ = [
     "QuotadError",
     "Reservation",
     "SyncQuotaClient",
+    "TlsConfig",
     "Unavailable",
     "Usage",
     "pb",

@@ -29,6 +29,7 @@ from quotad._common import (
     seconds,
     wait_before_retrying,
 )
+from quotad._transport import TlsConfig, Token, transport
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
@@ -38,17 +39,26 @@ class QuotaClient:
 
     - `timeout`: the deadline of each call in seconds (default 2), all of its attempts and the
       sleeps between them included. A CheckAndReserve with `server_wait` gets that much more.
-    - `credentials`: `grpc.ssl_channel_credentials(...)` (optionally composed with call
-      credentials) for TLS; plaintext when None.
-    - `metadata`: sent with every RPC, e.g. `[("authorization", "Bearer ...")]`;
-      `metadata_provider` is called before every RPC for metadata that changes.
+    - `tls`: `TlsConfig(ca=..., cert=..., key=...)`: TLS, verifying quotad against the `ca`
+      bundle (None: the system's roots), with a client certificate and key for mutual TLS.
+      Plaintext when neither `tls` nor `credentials` is given.
+    - `token`: a bearer token, or a callable returning the current one (asked before every
+      attempt), sent as `authorization: Bearer <token>` on every RPC. Over TLS it travels as gRPC
+      call credentials; over plaintext it is refused (ValueError) unless
+      `allow_plaintext_token=True`, for a network that encrypts for you (a mesh sidecar) or a
+      test on loopback.
+    - `credentials`: your own `grpc.ChannelCredentials` instead of `tls` (a `token` is
+      composed with them).
+    - `metadata`: sent with every RPC, e.g. `[("x-team", "search")]`; `metadata_provider` is
+      called before every RPC for metadata that changes.
     - `options`: gRPC channel options, e.g. `[("grpc.keepalive_time_ms", 30_000)]`.
     - `retries`: how many times an UNAVAILABLE call may be retried; None (the default): as
       many times as fit in `timeout`. The backoff starts at `retry_backoff` seconds (default
       0.05), doubles up to 1 s, and is jittered (50 to 100 % of it). Safe: every call is
       idempotent on the server, and a CheckAndReserve sends the same idempotency key on every
       attempt (see `quotad._common.is_retryable`).
-    - `channel`: use this channel instead of opening one (`credentials`/`options` unused).
+    - `channel`: use this channel instead of opening one (`credentials`/`options` unused;
+      `tls` and `token` are refused: set them on that channel).
     """
 
     def __init__(
@@ -56,6 +66,9 @@ class QuotaClient:
         target: str,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TlsConfig | None = None,
+        token: Token | None = None,
+        allow_plaintext_token: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata = (),
         metadata_provider: MetadataProvider | None = None,
@@ -64,12 +77,21 @@ class QuotaClient:
         retry_backoff: float = DEFAULT_RETRY_BACKOFF_S,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self._settings = Settings(timeout, tuple(metadata), metadata_provider, retries, retry_backoff)
+        reach = transport(
+            tls=tls,
+            credentials=credentials,
+            token=token,
+            allow_plaintext_token=allow_plaintext_token,
+            metadata_provider=metadata_provider,
+            options=options,
+            own_channel=channel is not None,
+        )
+        self._settings = Settings(timeout, tuple(metadata), reach.metadata_provider, retries, retry_backoff)
         if channel is None:
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=list(options))
+            if reach.credentials is None:
+                channel = grpc.aio.insecure_channel(target, options=reach.options)
             else:
-                channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+                channel = grpc.aio.secure_channel(target, reach.credentials, options=reach.options)
         self._channel = channel
         self._stub = pb_grpc.QuotaServiceStub(channel)
 

@@ -27,6 +27,7 @@ from quotad._common import (
     seconds,
     wait_before_retrying,
 )
+from quotad._transport import TlsConfig, Token, transport
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 
@@ -43,6 +44,9 @@ class SyncQuotaClient:
         target: str,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TlsConfig | None = None,
+        token: Token | None = None,
+        allow_plaintext_token: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata = (),
         metadata_provider: MetadataProvider | None = None,
@@ -51,12 +55,21 @@ class SyncQuotaClient:
         retry_backoff: float = DEFAULT_RETRY_BACKOFF_S,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self._settings = Settings(timeout, tuple(metadata), metadata_provider, retries, retry_backoff)
+        reach = transport(
+            tls=tls,
+            credentials=credentials,
+            token=token,
+            allow_plaintext_token=allow_plaintext_token,
+            metadata_provider=metadata_provider,
+            options=options,
+            own_channel=channel is not None,
+        )
+        self._settings = Settings(timeout, tuple(metadata), reach.metadata_provider, retries, retry_backoff)
         if channel is None:
-            if credentials is None:
-                channel = grpc.insecure_channel(target, options=list(options))
+            if reach.credentials is None:
+                channel = grpc.insecure_channel(target, options=reach.options)
             else:
-                channel = grpc.secure_channel(target, credentials, options=list(options))
+                channel = grpc.secure_channel(target, reach.credentials, options=reach.options)
         self._channel = channel
         self._stub = pb_grpc.QuotaServiceStub(channel)
 

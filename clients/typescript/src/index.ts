@@ -14,13 +14,17 @@
  *
  * A `reserve` with `serverWaitMs` may wait that long in quotad's waiting line, so its deadline is
  * `timeoutMs` plus `serverWaitMs`; a retry asks only for what is left of the wait.
+ *
+ * TLS, a client certificate (mutual TLS) and a bearer token: `tls` and `token` in ClientOptions.
  */
 import { randomUUID } from "node:crypto";
 import {
+  type CallOptions,
   type ChannelCredentials,
   type ChannelOptions,
   type Interceptor,
   type ServiceError,
+  CallCredentials,
   Metadata,
   credentials,
   status,
@@ -67,13 +71,46 @@ export interface RetryOptions {
   maxBackoffMs?: number;
 }
 
+/**
+ * TLS to quotad, and a client certificate for mutual TLS. Each is PEM, as Node's `tls` takes it:
+ * `readFileSync("ca.crt")`. The client reads nothing itself; a certificate renewed on disk takes
+ * a new client.
+ */
+export interface TlsOptions {
+  /** The CA bundle that verifies quotad's certificate; omitted: Node's root certificates. */
+  ca?: Buffer;
+  /** A client certificate (chain), for a quotad that requires one (QUOTAD_TLS_CLIENT_CA); with `key`.
+   * quotad knows the caller by its first SAN URI (a SPIFFE ID), else its first DNS name. */
+  cert?: Buffer;
+  /** The client certificate's private key; with `cert`. */
+  key?: Buffer;
+  /** The name quotad's certificate must carry, when it is not the target's host (an IP address, a
+   * port-forward to localhost), e.g. "quotad.llm.svc"; also sent as the call's authority. */
+  serverName?: string;
+}
+
+/** A bearer token, or a function that returns the current one (called before every attempt). */
+export type Token = string | (() => string | Promise<string>);
+
 export interface ClientOptions {
   /** Deadline of each call in milliseconds, all of its attempts included (default 2000); a
    * `reserve` with `serverWaitMs` gets that much longer. */
   timeoutMs?: number;
   /** How UNAVAILABLE is retried; see RetryOptions. */
   retry?: RetryOptions;
-  /** TLS: `credentials.createSsl(...)`; plaintext when omitted. */
+  /** TLS (`true`: verified against Node's root certificates), with a client certificate for mutual
+   * TLS; plaintext when neither `tls` nor `credentials` is given. */
+  tls?: TlsOptions | true;
+  /**
+   * Sent as `authorization: Bearer <token>` with every attempt of every call, as gRPC call
+   * credentials. Refused over plaintext (the constructor throws) unless `allowPlaintextToken`. A
+   * token function that throws fails the attempt with UNAVAILABLE, retried as any.
+   */
+  token?: Token;
+  /** Send `token` over a plaintext channel: only where the network encrypts for you (a mesh
+   * sidecar) or on loopback. Default false. */
+  allowPlaintextToken?: boolean;
+  /** Channel credentials of your own instead of `tls` (e.g. `credentials.createSsl(...)`). */
   credentials?: ChannelCredentials;
   /** Metadata sent with every call, or a function called before every call (e.g. a fresh token). */
   metadata?: Record<string, string> | (() => Record<string, string>);
@@ -186,7 +223,9 @@ export class QuotaClient {
   private readonly timeoutMs: number;
   private readonly retry: Required<RetryOptions>;
   private readonly metadata: ClientOptions["metadata"];
+  private readonly callCredentials: CallCredentials | undefined;
 
+  /** Throws for options that do not go together (e.g. a token over plaintext), before connecting. */
   constructor(target: string, options: ClientOptions = {}) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const initialBackoffMs = options.retry?.initialBackoffMs ?? 50;
@@ -196,7 +235,13 @@ export class QuotaClient {
       maxBackoffMs: Math.max(options.retry?.maxBackoffMs ?? 1000, initialBackoffMs),
     };
     this.metadata = options.metadata;
-    this.stub = new QuotaServiceClient(target, options.credentials ?? credentials.createInsecure(), {
+    const channel = channelCredentials(options);
+    this.callCredentials = bearerCredentials(options, channel._isSecure());
+    const serverName = options.tls === true ? undefined : options.tls?.serverName;
+    this.stub = new QuotaServiceClient(target, channel, {
+      ...(serverName
+        ? { "grpc.ssl_target_name_override": serverName, "grpc.default_authority": serverName }
+        : {}),
       ...options.channelOptions,
       interceptors: options.interceptors ?? [],
     });
@@ -345,16 +390,61 @@ export class QuotaClient {
     const metadata = new Metadata();
     const extra = typeof this.metadata === "function" ? this.metadata() : (this.metadata ?? {});
     for (const [key, value] of Object.entries(extra)) metadata.set(key, value);
+    const options: CallOptions = { deadline, credentials: this.callCredentials };
     return new Promise<T>((resolve, reject) => {
-      start(metadata, { deadline }, (error, response) => (error ? reject(error) : resolve(response)), attempt);
+      start(metadata, options, (error, response) => (error ? reject(error) : resolve(response)), attempt);
     });
   }
+}
+
+/** The channel's credentials: TLS from `tls`, or the caller's own, or plaintext. */
+function channelCredentials(options: ClientOptions): ChannelCredentials {
+  if (options.tls !== undefined && options.credentials !== undefined) {
+    throw new Error("quotad: pass tls or credentials, not both");
+  }
+  if (options.tls === undefined) return options.credentials ?? credentials.createInsecure();
+  const tls = options.tls === true ? {} : options.tls;
+  if ((tls.cert === undefined) !== (tls.key === undefined)) {
+    throw new Error("quotad: a client certificate needs its key: set both tls.cert and tls.key, or neither");
+  }
+  return credentials.createSsl(tls.ca ?? null, tls.key ?? null, tls.cert ?? null);
+}
+
+/**
+ * The bearer token as call credentials, given with every attempt. grpc-js would send them over
+ * plaintext too: refused here unless the caller allows it.
+ */
+function bearerCredentials(options: ClientOptions, secure: boolean): CallCredentials | undefined {
+  const token = options.token;
+  if (token === undefined) return undefined;
+  if (token === "") throw new Error("quotad: the token is empty");
+  if (!secure && !options.allowPlaintextToken) {
+    throw new Error(
+      "quotad: a bearer token over plaintext would travel in the clear: set tls (or credentials), " +
+        "or allowPlaintextToken where the network is trusted",
+    );
+  }
+  return CallCredentials.createFromMetadataGenerator((_, done) => {
+    Promise.resolve()
+      .then(() => (typeof token === "function" ? token() : token))
+      .then(
+        (value) => {
+          const metadata = new Metadata();
+          metadata.set("authorization", `Bearer ${value}`);
+          done(null, metadata);
+        },
+        (error: unknown) => {
+          // UNAVAILABLE: a token source that failed is retried as a server that did not answer.
+          done(Object.assign(new Error(`the bearer token: ${String(error)}`), { code: status.UNAVAILABLE }));
+        },
+      );
+  });
 }
 
 /** Makes attempt number `attempt` (1 for the first) of a call. */
 type Attempt<T> = (
   metadata: Metadata,
-  options: { deadline: Date },
+  options: CallOptions,
   done: (error: ServiceError | null, response: T) => void,
   attempt: number,
 ) => void;

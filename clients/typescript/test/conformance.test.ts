@@ -1,11 +1,12 @@
 // The conformance scenario (tests/conformance/scenario.json), replayed through this client
-// against a live quotad at $QUOTAD_ADDR. The Python, Go and Java clients replay the same file.
+// against a live quotad at $QUOTAD_ADDR, and again over mutual TLS against $QUOTAD_MTLS_ADDR.
+// The Python, Go and Java clients replay the same file.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { test } from "node:test";
 import { QuotaClient, QuotadError, remainingOf, v1 } from "../src";
-import { quotadAddress, unique } from "./live";
+import { quotadAddress, secure, unique } from "./live";
 
 interface Step {
   call: "reserve" | "commit" | "release" | "usage";
@@ -34,7 +35,16 @@ function cost(c: v1.Cost | undefined): Record<string, number> {
 }
 
 test("conformance scenario", async () => {
-  const client = new QuotaClient(quotadAddress(), { timeoutMs: 5000 });
+  await replay(new QuotaClient(quotadAddress(), { timeoutMs: 5000 }));
+});
+
+test("conformance scenario over mutual TLS", async () => {
+  const { mtlsAddress, ca, cert, key } = secure();
+  await replay(new QuotaClient(mtlsAddress, { timeoutMs: 5000, tls: { ca, cert, key } }));
+});
+
+/** Replays the scenario through `client`, then closes it. */
+async function replay(client: QuotaClient): Promise<void> {
   try {
     const runId = unique("ts");
     const subject = `${SCENARIO.subject}-${runId}`;
@@ -100,4 +110,4 @@ test("conformance scenario", async () => {
   } finally {
     client.close();
   }
-});
+}

@@ -1,5 +1,6 @@
-// What the integration tests share: the live quotad's address and unique names.
+// What the integration tests share: the live quotads' addresses, their credentials, unique names.
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { connect } from "node:net";
 
 /** $QUOTAD_ADDR, a quotad serving tests/conformance/policy.yaml; the tests fail without it. */
@@ -11,6 +12,38 @@ export function quotadAddress(): string {
     );
   }
   return address;
+}
+
+/**
+ * The secure quotads `make test` starts beside the plaintext one (tests/clients/conftest.py), serving
+ * the same policy with callers: `mtls` requires a client certificate, `token` serves TLS and knows
+ * its callers by bearer token. Both certificates are signed by `ca`; `cert` and `key` are the
+ * client's, `token` its bearer token.
+ */
+export interface Secure {
+  mtlsAddress: string;
+  tokenAddress: string;
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  token: string;
+}
+
+export function secure(): Secure {
+  const names = ["QUOTAD_MTLS_ADDR", "QUOTAD_TOKEN_ADDR", "QUOTAD_TLS_CA", "QUOTAD_CLIENT_CERT", "QUOTAD_CLIENT_KEY", "QUOTAD_TOKEN"];
+  const missing = names.filter((name) => !process.env[name]);
+  if (missing.length > 0) {
+    throw new Error(`${missing.join(", ")} not set: the TLS tests need the secure quotads \`make test\` starts`);
+  }
+  const env = (name: string): string => process.env[name] ?? "";
+  return {
+    mtlsAddress: env("QUOTAD_MTLS_ADDR"),
+    tokenAddress: env("QUOTAD_TOKEN_ADDR"),
+    ca: readFileSync(env("QUOTAD_TLS_CA")),
+    cert: readFileSync(env("QUOTAD_CLIENT_CERT")),
+    key: readFileSync(env("QUOTAD_CLIENT_KEY")),
+    token: env("QUOTAD_TOKEN"),
+  };
 }
 
 export function unique(prefix: string): string {

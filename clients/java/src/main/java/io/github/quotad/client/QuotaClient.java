@@ -9,14 +9,22 @@ import io.github.quotad.v1.QuotaServiceGrpc;
 import io.github.quotad.v1.ReleaseRequest;
 import io.github.quotad.v1.ReleaseResponse;
 import io.grpc.CallCredentials;
+import io.grpc.ChannelCredentials;
 import io.grpc.ClientInterceptor;
+import io.grpc.CompositeCallCredentials;
 import io.grpc.Deadline;
+import io.grpc.Grpc;
+import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import io.grpc.TlsChannelCredentials;
 import io.grpc.stub.MetadataUtils;
+import java.io.IOException;
+import java.io.UncheckedIOException;
+import java.nio.file.Path;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
@@ -24,6 +32,7 @@ import java.util.Objects;
 import java.util.UUID;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
+import java.util.function.Supplier;
 
 /**
  * A thin blocking client for quotad, the quota-decision service for LLM calls.
@@ -44,6 +53,9 @@ import java.util.concurrent.TimeUnit;
  * <p>A reserve with a server wait ({@link #reserve(CheckAndReserveRequest, Duration)}, or a
  * request's {@code max_wait}) may wait that long in quotad's waiting line, so its deadline is the
  * client's timeout plus the wait; a retry asks only for what is left of the wait.
+ *
+ * <p>TLS, a client certificate (mutual TLS) and a bearer token: {@link
+ * Builder#trustCertificates}, {@link Builder#clientCertificate} and {@link Builder#bearerToken}.
  *
  * <pre>{@code
  * try (QuotaClient quota = QuotaClient.builder("localhost:50051").build()) {
@@ -80,11 +92,10 @@ public final class QuotaClient implements AutoCloseable {
       this.channel = builder.channel;
       this.ownsChannel = false;
     } else {
-      ManagedChannelBuilder<?> channelBuilder = ManagedChannelBuilder.forTarget(builder.target);
-      if (builder.tls) {
-        channelBuilder.useTransportSecurity();
-      } else {
-        channelBuilder.usePlaintext();
+      ManagedChannelBuilder<?> channelBuilder =
+          Grpc.newChannelBuilder(builder.target, builder.channelCredentials());
+      if (builder.authority != null) {
+        channelBuilder.overrideAuthority(builder.authority);
       }
       this.channel = channelBuilder.build();
       this.ownsChannel = true;
@@ -92,8 +103,9 @@ public final class QuotaClient implements AutoCloseable {
     QuotaServiceGrpc.QuotaServiceBlockingStub stub =
         QuotaServiceGrpc.newBlockingStub(channel)
             .withInterceptors(builder.interceptors().toArray(new ClientInterceptor[0]));
-    if (builder.callCredentials != null) {
-      stub = stub.withCallCredentials(builder.callCredentials);
+    CallCredentials callCredentials = builder.allCallCredentials();
+    if (callCredentials != null) {
+      stub = stub.withCallCredentials(callCredentials);
     }
     this.stub = stub;
     this.timeout = builder.timeout;
@@ -260,6 +272,12 @@ public final class QuotaClient implements AutoCloseable {
     private Duration initialBackoff = DEFAULT_INITIAL_BACKOFF;
     private Duration maxBackoff = DEFAULT_MAX_BACKOFF;
     private boolean tls;
+    private Path trustCertificates;
+    private Path certificateChain;
+    private Path privateKey;
+    private String authority;
+    private Supplier<String> bearerToken;
+    private boolean allowPlaintextToken;
     private ManagedChannel channel;
     private CallCredentials callCredentials;
     private final Metadata headers = new Metadata();
@@ -307,9 +325,77 @@ public final class QuotaClient implements AutoCloseable {
       return this;
     }
 
-    /** Use TLS with the platform's trust store (plaintext otherwise). */
+    /**
+     * Use TLS, verifying quotad against the platform's trust store (plaintext when neither this,
+     * {@link #trustCertificates} nor {@link #clientCertificate} is called).
+     */
     public Builder useTransportSecurity() {
       this.tls = true;
+      return this;
+    }
+
+    /**
+     * Use TLS, verifying quotad's certificate against the CA bundle in {@code caPem} (PEM)
+     * instead of the platform's trust store. Read when the client is built.
+     */
+    public Builder trustCertificates(Path caPem) {
+      this.trustCertificates = Objects.requireNonNull(caPem, "caPem");
+      this.tls = true;
+      return this;
+    }
+
+    /**
+     * Use TLS, presenting a client certificate (chain) and its private key (PEM; the key in PKCS#8,
+     * {@code BEGIN PRIVATE KEY}; {@code openssl pkcs8 -topk8 -nocrypt} converts one), for a quotad that requires one
+     * (QUOTAD_TLS_CLIENT_CA): mutual TLS. quotad knows the caller by the certificate's first SAN
+     * URI (a SPIFFE ID), else its first DNS name. Read when the client is built: a certificate
+     * renewed on disk takes a new client.
+     */
+    public Builder clientCertificate(Path certificateChainPem, Path privateKeyPem) {
+      this.certificateChain = Objects.requireNonNull(certificateChainPem, "certificateChainPem");
+      this.privateKey = Objects.requireNonNull(privateKeyPem, "privateKeyPem");
+      this.tls = true;
+      return this;
+    }
+
+    /**
+     * The name quotad's certificate must carry (and the calls' authority) when it is not the
+     * target's host: an IP address, a port-forward to localhost. E.g. {@code "quotad.llm.svc"}.
+     */
+    public Builder overrideAuthority(String authority) {
+      this.authority = Objects.requireNonNull(authority, "authority");
+      return this;
+    }
+
+    /**
+     * Send {@code authorization: Bearer <token>} with every call, as call credentials. Over
+     * plaintext {@link #build} refuses it unless {@link #allowPlaintextToken}, and on a channel of
+     * your own ({@link #channel}) each call checks that its connection is encrypted.
+     */
+    public Builder bearerToken(String token) {
+      Objects.requireNonNull(token, "token");
+      if (token.isEmpty()) {
+        throw new IllegalArgumentException("the bearer token is empty");
+      }
+      return bearerToken(() -> token);
+    }
+
+    /**
+     * {@link #bearerToken(String)} for a token that changes: {@code token} is asked before every
+     * attempt of every call, on the channel's executor. An exception it throws fails the attempt
+     * with UNAVAILABLE, retried as any.
+     */
+    public Builder bearerToken(Supplier<String> token) {
+      this.bearerToken = Objects.requireNonNull(token, "token");
+      return this;
+    }
+
+    /**
+     * Let the bearer token travel over a plaintext connection: only where the network encrypts
+     * for you (a mesh sidecar) or on loopback.
+     */
+    public Builder allowPlaintextToken() {
+      this.allowPlaintextToken = true;
       return this;
     }
 
@@ -319,7 +405,7 @@ public final class QuotaClient implements AutoCloseable {
       return this;
     }
 
-    /** Credentials applied to every call, e.g. tokens that refresh. */
+    /** Credentials applied to every call (after a {@link #bearerToken}, if any). */
     public Builder callCredentials(CallCredentials callCredentials) {
       this.callCredentials = callCredentials;
       return this;
@@ -337,8 +423,44 @@ public final class QuotaClient implements AutoCloseable {
       return this;
     }
 
+    /**
+     * The client. Throws IllegalStateException for a bearer token over plaintext (unless allowed),
+     * UncheckedIOException for TLS files that do not read.
+     */
     public QuotaClient build() {
+      if (bearerToken != null && !tls && channel == null && !allowPlaintextToken) {
+        throw new IllegalStateException(
+            "a bearer token over plaintext would travel in the clear: use trustCertificates,"
+                + " clientCertificate or useTransportSecurity; or allowPlaintextToken() where the"
+                + " network is trusted");
+      }
       return new QuotaClient(this);
+    }
+
+    private ChannelCredentials channelCredentials() {
+      if (!tls) {
+        return InsecureChannelCredentials.create();
+      }
+      TlsChannelCredentials.Builder credentials = TlsChannelCredentials.newBuilder();
+      try {
+        if (trustCertificates != null) {
+          credentials.trustManager(trustCertificates.toFile());
+        }
+        if (certificateChain != null) {
+          credentials.keyManager(certificateChain.toFile(), privateKey.toFile());
+        }
+      } catch (IOException e) {
+        throw new UncheckedIOException("quotad: the TLS files do not read: " + e.getMessage(), e);
+      }
+      return credentials.build();
+    }
+
+    private CallCredentials allCallCredentials() {
+      if (bearerToken == null) {
+        return callCredentials;
+      }
+      CallCredentials bearer = new BearerToken(bearerToken, !allowPlaintextToken);
+      return callCredentials == null ? bearer : new CompositeCallCredentials(bearer, callCredentials);
     }
 
     private List<ClientInterceptor> interceptors() {

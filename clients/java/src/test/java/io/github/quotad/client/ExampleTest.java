@@ -16,9 +16,11 @@ class ExampleTest {
   /**
    * The per-user token limit after the example's commit of 300 + 97 tokens: tokens-per-day in
    * tests/conformance/policy.yaml, tokens-per-minute in the example policy that `make run` serves.
+   * The latter refills one token every 60 ms between the reserve and the usage read, which a loaded
+   * machine shows: 603 up to 649 (3 s). A commit of the estimate instead would show 500.
    */
   private static final Pattern COMMITTED =
-      Pattern.compile("(?m)^tokens-per-(day|minute): 603 of 1000 left$");
+      Pattern.compile("(?m)^tokens-per-(day|minute): (60[3-9]|6[1-4][0-9]) of 1000 left$");
 
   @Test
   void exampleReservesCommitsAndPrintsTheLimits() {

@@ -9,6 +9,7 @@ import java.io.OutputStream;
 import java.net.InetSocketAddress;
 import java.net.Socket;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Path;
 import java.time.Duration;
 import java.util.HexFormat;
 import java.util.List;
@@ -30,6 +31,47 @@ final class Live {
 
   static QuotaClient client() {
     return QuotaClient.builder(address()).timeout(Duration.ofSeconds(5)).build();
+  }
+
+  /**
+   * The secure quotads `make test` starts beside the plaintext one (tests/clients/conftest.py),
+   * serving the same policy with callers: {@code mtlsAddress} requires a client certificate, {@code
+   * tokenAddress} serves TLS and knows its callers by bearer token. The CA {@code ca} signed both
+   * servers' certificates and the client's ({@code cert}, {@code key}).
+   */
+  record Secure(
+      String mtlsAddress, String tokenAddress, Path ca, Path cert, Path key, String token) {
+    /** A builder for the mutual-TLS quotad, with the client's certificate. */
+    QuotaClient.Builder mtls() {
+      return QuotaClient.builder(mtlsAddress)
+          .timeout(Duration.ofSeconds(5))
+          .trustCertificates(ca)
+          .clientCertificate(cert, key);
+    }
+  }
+
+  static Secure secure() {
+    List<String> names =
+        List.of(
+            "QUOTAD_MTLS_ADDR",
+            "QUOTAD_TOKEN_ADDR",
+            "QUOTAD_TLS_CA",
+            "QUOTAD_CLIENT_CERT",
+            "QUOTAD_CLIENT_KEY",
+            "QUOTAD_TOKEN");
+    List<String> values = names.stream().map(name -> System.getenv().getOrDefault(name, "")).toList();
+    for (int i = 0; i < names.size(); i++) {
+      if (values.get(i).isEmpty()) {
+        fail(names.get(i) + " is not set: the TLS tests need the secure quotads `make test` starts");
+      }
+    }
+    return new Secure(
+        values.get(0),
+        values.get(1),
+        Path.of(values.get(2)),
+        Path.of(values.get(3)),
+        Path.of(values.get(4)),
+        values.get(5));
   }
 
   /**
