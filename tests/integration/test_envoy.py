@@ -4,6 +4,7 @@ what a gateway gets while Redis is down. Real Valkey, real gRPC, the upstream me
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -342,3 +343,35 @@ async def test_what_a_gateway_gets_while_redis_is_down(
             response = await envoy.ask("api", descriptor(("x-tenant", "acme")), user("vic"))
             assert response.overall_code == expected
             assert [s.code for s in response.statuses] == [expected, expected]
+
+
+async def test_concurrent_calls_admit_exactly_the_limit_and_charge_only_them(q: Quotad) -> None:
+    envoy = Envoy(q)
+    tenant = descriptor(("x-tenant", "acme"))
+    answers = await asyncio.gather(*(envoy.ask("api", tenant, user("wendy")) for _ in range(40)))
+    assert sum(a.overall_code == OK for a in answers) == 3  # user-rpm
+    assert (await q.usage(subject="wendy", tenant="acme"))["tenant-rpm"] == 7  # only the admitted
+
+
+SHADOW_TOKENS = """
+    defaults: {tier: t}
+    tiers:
+      t:
+        limits:
+          - {name: tpm, metric: total_tokens, limit: 10000, period: 1m}
+          - {name: tpm-new, metric: total_tokens, limit: 100, period: 1m, shadow: true}
+          - {name: in-flight-new, metric: concurrent, limit: 1, shadow: true}
+"""
+
+
+async def test_a_shadow_limit_left_uncharged_stays_so_when_the_call_settles(quotad: QuotadFactory) -> None:
+    async with quotad(SHADOW_TOKENS, clock=ManualClock(), subject="xena") as q:
+        first = await q.reserve(input_tokens=60)
+        second = await q.reserve(input_tokens=60)  # over tpm-new and in-flight-new: admitted, not charged
+        assert second.decision == pb.DECISION_ALLOWED
+        assert {s.name for s in second.limits if s.denied} == {"tpm-new", "in-flight-new"}
+        assert await q.usage() == {"tpm": 9880, "tpm-new": 40, "in-flight-new": 0}
+        await q.commit(second.reservation_id, input_tokens=500, output_tokens=0)  # far above its estimate
+        assert await q.usage() == {"tpm": 9440, "tpm-new": 40, "in-flight-new": 0}
+        await q.release(first.reservation_id)
+        assert await q.usage() == {"tpm": 9500, "tpm-new": 100, "in-flight-new": 1}
