@@ -237,6 +237,19 @@ def fill_response(
             )
 
 
+def _in_descriptor_terms(error: InvalidRequest, policy: Policy, domain: str) -> InvalidRequest:
+    """The core's violations, whose fields are quotad.v1's (tier, model...), naming the descriptor
+    entry each came from, so that a gateway's operator knows which rate limit action to fix."""
+    keys = policy.envoy.domains[domain].keys if policy.envoy and domain in policy.envoy.domains else {}
+    renamed = [
+        FieldViolation(f"{v.field} (descriptor entry {keys[v.field]!r})", v.description)
+        if v.field in keys
+        else v
+        for v in error.violations
+    ]
+    return InvalidRequest(renamed)
+
+
 class RateLimitServicer:
     """envoy.service.ratelimit.v3.RateLimitService over a QuotaCore. Register it with `add_service`.
 
@@ -285,6 +298,8 @@ class RateLimitServicer:
         )
         try:
             outcome = await self._core.decide_hits(translated.request, translated.hits)
+        except InvalidRequest as error:
+            raise _in_descriptor_terms(error, policy, message.domain) from None
         except StoreUnavailable as error:
             answer = policy.envoy.store_unavailable if policy.envoy is not None else "unavailable"
             if answer == "unavailable":

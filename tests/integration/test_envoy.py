@@ -151,7 +151,7 @@ async def test_tier_and_priority_come_from_their_entries(q: Quotad) -> None:
     assert response.statuses[0].current_limit.requests_per_unit == 100
     error = await rpc_error(envoy.ask("api", user("erin", tier="gold")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "unknown tier 'gold'" in violations(error)["tier"]
+    assert "unknown tier 'gold'" in violations(error)["tier (descriptor entry 'tier')"]
 
 
 async def test_tokens_are_charged_after_the_response_and_checked_before(
