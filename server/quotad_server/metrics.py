@@ -182,7 +182,7 @@ class Metrics:
         )
         self.rpc_duration = Histogram(
             "quotad_rpc_duration_seconds",
-            "Time to answer a QuotaService RPC, by method and gRPC status code.",
+            "Time to answer a QuotaService or Envoy ShouldRateLimit RPC, by method and gRPC status code.",
             ["method", "code"],
             buckets=_RPC_BUCKETS,
             registry=registry,
