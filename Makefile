@@ -65,7 +65,7 @@ $(TOOLS)/quotad-loadgen: bench/loadgen/main.go bench/loadgen/go.mod bench/loadge
 
 # The Envoy conformance client (tests/envoy): go-control-plane's stubs, downloaded by this build.
 $(TOOLS)/quotad-envoy-conformance: tests/envoy/conformance/main.go tests/envoy/conformance/go.mod tests/envoy/conformance/go.sum
-	cd tests/envoy/conformance && go build -o $(TOOLS)/quotad-envoy-conformance .
+	cd tests/envoy/conformance && go mod download && go build -o $(TOOLS)/quotad-envoy-conformance .
 
 $(TOOLS)/protoc-gen-go:
 	GOBIN=$(TOOLS) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
