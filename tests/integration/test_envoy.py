@@ -17,6 +17,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import wrappers_pb2
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from quotad.v1 import quota_pb2 as pb
 from quotad_server.auth import hash_token
@@ -105,6 +107,17 @@ def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
 async def q(quotad: QuotadFactory) -> AsyncIterator[Quotad]:
     async with quotad(POLICY, clock=ManualClock()) as running:
         yield running
+
+
+async def test_served_on_quotads_port_with_health_and_reflection(q: Quotad) -> None:
+    health: Any = health_pb2_grpc.HealthStub(q.channel)
+    request = health_pb2.HealthCheckRequest(service="envoy.service.ratelimit.v3.RateLimitService")
+    assert (await health.Check(request, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+    reflection: Any = reflection_pb2_grpc.ServerReflectionStub(q.channel)  # type: ignore[arg-type]  # typeshed: sync channels only
+    asked = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for answer in reflection.ServerReflectionInfo(iter([asked]), timeout=5):
+        names = {service.name for service in answer.list_services_response.service}
+        assert "envoy.service.ratelimit.v3.RateLimitService" in names
 
 
 async def test_descriptors_become_one_decision_with_a_status_each(q: Quotad) -> None:
