@@ -3,7 +3,7 @@
 //
 // Scenarios (policy.yaml beside this file is the policy quotad serves):
 //
-//	boundary   a burst straddling a window boundary admits exactly the limit
+//	boundary   callers firing across a window boundary are admitted exactly the limit
 //	allornone  one descriptor over the limit: nothing is charged on the others
 //	hits       hits_addend per request and per descriptor; tokens charged after the response
 //	shadow     a shadow limit is evaluated but never denies
@@ -98,9 +98,9 @@ func codes(response *rls.RateLimitResponse) []rls.RateLimitResponse_Code {
 	return found
 }
 
-// boundary: with a limit of burstLimit per burstWindow, a burst of 10x the limit, 32 in flight,
-// fired a quarter of a second before a window boundary (aligned as fixed windows are: envoy
-// ratelimit would admit up to twice the limit across it), admits exactly the limit.
+// boundary: with a limit of burstLimit per burstWindow, 32 callers in flight fire from a quarter
+// of a second before a window boundary (aligned as fixed windows are: there envoy ratelimit
+// admits up to twice the limit) to a quarter of a second after it, and admit exactly the limit.
 func (c *check) boundary() {
 	user := desc(entry("x-tenant", "burst-"+c.run), entry("user_id", "burster"))
 	now := time.Now()
@@ -108,21 +108,19 @@ func (c *check) boundary() {
 	if boundary.Sub(now) < 500*time.Millisecond {
 		boundary = boundary.Add(burstWindow)
 	}
+	stop := boundary.Add(250 * time.Millisecond)
+	const maxCalls = 50 * burstLimit
 	time.Sleep(time.Until(boundary.Add(-250 * time.Millisecond)))
-	var admitted, denied, failed atomic.Int64
-	calls := make(chan struct{}, 10*burstLimit)
-	for range 10 * burstLimit {
-		calls <- struct{}{}
-	}
-	close(calls)
+	var sent, admitted, denied, failed, admittedBefore atomic.Int64
 	started := time.Now()
 	var wg sync.WaitGroup
 	for range 32 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for range calls {
+			for time.Now().Before(stop) && sent.Add(1) <= maxCalls {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				asked := time.Now()
 				response, err := c.client.ShouldRateLimit(ctx, &rls.RateLimitRequest{
 					Domain: "burst", Descriptors: []*ratelimitcommon.RateLimitDescriptor{user}, HitsAddend: 1,
 				})
@@ -132,6 +130,9 @@ func (c *check) boundary() {
 					failed.Add(1)
 				case response.GetOverallCode() == ok:
 					admitted.Add(1)
+					if asked.Before(boundary) {
+						admittedBefore.Add(1)
+					}
 				default:
 					denied.Add(1)
 				}
@@ -140,12 +141,15 @@ func (c *check) boundary() {
 	}
 	wg.Wait()
 	elapsed := time.Since(started)
+	calls := min(sent.Load(), maxCalls)
 	c.res.Figures = map[string]any{
-		"limit": burstLimit, "window_s": burstWindow.Seconds(), "calls": 10 * burstLimit,
-		"admitted": admitted.Load(), "denied": denied.Load(), "errors": failed.Load(),
-		"burst_s": elapsed.Seconds(), "straddled_boundary": started.Before(boundary) && time.Now().After(boundary),
+		"limit": burstLimit, "window_s": burstWindow.Seconds(), "calls": calls,
+		"admitted": admitted.Load(), "admitted_asked_before_boundary": admittedBefore.Load(),
+		"denied": denied.Load(), "errors": failed.Load(), "burst_s": elapsed.Seconds(),
+		"straddled_boundary": started.Before(boundary) && time.Now().After(boundary),
 	}
 	c.expect(failed.Load() == 0, "%d calls failed", failed.Load())
+	c.expect(calls > burstLimit, "only %d calls were made", calls)
 	c.expect(admitted.Load() <= burstLimit, "admitted %d in one window, over the limit %d", admitted.Load(), burstLimit)
 	// All of the burst fell in one window, so no admission left it: the limit is admitted, no less.
 	if elapsed < burstWindow {
