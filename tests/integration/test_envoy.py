@@ -27,7 +27,7 @@ from quotad_server.metrics import Metrics
 from quotad_server.policy import PolicyError, parse_policy
 from quotad_server.store.embedded import EmbeddedRedis
 
-from tests.conftest import ManualClock, Quotad, QuotadFactory, rpc_error, running_quotad, snapshot
+from tests.conftest import START_US, ManualClock, Quotad, QuotadFactory, rpc_error, running_quotad, snapshot
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -388,3 +388,26 @@ async def test_a_shadow_limit_left_uncharged_stays_so_when_the_call_settles(quot
         assert await q.usage() == {"tpm": 9440, "tpm-new": 40, "in-flight-new": 0}
         await q.release(first.reservation_id)
         assert await q.usage() == {"tpm": 9500, "tpm-new": 100, "in-flight-new": 1}
+
+
+WINDOW = """
+    defaults: {tier: t}
+    tiers: {t: {limits: [{name: per-2s, metric: requests, limit: 5, period: 2s, algorithm: sliding_window}]}}
+    envoy: {domains: {api: {subject: user_id}}}
+"""
+
+
+async def test_exact_across_a_window_boundary(quotad: QuotadFactory) -> None:
+    """On quotad's clock: 5 per 2 s admits 5 just before a 2 s boundary and none just after it
+    (fixed windows would admit 5 more), then one per slot as each admission leaves the window."""
+    clock = ManualClock(now_us=(START_US // 2_000_000 + 1) * 2_000_000 - 100_000)  # 0.1 s before a boundary
+    async with quotad(WINDOW, clock=clock) as q:
+        envoy = Envoy(q)
+        ask = descriptor(("user_id", "yuri"))
+        assert [(await envoy.ask("api", ask)).overall_code for _ in range(6)] == [OK] * 5 + [OVER]
+        clock.advance(0.2)  # past the boundary
+        denied = await envoy.ask("api", ask)
+        assert denied.overall_code == OVER
+        assert denied.statuses[0].duration_until_reset.ToMicroseconds() == 1_800_000  # exact retry-after
+        clock.advance(1.8)  # the first admissions leave the window
+        assert [(await envoy.ask("api", ask)).overall_code for _ in range(6)] == [OK] * 5 + [OVER]
