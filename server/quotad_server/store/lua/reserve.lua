@@ -97,12 +97,18 @@ Returns {code, now, lease_expires_at, N, (remaining, reset_after, wait) * N, lin
   wait is 0 when the cost fits now, -1 when it never can, else microseconds until it fits.
 ]]
 
+-- Cost notes (measured with bench/redis_cost.py): Redis turns every Lua number passed to
+-- redis.call into a string with "%.17g", and Lua turns a number concatenated into a string
+-- with "%.14g"; both cost more than the command on a hot key. So numbers go to Redis as
+-- strings made once ('%d'), and the ARGV strings are passed on as they came.
+local call, fmt, tonumber = redis.call, string.format, tonumber
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
 if not now then
-  local t = redis.call('TIME')
+  local t = call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local now_s = fmt('%d', now)
 local deadline = tonumber(ARGV[3])
 if deadline > 0 and now > deadline then
   return {-1, now, 0, 0}
@@ -117,18 +123,18 @@ local limit_modes = ARGV[15 + n * 5] or ''
 local function enforced(i) local m = string.sub(limit_modes, i, i) return m == '' or m == '0' end
 local skip = {}  -- the shadow limits this request is not charged to
 local ticket, boost, enqueue, max_line, ticket_ttl = string.match(ARGV[13], '^(%S+) (%d+) (%d) (%d+) (%d+)$')
-local partition = string.match(KEYS[1], '^(.*):r:[^:]*$')  -- '<prefix>:{tag}'
+local partition = string.sub(KEYS[1], 1, -#rid - 4)  -- KEYS[1] is '<prefix>:{tag}' .. ':r:' .. rid
 local registry = partition .. ':lines'
 local function ticket_key(id) return partition .. ':w:' .. id end
 
 -- Idempotent retry: hand back the first reservation and change nothing.
 if not peek and fingerprint ~= '' then
-  local seen = redis.call('GET', KEYS[2])
+  local seen = call('GET', KEYS[2])
   if seen then
     local sep = string.find(seen, '\n', 1, true)
     if string.sub(seen, 1, sep - 1) ~= fingerprint then return {-2, now, 0, 0} end
     local record_key = string.sub(seen, sep + 1)
-    local record = redis.call('GET', record_key)
+    local record = call('GET', record_key)
     if record then
       local first_id = string.match(record_key, ':r:(%x+)$')
       local state, claims, rest = string.match(record, '^(%a)(%d*)( .*)$')
@@ -136,7 +142,7 @@ if not peek and fingerprint ~= '' then
       if state == 'r' then
         -- Handed out once more: count it, so that an undo of an earlier hand-out leaves it be.
         claims = (tonumber(claims) or 0) + 1
-        redis.call('SET', record_key, 'r' .. claims .. rest, 'KEEPTTL')
+        call('SET', record_key, 'r' .. claims .. rest, 'KEEPTTL')
         lx, ein, eout, ecost = string.match(rest, '^ (%d+) (%d+) (%d+) (%d+)')
       else  -- settled: "<state> <ain> <aout> <lease_expired> <ein> <eout> <lx> <ecost> ..."
         claims = -1
@@ -147,17 +153,13 @@ if not peek and fingerprint ~= '' then
   end
 end
 
-local function units(metric)
-  if peek then return 0 end
-  if metric == 'r' or metric == 'c' then return 1 end
-  if metric == 'i' or metric == 'I' then return est_in end
-  if metric == 'o' then return est_out end
-  if metric == 'u' then return est_cost end
-  return est_in + est_out
-end
+-- What this request costs on each metric (see ARGV[14]).
+local units = {r = 1, c = 1, i = est_in, I = est_in, o = est_out, u = est_cost, t = est_in + est_out,
+  T = est_in + est_out}
+if peek then units = {} end
 
 -- Lua's own number-to-string conversion keeps 14 digits; microsecond times need 16.
-local function int(x) return string.format('%d', x) end
+local function int(x) return fmt('%d', x) end
 
 -- Draining is continuous, so a bucket level is fractional; float noise must neither deny
 -- a request that fits nor round a wait up by a microsecond. Far below one unit.
@@ -198,16 +200,16 @@ end
 
 -- Waiting lines on this request's limits, and this request's rank against them.
 local lined, my_rank, my_line = {}, now - tonumber(boost), nil
-if not peek and redis.call('EXISTS', registry) == 1 then
+if not peek and call('EXISTS', registry) == 1 then
   local lines = {}
   for i = 1, n do lines[i] = KEYS[i + 2] .. ':q' end
-  local present = redis.call('SMISMEMBER', registry, unpack(lines))
+  local present = call('SMISMEMBER', registry, unpack(lines))
   for i = 1, n do lined[i] = present[i] == 1 end
   if ticket ~= '-' then
-    local place = redis.call('GET', ticket_key(ticket))
+    local place = call('GET', ticket_key(ticket))
     if place then
       my_line = string.match(place, '^[^\n]*')
-      my_rank = tonumber(redis.call('ZSCORE', my_line, ticket) or my_rank)
+      my_rank = tonumber(call('ZSCORE', my_line, ticket) or my_rank)
     end
   end
 end
@@ -216,14 +218,14 @@ local SCAN = 16
 -- header), with `used` in use; the places of waiters that are gone are dropped on the way.
 local function claimed_before(line, used, limit)
   local claim, dropped = 0, false
-  local members = redis.call('ZRANGE', line, 0, SCAN - 1, 'WITHSCORES')
+  local members = call('ZRANGE', line, 0, SCAN - 1, 'WITHSCORES')
   for j = 1, #members, 2 do
     local id, rank = members[j], tonumber(members[j + 1])
     if id == ticket or rank > my_rank or (rank == my_rank and id > ticket) then break end
-    local place = redis.call('GET', ticket_key(id))
+    local place = call('GET', ticket_key(id))
     if not place then
-      redis.call('ZREM', line, id)
-      redis.call('ZREM', line .. 'x', id)
+      call('ZREM', line, id)
+      call('ZREM', line .. 'x', id)
       dropped = true
     else
       local cost, cap, ready = string.match(place, '\n(%S+) (%S+) (%d)$')
@@ -232,7 +234,7 @@ local function claimed_before(line, used, limit)
       if used + claim >= limit then break end  -- nothing is left to claim
     end
   end
-  if dropped and redis.call('ZCARD', line) == 0 then redis.call('SREM', registry, line) end
+  if dropped and call('ZCARD', line) == 0 then call('SREM', registry, line) end
   return claim
 end
 local HINT = tonumber(ticket_ttl) * 1000 / 3  -- about one heartbeat, for those a line holds back
@@ -245,10 +247,10 @@ for i = 1, n do
   local alg, metric = ARGV[base + 1], ARGV[base + 2]
   local limit, period, cap = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   local key = KEYS[i + 2]
-  local cost = units(metric)
+  local cost = units[metric] or 0
   local used, wait, reset_after, extra, claim = 0, 0, 0, 0, 0
   if alg == 'b' then
-    local raw = redis.call('GET', key)
+    local raw = call('GET', key)
     if raw then
       local level, updated = string.match(raw, '^(%S+) (%d+)$')
       used = tonumber(level) - (now - tonumber(updated)) * limit / period
@@ -265,10 +267,10 @@ for i = 1, n do
   elseif alg == 'w' then
     local floor = now - period
     if metric == 'r' then
-      used = redis.call('ZCOUNT', key, '(' .. int(floor), '+inf')
+      used = call('ZCOUNT', key, fmt('(%d', floor), '+inf')
     else
-      local total = tonumber(redis.call('GET', key .. ':sum') or '0')
-      local gone = redis.call('ZRANGEBYSCORE', key, '-inf', int(floor))
+      local total = tonumber(call('GET', key .. ':sum') or '0')
+      local gone = call('ZRANGEBYSCORE', key, '-inf', int(floor))
       for j = 1, #gone do extra = extra + tonumber(string.match(gone[j], ':(%d+)$')) end
       used = total - extra
     end
@@ -277,10 +279,10 @@ for i = 1, n do
     elseif used + cost > cap then
       -- The oldest members leave the window first: find the one whose exit makes room.
       if metric == 'r' then
-        local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES', 'LIMIT', used + cost - cap - 1, 1)
+        local nth = call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES', 'LIMIT', used + cost - cap - 1, 1)
         wait = tonumber(nth[2]) + period - now
       else
-        local members = redis.call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES')
+        local members = call('ZRANGEBYSCORE', key, '(' .. int(floor), '+inf', 'WITHSCORES')
         local left = used
         for j = 1, #members, 2 do
           left = left - tonumber(string.match(members[j], ':(%d+)$'))
@@ -294,26 +296,26 @@ for i = 1, n do
     if wait == 0 and cost > 0 then
       reset_after = period  -- this request's own member is the newest
     elseif used > 0 then
-      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      local newest = call('ZRANGE', key, -1, -1, 'WITHSCORES')
       reset_after = math.max(0, tonumber(newest[2]) + period - now)
     end
   elseif alg == 'c' then
-    used = redis.call('ZCOUNT', key, '(' .. int(now), '+inf')
+    used = call('ZCOUNT', key, '(' .. int(now), '+inf')
     if cost > cap then
       wait = -1
     elseif used + cost > cap then
-      local nth = redis.call('ZRANGEBYSCORE', key, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', used + cost - cap - 1, 1)
+      local nth = call('ZRANGEBYSCORE', key, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', used + cost - cap - 1, 1)
       wait = tonumber(nth[2]) - now
     end
     if used > 0 then
-      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      local last = call('ZRANGE', key, -1, -1, 'WITHSCORES')
       reset_after = math.max(0, tonumber(last[2]) - now)
     end
     if wait == 0 and cost > 0 then reset_after = math.max(reset_after, lease_us) end
   else -- 'd', 'm': calendar budgets
     local first_day, ends = calendar_period(alg)
     extra = first_day
-    used = tonumber(redis.call('GET', key .. ':' .. int(first_day)) or '0')
+    used = tonumber(call('GET', key .. ':' .. int(first_day)) or '0')
     reset_after = ends - now
     if cost > cap then
       wait = -1
@@ -363,17 +365,17 @@ if not admit then
     local expiry, ttl = line .. 'x', tonumber(ticket_ttl)
     if not my_line then
       -- Only live places count: drop those whose waiters stopped renewing them.
-      local dead = redis.call('ZRANGEBYSCORE', expiry, '-inf', int(now), 'LIMIT', 0, 1000)
+      local dead = call('ZRANGEBYSCORE', expiry, '-inf', int(now), 'LIMIT', 0, 1000)
       if #dead > 0 then
-        redis.call('ZREM', line, unpack(dead))
-        redis.call('ZREM', expiry, unpack(dead))
+        call('ZREM', line, unpack(dead))
+        call('ZREM', expiry, unpack(dead))
       end
-      if redis.call('ZCARD', line) >= tonumber(max_line) then
+      if call('ZCARD', line) >= tonumber(max_line) then
         reply[1] = 3
         return reply
       end
-      redis.call('ZADD', line, my_rank, ticket)
-      redis.call('SADD', registry, line)
+      call('ZADD', line, my_rank, ticket)
+      call('SADD', registry, line)
     end
     -- What this place claims on its line's limit, and whether only that limit held it back.
     local at, place = 0, '0 0 0'
@@ -388,10 +390,10 @@ if not admit then
       local s = statuses[at]
       place = string.format('%.17g %.17g %d', s[6], s[11], ready)
     end
-    redis.call('SET', ticket_key(ticket), line .. '\n' .. place, 'PX', ttl)
-    redis.call('ZADD', expiry, now + ttl * 1000, ticket)
+    call('SET', ticket_key(ticket), line .. '\n' .. place, 'PX', ttl)
+    call('ZADD', expiry, now + ttl * 1000, ticket)
     -- Lines and the registry outlive their last live waiter by a ticket's life, then go by themselves.
-    for _, k in ipairs({line, expiry, registry}) do redis.call('PEXPIRE', k, 2 * ttl) end
+    for _, k in ipairs({line, expiry, registry}) do call('PEXPIRE', k, 2 * ttl) end
     reply[#reply] = at
     reply[#reply + 1] = my_rank
     local spare = 0
@@ -401,13 +403,13 @@ if not admit then
   return reply
 end
 if my_line then  -- admitted: leave the line, and let the next in line know its turn may have come
-  redis.call('ZREM', my_line, ticket)
-  redis.call('ZREM', my_line .. 'x', ticket)
-  redis.call('DEL', ticket_key(ticket))
-  if redis.call('ZCARD', my_line) == 0 then
-    redis.call('SREM', registry, my_line)
+  call('ZREM', my_line, ticket)
+  call('ZREM', my_line .. 'x', ticket)
+  call('DEL', ticket_key(ticket))
+  if call('ZCARD', my_line) == 0 then
+    call('SREM', registry, my_line)
   else
-    redis.call('PUBLISH', string.match(partition, '^(.-):{') .. ':wake', my_line)
+    call('PUBLISH', string.match(partition, '^(.-):{') .. ':wake', my_line)
   end
 end
 reply[#reply + 1] = 0
@@ -431,37 +433,37 @@ for i = 1, n do
   if alg == 'b' then
     if cost > 0 then
       local level = s[7] + cost
-      redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ceil(level * period / limit / 1000) + 1000)
+      call('SET', key, fmt('%.17g %s', level, now_s), 'PX', fmt('%d', ceil(level * period / limit / 1000) + 1000))
     end
   elseif alg == 'w' then
     if s[2] == 'r' then
       if cost > 0 and span[key] then  -- the first of the windows sharing this zset writes for all
         local longest = span[key]
         span[key] = nil
-        if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - longest)) end
-        redis.call('ZADD', key, now, rid .. ':1')
-        redis.call('PEXPIRE', key, ceil(longest / 1000) + 1000)
+        if trim then call('ZREMRANGEBYSCORE', key, '-inf', int(now - longest)) end
+        call('ZADD', key, now_s, rid .. ':1')
+        call('PEXPIRE', key, fmt('%d', ceil(longest / 1000) + 1000))
       end
     elseif cost > 0 then
-      local ttl = ceil(period / 1000) + 1000
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
-      redis.call('SET', key .. ':sum', int(s[7] + cost), 'PX', ttl)
-      redis.call('ZADD', key, now, rid .. ':' .. int(cost))
-      redis.call('PEXPIRE', key, ttl)
+      local ttl = fmt('%d', ceil(period / 1000) + 1000)
+      call('ZREMRANGEBYSCORE', key, '-inf', int(now - period))
+      call('SET', key .. ':sum', int(s[7] + cost), 'PX', ttl)
+      call('ZADD', key, now_s, rid .. ':' .. int(cost))
+      call('PEXPIRE', key, ttl)
     end
   elseif alg == 'c' then
-    if trim then redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now)) end
-    if not skip[i] then redis.call('ZADD', key, lease_expires, rid) end
+    if trim then call('ZREMRANGEBYSCORE', key, '-inf', int(now)) end
+    if not skip[i] then call('ZADD', key, int(lease_expires), rid) end
     -- The key must outlive every lease in it: only ever lengthen its TTL while any is live.
-    local ttl = ceil(lease_us / 1000) + 1000
-    if s[7] > 0 then redis.call('PEXPIRE', key, ttl, 'GT') else redis.call('PEXPIRE', key, ttl) end
+    local ttl = fmt('%d', ceil(lease_us / 1000) + 1000)
+    if s[7] > 0 then call('PEXPIRE', key, ttl, 'GT') else call('PEXPIRE', key, ttl) end
   else
     recorded_period = int(s[10])  -- the first day of the period charged
     if cost > 0 then
       local period_key = key .. ':' .. int(s[10])
-      redis.call('INCRBY', period_key, int(cost))
+      call('INCRBY', period_key, int(cost))
       -- Kept a day past the period's end: a call made in it is settled in it.
-      redis.call('PEXPIRE', period_key, ceil(s[9] / 1000) + 86400000)
+      call('PEXPIRE', period_key, fmt('%d', ceil(s[9] / 1000) + 86400000))
     end
   end
   if not skip[i] then
@@ -469,8 +471,8 @@ for i = 1, n do
   end
 end
 
-redis.call('SET', KEYS[1], table.concat(record, '\n'), 'PX', tonumber(ARGV[6]))
+call('SET', KEYS[1], table.concat(record, '\n'), 'PX', ARGV[6])
 if fingerprint ~= '' then
-  redis.call('SET', KEYS[2], fingerprint .. '\n' .. KEYS[1], 'PX', tonumber(ARGV[6]))
+  call('SET', KEYS[2], fingerprint .. '\n' .. KEYS[1], 'PX', ARGV[6])
 end
 return reply
