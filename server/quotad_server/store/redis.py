@@ -153,12 +153,15 @@ class _LimitSet:
     suffixes: tuple[str, ...]
     args: Mapping[Priority, tuple[str, ...]]  # ARGV[14...] per priority (see reserve.lua), as sent
     packed: Mapping[Priority, Packed]  # the same, encoded once
-    forced: Mapping[Priority, Packed]  # the same with every limit forced: charged, never denying
+    forced_args: Mapping[
+        Priority, tuple[str, ...]
+    ]  # the same with every limit forced: charged, never denying
+    forced: Mapping[Priority, Packed]  # those, encoded once
 
     @classmethod
     def of(cls, limits: tuple[Limit, ...]) -> _LimitSet:
         args: dict[Priority, tuple[str, ...]] = {}
-        forced: dict[Priority, Packed] = {}
+        forced: dict[Priority, tuple[str, ...]] = {}
         # The limits' modes (see reserve.lua), sent only when some limit is not simply enforced.
         modes = "".join("1" if limit.shadow else "0" for limit in limits)
         for priority in Priority:
@@ -167,7 +170,7 @@ class _LimitSet:
                 flat += (*_codes(limit), limit.limit, limit.period_us, limit.admit_limit(priority))
             values = tuple(str(value) for value in flat)  # strings pack faster than ints
             args[priority] = (*values, modes) if "1" in modes else values
-            forced[priority] = Packed.of((*values, "2" * len(limits)))
+            forced[priority] = (*values, "2" * len(limits))
         return cls(
             limits,
             tuple(limit.scope for limit in limits),
@@ -175,6 +178,7 @@ class _LimitSet:
             args,
             {priority: Packed.of(values) for priority, values in args.items()},
             forced,
+            {priority: Packed.of(values) for priority, values in forced.items()},
         )
 
 
@@ -553,12 +557,9 @@ class RedisStore:
     def reserve_command(self, plan: ReservePlan) -> tuple[str, str, list[str], list[Any]]:
         """(script SHA, reservation id, KEYS, ARGV) of the EVALSHA reserve() sends: for tools."""
         reservation_id, (keys, args, _) = self._reserve_call(plan, 0)
-        return (
-            self._reserve.sha.decode(),
-            reservation_id,
-            keys,
-            [*args, *self._limit_set(plan.limits).args[plan.priority]],
-        )
+        compiled = self._limit_set(plan.limits)
+        tail = (compiled.forced_args if plan.forced else compiled.args)[plan.priority]
+        return self._reserve.sha.decode(), reservation_id, keys, [*args, *tail]
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
         deadline, callers = self._client.deadline(), False
