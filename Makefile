@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl $(TOOLS)/toxiproxy-server $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, toxiproxy, the pinned protoc plugins, helm and the benchmark tools
+tools: $(TOOLS)/grpcurl $(TOOLS)/quotad-envoy-conformance $(TOOLS)/toxiproxy-server $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, the Envoy conformance client, toxiproxy, the pinned protoc plugins, helm and the benchmark tools
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
@@ -62,6 +62,10 @@ bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-cli 
 
 $(TOOLS)/quotad-loadgen: bench/loadgen/main.go bench/loadgen/go.mod bench/loadgen/go.sum
 	cd bench/loadgen && go build -o $(TOOLS)/quotad-loadgen .
+
+# The Envoy conformance client (tests/envoy): go-control-plane's stubs, downloaded by this build.
+$(TOOLS)/quotad-envoy-conformance: tests/envoy/conformance/main.go tests/envoy/conformance/go.mod tests/envoy/conformance/go.sum
+	cd tests/envoy/conformance && go mod download && go build -o $(TOOLS)/quotad-envoy-conformance .
 
 $(TOOLS)/protoc-gen-go:
 	GOBIN=$(TOOLS) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)

@@ -146,6 +146,8 @@ def _limit_template(limit: Limit) -> pb.LimitStatus:
         _put_us(message.period, limit.period_us)
     if limit.calendar:
         message.calendar = limit.calendar.value
+    if limit.shadow:
+        message.shadow = True
     return message
 
 
@@ -356,6 +358,13 @@ def _reserve_requests(
     return translated
 
 
+def shadow_denials(outcome: ReserveOutcome) -> list[str]:
+    """The shadow limits that would have denied an admitted request, for its log line."""
+    if outcome.decision is not Decision.ALLOWED:
+        return []
+    return [status.limit.name for status in outcome.limits if status.shadow_denied]
+
+
 def _fill_reserve_response(
     response: pb.CheckAndReserveResponse, outcome: ReserveOutcome, fields: dict[str, Any]
 ) -> None:
@@ -369,6 +378,9 @@ def _fill_reserve_response(
         _put_us(response.waited, outcome.waited_us)
     _add_limit_statuses(response.limits, outcome.limits)
     fields.update(tenant=outcome.tenant, tier=outcome.tier, decision=outcome.decision.value)
+    shadow_denied = shadow_denials(outcome)
+    if shadow_denied:
+        fields["shadow_denied"] = shadow_denied
     if outcome.decision is Decision.ALLOWED:
         assert outcome.reserved is not None
         response.counted_input_tokens = outcome.counted_input_tokens

@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 import tiktoken
 
@@ -70,6 +71,14 @@ class ReserveRequest:
     max_wait_us: int = 0
     time_left_s: float | None = None  # until the caller's own deadline, if it set one
     caller: Caller = ANONYMOUS
+
+
+class Hits(StrEnum):
+    """What a decision without a reservation does (Envoy's rate limit service has no Commit)."""
+
+    RESERVE = "reserve"  # decide all or nothing and charge, for good: nothing is settled later
+    CHECK = "check"  # charge nothing: denied when an enforced limit has nothing left
+    CHARGE = "charge"  # usage already spent (tokens after the response): charged, never denied
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +167,7 @@ class QuotaCore:
         self._routes_policy: Policy | None = None
         self._authz: Authorization | None = None
         self._authz_policy: Policy | None = None
+        self._final_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
 
     @property
     def max_messages(self) -> int:
@@ -528,16 +538,57 @@ class QuotaCore:
             )
         return outcomes
 
+    def _without_concurrency(self, limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
+        """`limits` less the concurrency limits, one tuple per `limits` (the store caches by identity)."""
+        found = self._final_limits.get(limits)
+        if found is None:
+            if len(self._final_limits) >= 10_000:
+                self._final_limits.clear()
+            found = tuple(limit for limit in limits if limit.metric is not Metric.CONCURRENT)
+            self._final_limits[limits] = found
+        return found
+
+    async def decide_hits(self, request: ReserveRequest, hits: Hits) -> ReserveOutcome:
+        """Decide a request that nobody will Commit or Release (Envoy's ShouldRateLimit).
+
+        The same plan and the same atomic reserve as CheckAndReserve, all or nothing, but final:
+        concurrency limits are left out (no call ends a slot), the record lives one minimum
+        lease, and nothing is refunded. `hits` says whether the request's cost is reserved,
+        only checked (CHECK: denied when an enforced limit has nothing left; its wait is the
+        time until that limit is fully reset) or charged whatever the limits say (CHARGE).
+        """
+        policy = self.policy
+        request = replace(request, lease_us=policy.lease_min_us, max_wait_us=0)
+        plan, tier = self._plan(request, request.input_tokens, request.max_output_tokens)
+        limits = self._without_concurrency(plan.limits)
+        plan = replace(plan, limits=limits, record_ttl_us=plan.lease_us, forced=hits is Hits.CHARGE)
+        if request.time_left_s is not None:
+            plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
+        if hits is not Hits.CHECK:
+            return self._outcome(plan, tier, await self._store.reserve(plan))
+        peeked = await self._store.peek(plan.partition, plan.counted_as, plan.subject, limits)
+        statuses = tuple(
+            s if s.remaining > 0 else replace(s, wait_us=max(s.wait_us or 0, s.reset_after_us, 1))
+            for s in peeked
+        )
+        if any(s.denied and not s.limit.shadow for s in statuses):
+            return self._denial(plan.tenant, tier, statuses, plan.priority)
+        return ReserveOutcome(
+            decision=Decision.ALLOWED, tenant=plan.tenant, tier=tier, limits=statuses, priority=plan.priority
+        )
+
     @staticmethod
     def _denial(
         tenant: str, tier: str, statuses: tuple[LimitStatus, ...], priority: Priority = Priority.NORMAL
     ) -> ReserveOutcome:
-        # The binding limit is the one that can never fit, else the one that takes longest.
-        never = [i for i, s in enumerate(statuses) if s.wait_us is None]
+        # The binding limit is the one that can never fit, else the one that takes longest;
+        # shadow limits never bind (they deny nothing).
+        enforced = [i for i, s in enumerate(statuses) if not s.limit.shadow]
+        never = [i for i in enforced if statuses[i].wait_us is None]
         if never:
             binding, reason, retry_after = never[0], DenyReason.EXCEEDS_CAPACITY, None
         else:
-            binding = max(range(len(statuses)), key=lambda i: statuses[i].wait_us or 0)
+            binding = max(enforced, key=lambda i: statuses[i].wait_us or 0)
             retry_after = statuses[binding].wait_us
             calendar = statuses[binding].limit.algorithm is Algorithm.CALENDAR
             reason = DenyReason.BUDGET_EXHAUSTED if calendar else DenyReason.LIMIT_EXCEEDED

@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 
 from quotad_server import __version__
 from quotad_server.auth import ANONYMOUS, Caller
-from quotad_server.core import QuotaCore, ReserveRequest
+from quotad_server.core import Hits, QuotaCore, ReserveRequest
 from quotad_server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -182,7 +182,7 @@ class Metrics:
         )
         self.rpc_duration = Histogram(
             "quotad_rpc_duration_seconds",
-            "Time to answer a QuotaService RPC, by method and gRPC status code.",
+            "Time to answer a QuotaService or Envoy ShouldRateLimit RPC, by method and gRPC status code.",
             ["method", "code"],
             buckets=_RPC_BUCKETS,
             registry=registry,
@@ -215,6 +215,14 @@ class Metrics:
             " (no identity where the policy names callers, or a bad token) or PERMISSION_DENIED (a method,"
             " tenant or tier the policy does not give it). Each also writes one line to the quotad.audit log.",
             ["method", "code"],
+            registry=registry,
+        )
+        self.shadow_denials = Counter(
+            "quotad_shadow_denials",
+            "Requests admitted that a shadow limit would have denied (and was not charged for), by"
+            " limit name and scope: what enforcing the limit would deny. Each also names the limit in"
+            " its RPC's log line (shadow_denied).",
+            ["limit", "scope"],
             registry=registry,
         )
         for outcome in ("undone", "held", "stuck"):
@@ -275,6 +283,10 @@ class Metrics:
         if outcome.replayed:
             self.replays.inc()
             return
+        if outcome.decision is Decision.ALLOWED:
+            for status in outcome.limits:
+                if status.shadow_denied:
+                    self.shadow_denials.labels(status.limit.name, status.limit.scope.value).inc()
         model_label = model if model in policy.models else (OTHER_MODEL if model else "")
         reason = outcome.deny_reason.value if outcome.deny_reason is not None else ""
         key = (outcome.decision.value, reason, outcome.tier, model_label, outcome.binding_limit or "")
@@ -362,6 +374,12 @@ class InstrumentedCore(QuotaCore):
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
         policy = self.policy  # the policy this decision is made under, even if a reload lands meanwhile
         outcome = await super().check_and_reserve(request)
+        self._metrics.decided(policy, request.model, outcome)
+        return outcome
+
+    async def decide_hits(self, request: ReserveRequest, hits: Hits) -> ReserveOutcome:
+        policy = self.policy
+        outcome = await super().decide_hits(request, hits)
         self._metrics.decided(policy, request.model, outcome)
         return outcome
 

@@ -79,7 +79,9 @@ class Limit:
     or global) limit that requests may fill, keeping headroom for higher priorities. `model` restricts the limit to requests for that model;
     None applies it to every model. `exclude_cached` leaves prompt-cache reads
     out of an input or total token limit (as Anthropic's ITPM does). Cost limits
-    count micro-dollars.
+    count micro-dollars. A `shadow` limit is evaluated on every request but never denies one:
+    what it would have denied is reported (LimitStatus.denied, a metric, a log line) and
+    is not charged to it, so its counter shows what enforcing it would have let through.
     """
 
     name: str
@@ -92,6 +94,7 @@ class Limit:
     calendar: Calendar | None = None
     exclude_cached: bool = False
     admission: tuple[tuple[Priority, float], ...] = ()
+    shadow: bool = False  # evaluated and counted, never denies (see reserve.lua's limit modes)
     # Limits key per-limit caches on the hot path; hashing all fields each time costs more than the lookup.
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 
@@ -178,6 +181,11 @@ class LimitStatus:
     @property
     def denied(self) -> bool:
         return self.wait_us != 0
+
+    @property
+    def shadow_denied(self) -> bool:
+        """A shadow limit that would have denied this request (it was not charged to it)."""
+        return self.limit.shadow and self.wait_us != 0
 
 
 @dataclass(slots=True)

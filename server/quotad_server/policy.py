@@ -96,6 +96,7 @@ class LimitSpec(_Strict):
     model: str | None = None
     exclude_cached: bool = False
     admission: AdmissionSpec | None = None
+    shadow: bool = False  # evaluated and counted, never denies: to roll a new limit out safely
 
     @field_validator("metric", mode="before")
     @classmethod
@@ -158,6 +159,7 @@ class LimitSpec(_Strict):
             calendar,
             self.exclude_cached,
             admission.shares() if admission else (),
+            self.shadow,
         )
 
 
@@ -313,6 +315,64 @@ class CallerSpec(_Strict):
         return [Method(method) for method in value]
 
 
+ENVOY_ROLES = ("tenant", "subject", "tier", "model", "priority")
+
+
+class EnvoyDomainSpec(_Strict):
+    """How the descriptors of one Envoy rate limit domain become one quotad request: which
+    descriptor entry key names each part of it (as the route's rate limit actions produce them,
+    e.g. `x-tenant`, `user_id`), and what hits_addend counts."""
+
+    tenant: str | None = None
+    subject: str | None = None
+    tier: str | None = None
+    model: str | None = None
+    priority: str | None = None
+    default_subject: str | None = None  # when no descriptor names the subject
+    default_tier: str | None = None  # when no descriptor names the tier (else the policy's default)
+    # requests: each call is one request (hits_addend 0 only checks);
+    # tokens: hits_addend counts tokens already spent (charged), 0 only checks.
+    hits: Literal["requests", "tokens"] = "requests"
+
+    @model_validator(mode="after")
+    def _keys(self) -> EnvoyDomainSpec:
+        keys = [getattr(self, role) for role in ENVOY_ROLES if getattr(self, role) is not None]
+        if not keys:
+            raise ValueError(f"name the descriptor entry key of at least one of {', '.join(ENVOY_ROLES)}")
+        if len(set(keys)) != len(keys):
+            raise ValueError("each role needs its own descriptor entry key")
+        if any(not key.strip() for key in keys):
+            raise ValueError("a descriptor entry key must not be empty")
+        if self.subject is None and self.default_subject is None:
+            raise ValueError("give subject (an entry key) or default_subject: every decision has a subject")
+        return self
+
+
+class EnvoySpec(_Strict):
+    """Envoy's rate limit service (envoy.service.ratelimit.v3), served beside quotad.v1."""
+
+    domains: dict[str, EnvoyDomainSpec] = Field(min_length=1)
+    # What a gateway gets when Redis cannot decide: an error (UNAVAILABLE; Envoy then applies its
+    # failure_mode_deny), OK (fail open) or OVER_LIMIT (fail closed).
+    store_unavailable: Literal["unavailable", "ok", "over_limit"] = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyDomain:
+    """One domain's mapping: role (tenant, subject, ...) -> descriptor entry key."""
+
+    keys: dict[str, str]
+    default_subject: str | None
+    hits: str
+    default_tier: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyPolicy:
+    domains: dict[str, EnvoyDomain]
+    store_unavailable: str = "unavailable"
+
+
 class PolicyDocument(_Strict):
     version: Literal[1] = 1
     defaults: Defaults
@@ -329,12 +389,21 @@ class PolicyDocument(_Strict):
     # Tenants not named under `tenants`: each with counters of its own (own), all sharing one set
     # (shared: naming new tenants escapes no cap), or refused.
     unknown_tenants: Literal["own", "shared", "refuse"] = "own"
+    # Envoy's rate limit service: how descriptors map to requests (see docs/envoy.md).
+    envoy: EnvoySpec | None = None
 
     @field_validator("retention")
     @classmethod
     def _retention(cls, value: str) -> str:
         parse_duration_us(value)
         return value
+
+    def _check_envoy(self) -> None:
+        for name, domain in (self.envoy.domains if self.envoy else {}).items():
+            if domain.default_tier is not None and domain.default_tier not in self.tiers:
+                raise ValueError(
+                    f"envoy.domains.{name}.default_tier {domain.default_tier!r} is not one of the tiers"
+                )
 
     @model_validator(mode="after")
     def _references(self) -> PolicyDocument:
@@ -347,6 +416,7 @@ class PolicyDocument(_Strict):
                     raise ValueError(f"limit {spec.name!r} names model {spec.model!r}, not in models")
                 if spec.metric is Metric.COST_USD and not self.models:
                     raise ValueError(f"cost limit {spec.name!r} needs a models section with prices")
+        self._check_envoy()
         known = {*self.tenants, self.defaults.tenant} - {WILDCARD_TENANT}
         for identity, caller in self.callers.items():
             if not identity.strip():
@@ -387,6 +457,7 @@ class Policy:
     callers: tuple[CallerRule, ...] = ()  # exact identities first, then patterns, the longest first
     unknown_tenants: str = "own"
     known_tenants: frozenset[str] = frozenset()
+    envoy: EnvoyPolicy | None = None
     _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
 
     def limits_for(self, tier: str, tenant: str, model: str) -> tuple[Limit, ...]:
@@ -478,6 +549,24 @@ def parse_policy(text: str, source: str) -> Policy:
         callers=_caller_rules(doc),
         unknown_tenants=doc.unknown_tenants,
         known_tenants=frozenset({*doc.tenants, doc.defaults.tenant} - {WILDCARD_TENANT}),
+        envoy=_envoy(doc.envoy),
+    )
+
+
+def _envoy(spec: EnvoySpec | None) -> EnvoyPolicy | None:
+    if spec is None:
+        return None
+    return EnvoyPolicy(
+        domains={
+            name: EnvoyDomain(
+                keys={role: key for role in ENVOY_ROLES if (key := getattr(domain, role)) is not None},
+                default_subject=domain.default_subject,
+                hits=domain.hits,
+                default_tier=domain.default_tier,
+            )
+            for name, domain in spec.domains.items()
+        },
+        store_unavailable=spec.store_unavailable,
     )
 
 

@@ -17,6 +17,8 @@ from quotad.v1 import quota_pb2 as pb
 from quotad_server.api import QuotaServicer, RpcObserver, add_service
 from quotad_server.auth import Authenticator
 from quotad_server.core import QuotaCore
+from quotad_server.envoy import SERVICE as ENVOY_SERVICE
+from quotad_server.envoy import RateLimitServicer
 from quotad_server.errors import StoreUnavailable
 from quotad_server.store import Store
 from quotad_server.tls import ServerTls
@@ -68,9 +70,11 @@ class QuotadServer:
         # but a body that does not decode is INVALID_ARGUMENT, not grpc's UNKNOWN. grpc's own
         # health and reflection servicers get the same answer from a guard in front of them.
         add_service(self._server, SERVICE, QuotaServicer(core, observer, authenticator))
+        # Envoy's rate limit service, on the same port, over the same core (see docs/envoy.md).
+        add_service(self._server, ENVOY_SERVICE, RateLimitServicer(core, observer, authenticator))
         self._health = health.aio.HealthServicer()
         add_service(self._server, _HEALTH, self._health, refuse_undecodable=True)
-        reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflected = (SERVICE_NAME, ENVOY_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         add_service(
             self._server, _REFLECTION, reflection.aio.ReflectionServicer(reflected), refuse_undecodable=True
         )
@@ -106,7 +110,7 @@ class QuotadServer:
                 if serving
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            for service in ("", SERVICE_NAME):
+            for service in ("", SERVICE_NAME, ENVOY_SERVICE.full_name):
                 await self._health.set(service, status)
         if serving:
             _log.info("health changed", serving=True)

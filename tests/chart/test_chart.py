@@ -675,6 +675,7 @@ tiers:
       - {name: dollars-per-day, metric: cost_usd, limit: 0.5, period: day}
       - {name: input-tpm, metric: input_tokens, limit: 30000, period: 1m, exclude_cached: true}
       - {name: in-flight, metric: concurrent, limit: 2}
+      - {name: rpm-new, metric: requests, limit: 5, period: 10s, algorithm: sliding_window, shadow: true}
   premium: {priority: high, limits: [{name: tpm, metric: total_tokens, limit: 10000, period: 1m}]}
 tenants:
   "*": {limits: [{name: monthly, metric: cost_usd, limit: 500, period: month, admission: {low: 0.5}}]}
@@ -685,6 +686,11 @@ unknown_tenants: shared
 callers:
   "spiffe://cluster.local/ns/gateway/sa/*": {tenants: {"*": {tiers: [free, premium]}}}
   batch-jobs: {tenants: {research: {tier: free}}, methods: [reserve, settle, read, accuracy]}
+envoy:
+  domains:
+    gw: {tenant: x-tenant, subject: user_id, tier: tier, model: model, priority: priority, default_tier: free}
+    gw-tokens: {tenant: x-tenant, default_subject: "-", hits: tokens}
+  store_unavailable: over_limit
 """
 
 

@@ -23,6 +23,7 @@ POLICY = """
       free:
         limits:
           - {name: requests-per-day, metric: requests, limit: 3, period: 1d, algorithm: sliding_window}
+          - {name: requests-per-day-new, metric: requests, limit: 1, period: 1d, algorithm: sliding_window, shadow: true}
     global:
       limits:
         - {name: gpt-4o-tpm, metric: total_tokens, limit: 800000, period: 1m, model: gpt-4o}
@@ -45,7 +46,7 @@ async def _exercise_everything() -> set[str]:
                 metrics.policy_loaded("0" * 64)  # what cli.py does once the policy file is loaded
                 first, second, _ = [
                     await q.reserve(model="gpt-4o", input_tokens=10, max_output_tokens=10) for _ in range(3)
-                ]
+                ]  # the second and third: shadow denials
                 await q.reserve(model="gpt-4o")  # denied: requests-per-day
                 await q.release(second.reservation_id)
                 clock.advance(11)
@@ -72,6 +73,7 @@ def test_the_dashboard_has_the_panels_operators_need() -> None:
         assert needed in titles
     assert "redis errors" in titles
     assert "estimation error" in titles
+    assert "shadow denials" in titles
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["templating"]["list"][0]["type"] == "datasource"
     for panel in panels():

@@ -49,6 +49,8 @@ class ReservePlan:
     # When the caller gives up (event-loop time), if it said: the store's call and the
     # script's deadline end no later, so nothing is admitted for a caller that has left.
     deadline: float | None = None
+    # Charge every limit whatever it says (usage already spent): never denied, debt if need be.
+    forced: bool = False
 
 
 @dataclass(slots=True)  # a value, but not frozen: see quotad_server.model

@@ -130,10 +130,11 @@ def _suffix(limit: Limit) -> str:
 
     Sliding windows over requests that count the same requests (same owner and model
     filter) share one zset, 'wr' or 'wr:<model>' (see reserve.lua): a subject's
-    requests/minute and requests/hour then cost one member per request.
+    requests/minute and requests/hour then cost one member per request. A shadow limit keeps
+    a zset of its own: it is not charged when it would deny, the limits sharing one are.
     """
     algorithm, metric = _codes(limit)
-    if algorithm == "w" and metric == "r":
+    if algorithm == "w" and metric == "r" and not limit.shadow:
         return "wr" if limit.model is None else f"wr:{_escape(limit.model)}"
     return f"{algorithm}:{_escape(limit.name)}"
 
@@ -152,21 +153,32 @@ class _LimitSet:
     suffixes: tuple[str, ...]
     args: Mapping[Priority, tuple[str, ...]]  # ARGV[14...] per priority (see reserve.lua), as sent
     packed: Mapping[Priority, Packed]  # the same, encoded once
+    forced_args: Mapping[
+        Priority, tuple[str, ...]
+    ]  # the same with every limit forced: charged, never denying
+    forced: Mapping[Priority, Packed]  # those, encoded once
 
     @classmethod
     def of(cls, limits: tuple[Limit, ...]) -> _LimitSet:
         args: dict[Priority, tuple[str, ...]] = {}
+        forced: dict[Priority, tuple[str, ...]] = {}
+        # The limits' modes (see reserve.lua), sent only when some limit is not simply enforced.
+        modes = "".join("1" if limit.shadow else "0" for limit in limits)
         for priority in Priority:
             flat: list[Any] = [len(limits)]
             for limit in limits:
                 flat += (*_codes(limit), limit.limit, limit.period_us, limit.admit_limit(priority))
-            args[priority] = tuple(str(value) for value in flat)  # strings pack faster than ints
+            values = tuple(str(value) for value in flat)  # strings pack faster than ints
+            args[priority] = (*values, modes) if "1" in modes else values
+            forced[priority] = (*values, "2" * len(limits))
         return cls(
             limits,
             tuple(limit.scope for limit in limits),
             tuple(_suffix(limit) for limit in limits),
             args,
             {priority: Packed.of(values) for priority, values in args.items()},
+            forced,
+            {priority: Packed.of(values) for priority, values in forced.items()},
         )
 
 
@@ -496,7 +508,9 @@ class RedisStore:
             f"{plan.model}\t{plan.tier}\t{plan.tenant}",
             f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
         ]
-        return reservation_id, (keys, args, self._limit_set(plan.limits).packed[plan.priority])
+        compiled = self._limit_set(plan.limits)
+        tail = (compiled.forced if plan.forced else compiled.packed)[plan.priority]
+        return reservation_id, (keys, args, tail)
 
     def _reserve_result(self, plan: ReservePlan, reservation_id: str, reply: list[Any]) -> ReserveResult:
         code, lease_expires_us = reply[0], reply[2]
@@ -543,12 +557,9 @@ class RedisStore:
     def reserve_command(self, plan: ReservePlan) -> tuple[str, str, list[str], list[Any]]:
         """(script SHA, reservation id, KEYS, ARGV) of the EVALSHA reserve() sends: for tools."""
         reservation_id, (keys, args, _) = self._reserve_call(plan, 0)
-        return (
-            self._reserve.sha.decode(),
-            reservation_id,
-            keys,
-            [*args, *self._limit_set(plan.limits).args[plan.priority]],
-        )
+        compiled = self._limit_set(plan.limits)
+        tail = (compiled.forced_args if plan.forced else compiled.args)[plan.priority]
+        return self._reserve.sha.decode(), reservation_id, keys, [*args, *tail]
 
     async def reserve(self, plan: ReservePlan) -> ReserveResult:
         deadline, callers = self._client.deadline(), False

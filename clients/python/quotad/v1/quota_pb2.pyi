@@ -320,6 +320,7 @@ class LimitStatus(_message.Message):
     DENIED_FIELD_NUMBER: _builtins.int
     BINDING_FIELD_NUMBER: _builtins.int
     CALENDAR_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The limit's name from the policy."""
     scope: Global___Scope.ValueType
@@ -344,6 +345,12 @@ class LimitStatus(_message.Message):
     """
     calendar: _builtins.str
     """For calendar budgets: "day" or "month" (UTC)."""
+    shadow: _builtins.bool
+    """True for a shadow limit (the policy's `shadow: true`): evaluated and
+    counted, but it never denies. With denied, it would have denied this
+    request, which was not charged to it (and was admitted if no enforced
+    limit denied it); in GetUsage, remaining <= 0 shows it would deny now.
+    """
     @_builtins.property
     def period(self) -> _duration_pb2.Duration:
         """The period the limit refers to; absent for concurrency limits."""
@@ -366,10 +373,11 @@ class LimitStatus(_message.Message):
         denied: _builtins.bool = ...,
         binding: _builtins.bool = ...,
         calendar: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period", b"period", "reset_after", b"reset_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "binding", b"binding", "calendar", b"calendar", "denied", b"denied", "limit", b"limit", "metric", b"metric", "name", b"name", "period", b"period", "remaining", b"remaining", "reset_after", b"reset_after", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "binding", b"binding", "calendar", b"calendar", "denied", b"denied", "limit", b"limit", "metric", b"metric", "name", b"name", "period", b"period", "remaining", b"remaining", "reset_after", b"reset_after", "scope", b"scope", "shadow", b"shadow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,7 +748,8 @@ class GetUsageResponse(_message.Message):
     @_builtins.property
     def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitStatus]:
         """One status per applicable limit, in policy order. remaining is what a
-        request could use now; denied and binding are always false.
+        request could use now; denied and binding are always false (shadow says
+        which limits are shadow limits).
         """
 
     def __init__(

@@ -35,6 +35,13 @@ ARGV[14]  N, the number of limits; then 5 values per limit:
           limit (units), period (microseconds; 0 for concurrency and calendar budgets),
           admission cap (units): how much of the limit this request's priority may fill;
             the limit itself, or less to keep headroom for higher priorities
+ARGV[15 + 5N]  optional: how each limit decides, one character per limit (absent: all '0'):
+          '0' enforced: a limit the cost does not fit denies the request;
+          '1' shadow: evaluated, never denies; charged when the cost fits, left uncharged (and
+            out of the record) when it would have denied, so its counter holds what enforcing
+            it would have admitted; its status still says wait > 0;
+          '2' forced: never denies and is always charged, over the limit if need be (debt):
+            for usage already spent, such as tokens reported after the response
 
 State, per algorithm (units are requests, tokens or micro-dollars; times are microseconds):
   b  string "<level> <updated_at>": units in use; it drains at limit/period. A level
@@ -112,6 +119,9 @@ local lease_us = tonumber(ARGV[5])
 local fingerprint = ARGV[7]
 local est_in, est_out, est_cost = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local n = tonumber(ARGV[14])
+local limit_modes = ARGV[15 + n * 5] or ''
+local function enforced(i) local m = string.sub(limit_modes, i, i) return m == '' or m == '0' end
+local skip = {}  -- the shadow limits this request is not charged to
 local ticket, boost, enqueue, max_line, ticket_ttl = string.match(ARGV[13], '^(%S+) (%d+) (%d) (%d+) (%d+)$')
 local partition = string.sub(KEYS[1], 1, -#rid - 4)  -- KEYS[1] is '<prefix>:{tag}' .. ':r:' .. rid
 local registry = partition .. ':lines'
@@ -319,7 +329,9 @@ for i = 1, n do
       wait = HINT  -- capacity is there, but waiters ranked before this request take it first
     end
   end
-  if wait ~= 0 then admit = false end
+  if wait ~= 0 then
+    if enforced(i) then admit = false elseif string.sub(limit_modes, i, i) == '1' then skip[i] = true end
+  end
   if alg == 'w' and metric == 'r' and period > (span[key] or 0) then span[key] = period end
   statuses[i] = {alg, metric, limit, period, key, cost, used, wait, reset_after, extra, cap, claim}
 end
@@ -329,7 +341,7 @@ local reply = {1, now, lease_expires, n}
 for i = 1, n do
   local s = statuses[i]
   local remaining = s[11] - s[7] - s[12]  -- what this request's priority may still fill
-  if admit then remaining = remaining - s[6] end
+  if admit and not skip[i] then remaining = remaining - s[6] end
   reply[#reply + 1] = math.floor(remaining)
   reply[#reply + 1] = s[9]
   reply[#reply + 1] = s[8]
@@ -342,8 +354,10 @@ if not admit then
   local never = false
   local binding, longest = 0, -1
   for i = 1, n do
-    if statuses[i][8] < 0 then never = true end
-    if statuses[i][8] > longest then binding, longest = i, statuses[i][8] end
+    if enforced(i) then
+      if statuses[i][8] < 0 then never = true end
+      if statuses[i][8] > longest then binding, longest = i, statuses[i][8] end
+    end
   end
   if enqueue == '1' and not never then
     -- Wait in the binding limit's line; a ticket already in a line keeps its place.
@@ -371,7 +385,7 @@ if not admit then
     if at > 0 then
       local ready = 1
       for i = 1, n do
-        if i ~= at and statuses[i][8] ~= 0 then ready = 0 end
+        if i ~= at and statuses[i][8] ~= 0 and enforced(i) then ready = 0 end
       end
       local s = statuses[at]
       place = string.format('%.17g %.17g %d', s[6], s[11], ready)
@@ -412,6 +426,7 @@ local record = {
 }
 for i = 1, n do
   local s = statuses[i]
+  if skip[i] then s[6] = 0 end  -- a shadow limit it would have denied: neither charged nor recorded
   local alg, limit, period, key, cost = s[1], s[3], s[4], s[5], s[6]
   local base = 14 + (i - 1) * 5
   local recorded_period = ARGV[base + 4]  -- as sent: already an integer string
@@ -438,7 +453,7 @@ for i = 1, n do
     end
   elseif alg == 'c' then
     if trim then call('ZREMRANGEBYSCORE', key, '-inf', int(now)) end
-    call('ZADD', key, int(lease_expires), rid)
+    if not skip[i] then call('ZADD', key, int(lease_expires), rid) end
     -- The key must outlive every lease in it: only ever lengthen its TTL while any is live.
     local ttl = fmt('%d', ceil(lease_us / 1000) + 1000)
     if s[7] > 0 then call('PEXPIRE', key, ttl, 'GT') else call('PEXPIRE', key, ttl) end
@@ -451,7 +466,9 @@ for i = 1, n do
       call('PEXPIRE', period_key, fmt('%d', ceil(s[9] / 1000) + 86400000))
     end
   end
-  record[i + 2] = alg .. ' ' .. s[2] .. ' ' .. ARGV[base + 3] .. ' ' .. recorded_period .. ' ' .. string.sub(key, prefix_len + 1)
+  if not skip[i] then
+    record[#record + 1] = alg .. ' ' .. s[2] .. ' ' .. ARGV[base + 3] .. ' ' .. recorded_period .. ' ' .. string.sub(key, prefix_len + 1)
+  end
 end
 
 call('SET', KEYS[1], table.concat(record, '\n'), 'PX', ARGV[6])

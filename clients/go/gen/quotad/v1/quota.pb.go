@@ -569,7 +569,12 @@ type LimitStatus struct {
 	// to fit (or can never fit).
 	Binding bool `protobuf:"varint,10,opt,name=binding,proto3" json:"binding,omitempty"`
 	// For calendar budgets: "day" or "month" (UTC).
-	Calendar      string `protobuf:"bytes,11,opt,name=calendar,proto3" json:"calendar,omitempty"`
+	Calendar string `protobuf:"bytes,11,opt,name=calendar,proto3" json:"calendar,omitempty"`
+	// True for a shadow limit (the policy's `shadow: true`): evaluated and
+	// counted, but it never denies. With denied, it would have denied this
+	// request, which was not charged to it (and was admitted if no enforced
+	// limit denied it); in GetUsage, remaining <= 0 shows it would deny now.
+	Shadow        bool `protobuf:"varint,12,opt,name=shadow,proto3" json:"shadow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -679,6 +684,13 @@ func (x *LimitStatus) GetCalendar() string {
 		return x.Calendar
 	}
 	return ""
+}
+
+func (x *LimitStatus) GetShadow() bool {
+	if x != nil {
+		return x.Shadow
+	}
+	return false
 }
 
 // CheckAndReserveRequest describes one LLM call about to be made.
@@ -1333,7 +1345,8 @@ func (x *GetUsageRequest) GetModel() string {
 type GetUsageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// One status per applicable limit, in policy order. remaining is what a
-	// request could use now; denied and binding are always false.
+	// request could use now; denied and binding are always false (shadow says
+	// which limits are shadow limits).
 	Limits []*LimitStatus `protobuf:"bytes,1,rep,name=limits,proto3" json:"limits,omitempty"`
 	// The tenant reported on (after defaults).
 	Tenant string `protobuf:"bytes,2,opt,name=tenant,proto3" json:"tenant,omitempty"`
@@ -2354,7 +2367,7 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\x99\x03\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\xb1\x03\n" +
 	"\vLimitStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
 	"\x05scope\x18\x02 \x01(\x0e2\x10.quotad.v1.ScopeR\x05scope\x12)\n" +
@@ -2368,7 +2381,8 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x06denied\x18\t \x01(\bR\x06denied\x12\x18\n" +
 	"\abinding\x18\n" +
 	" \x01(\bR\abinding\x12\x1a\n" +
-	"\bcalendar\x18\v \x01(\tR\bcalendar\"\xd0\x03\n" +
+	"\bcalendar\x18\v \x01(\tR\bcalendar\x12\x16\n" +
+	"\x06shadow\x18\f \x01(\bR\x06shadow\"\xd0\x03\n" +
 	"\x16CheckAndReserveRequest\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x12\n" +

@@ -445,6 +445,13 @@ export interface LimitStatus {
   binding: boolean;
   /** For calendar budgets: "day" or "month" (UTC). */
   calendar: string;
+  /**
+   * True for a shadow limit (the policy's `shadow: true`): evaluated and
+   * counted, but it never denies. With denied, it would have denied this
+   * request, which was not charged to it (and was admitted if no enforced
+   * limit denied it); in GetUsage, remaining <= 0 shows it would deny now.
+   */
+  shadow: boolean;
 }
 
 /** CheckAndReserveRequest describes one LLM call about to be made. */
@@ -631,7 +638,8 @@ export interface GetUsageRequest {
 export interface GetUsageResponse {
   /**
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    */
   limits: LimitStatus[];
   /** The tenant reported on (after defaults). */
@@ -1052,6 +1060,7 @@ function createBaseLimitStatus(): LimitStatus {
     denied: false,
     binding: false,
     calendar: "",
+    shadow: false,
   };
 }
 
@@ -1089,6 +1098,9 @@ export const LimitStatus: MessageFns<LimitStatus> = {
     }
     if (message.calendar !== "") {
       writer.uint32(90).string(message.calendar);
+    }
+    if (message.shadow !== false) {
+      writer.uint32(96).bool(message.shadow);
     }
     return writer;
   },
@@ -1194,6 +1206,14 @@ export const LimitStatus: MessageFns<LimitStatus> = {
             message.calendar = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.shadow = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1223,6 +1243,7 @@ export const LimitStatus: MessageFns<LimitStatus> = {
       denied: isSet(object.denied) ? globalThis.Boolean(object.denied) : false,
       binding: isSet(object.binding) ? globalThis.Boolean(object.binding) : false,
       calendar: isSet(object.calendar) ? globalThis.String(object.calendar) : "",
+      shadow: isSet(object.shadow) ? globalThis.Boolean(object.shadow) : false,
     };
   },
 
@@ -1261,6 +1282,9 @@ export const LimitStatus: MessageFns<LimitStatus> = {
     if (message.calendar !== "") {
       obj.calendar = message.calendar;
     }
+    if (message.shadow !== false) {
+      obj.shadow = message.shadow;
+    }
     return obj;
   },
 
@@ -1284,6 +1308,7 @@ export const LimitStatus: MessageFns<LimitStatus> = {
     message.denied = object.denied ?? false;
     message.binding = object.binding ?? false;
     message.calendar = object.calendar ?? "";
+    message.shadow = object.shadow ?? false;
     return message;
   },
 };

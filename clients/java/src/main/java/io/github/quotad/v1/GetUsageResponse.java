@@ -61,7 +61,8 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -73,7 +74,8 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -86,7 +88,8 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -98,7 +101,8 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -110,7 +114,8 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -633,7 +638,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -648,7 +654,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -663,7 +670,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -678,7 +686,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -700,7 +709,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -719,7 +729,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -740,7 +751,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -762,7 +774,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -781,7 +794,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -800,7 +814,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -820,7 +835,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -838,7 +854,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -856,7 +873,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -868,7 +886,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -883,7 +902,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -899,7 +919,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -911,7 +932,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -924,7 +946,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * One status per applicable limit, in policy order. remaining is what a
-     * request could use now; denied and binding are always false.
+     * request could use now; denied and binding are always false (shadow says
+     * which limits are shadow limits).
      * </pre>
      *
      * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>

@@ -13,7 +13,8 @@ public interface GetUsageResponseOrBuilder extends
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -23,7 +24,8 @@ public interface GetUsageResponseOrBuilder extends
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -32,7 +34,8 @@ public interface GetUsageResponseOrBuilder extends
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -41,7 +44,8 @@ public interface GetUsageResponseOrBuilder extends
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>
@@ -51,7 +55,8 @@ public interface GetUsageResponseOrBuilder extends
   /**
    * <pre>
    * One status per applicable limit, in policy order. remaining is what a
-   * request could use now; denied and binding are always false.
+   * request could use now; denied and binding are always false (shadow says
+   * which limits are shadow limits).
    * </pre>
    *
    * <code>repeated .quotad.v1.LimitStatus limits = 1 [json_name = "limits"];</code>

@@ -369,6 +369,24 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int SHADOW_FIELD_NUMBER = 12;
+  private boolean shadow_ = false;
+  /**
+   * <pre>
+   * True for a shadow limit (the policy's `shadow: true`): evaluated and
+   * counted, but it never denies. With denied, it would have denied this
+   * request, which was not charged to it (and was admitted if no enforced
+   * limit denied it); in GetUsage, remaining &lt;= 0 shows it would deny now.
+   * </pre>
+   *
+   * <code>bool shadow = 12 [json_name = "shadow"];</code>
+   * @return The shadow.
+   */
+  @java.lang.Override
+  public boolean getShadow() {
+    return shadow_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -416,6 +434,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(calendar_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 11, calendar_);
     }
+    if (shadow_ != false) {
+      output.writeBool(12, shadow_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -461,6 +482,10 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(calendar_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(11, calendar_);
+    }
+    if (shadow_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(12, shadow_);
     }
     return size;
   }
@@ -511,6 +536,8 @@ private static final long serialVersionUID = 0L;
         != other.getBinding()) return false;
     if (!getCalendar()
         .equals(other.getCalendar())) return false;
+    if (getShadow()
+        != other.getShadow()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -552,6 +579,9 @@ private static final long serialVersionUID = 0L;
         getBinding());
     hash = (37 * hash) + CALENDAR_FIELD_NUMBER;
     hash = (53 * hash) + getCalendar().hashCode();
+    hash = (37 * hash) + SHADOW_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getShadow());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -713,6 +743,7 @@ private static final long serialVersionUID = 0L;
       denied_ = false;
       binding_ = false;
       calendar_ = "";
+      shadow_ = false;
       return this;
     }
 
@@ -786,6 +817,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000400) != 0)) {
         result.calendar_ = calendar_;
       }
+      if (((from_bitField0_ & 0x00000800) != 0)) {
+        result.shadow_ = shadow_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -837,6 +871,9 @@ private static final long serialVersionUID = 0L;
         calendar_ = other.calendar_;
         bitField0_ |= 0x00000400;
         onChanged();
+      }
+      if (other.getShadow() != false) {
+        setShadow(other.getShadow());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -923,6 +960,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000400;
               break;
             } // case 90
+            case 96: {
+              shadow_ = input.readBool();
+              bitField0_ |= 0x00000800;
+              break;
+            } // case 96
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1835,6 +1877,59 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       calendar_ = value;
       bitField0_ |= 0x00000400;
+      onChanged();
+      return this;
+    }
+
+    private boolean shadow_ ;
+    /**
+     * <pre>
+     * True for a shadow limit (the policy's `shadow: true`): evaluated and
+     * counted, but it never denies. With denied, it would have denied this
+     * request, which was not charged to it (and was admitted if no enforced
+     * limit denied it); in GetUsage, remaining &lt;= 0 shows it would deny now.
+     * </pre>
+     *
+     * <code>bool shadow = 12 [json_name = "shadow"];</code>
+     * @return The shadow.
+     */
+    @java.lang.Override
+    public boolean getShadow() {
+      return shadow_;
+    }
+    /**
+     * <pre>
+     * True for a shadow limit (the policy's `shadow: true`): evaluated and
+     * counted, but it never denies. With denied, it would have denied this
+     * request, which was not charged to it (and was admitted if no enforced
+     * limit denied it); in GetUsage, remaining &lt;= 0 shows it would deny now.
+     * </pre>
+     *
+     * <code>bool shadow = 12 [json_name = "shadow"];</code>
+     * @param value The shadow to set.
+     * @return This builder for chaining.
+     */
+    public Builder setShadow(boolean value) {
+
+      shadow_ = value;
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * True for a shadow limit (the policy's `shadow: true`): evaluated and
+     * counted, but it never denies. With denied, it would have denied this
+     * request, which was not charged to it (and was admitted if no enforced
+     * limit denied it); in GetUsage, remaining &lt;= 0 shows it would deny now.
+     * </pre>
+     *
+     * <code>bool shadow = 12 [json_name = "shadow"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearShadow() {
+      bitField0_ = (bitField0_ & ~0x00000800);
+      shadow_ = false;
       onChanged();
       return this;
     }

@@ -203,4 +203,17 @@ public interface LimitStatusOrBuilder extends
    */
   com.google.protobuf.ByteString
       getCalendarBytes();
+
+  /**
+   * <pre>
+   * True for a shadow limit (the policy's `shadow: true`): evaluated and
+   * counted, but it never denies. With denied, it would have denied this
+   * request, which was not charged to it (and was admitted if no enforced
+   * limit denied it); in GetUsage, remaining &lt;= 0 shows it would deny now.
+   * </pre>
+   *
+   * <code>bool shadow = 12 [json_name = "shadow"];</code>
+   * @return The shadow.
+   */
+  boolean getShadow();
 }

@@ -174,7 +174,7 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
       "achedInputTokens\022$\n\016cost_micro_usd\030\005 \001(\003" +
       "R\014costMicroUsd\"O\n\013ChatMessage\022\022\n\004role\030\001 " +
       "\001(\tR\004role\022\030\n\007content\030\002 \001(\tR\007content\022\022\n\004n" +
-      "ame\030\003 \001(\tR\004name\"\231\003\n\013LimitStatus\022\022\n\004name\030" +
+      "ame\030\003 \001(\tR\004name\"\261\003\n\013LimitStatus\022\022\n\004name\030" +
       "\001 \001(\tR\004name\022&\n\005scope\030\002 \001(\0162\020.quotad.v1.S" +
       "copeR\005scope\022)\n\006metric\030\003 \001(\0162\021.quotad.v1." +
       "MetricR\006metric\0222\n\talgorithm\030\004 \001(\0162\024.quot" +
@@ -184,139 +184,140 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
       "remaining\022:\n\013reset_after\030\010 \001(\0132\031.google." +
       "protobuf.DurationR\nresetAfter\022\026\n\006denied\030" +
       "\t \001(\010R\006denied\022\030\n\007binding\030\n \001(\010R\007binding\022" +
-      "\032\n\010calendar\030\013 \001(\tR\010calendar\"\320\003\n\026CheckAnd" +
-      "ReserveRequest\022\030\n\007subject\030\001 \001(\tR\007subject" +
-      "\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004" +
-      "tier\022\024\n\005model\030\004 \001(\tR\005model\022!\n\014input_toke" +
-      "ns\030\005 \001(\003R\013inputTokens\022*\n\021max_output_toke" +
-      "ns\030\006 \001(\003R\017maxOutputTokens\022/\n\005lease\030\007 \001(\013" +
-      "2\031.google.protobuf.DurationR\005lease\022\'\n\017id" +
-      "empotency_key\030\010 \001(\tR\016idempotencyKey\022\026\n\006p" +
-      "rompt\030\t \001(\tR\006prompt\0222\n\010messages\030\n \003(\0132\026." +
-      "quotad.v1.ChatMessageR\010messages\022/\n\010prior" +
-      "ity\030\013 \001(\0162\023.quotad.v1.PriorityR\010priority" +
-      "\0224\n\010max_wait\030\014 \001(\0132\031.google.protobuf.Dur" +
-      "ationR\007maxWait\"\213\005\n\027CheckAndReserveRespon" +
-      "se\022/\n\010decision\030\001 \001(\0162\023.quotad.v1.Decisio" +
-      "nR\010decision\0226\n\013deny_reason\030\002 \001(\0162\025.quota" +
-      "d.v1.DenyReasonR\ndenyReason\022%\n\016reservati" +
-      "on_id\030\003 \001(\tR\rreservationId\022D\n\020lease_expi" +
-      "res_at\030\004 \001(\0132\032.google.protobuf.Timestamp" +
-      "R\016leaseExpiresAt\022+\n\010reserved\030\005 \001(\0132\017.quo" +
-      "tad.v1.CostR\010reserved\022:\n\013retry_after\030\006 \001" +
-      "(\0132\031.google.protobuf.DurationR\nretryAfte" +
-      "r\022#\n\rbinding_limit\030\007 \001(\tR\014bindingLimit\022." +
-      "\n\006limits\030\010 \003(\0132\026.quotad.v1.LimitStatusR\006" +
-      "limits\022\032\n\010replayed\030\t \001(\010R\010replayed\022\026\n\006te" +
-      "nant\030\n \001(\tR\006tenant\022\022\n\004tier\030\013 \001(\tR\004tier\0220" +
-      "\n\024counted_input_tokens\030\014 \001(\003R\022countedInp" +
-      "utTokens\0221\n\006waited\030\r \001(\0132\031.google.protob" +
-      "uf.DurationR\006waited\022/\n\010priority\030\016 \001(\0162\023." +
-      "quotad.v1.PriorityR\010priority\"\256\001\n\rCommitR" +
-      "equest\022%\n\016reservation_id\030\001 \001(\tR\rreservat" +
-      "ionId\022!\n\014input_tokens\030\002 \001(\003R\013inputTokens" +
-      "\022#\n\routput_tokens\030\003 \001(\003R\014outputTokens\022.\n" +
-      "\023cached_input_tokens\030\004 \001(\003R\021cachedInputT" +
-      "okens\"\251\001\n\016CommitResponse\022+\n\010reserved\030\001 \001" +
-      "(\0132\017.quotad.v1.CostR\010reserved\022-\n\tcommitt" +
-      "ed\030\002 \001(\0132\017.quotad.v1.CostR\tcommitted\022\026\n\006" +
-      "repeat\030\003 \001(\010R\006repeat\022#\n\rlease_expired\030\004 " +
-      "\001(\010R\014leaseExpired\"7\n\016ReleaseRequest\022%\n\016r" +
-      "eservation_id\030\001 \001(\tR\rreservationId\"V\n\017Re" +
-      "leaseResponse\022+\n\010refunded\030\001 \001(\0132\017.quotad" +
-      ".v1.CostR\010refunded\022\026\n\006repeat\030\002 \001(\010R\006repe" +
-      "at\"m\n\017GetUsageRequest\022\030\n\007subject\030\001 \001(\tR\007" +
-      "subject\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030" +
-      "\003 \001(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\"n\n\020Get" +
-      "UsageResponse\022.\n\006limits\030\001 \003(\0132\026.quotad.v" +
-      "1.LimitStatusR\006limits\022\026\n\006tenant\030\002 \001(\tR\006t" +
-      "enant\022\022\n\004tier\030\003 \001(\tR\004tier\"H\n\016FieldViolat" +
-      "ion\022\024\n\005field\030\001 \001(\tR\005field\022 \n\013description" +
-      "\030\002 \001(\tR\013description\"{\n\005Error\022\022\n\004code\030\001 \001" +
-      "(\005R\004code\022\030\n\007message\030\002 \001(\tR\007message\022D\n\020fi" +
-      "eld_violations\030\003 \003(\0132\031.quotad.v1.FieldVi" +
-      "olationR\017fieldViolations\"\216\001\n\025CheckAndRes" +
-      "erveResult\022@\n\010response\030\001 \001(\0132\".quotad.v1" +
-      ".CheckAndReserveResponseH\000R\010response\022(\n\005" +
-      "error\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t" +
-      "\n\007outcome\"\\\n\033CheckAndReserveBatchRequest" +
-      "\022=\n\010requests\030\001 \003(\0132!.quotad.v1.CheckAndR" +
-      "eserveRequestR\010requests\"Z\n\034CheckAndReser" +
-      "veBatchResponse\022:\n\007results\030\001 \003(\0132 .quota" +
-      "d.v1.CheckAndReserveResultR\007results\"z\n\034C" +
-      "heckAndReserveStreamRequest\022\035\n\nrequest_i" +
-      "d\030\001 \001(\tR\trequestId\022;\n\007request\030\002 \001(\0132!.qu" +
-      "otad.v1.CheckAndReserveRequestR\007request\"" +
-      "x\n\035CheckAndReserveStreamResponse\022\035\n\nrequ" +
-      "est_id\030\001 \001(\tR\trequestId\0228\n\006result\030\002 \001(\0132" +
-      " .quotad.v1.CheckAndReserveResultR\006resul" +
-      "t\"|\n\014CommitResult\0227\n\010response\030\001 \001(\0132\031.qu" +
-      "otad.v1.CommitResponseH\000R\010response\022(\n\005er" +
-      "ror\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007" +
-      "outcome\"J\n\022CommitBatchRequest\0224\n\010request" +
-      "s\030\001 \003(\0132\030.quotad.v1.CommitRequestR\010reque" +
-      "sts\"H\n\023CommitBatchResponse\0221\n\007results\030\001 " +
-      "\003(\0132\027.quotad.v1.CommitResultR\007results\"h\n" +
-      "\023CommitStreamRequest\022\035\n\nrequest_id\030\001 \001(\t" +
-      "R\trequestId\0222\n\007request\030\002 \001(\0132\030.quotad.v1" +
-      ".CommitRequestR\007request\"f\n\024CommitStreamR" +
-      "esponse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/" +
-      "\n\006result\030\002 \001(\0132\027.quotad.v1.CommitResultR" +
-      "\006result\">\n\022GetAccuracyRequest\022\024\n\005model\030\001" +
-      " \001(\tR\005model\022\022\n\004tier\030\002 \001(\tR\004tier\",\n\006Sprea" +
-      "d\022\020\n\003p50\030\001 \001(\001R\003p50\022\020\n\003p95\030\002 \001(\001R\003p95\"\263\003" +
-      "\n\023GetAccuracyResponse\022\024\n\005model\030\001 \001(\tR\005mo" +
-      "del\022\022\n\004tier\030\002 \001(\tR\004tier\022\030\n\007commits\030\003 \001(\003" +
-      "R\007commits\0222\n\013input_ratio\030\004 \001(\0132\021.quotad." +
-      "v1.SpreadR\ninputRatio\0224\n\014output_ratio\030\005 " +
-      "\001(\0132\021.quotad.v1.SpreadR\013outputRatio\022)\n\020e" +
-      "stimated_tokens\030\006 \001(\003R\017estimatedTokens\022#" +
-      "\n\ractual_tokens\030\007 \001(\003R\014actualTokens\022\'\n\017r" +
-      "efunded_tokens\030\010 \001(\003R\016refundedTokens\022%\n\016" +
-      "overrun_tokens\030\t \001(\003R\roverrunTokens\022\032\n\010l" +
-      "earning\030\n \001(\010R\010learning\0222\n\025learned_outpu" +
-      "t_tokens\030\013 \001(\003R\023learnedOutputTokens*O\n\010D" +
-      "ecision\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024\n\020DEC" +
-      "ISION_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020\002*\251\001\n" +
-      "\nDenyReason\022\033\n\027DENY_REASON_UNSPECIFIED\020\000" +
-      "\022\036\n\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n\034DENY" +
-      "_REASON_EXCEEDS_CAPACITY\020\002\022 \n\034DENY_REASO" +
-      "N_BUDGET_EXHAUSTED\020\003\022\032\n\026DENY_REASON_QUEU" +
-      "E_FULL\020\004*^\n\010Priority\022\030\n\024PRIORITY_UNSPECI" +
-      "FIED\020\000\022\020\n\014PRIORITY_LOW\020\001\022\023\n\017PRIORITY_NOR" +
-      "MAL\020\002\022\021\n\rPRIORITY_HIGH\020\003*U\n\005Scope\022\025\n\021SCO" +
-      "PE_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014S" +
-      "COPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n\006Metr" +
-      "ic\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRIC_REQ" +
-      "UESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n\024METR" +
-      "IC_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_TOKEN" +
-      "S\020\004\022\025\n\021METRIC_CONCURRENT\020\005\022\023\n\017METRIC_COS" +
-      "T_USD\020\006*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_UNSPE" +
-      "CIFIED\020\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020\001\022\034\n\030" +
-      "ALGORITHM_SLIDING_WINDOW\020\002\022\031\n\025ALGORITHM_" +
-      "CONCURRENCY\020\003\022\026\n\022ALGORITHM_CALENDAR\020\0042\370\005" +
-      "\n\014QuotaService\022X\n\017CheckAndReserve\022!.quot" +
-      "ad.v1.CheckAndReserveRequest\032\".quotad.v1" +
-      ".CheckAndReserveResponse\022=\n\006Commit\022\030.quo" +
-      "tad.v1.CommitRequest\032\031.quotad.v1.CommitR" +
-      "esponse\022@\n\007Release\022\031.quotad.v1.ReleaseRe" +
-      "quest\032\032.quotad.v1.ReleaseResponse\022C\n\010Get" +
-      "Usage\022\032.quotad.v1.GetUsageRequest\032\033.quot" +
-      "ad.v1.GetUsageResponse\022g\n\024CheckAndReserv" +
-      "eBatch\022&.quotad.v1.CheckAndReserveBatchR" +
-      "equest\032\'.quotad.v1.CheckAndReserveBatchR" +
-      "esponse\022n\n\025CheckAndReserveStream\022\'.quota" +
-      "d.v1.CheckAndReserveStreamRequest\032(.quot" +
-      "ad.v1.CheckAndReserveStreamResponse(\0010\001\022" +
-      "L\n\013CommitBatch\022\035.quotad.v1.CommitBatchRe" +
-      "quest\032\036.quotad.v1.CommitBatchResponse\022S\n" +
-      "\014CommitStream\022\036.quotad.v1.CommitStreamRe" +
-      "quest\032\037.quotad.v1.CommitStreamResponse(\001" +
-      "0\001\022L\n\013GetAccuracy\022\035.quotad.v1.GetAccurac" +
-      "yRequest\032\036.quotad.v1.GetAccuracyResponse" +
-      "B_\n\023io.github.quotad.v1B\nQuotaProtoP\001Z:g" +
-      "ithub.com/quotad/quotad/clients/go/gen/q" +
-      "uotad/v1;quotadv1b\006proto3"
+      "\032\n\010calendar\030\013 \001(\tR\010calendar\022\026\n\006shadow\030\014 " +
+      "\001(\010R\006shadow\"\320\003\n\026CheckAndReserveRequest\022\030" +
+      "\n\007subject\030\001 \001(\tR\007subject\022\026\n\006tenant\030\002 \001(\t" +
+      "R\006tenant\022\022\n\004tier\030\003 \001(\tR\004tier\022\024\n\005model\030\004 " +
+      "\001(\tR\005model\022!\n\014input_tokens\030\005 \001(\003R\013inputT" +
+      "okens\022*\n\021max_output_tokens\030\006 \001(\003R\017maxOut" +
+      "putTokens\022/\n\005lease\030\007 \001(\0132\031.google.protob" +
+      "uf.DurationR\005lease\022\'\n\017idempotency_key\030\010 " +
+      "\001(\tR\016idempotencyKey\022\026\n\006prompt\030\t \001(\tR\006pro" +
+      "mpt\0222\n\010messages\030\n \003(\0132\026.quotad.v1.ChatMe" +
+      "ssageR\010messages\022/\n\010priority\030\013 \001(\0162\023.quot" +
+      "ad.v1.PriorityR\010priority\0224\n\010max_wait\030\014 \001" +
+      "(\0132\031.google.protobuf.DurationR\007maxWait\"\213" +
+      "\005\n\027CheckAndReserveResponse\022/\n\010decision\030\001" +
+      " \001(\0162\023.quotad.v1.DecisionR\010decision\0226\n\013d" +
+      "eny_reason\030\002 \001(\0162\025.quotad.v1.DenyReasonR" +
+      "\ndenyReason\022%\n\016reservation_id\030\003 \001(\tR\rres" +
+      "ervationId\022D\n\020lease_expires_at\030\004 \001(\0132\032.g" +
+      "oogle.protobuf.TimestampR\016leaseExpiresAt" +
+      "\022+\n\010reserved\030\005 \001(\0132\017.quotad.v1.CostR\010res" +
+      "erved\022:\n\013retry_after\030\006 \001(\0132\031.google.prot" +
+      "obuf.DurationR\nretryAfter\022#\n\rbinding_lim" +
+      "it\030\007 \001(\tR\014bindingLimit\022.\n\006limits\030\010 \003(\0132\026" +
+      ".quotad.v1.LimitStatusR\006limits\022\032\n\010replay" +
+      "ed\030\t \001(\010R\010replayed\022\026\n\006tenant\030\n \001(\tR\006tena" +
+      "nt\022\022\n\004tier\030\013 \001(\tR\004tier\0220\n\024counted_input_" +
+      "tokens\030\014 \001(\003R\022countedInputTokens\0221\n\006wait" +
+      "ed\030\r \001(\0132\031.google.protobuf.DurationR\006wai" +
+      "ted\022/\n\010priority\030\016 \001(\0162\023.quotad.v1.Priori" +
+      "tyR\010priority\"\256\001\n\rCommitRequest\022%\n\016reserv" +
+      "ation_id\030\001 \001(\tR\rreservationId\022!\n\014input_t" +
+      "okens\030\002 \001(\003R\013inputTokens\022#\n\routput_token" +
+      "s\030\003 \001(\003R\014outputTokens\022.\n\023cached_input_to" +
+      "kens\030\004 \001(\003R\021cachedInputTokens\"\251\001\n\016Commit" +
+      "Response\022+\n\010reserved\030\001 \001(\0132\017.quotad.v1.C" +
+      "ostR\010reserved\022-\n\tcommitted\030\002 \001(\0132\017.quota" +
+      "d.v1.CostR\tcommitted\022\026\n\006repeat\030\003 \001(\010R\006re" +
+      "peat\022#\n\rlease_expired\030\004 \001(\010R\014leaseExpire" +
+      "d\"7\n\016ReleaseRequest\022%\n\016reservation_id\030\001 " +
+      "\001(\tR\rreservationId\"V\n\017ReleaseResponse\022+\n" +
+      "\010refunded\030\001 \001(\0132\017.quotad.v1.CostR\010refund" +
+      "ed\022\026\n\006repeat\030\002 \001(\010R\006repeat\"m\n\017GetUsageRe" +
+      "quest\022\030\n\007subject\030\001 \001(\tR\007subject\022\026\n\006tenan" +
+      "t\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004tier\022\024\n\005m" +
+      "odel\030\004 \001(\tR\005model\"n\n\020GetUsageResponse\022.\n" +
+      "\006limits\030\001 \003(\0132\026.quotad.v1.LimitStatusR\006l" +
+      "imits\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 " +
+      "\001(\tR\004tier\"H\n\016FieldViolation\022\024\n\005field\030\001 \001" +
+      "(\tR\005field\022 \n\013description\030\002 \001(\tR\013descript" +
+      "ion\"{\n\005Error\022\022\n\004code\030\001 \001(\005R\004code\022\030\n\007mess" +
+      "age\030\002 \001(\tR\007message\022D\n\020field_violations\030\003" +
+      " \003(\0132\031.quotad.v1.FieldViolationR\017fieldVi" +
+      "olations\"\216\001\n\025CheckAndReserveResult\022@\n\010re" +
+      "sponse\030\001 \001(\0132\".quotad.v1.CheckAndReserve" +
+      "ResponseH\000R\010response\022(\n\005error\030\002 \001(\0132\020.qu" +
+      "otad.v1.ErrorH\000R\005errorB\t\n\007outcome\"\\\n\033Che" +
+      "ckAndReserveBatchRequest\022=\n\010requests\030\001 \003" +
+      "(\0132!.quotad.v1.CheckAndReserveRequestR\010r" +
+      "equests\"Z\n\034CheckAndReserveBatchResponse\022" +
+      ":\n\007results\030\001 \003(\0132 .quotad.v1.CheckAndRes" +
+      "erveResultR\007results\"z\n\034CheckAndReserveSt" +
+      "reamRequest\022\035\n\nrequest_id\030\001 \001(\tR\trequest" +
+      "Id\022;\n\007request\030\002 \001(\0132!.quotad.v1.CheckAnd" +
+      "ReserveRequestR\007request\"x\n\035CheckAndReser" +
+      "veStreamResponse\022\035\n\nrequest_id\030\001 \001(\tR\tre" +
+      "questId\0228\n\006result\030\002 \001(\0132 .quotad.v1.Chec" +
+      "kAndReserveResultR\006result\"|\n\014CommitResul" +
+      "t\0227\n\010response\030\001 \001(\0132\031.quotad.v1.CommitRe" +
+      "sponseH\000R\010response\022(\n\005error\030\002 \001(\0132\020.quot" +
+      "ad.v1.ErrorH\000R\005errorB\t\n\007outcome\"J\n\022Commi" +
+      "tBatchRequest\0224\n\010requests\030\001 \003(\0132\030.quotad" +
+      ".v1.CommitRequestR\010requests\"H\n\023CommitBat" +
+      "chResponse\0221\n\007results\030\001 \003(\0132\027.quotad.v1." +
+      "CommitResultR\007results\"h\n\023CommitStreamReq" +
+      "uest\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\0222\n\007r" +
+      "equest\030\002 \001(\0132\030.quotad.v1.CommitRequestR\007" +
+      "request\"f\n\024CommitStreamResponse\022\035\n\nreque" +
+      "st_id\030\001 \001(\tR\trequestId\022/\n\006result\030\002 \001(\0132\027" +
+      ".quotad.v1.CommitResultR\006result\">\n\022GetAc" +
+      "curacyRequest\022\024\n\005model\030\001 \001(\tR\005model\022\022\n\004t" +
+      "ier\030\002 \001(\tR\004tier\",\n\006Spread\022\020\n\003p50\030\001 \001(\001R\003" +
+      "p50\022\020\n\003p95\030\002 \001(\001R\003p95\"\263\003\n\023GetAccuracyRes" +
+      "ponse\022\024\n\005model\030\001 \001(\tR\005model\022\022\n\004tier\030\002 \001(" +
+      "\tR\004tier\022\030\n\007commits\030\003 \001(\003R\007commits\0222\n\013inp" +
+      "ut_ratio\030\004 \001(\0132\021.quotad.v1.SpreadR\ninput" +
+      "Ratio\0224\n\014output_ratio\030\005 \001(\0132\021.quotad.v1." +
+      "SpreadR\013outputRatio\022)\n\020estimated_tokens\030" +
+      "\006 \001(\003R\017estimatedTokens\022#\n\ractual_tokens\030" +
+      "\007 \001(\003R\014actualTokens\022\'\n\017refunded_tokens\030\010" +
+      " \001(\003R\016refundedTokens\022%\n\016overrun_tokens\030\t" +
+      " \001(\003R\roverrunTokens\022\032\n\010learning\030\n \001(\010R\010l" +
+      "earning\0222\n\025learned_output_tokens\030\013 \001(\003R\023" +
+      "learnedOutputTokens*O\n\010Decision\022\030\n\024DECIS" +
+      "ION_UNSPECIFIED\020\000\022\024\n\020DECISION_ALLOWED\020\001\022" +
+      "\023\n\017DECISION_DENIED\020\002*\251\001\n\nDenyReason\022\033\n\027D" +
+      "ENY_REASON_UNSPECIFIED\020\000\022\036\n\032DENY_REASON_" +
+      "LIMIT_EXCEEDED\020\001\022 \n\034DENY_REASON_EXCEEDS_" +
+      "CAPACITY\020\002\022 \n\034DENY_REASON_BUDGET_EXHAUST" +
+      "ED\020\003\022\032\n\026DENY_REASON_QUEUE_FULL\020\004*^\n\010Prio" +
+      "rity\022\030\n\024PRIORITY_UNSPECIFIED\020\000\022\020\n\014PRIORI" +
+      "TY_LOW\020\001\022\023\n\017PRIORITY_NORMAL\020\002\022\021\n\rPRIORIT" +
+      "Y_HIGH\020\003*U\n\005Scope\022\025\n\021SCOPE_UNSPECIFIED\020\000" +
+      "\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014SCOPE_TENANT\020\002\022\020\n" +
+      "\014SCOPE_GLOBAL\020\003*\255\001\n\006Metric\022\026\n\022METRIC_UNS" +
+      "PECIFIED\020\000\022\023\n\017METRIC_REQUESTS\020\001\022\027\n\023METRI" +
+      "C_INPUT_TOKENS\020\002\022\030\n\024METRIC_OUTPUT_TOKENS" +
+      "\020\003\022\027\n\023METRIC_TOTAL_TOKENS\020\004\022\025\n\021METRIC_CO" +
+      "NCURRENT\020\005\022\023\n\017METRIC_COST_USD\020\006*\223\001\n\tAlgo" +
+      "rithm\022\031\n\025ALGORITHM_UNSPECIFIED\020\000\022\032\n\026ALGO" +
+      "RITHM_TOKEN_BUCKET\020\001\022\034\n\030ALGORITHM_SLIDIN" +
+      "G_WINDOW\020\002\022\031\n\025ALGORITHM_CONCURRENCY\020\003\022\026\n" +
+      "\022ALGORITHM_CALENDAR\020\0042\370\005\n\014QuotaService\022X" +
+      "\n\017CheckAndReserve\022!.quotad.v1.CheckAndRe" +
+      "serveRequest\032\".quotad.v1.CheckAndReserve" +
+      "Response\022=\n\006Commit\022\030.quotad.v1.CommitReq" +
+      "uest\032\031.quotad.v1.CommitResponse\022@\n\007Relea" +
+      "se\022\031.quotad.v1.ReleaseRequest\032\032.quotad.v" +
+      "1.ReleaseResponse\022C\n\010GetUsage\022\032.quotad.v" +
+      "1.GetUsageRequest\032\033.quotad.v1.GetUsageRe" +
+      "sponse\022g\n\024CheckAndReserveBatch\022&.quotad." +
+      "v1.CheckAndReserveBatchRequest\032\'.quotad." +
+      "v1.CheckAndReserveBatchResponse\022n\n\025Check" +
+      "AndReserveStream\022\'.quotad.v1.CheckAndRes" +
+      "erveStreamRequest\032(.quotad.v1.CheckAndRe" +
+      "serveStreamResponse(\0010\001\022L\n\013CommitBatch\022\035" +
+      ".quotad.v1.CommitBatchRequest\032\036.quotad.v" +
+      "1.CommitBatchResponse\022S\n\014CommitStream\022\036." +
+      "quotad.v1.CommitStreamRequest\032\037.quotad.v" +
+      "1.CommitStreamResponse(\0010\001\022L\n\013GetAccurac" +
+      "y\022\035.quotad.v1.GetAccuracyRequest\032\036.quota" +
+      "d.v1.GetAccuracyResponseB_\n\023io.github.qu" +
+      "otad.v1B\nQuotaProtoP\001Z:github.com/quotad" +
+      "/quotad/clients/go/gen/quotad/v1;quotadv" +
+      "1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -341,7 +342,7 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     internal_static_quotad_v1_LimitStatus_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_LimitStatus_descriptor,
-        new java.lang.String[] { "Name", "Scope", "Metric", "Algorithm", "Limit", "Period", "Remaining", "ResetAfter", "Denied", "Binding", "Calendar", });
+        new java.lang.String[] { "Name", "Scope", "Metric", "Algorithm", "Limit", "Period", "Remaining", "ResetAfter", "Denied", "Binding", "Calendar", "Shadow", });
     internal_static_quotad_v1_CheckAndReserveRequest_descriptor =
       getDescriptor().getMessageType(3);
     internal_static_quotad_v1_CheckAndReserveRequest_fieldAccessorTable = new
