@@ -76,8 +76,11 @@ clients: install tools ## build the TypeScript, Go and Java clients (fetching th
 $(TOOLS)/helm:
 	GOBIN=$(TOOLS) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
+# The embedded Redis is for development only, so it is asked for by name (QUOTAD_EMBEDDED_REDIS);
+# with QUOTAD_REDIS_URL set, `make run` uses that Redis instead.
 run: install ## serve on localhost:50051 with the example policy and an embedded Redis
-	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} $(BIN)/quotad serve
+	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} \
+	QUOTAD_EMBEDDED_REDIS=$$([ -n "$${QUOTAD_REDIS_URL:-}" ] && echo false || echo true) $(BIN)/quotad serve
 
 test: install tools lint typecheck pytest ## everything CI checks: lint, types, proto, all tests
 
