@@ -77,7 +77,7 @@ clients: install tools ## build the TypeScript, Go and Java clients (fetching th
 	cd clients/go && go vet ./...
 	cd clients/java && $(MVN) test-compile
 $(TOOLS)/helm:
-	GOBIN=$(TOOLS) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+	GOBIN=$(TOOLS) go install -ldflags="-s -w" helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
 
 # The embedded Redis is for development only, so it is asked for by name (QUOTAD_EMBEDDED_REDIS);
 # with QUOTAD_REDIS_URL set, `make run` uses that Redis instead.
