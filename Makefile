@@ -12,17 +12,16 @@ TOOLS := $(CURDIR)/.tools/bin
 GRPCURL_VERSION := v1.9.3
 # The fault-injection suite (tests/faults) puts Shopify's toxiproxy between quotad and Redis.
 TOXIPROXY_VERSION := v2.5.0
-# Code generation (buf.gen.yaml) and the clients. protoc 35.1 is the protoc of grpcio-tools
-# 1.85.1 and of protobuf-java 4.35.1; grpc-java's plugin is not published for 1.85 on linux.
-PROTOC_VERSION := 4.35.1
-GRPC_JAVA_VERSION := 1.83.1
+# Code generation of the committed stubs (buf.gen.yaml: Python, Go). The TypeScript and Java
+# clients generate theirs in their own builds, with versions pinned in package.json and pom.xml.
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
-MAVEN_PLATFORM := linux-$(shell uname -m | sed 's/aarch64/aarch_64/')
 MVN := mvn -B -q -Dmaven.repo.local=$(CURDIR)/.tools/m2
-MVN_COPY := org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy
 TS_DEPS := clients/typescript/node_modules/.package-lock.json
-HELM_VERSION := v3.22.0
+# helm for the chart's tests. No package registry this project installs from ships the helm CLI
+# (PyPI and npm carry SDK bindings only, Debian no helm), so it is built from source: about 5 CPU
+# minutes on a cold Go build cache, which `make test` overlaps with the other installs.
+HELM_VERSION := v4.3.2
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
@@ -39,7 +38,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $@
 
-tools: $(TOOLS)/grpcurl $(TOOLS)/quotad-envoy-conformance $(TOOLS)/toxiproxy-server $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/protoc $(TOOLS)/protoc-gen-grpc-java $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, the Envoy conformance client, toxiproxy, the pinned protoc plugins, helm and the benchmark tools
+tools: $(TOOLS)/grpcurl $(TOOLS)/quotad-envoy-conformance $(TOOLS)/toxiproxy-server $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TS_DEPS) $(TOOLS)/helm bench-tools ## install grpcurl, the Envoy conformance client, toxiproxy, the pinned protoc plugins, helm and the benchmark tools
 
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
@@ -73,32 +72,28 @@ $(TOOLS)/protoc-gen-go:
 $(TOOLS)/protoc-gen-go-grpc:
 	GOBIN=$(TOOLS) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
-# protoc (for buf's built-in Java generator) and grpc-java's plugin, as Maven Central ships them.
-$(TOOLS)/protoc:
-	$(MVN) $(MVN_COPY) -Dartifact=com.google.protobuf:protoc:$(PROTOC_VERSION):exe:$(MAVEN_PLATFORM) \
-		-DoutputDirectory=$(CURDIR)/.tools/dl
-	install -D -m 0755 .tools/dl/protoc-$(PROTOC_VERSION)-$(MAVEN_PLATFORM).exe $@
-
-$(TOOLS)/protoc-gen-grpc-java:
-	$(MVN) $(MVN_COPY) -Dartifact=io.grpc:protoc-gen-grpc-java:$(GRPC_JAVA_VERSION):exe:$(MAVEN_PLATFORM) \
-		-DoutputDirectory=$(CURDIR)/.tools/dl
-	install -D -m 0755 .tools/dl/protoc-gen-grpc-java-$(GRPC_JAVA_VERSION)-$(MAVEN_PLATFORM).exe $@
-
-# The TypeScript client's dependencies, ts-proto (its protoc plugin) among them.
+# The TypeScript client's dependencies, buf and ts-proto (its protoc plugin) among them.
 $(TS_DEPS): clients/typescript/package.json clients/typescript/package-lock.json
 	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error
 
-clients: install tools ## build the TypeScript, Go and Java clients (fetching their dependencies)
+clients: install tools ## build the TypeScript, Go and Java clients (fetching their dependencies, generating their stubs)
 	cd clients/typescript && npm run --silent build
 	cd clients/go && go vet ./...
 	cd clients/java && $(MVN) test-compile
 $(TOOLS)/helm:
-	GOBIN=$(TOOLS) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	GOBIN=$(TOOLS) go install -ldflags="-s -w" helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
 
+# The embedded Redis is for development only, so it is asked for by name (QUOTAD_EMBEDDED_REDIS);
+# with QUOTAD_REDIS_URL set, `make run` uses that Redis instead.
 run: install ## serve on localhost:50051 with the example policy and an embedded Redis
-	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} $(BIN)/quotad serve
+	QUOTAD_POLICY=$(POLICY) QUOTAD_LISTEN=$${QUOTAD_LISTEN:-127.0.0.1:50051} \
+	QUOTAD_EMBEDDED_REDIS=$$([ -n "$${QUOTAD_REDIS_URL:-}" ] && echo false || echo true) $(BIN)/quotad serve
 
-test: install tools lint typecheck pytest ## everything CI checks: lint, types, proto, all tests
+# The installs run side by side (compiling helm and the Go tools takes the CPU while pip, npm and
+# Maven wait on downloads); the checks run one after another, with the machine to themselves.
+test: ## everything CI checks: lint, types, proto, all tests
+	$(MAKE) -j4 --output-sync=target install tools
+	$(MAKE) lint typecheck pytest
 
 lint: install proto-breaking ## ruff, ruff format, buf lint, buf breaking
 	$(BIN)/ruff check .
@@ -117,7 +112,7 @@ pytest: install tools clients ## unit, integration, e2e and every client's tests
 bench: install bench-tools ## the benchmark: quotad vs the no-op gRPC and raw Redis ceilings, 3 runs
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-proto: install tools ## regenerate every language's stubs from proto/ (buf generate, buf.gen.yaml)
+proto: install tools ## regenerate the committed Python and Go stubs from proto/ (buf generate, buf.gen.yaml)
 	$(BIN)/buf generate
 
 clean: ## remove the virtualenv and the tools

@@ -1,4 +1,4 @@
-module github.com/quotad/quotad/bench/loadgen
+module github.com/quotad-dev/quotad/bench/loadgen
 
 go 1.26.0
 

@@ -1,4 +1,4 @@
-module github.com/quotad/quotad/clients/go
+module github.com/quotad-dev/quotad/clients/go
 
 go 1.26.0
 

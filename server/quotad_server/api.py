@@ -69,6 +69,9 @@ STREAM_WINDOW = 256  # items of one stream decided concurrently before reading m
 # Worst case here: a 1 KB message (3 KB once percent-encoded) and ~2.3 KB of BadRequest
 # (3.1 KB in base64). Batch and stream item errors get the same bounds: a 1000-item batch of
 # errors stays within the 4 MB a client receives by default.
+# google.rpc.ErrorInfo's domain (AIP-193): the project's, as the reverse of its Maven group
+# io.github.quotad-dev. With the reasons in errors.py it names each error for good.
+ERROR_DOMAIN = "quotad-dev.github.io"
 MAX_VIOLATIONS = 20  # field violations sent; one more says how many were left out
 MAX_VIOLATION_BYTES = 2048  # their fields and descriptions together, in UTF-8
 MAX_FIELD_BYTES = 128
@@ -223,9 +226,21 @@ def _violations(error: QuotadError) -> list[FieldViolation]:
     return kept
 
 
+def _packed(detail: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
+
+
 def _status_for(error: QuotadError) -> grpc.Status:
-    """The status a unary call fails with: field violations travel as google.rpc.BadRequest."""
-    details = []
+    """The status a unary call fails with, its details as AIP-193 has them: a google.rpc.ErrorInfo
+    with the error's stable reason, a google.rpc.RetryInfo when a retry after a delay may succeed
+    (UNAVAILABLE), and field violations as a google.rpc.BadRequest."""
+    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
+    if error.retry_delay_ms is not None:
+        retry_info = error_details_pb2.RetryInfo()
+        _put_us(retry_info.retry_delay, error.retry_delay_ms * 1000)
+        details.append(_packed(retry_info))
     violations = _violations(error)
     if violations:
         bad_request = error_details_pb2.BadRequest(
@@ -234,9 +249,7 @@ def _status_for(error: QuotadError) -> grpc.Status:
                 for v in violations
             ]
         )
-        packed = any_pb2.Any()
-        packed.Pack(bad_request)
-        details.append(packed)
+        details.append(_packed(bad_request))
     status_proto = status_pb2.Status(code=_code_of(error), message=_message(error), details=details)
     status: grpc.Status = rpc_status.to_status(status_proto)
     return status

@@ -87,7 +87,7 @@ async def serve(settings: Settings) -> int:
     metrics = Metrics() if settings.metrics_listen else None
     async with AsyncExitStack() as stack:
         redis_url = settings.redis_url
-        if not redis_url:
+        if settings.embedded_redis:  # Settings allow it only by name (QUOTAD_EMBEDDED_REDIS)
             embedded = stack.enter_context(EmbeddedRedis())
             redis_url = embedded.url
             log.warning(
@@ -183,10 +183,15 @@ def supervise(settings: Settings) -> int:
     log = structlog.get_logger("quotad")
     with ExitStack() as stack:
         redis_url = settings.redis_url
-        if not redis_url:
+        if settings.embedded_redis:
             redis_url = stack.enter_context(EmbeddedRedis()).url
             log.warning("no QUOTAD_REDIS_URL: started an embedded Valkey server shared by the workers")
-        env = {**os.environ, "QUOTAD_REDIS_URL": redis_url, "QUOTAD_WORKERS": "1"}
+        env = {
+            **os.environ,
+            "QUOTAD_REDIS_URL": redis_url,
+            "QUOTAD_EMBEDDED_REDIS": "",
+            "QUOTAD_WORKERS": "1",
+        }
         envs = [env] * settings.workers
         if settings.local_socket:  # one socket a worker: `quotad health` checks every one
             envs = [

@@ -2,7 +2,9 @@
 
 QUOTAD_LISTEN             host:port to serve gRPC on            (default 0.0.0.0:50051)
 QUOTAD_POLICY             path of the policy YAML file          (required)
-QUOTAD_REDIS_URL          redis:// or rediss:// URL; empty starts an embedded server (development)
+QUOTAD_REDIS_URL          redis://, rediss:// or unix:// URL (required unless QUOTAD_EMBEDDED_REDIS)
+QUOTAD_EMBEDDED_REDIS     true: with no QUOTAD_REDIS_URL, start a private embedded Valkey whose state
+                          is lost on exit (development only; `make run` sets it). Default false
 QUOTAD_REDIS_TIMEOUT_MS   bound on every Redis call; past it UNAVAILABLE (default 250)
 QUOTAD_KEY_PREFIX         prefix of every Redis key             (default quotad)
 QUOTAD_LOG_FORMAT         json, console, or auto (json unless stderr is a terminal; default auto)
@@ -58,6 +60,33 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no", "")
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw not in _TRUE + _FALSE:
+        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    return raw in _TRUE
+
+
+def _embedded_redis(env: Mapping[str, str], redis_url: str) -> bool:
+    """QUOTAD_EMBEDDED_REDIS, which only a missing QUOTAD_REDIS_URL may go with."""
+    embedded = _bool(env, "QUOTAD_EMBEDDED_REDIS")
+    if not redis_url and not embedded:
+        # A private Redis in a container or a pod is a quota per replica, lost at every restart:
+        # never what production wants, so it is asked for by name.
+        raise SettingsError(
+            "QUOTAD_REDIS_URL is not set: point it at your Redis (redis://, rediss:// or unix://);"
+            " for development only, QUOTAD_EMBEDDED_REDIS=true starts a private embedded Valkey"
+            " whose state is lost on exit"
+        )
+    if redis_url and embedded:
+        raise SettingsError("QUOTAD_EMBEDDED_REDIS=true and QUOTAD_REDIS_URL: set one or the other")
+    return embedded
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     policy_path: str
@@ -85,6 +114,7 @@ class Settings:
     tls_client_ca: str = ""
     tokens_file: str = ""
     local_socket: str = ""
+    embedded_redis: bool = False
 
     @property
     def tls(self) -> bool:
@@ -131,6 +161,7 @@ class Settings:
         tls_ca = env.get("QUOTAD_REDIS_TLS_CA_FILE", "").strip()
         if (tls_ca or tls_cert) and not redis_url.startswith("rediss://"):
             raise SettingsError("QUOTAD_REDIS_TLS_*: TLS files need a rediss:// QUOTAD_REDIS_URL")
+        embedded_redis = _embedded_redis(env, redis_url)
         return cls(
             policy_path=policy_path,
             listen=listen,
@@ -148,6 +179,7 @@ class Settings:
             metrics_listen=metrics_listen,
             metrics_fd=metrics_fd,
             policy_poll_ms=_int(env, "QUOTAD_POLICY_POLL_MS", 1000, 0, 3_600_000),
+            embedded_redis=embedded_redis,
             redis_password=env.get("QUOTAD_REDIS_PASSWORD", ""),
             redis_tls_ca_file=tls_ca,
             redis_tls_cert_file=tls_cert,

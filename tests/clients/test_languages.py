@@ -12,6 +12,8 @@ when one fails.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import sys
@@ -77,7 +79,7 @@ def test_java_client(clients_env: dict[str, str]) -> None:
     reports = sorted(surefire_reports.glob("TEST-*.xml"))
     assert reports, f"surefire ran no test class:\n{output}"
     assert {report.name for report in reports} >= {
-        f"TEST-io.github.quotad.client.{name}.xml"
+        f"TEST-io.github.quotad_dev.quotad.client.{name}.xml"
         for name in (
             "QuotaClientTest",
             "ConformanceTest",
@@ -147,3 +149,33 @@ def test_java_example_runs(example_quotad: LiveQuotad) -> None:
     output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # Maven's colour resets, even in batch mode
     for expected in EXAMPLE_OUTPUT:
         assert len(expected.findall(output)) == 2, output  # once per run
+
+
+def test_typescript_readme_snippet_compiles(tmp_path: Path) -> None:
+    """The first ts block of the TypeScript README, compiled as a user's module importing the package."""
+    typescript = CLIENTS / "typescript"
+    readme = (typescript / "README.md").read_text()
+    blocks: list[str] = re.findall(r"```ts\n(.*?)```", readme, re.DOTALL)
+    assert blocks, "the TypeScript README has no ts block"
+    (tmp_path / "snippet.ts").write_text(blocks[0])
+    config = {
+        "compilerOptions": {
+            "target": "ES2022",
+            "module": "node16",
+            "moduleResolution": "node16",
+            "lib": ["ES2022"],
+            "strict": True,
+            "noUnusedLocals": True,
+            "esModuleInterop": True,
+            "skipLibCheck": True,
+            "noEmit": True,
+            "types": ["node"],
+            "typeRoots": [str(typescript / "node_modules" / "@types")],
+            # The package as a user's project resolves it: its entry point.
+            "paths": {"@quotad/client": [str(typescript / "src" / "index.ts")]},
+        },
+        "files": ["snippet.ts"],
+    }
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    run([tool("npm"), "run", "--silent", "generate"], typescript, dict(os.environ))
+    run([str(typescript / "node_modules" / ".bin" / "tsc"), "-p", str(tmp_path)], tmp_path, dict(os.environ))

@@ -145,8 +145,20 @@ def test_grpcurl_lists_describes_and_calls_the_service(served: Served) -> None:
     assert {"subject", "tenant", "decision", "latency_ms"} <= set(decision)
 
 
-def test_serve_without_redis_url_starts_an_embedded_server() -> None:
-    server = _serve({"QUOTAD_REDIS_URL": ""})
+def test_serve_without_redis_url_refuses_unless_the_embedded_server_is_asked_for() -> None:
+    """A container started without QUOTAD_REDIS_URL must not run a private Redis by surprise."""
+    env = {**os.environ, "QUOTAD_POLICY": str(EXAMPLE_POLICY), "QUOTAD_REDIS_URL": ""}
+    env.pop("QUOTAD_EMBEDDED_REDIS", None)
+    result = subprocess.run(
+        [*QUOTAD, "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    assert "QUOTAD_REDIS_URL is not set" in result.stderr
+    assert "QUOTAD_EMBEDDED_REDIS=true" in result.stderr
+
+
+def test_serve_with_the_embedded_redis_asked_for_starts_one() -> None:
+    server = _serve({"QUOTAD_REDIS_URL": "", "QUOTAD_EMBEDDED_REDIS": "true"})
     try:
         server.wait_serving()
         reserved = server.grpcurl(
@@ -162,7 +174,12 @@ def test_serve_without_redis_url_starts_an_embedded_server() -> None:
 def test_serve_refuses_a_bad_policy_naming_file_path_and_value(tmp_path: Path) -> None:
     bad = tmp_path / "policy.yaml"
     bad.write_text(EXAMPLE_POLICY.read_text().replace("period: 1h", "period: 1 hour"))
-    env = {**os.environ, "QUOTAD_POLICY": str(bad), "QUOTAD_LOG_FORMAT": "console"}
+    env = {
+        **os.environ,
+        "QUOTAD_POLICY": str(bad),
+        "QUOTAD_LOG_FORMAT": "console",
+        "QUOTAD_EMBEDDED_REDIS": "true",
+    }
     result = subprocess.run(
         [*QUOTAD, "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
     )

@@ -85,3 +85,30 @@ def test_no_panel_groups_by_subject_or_tenant() -> None:
     for panel in panels():
         for target in panel["targets"]:
             assert not re.search(r"\b(subject|tenant)\b", target["expr"]), panel["title"]
+
+
+SCOPE = ('namespace=~"$namespace"', 'job=~"$job"', 'instance=~"$instance"')
+
+
+def test_namespace_job_and_instance_narrow_every_query() -> None:
+    """Variables chained namespace -> job -> instance (All by default), used by every series a panel reads."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "job", "instance"]
+    for name in ("namespace", "job", "instance"):
+        variable = variables[name]
+        assert variable["type"] == "query"
+        assert variable["datasource"]["uid"] == "${datasource}"
+        assert variable["includeAll"]
+        assert variable["multi"]
+        assert variable["allValue"] == ".*"  # "All" also matches series without the label (plain Docker)
+        assert variable["query"]["query"] == variable["definition"]
+        assert variable["definition"].startswith("label_values(quotad_build_info")
+        assert variable["definition"].endswith(f", {name})")
+    assert '{namespace=~"$namespace"}' in variables["job"]["definition"]
+    assert '{namespace=~"$namespace", job=~"$job"}' in variables["instance"]["definition"]
+    for panel in panels():
+        for target in panel["targets"]:
+            for name, selector in re.findall(r"\b(quotad_[a-z0-9_]+)(\{[^}]*\})?", target["expr"]):
+                for matcher in SCOPE:
+                    assert matcher in selector, f"panel {panel['title']!r}: {name} lacks {matcher}"

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from quotad_server.cli import main
 from quotad_server.entry import main as entry
+from quotad_server.settings import Settings, SettingsError
 from quotad_server.tokens import load_encodings
 
 ROOT = Path(__file__).resolve().parents[2]
+# The base image: its tag, and its digest when one is given (`@sha256:...` only then).
+PINNED_BASE = "${PYTHON_IMAGE}${PYTHON_DIGEST:+@}${PYTHON_DIGEST}"
 Instruction = tuple[str, str]  # (keyword, arguments)
 
 
@@ -79,7 +82,7 @@ def test_the_build_is_multi_stage_and_the_final_stage_is_slim_and_compiler_free(
     assert base is not None
     assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", base.group(1))
     final = all_stages[-1]
-    assert final[0][1] == "${PYTHON_IMAGE}"  # a fresh slim base, not the build stage
+    assert final[0][1] == PINNED_BASE  # a fresh slim base, not the build stage
     final_text = " ".join(arguments for _, arguments in final)
     for compiler in ("gcc", "g++", "build-essential", "clang", "apt-get install"):
         assert compiler not in final_text
@@ -120,3 +123,69 @@ def test_the_tokenizer_encodings_are_baked_in_at_build_time(tmp_path: Path) -> N
     assert main(["prepare-encodings", str(tmp_path)]) == 0
     for name in ("cl100k_base", "o200k_base"):
         assert load_encodings(str(tmp_path), [name])[name].encode_ordinary("quotad")
+
+
+def final_env() -> dict[str, str]:
+    pairs = " ".join(arguments for keyword, arguments in stages()[-1] if keyword == "ENV").split()
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def test_every_stage_starts_from_the_base_pinned_by_digest_when_given() -> None:
+    for stage in stages():
+        assert stage[0][1].removesuffix(" AS build") == PINNED_BASE
+    digest = re.search(r"^ARG PYTHON_DIGEST=(\S*)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert digest is not None, "the Dockerfile must take the base's digest (ARG PYTHON_DIGEST)"
+    # Empty (the tag alone) until a digest is known; never anything but a real sha256 digest.
+    assert re.fullmatch(r"(sha256:[0-9a-f]{64})?", digest.group(1))
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_names(pyproject: Path) -> set[str]:
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    return {normalized(re.split(r"[<>=!~\[; ]", dependency, maxsplit=1)[0]) for dependency in dependencies}
+
+
+def test_dependencies_come_from_the_lock_checked_against_their_hashes() -> None:
+    runs = [
+        arguments for keyword, arguments in stages()[0] if keyword == "RUN" and "pip install" in arguments
+    ]
+    assert runs[0].endswith("pip install --require-hashes --no-deps -r requirements.lock"), runs
+    for later in runs[1:]:
+        assert "--no-deps" in later, f"only the lock may bring dependencies: {later}"
+    lock = (ROOT / "requirements.lock").read_text()
+    entries = re.findall(
+        r"^([A-Za-z0-9_.\-]+)==(\S+) \\\n((?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock, re.M
+    )
+    pinned = {normalized(name) for name, _version, _hashes in entries}
+    assert len(pinned) == len(re.findall(r"^[A-Za-z0-9]", lock, re.M)), (
+        "every entry is name==version with hashes"
+    )
+    ours = {"quotad", "quotad-server"}
+    needed = (
+        requirement_names(ROOT / "pyproject.toml") | requirement_names(ROOT / "clients/python/pyproject.toml")
+    ) - ours
+    missing = needed - pinned
+    assert not missing, f"requirements.lock lacks {sorted(missing)}: run scripts/lock_image.sh"
+    assert "setuptools" in pinned  # quotad itself is built from source without build isolation
+    assert not ours & pinned
+
+
+def test_the_image_has_a_healthcheck_over_the_local_socket() -> None:
+    checks = [arguments for keyword, arguments in stages()[-1] if keyword == "HEALTHCHECK"]
+    assert len(checks) == 1
+    options, _, command = checks[0].partition("CMD ")
+    assert json.loads(command) == ["quotad", "health"]
+    assert "--start-period=" in options  # the tokenizers load before the first SERVING
+    socket = final_env().get("QUOTAD_LOCAL_SOCKET", "")
+    assert socket.startswith("/tmp/"), "the local socket needs a writable directory (/tmp)"
+
+
+def test_a_container_without_a_redis_url_refuses_to_start() -> None:
+    env = final_env()
+    assert "QUOTAD_REDIS_URL" not in env
+    assert "QUOTAD_EMBEDDED_REDIS" not in env
+    with pytest.raises(SettingsError, match="QUOTAD_REDIS_URL is not set"):
+        Settings.from_env({**env, "QUOTAD_POLICY": "/etc/quotad/policy/policy.yaml"})

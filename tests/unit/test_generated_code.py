@@ -1,12 +1,14 @@
-"""The committed stubs of every language are exactly what `buf generate` makes from proto/.
+"""The committed stubs (the Python package's, the Go module's) are exactly what `buf generate` makes.
 
 buf.gen.yaml runs pinned local plugins (`make tools`); the test regenerates into a
 temporary directory and compares each generated directory file by file, so a changed,
-missing or stale file fails with the command that fixes it.
+missing or stale file fails with the command that fixes it. The TypeScript and Java clients
+generate their stubs in their own builds; nothing generated for them may be committed.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,16 +20,9 @@ BUF = ROOT / ".venv" / "bin" / "buf"
 GENERATED = {
     "clients/python/quotad/v1": {"__init__.py"},
     "clients/go/gen": set(),
-    "clients/typescript/src/gen": set(),
-    "clients/java/src/main/java/io/github/quotad/v1": set(),
 }
-PLUGINS = [
-    ".tools/bin/protoc-gen-go",
-    ".tools/bin/protoc-gen-go-grpc",
-    ".tools/bin/protoc",
-    ".tools/bin/protoc-gen-grpc-java",
-    "clients/typescript/node_modules/.bin/protoc-gen-ts_proto",
-]
+PLUGINS = [".tools/bin/protoc-gen-go", ".tools/bin/protoc-gen-go-grpc"]
+PROTO = ROOT / "proto" / "quotad" / "v1" / "quota.proto"
 
 
 def files_under(directory: Path, hand_written: set[str]) -> dict[str, str]:
@@ -73,3 +68,33 @@ def test_every_generated_directory_is_checked(regenerated: Path) -> None:
         if not any(path.is_relative_to(regenerated / directory) for directory in GENERATED)
     ]
     assert not unchecked, f"buf.gen.yaml writes to directories this test does not compare: {unchecked}"
+
+
+def git_files(*paths: str) -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--", *paths], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return listed.stdout.split()
+
+
+def test_no_typescript_or_java_stub_is_committed() -> None:
+    generated = git_files("clients/typescript/src/gen", "clients/java/src/main/java/**/v1/*.java")
+    assert not generated, f"generated in the clients' builds, not committed: {generated}"
+
+
+def test_the_java_package_follows_the_maven_group() -> None:
+    """protoc reads java_package from the contract; it is the pom's groupId, as Java spells it."""
+    pom = (ROOT / "clients" / "java" / "pom.xml").read_text()
+    group = re.search(r"<groupId>(io\.github\.[^<]+)</groupId>", pom)
+    assert group, "clients/java/pom.xml has no io.github groupId"
+    package = re.search(r'option java_package = "([^"]+)";', PROTO.read_text())
+    assert package, f"{PROTO} has no java_package option"
+    assert package.group(1) == group.group(1).replace("-", "_") + ".quotad.v1"
+    client = ROOT / "clients" / "java" / "src" / "main" / "java" / Path(*package.group(1).split(".")[:-1])
+    assert (client / "client" / "QuotaClient.java").is_file(), f"the client is not under {client}"
+
+
+def test_the_go_module_path_is_the_one_buf_generates_for() -> None:
+    module = (ROOT / "clients" / "go" / "go.mod").read_text().splitlines()[0].removeprefix("module ")
+    config = (ROOT / "buf.gen.yaml").read_text()
+    assert f"value: {module}/gen" in config, f"buf.gen.yaml's go_package_prefix is not under {module}"

@@ -9,7 +9,7 @@ from quotad_server.model import Decision, ReserveOutcome
 from quotad_server.policy import parse_policy
 from quotad_server.settings import Settings, SettingsError
 
-BASE = {"QUOTAD_POLICY": "p.yaml"}
+BASE = {"QUOTAD_POLICY": "p.yaml", "QUOTAD_REDIS_URL": "redis://redis:6379/0"}
 
 
 def test_defaults_keep_metrics_off_and_poll_every_second() -> None:

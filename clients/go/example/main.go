@@ -13,7 +13,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/quotad/quotad/clients/go/quotad"
+	"github.com/quotad-dev/quotad/clients/go/quotad"
 )
 
 func main() {

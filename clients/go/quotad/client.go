@@ -18,7 +18,7 @@
 // TLS, a client certificate (mutual TLS) and a bearer token: WithTLSFiles (or WithTLS) and
 // WithToken.
 //
-// The generated stubs are in github.com/quotad/quotad/clients/go/gen/quotad/v1.
+// The generated stubs are in github.com/quotad-dev/quotad/clients/go/gen/quotad/v1.
 package quotad
 
 import (
@@ -39,7 +39,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	quotadv1 "github.com/quotad/quotad/clients/go/gen/quotad/v1"
+	quotadv1 "github.com/quotad-dev/quotad/clients/go/gen/quotad/v1"
 )
 
 // DefaultTimeout is the deadline of a call whose context has none: all of its attempts and the

@@ -19,8 +19,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	quotadv1 "github.com/quotad/quotad/clients/go/gen/quotad/v1"
-	"github.com/quotad/quotad/clients/go/quotad"
+	quotadv1 "github.com/quotad-dev/quotad/clients/go/gen/quotad/v1"
+	"github.com/quotad-dev/quotad/clients/go/quotad"
 )
 
 const model = "gpt-4o"

@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	quotadv1 "github.com/quotad/quotad/clients/go/gen/quotad/v1"
-	"github.com/quotad/quotad/clients/go/quotad"
+	quotadv1 "github.com/quotad-dev/quotad/clients/go/gen/quotad/v1"
+	"github.com/quotad-dev/quotad/clients/go/quotad"
 )
 
 // outageDeadline is the call's deadline: far longer than the pause, reached only if broken.

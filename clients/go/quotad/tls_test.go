@@ -16,7 +16,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	"github.com/quotad/quotad/clients/go/quotad"
+	"github.com/quotad-dev/quotad/clients/go/quotad"
 )
 
 type secure struct {

@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 import structlog
 
 from quotad_server.errors import (
+    AlreadySettled,
     DeadlineExceeded,
-    FailedPrecondition,
     FieldViolation,
+    IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -517,7 +518,7 @@ class RedisStore:
         if code == _REPLY_PAST_DEADLINE:
             raise StoreUnavailable("redis ran the decision after the caller's deadline; nothing was reserved")
         if code == _REPLY_FINGERPRINT:
-            raise FailedPrecondition(
+            raise IdempotencyKeyReused(
                 "idempotency_key was already used for a different request by this subject; use a new key"
             )
         if code == _REPLY_REPLAYED:
@@ -741,7 +742,7 @@ class RedisStore:
             raise StoreUnavailable("redis ran the settlement after the caller's deadline; nothing changed")
         if code == _REPLY_WRONG_STATE:
             done = "committed" if state == b"c" else "released"
-            raise FailedPrecondition(f"reservation {reservation_id} was already {done}")
+            raise AlreadySettled(f"reservation {reservation_id} was already {done}")
         if code == _REPLY_FORBIDDEN:
             raise PermissionDenied(f"reservation {reservation_id} is not one this caller may settle")
         committed = state == b"c"

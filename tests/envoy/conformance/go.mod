@@ -1,4 +1,4 @@
-module github.com/quotad/quotad/tests/envoy/conformance
+module github.com/quotad-dev/quotad/tests/envoy/conformance
 
 go 1.26.0
 

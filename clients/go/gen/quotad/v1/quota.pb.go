@@ -2542,9 +2542,9 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x15CheckAndReserveStream\x12'.quotad.v1.CheckAndReserveStreamRequest\x1a(.quotad.v1.CheckAndReserveStreamResponse(\x010\x01\x12L\n" +
 	"\vCommitBatch\x12\x1d.quotad.v1.CommitBatchRequest\x1a\x1e.quotad.v1.CommitBatchResponse\x12S\n" +
 	"\fCommitStream\x12\x1e.quotad.v1.CommitStreamRequest\x1a\x1f.quotad.v1.CommitStreamResponse(\x010\x01\x12L\n" +
-	"\vGetAccuracy\x12\x1d.quotad.v1.GetAccuracyRequest\x1a\x1e.quotad.v1.GetAccuracyResponseB_\n" +
-	"\x13io.github.quotad.v1B\n" +
-	"QuotaProtoP\x01Z:github.com/quotad/quotad/clients/go/gen/quotad/v1;quotadv1b\x06proto3"
+	"\vGetAccuracy\x12\x1d.quotad.v1.GetAccuracyRequest\x1a\x1e.quotad.v1.GetAccuracyResponseBn\n" +
+	"\x1eio.github.quotad_dev.quotad.v1B\n" +
+	"QuotaProtoP\x01Z>github.com/quotad-dev/quotad/clients/go/gen/quotad/v1;quotadv1b\x06proto3"
 
 var (
 	file_quotad_v1_quota_proto_rawDescOnce sync.Once
