@@ -381,6 +381,166 @@ export function algorithmToJSON(object: Algorithm): string {
   }
 }
 
+/**
+ * ServiceTier is how the provider is asked to process a call: it selects the
+ * price (batch and flex cost less, priority more), not the limits.
+ */
+export enum ServiceTier {
+  /** SERVICE_TIER_UNSPECIFIED - The standard tier. */
+  SERVICE_TIER_UNSPECIFIED = 0,
+  /** SERVICE_TIER_STANDARD - The standard tier, said explicitly. */
+  SERVICE_TIER_STANDARD = 1,
+  /** SERVICE_TIER_BATCH - Asynchronous batch processing (OpenAI Batch API, Anthropic Message Batches, Gemini batch mode). */
+  SERVICE_TIER_BATCH = 2,
+  /** SERVICE_TIER_FLEX - OpenAI's flex processing: slower, cheaper. */
+  SERVICE_TIER_FLEX = 3,
+  /** SERVICE_TIER_PRIORITY - Priority processing: faster, dearer. */
+  SERVICE_TIER_PRIORITY = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function serviceTierFromJSON(object: any): ServiceTier {
+  switch (object) {
+    case 0:
+    case "SERVICE_TIER_UNSPECIFIED":
+      return ServiceTier.SERVICE_TIER_UNSPECIFIED;
+    case 1:
+    case "SERVICE_TIER_STANDARD":
+      return ServiceTier.SERVICE_TIER_STANDARD;
+    case 2:
+    case "SERVICE_TIER_BATCH":
+      return ServiceTier.SERVICE_TIER_BATCH;
+    case 3:
+    case "SERVICE_TIER_FLEX":
+      return ServiceTier.SERVICE_TIER_FLEX;
+    case 4:
+    case "SERVICE_TIER_PRIORITY":
+      return ServiceTier.SERVICE_TIER_PRIORITY;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ServiceTier.UNRECOGNIZED;
+  }
+}
+
+export function serviceTierToJSON(object: ServiceTier): string {
+  switch (object) {
+    case ServiceTier.SERVICE_TIER_UNSPECIFIED:
+      return "SERVICE_TIER_UNSPECIFIED";
+    case ServiceTier.SERVICE_TIER_STANDARD:
+      return "SERVICE_TIER_STANDARD";
+    case ServiceTier.SERVICE_TIER_BATCH:
+      return "SERVICE_TIER_BATCH";
+    case ServiceTier.SERVICE_TIER_FLEX:
+      return "SERVICE_TIER_FLEX";
+    case ServiceTier.SERVICE_TIER_PRIORITY:
+      return "SERVICE_TIER_PRIORITY";
+    case ServiceTier.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** OutputReservation says where the output tokens a reservation holds came from. */
+export enum OutputReservation {
+  /** OUTPUT_RESERVATION_UNSPECIFIED - Never sent by the server. */
+  OUTPUT_RESERVATION_UNSPECIFIED = 0,
+  /** OUTPUT_RESERVATION_REQUESTED - The request's max_output_tokens. */
+  OUTPUT_RESERVATION_REQUESTED = 1,
+  /**
+   * OUTPUT_RESERVATION_LEARNED - The output quantile learned for the model, tier and max_output_tokens bucket
+   * (below max_output_tokens, or instead of a max_output_tokens the request left 0).
+   */
+  OUTPUT_RESERVATION_LEARNED = 2,
+  /**
+   * OUTPUT_RESERVATION_MODEL_MAXIMUM - The request left max_output_tokens 0 and nothing was learned yet: the model's
+   * maximum output (from the policy or the price catalog), or else what is left of
+   * its context window after the input.
+   */
+  OUTPUT_RESERVATION_MODEL_MAXIMUM = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function outputReservationFromJSON(object: any): OutputReservation {
+  switch (object) {
+    case 0:
+    case "OUTPUT_RESERVATION_UNSPECIFIED":
+      return OutputReservation.OUTPUT_RESERVATION_UNSPECIFIED;
+    case 1:
+    case "OUTPUT_RESERVATION_REQUESTED":
+      return OutputReservation.OUTPUT_RESERVATION_REQUESTED;
+    case 2:
+    case "OUTPUT_RESERVATION_LEARNED":
+      return OutputReservation.OUTPUT_RESERVATION_LEARNED;
+    case 3:
+    case "OUTPUT_RESERVATION_MODEL_MAXIMUM":
+      return OutputReservation.OUTPUT_RESERVATION_MODEL_MAXIMUM;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return OutputReservation.UNRECOGNIZED;
+  }
+}
+
+export function outputReservationToJSON(object: OutputReservation): string {
+  switch (object) {
+    case OutputReservation.OUTPUT_RESERVATION_UNSPECIFIED:
+      return "OUTPUT_RESERVATION_UNSPECIFIED";
+    case OutputReservation.OUTPUT_RESERVATION_REQUESTED:
+      return "OUTPUT_RESERVATION_REQUESTED";
+    case OutputReservation.OUTPUT_RESERVATION_LEARNED:
+      return "OUTPUT_RESERVATION_LEARNED";
+    case OutputReservation.OUTPUT_RESERVATION_MODEL_MAXIMUM:
+      return "OUTPUT_RESERVATION_MODEL_MAXIMUM";
+    case OutputReservation.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** ImageDetail is the detail level an image is sent at (OpenAI's `detail`). */
+export enum ImageDetail {
+  /** IMAGE_DETAIL_UNSPECIFIED - "auto": counted as high, the most it can cost. */
+  IMAGE_DETAIL_UNSPECIFIED = 0,
+  /** IMAGE_DETAIL_LOW - "low": a fixed cost per image. */
+  IMAGE_DETAIL_LOW = 1,
+  /** IMAGE_DETAIL_HIGH - "high": tiles (or patches) of the scaled image. */
+  IMAGE_DETAIL_HIGH = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function imageDetailFromJSON(object: any): ImageDetail {
+  switch (object) {
+    case 0:
+    case "IMAGE_DETAIL_UNSPECIFIED":
+      return ImageDetail.IMAGE_DETAIL_UNSPECIFIED;
+    case 1:
+    case "IMAGE_DETAIL_LOW":
+      return ImageDetail.IMAGE_DETAIL_LOW;
+    case 2:
+    case "IMAGE_DETAIL_HIGH":
+      return ImageDetail.IMAGE_DETAIL_HIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ImageDetail.UNRECOGNIZED;
+  }
+}
+
+export function imageDetailToJSON(object: ImageDetail): string {
+  switch (object) {
+    case ImageDetail.IMAGE_DETAIL_UNSPECIFIED:
+      return "IMAGE_DETAIL_UNSPECIFIED";
+    case ImageDetail.IMAGE_DETAIL_LOW:
+      return "IMAGE_DETAIL_LOW";
+    case ImageDetail.IMAGE_DETAIL_HIGH:
+      return "IMAGE_DETAIL_HIGH";
+    case ImageDetail.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Cost is an amount charged to limits. */
 export interface Cost {
   /** Calls (1 for a reservation). */
@@ -393,6 +553,41 @@ export interface Cost {
   cachedInputTokens: number;
   /** The price of it all in micro-dollars, when the model has prices. */
   costMicroUsd: number;
+  /**
+   * The part of input_tokens written to the provider's prompt cache (Anthropic's
+   * cache_creation_input_tokens): priced at the cache-write rate.
+   */
+  cacheWriteInputTokens: number;
+}
+
+/** ImagePart is one image of a chat message, counted from its size. */
+export interface ImagePart {
+  /** Width in pixels, 1 to 100000. */
+  width: number;
+  /** Height in pixels, 1 to 100000. */
+  height: number;
+  /** The detail level (OpenAI models; Anthropic's formula has none). */
+  detail: ImageDetail;
+}
+
+/** ToolCall is one tool (function) call an assistant message made. */
+export interface ToolCall {
+  /** The call's id. */
+  id: string;
+  /** The function called. */
+  name: string;
+  /** Its arguments, as the JSON text the model produced. */
+  arguments: string;
+}
+
+/** ToolDefinition is one tool (function) offered to the model. */
+export interface ToolDefinition {
+  /** The function's name. */
+  name: string;
+  /** What it does. */
+  description: string;
+  /** Its parameters: a JSON Schema object as JSON text ("" for none). */
+  parametersJson: string;
 }
 
 /**
@@ -406,6 +601,12 @@ export interface ChatMessage {
   content: string;
   /** Optional participant name. */
   name: string;
+  /** The tool calls of an assistant message. */
+  toolCalls: ToolCall[];
+  /** For a "tool" message: the id of the call it answers. */
+  toolCallId: string;
+  /** Images sent with the message. */
+  images: ImagePart[];
 }
 
 /** LimitStatus is the state of one limit as seen by one request. */
@@ -474,7 +675,13 @@ export interface CheckAndReserveRequest {
    * Leave it 0 and send prompt or messages to let the server count.
    */
   inputTokens: number;
-  /** The call's max_tokens: the output reserved until Commit, 0 to 10^9. */
+  /**
+   * The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+   * less, when the model learns its outputs). 0: the call sets no max_tokens, and
+   * the server reserves the learned output or the model's maximum output, never 0
+   * (output_reservation says which). input + max_output_tokens must fit the
+   * model's context window and max_output_tokens its maximum output, when known.
+   */
   maxOutputTokens: number;
   /**
    * How long the reservation holds its concurrency slot before it expires
@@ -509,7 +716,16 @@ export interface CheckAndReserveRequest {
    * it at once. Bounded by the policy. The caller's deadline or cancellation
    * takes it out of the line with nothing reserved.
    */
-  maxWait: Duration | undefined;
+  maxWait:
+    | Duration
+    | undefined;
+  /** The provider's service tier the call will use: selects the price (cost limits). */
+  serviceTier: ServiceTier;
+  /**
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   */
+  tools: ToolDefinition[];
 }
 
 /** CheckAndReserveResponse is the decision on one call. */
@@ -559,6 +775,8 @@ export interface CheckAndReserveResponse {
     | undefined;
   /** The priority the request was decided at (after the tier's default). */
   priority: Priority;
+  /** Where the reserved output tokens came from. */
+  outputReservation: OutputReservation;
 }
 
 /** CommitRequest reports the actual usage of a reserved call. */
@@ -575,6 +793,12 @@ export interface CommitRequest {
    * exclude cache reads.
    */
   cachedInputTokens: number;
+  /**
+   * The part of input_tokens written to the provider's prompt cache (Anthropic's
+   * cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+   * at the cache-write rate, and counted as input by token limits.
+   */
+  cacheWriteInputTokens: number;
 }
 
 /** CommitResponse is the settlement of a reservation. */
@@ -597,6 +821,15 @@ export interface CommitResponse {
    * concurrency slot was already freed; tokens are still reconciled).
    */
   leaseExpired: boolean;
+  /**
+   * True when the reported output_tokens exceed the max_output_tokens the call
+   * was reserved with: no provider returns more than max_tokens, so the caller
+   * reports wrong usage (or called with a larger max_tokens). It is charged all
+   * the same, and counted in quotad_impossible_usage_total.
+   */
+  impossibleUsage: boolean;
+  /** The max_output_tokens the call was reserved with (after the default). */
+  maxOutputTokens: number;
 }
 
 /** ReleaseRequest gives a reservation back. */
@@ -778,19 +1011,43 @@ export interface GetAccuracyResponse {
   actualTokens: number;
   /** Capacity reservations held and Commits later refunded. */
   refundedTokens: number;
-  /** Tokens used beyond the reservation (charged on Commit as debt). */
+  /**
+   * Tokens used beyond the reservation (charged on Commit as debt): input and
+   * output together, input_overrun_tokens + output_overrun_tokens.
+   */
   overrunTokens: number;
   /** True when the policy has this model reserve learned output estimates. */
   learning: boolean;
   /**
    * The output reservation learned (a high quantile of actual output
-   * tokens); 0 while there are too few samples or when not learning.
+   * tokens) for calls without max_output_tokens; 0 while there are too few
+   * samples or when not learning.
    */
   learnedOutputTokens: number;
+  /** Input tokens used beyond the estimate. */
+  inputOverrunTokens: number;
+  /** Output tokens used beyond the reservation. */
+  outputOverrunTokens: number;
+  /** Commits whose input exceeded its estimate. */
+  inputOverrunCommits: number;
+  /** Commits whose output exceeded its reservation. */
+  outputOverrunCommits: number;
+  /**
+   * Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+   * to 0), their output all overrun.
+   */
+  unreservedOutputCommits: number;
 }
 
 function createBaseCost(): Cost {
-  return { requests: 0, inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, costMicroUsd: 0 };
+  return {
+    requests: 0,
+    inputTokens: 0,
+    outputTokens: 0,
+    cachedInputTokens: 0,
+    costMicroUsd: 0,
+    cacheWriteInputTokens: 0,
+  };
 }
 
 export const Cost: MessageFns<Cost> = {
@@ -809,6 +1066,9 @@ export const Cost: MessageFns<Cost> = {
     }
     if (message.costMicroUsd !== 0) {
       writer.uint32(40).int64(message.costMicroUsd);
+    }
+    if (message.cacheWriteInputTokens !== 0) {
+      writer.uint32(48).int64(message.cacheWriteInputTokens);
     }
     return writer;
   },
@@ -866,6 +1126,14 @@ export const Cost: MessageFns<Cost> = {
             message.costMicroUsd = longToNumber(reader.int64());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.cacheWriteInputTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -901,6 +1169,11 @@ export const Cost: MessageFns<Cost> = {
         : isSet(object.cost_micro_usd)
         ? globalThis.Number(object.cost_micro_usd)
         : 0,
+      cacheWriteInputTokens: isSet(object.cacheWriteInputTokens)
+        ? globalThis.Number(object.cacheWriteInputTokens)
+        : isSet(object.cache_write_input_tokens)
+        ? globalThis.Number(object.cache_write_input_tokens)
+        : 0,
     };
   },
 
@@ -921,6 +1194,9 @@ export const Cost: MessageFns<Cost> = {
     if (message.costMicroUsd !== 0) {
       obj.costMicroUsd = Math.round(message.costMicroUsd);
     }
+    if (message.cacheWriteInputTokens !== 0) {
+      obj.cacheWriteInputTokens = Math.round(message.cacheWriteInputTokens);
+    }
     return obj;
   },
 
@@ -934,12 +1210,320 @@ export const Cost: MessageFns<Cost> = {
     message.outputTokens = object.outputTokens ?? 0;
     message.cachedInputTokens = object.cachedInputTokens ?? 0;
     message.costMicroUsd = object.costMicroUsd ?? 0;
+    message.cacheWriteInputTokens = object.cacheWriteInputTokens ?? 0;
+    return message;
+  },
+};
+
+function createBaseImagePart(): ImagePart {
+  return { width: 0, height: 0, detail: 0 };
+}
+
+export const ImagePart: MessageFns<ImagePart> = {
+  encode(message: ImagePart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.width !== 0) {
+      writer.uint32(8).int32(message.width);
+    }
+    if (message.height !== 0) {
+      writer.uint32(16).int32(message.height);
+    }
+    if (message.detail !== 0) {
+      writer.uint32(24).int32(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImagePart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImagePart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.width = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.height = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.detail = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImagePart {
+    return {
+      width: isSet(object.width) ? globalThis.Number(object.width) : 0,
+      height: isSet(object.height) ? globalThis.Number(object.height) : 0,
+      detail: isSet(object.detail) ? imageDetailFromJSON(object.detail) : 0,
+    };
+  },
+
+  toJSON(message: ImagePart): unknown {
+    const obj: any = {};
+    if (message.width !== 0) {
+      obj.width = Math.round(message.width);
+    }
+    if (message.height !== 0) {
+      obj.height = Math.round(message.height);
+    }
+    if (message.detail !== 0) {
+      obj.detail = imageDetailToJSON(message.detail);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ImagePart>, I>>(base?: I): ImagePart {
+    return ImagePart.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImagePart>, I>>(object: I): ImagePart {
+    const message = createBaseImagePart();
+    message.width = object.width ?? 0;
+    message.height = object.height ?? 0;
+    message.detail = object.detail ?? 0;
+    return message;
+  },
+};
+
+function createBaseToolCall(): ToolCall {
+  return { id: "", name: "", arguments: "" };
+}
+
+export const ToolCall: MessageFns<ToolCall> = {
+  encode(message: ToolCall, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.name !== "") {
+      writer.uint32(18).string(message.name);
+    }
+    if (message.arguments !== "") {
+      writer.uint32(26).string(message.arguments);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToolCall {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToolCall();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.arguments = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ToolCall {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      arguments: isSet(object.arguments) ? globalThis.String(object.arguments) : "",
+    };
+  },
+
+  toJSON(message: ToolCall): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.arguments !== "") {
+      obj.arguments = message.arguments;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToolCall>, I>>(base?: I): ToolCall {
+    return ToolCall.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToolCall>, I>>(object: I): ToolCall {
+    const message = createBaseToolCall();
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.arguments = object.arguments ?? "";
+    return message;
+  },
+};
+
+function createBaseToolDefinition(): ToolDefinition {
+  return { name: "", description: "", parametersJson: "" };
+}
+
+export const ToolDefinition: MessageFns<ToolDefinition> = {
+  encode(message: ToolDefinition, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.description !== "") {
+      writer.uint32(18).string(message.description);
+    }
+    if (message.parametersJson !== "") {
+      writer.uint32(26).string(message.parametersJson);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ToolDefinition {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseToolDefinition();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.parametersJson = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ToolDefinition {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      parametersJson: isSet(object.parametersJson)
+        ? globalThis.String(object.parametersJson)
+        : isSet(object.parameters_json)
+        ? globalThis.String(object.parameters_json)
+        : "",
+    };
+  },
+
+  toJSON(message: ToolDefinition): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.parametersJson !== "") {
+      obj.parametersJson = message.parametersJson;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ToolDefinition>, I>>(base?: I): ToolDefinition {
+    return ToolDefinition.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ToolDefinition>, I>>(object: I): ToolDefinition {
+    const message = createBaseToolDefinition();
+    message.name = object.name ?? "";
+    message.description = object.description ?? "";
+    message.parametersJson = object.parametersJson ?? "";
     return message;
   },
 };
 
 function createBaseChatMessage(): ChatMessage {
-  return { role: "", content: "", name: "" };
+  return { role: "", content: "", name: "", toolCalls: [], toolCallId: "", images: [] };
 }
 
 export const ChatMessage: MessageFns<ChatMessage> = {
@@ -952,6 +1536,15 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     }
     if (message.name !== "") {
       writer.uint32(26).string(message.name);
+    }
+    for (const v of message.toolCalls) {
+      ToolCall.encode(v!, writer.uint32(34).fork()).join();
+    }
+    if (message.toolCallId !== "") {
+      writer.uint32(42).string(message.toolCallId);
+    }
+    for (const v of message.images) {
+      ImagePart.encode(v!, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -993,6 +1586,30 @@ export const ChatMessage: MessageFns<ChatMessage> = {
             message.name = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.toolCalls.push(ToolCall.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.toolCallId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.images.push(ImagePart.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1010,6 +1627,17 @@ export const ChatMessage: MessageFns<ChatMessage> = {
       role: isSet(object.role) ? globalThis.String(object.role) : "",
       content: isSet(object.content) ? globalThis.String(object.content) : "",
       name: isSet(object.name) ? globalThis.String(object.name) : "",
+      toolCalls: globalThis.Array.isArray(object?.toolCalls)
+        ? object.toolCalls.map((e: any) => ToolCall.fromJSON(e))
+        : globalThis.Array.isArray(object?.tool_calls)
+        ? object.tool_calls.map((e: any) => ToolCall.fromJSON(e))
+        : [],
+      toolCallId: isSet(object.toolCallId)
+        ? globalThis.String(object.toolCallId)
+        : isSet(object.tool_call_id)
+        ? globalThis.String(object.tool_call_id)
+        : "",
+      images: globalThis.Array.isArray(object?.images) ? object.images.map((e: any) => ImagePart.fromJSON(e)) : [],
     };
   },
 
@@ -1024,6 +1652,15 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     if (message.name !== "") {
       obj.name = message.name;
     }
+    if (message.toolCalls?.length) {
+      obj.toolCalls = message.toolCalls.map((e) => ToolCall.toJSON(e));
+    }
+    if (message.toolCallId !== "") {
+      obj.toolCallId = message.toolCallId;
+    }
+    if (message.images?.length) {
+      obj.images = message.images.map((e) => ImagePart.toJSON(e));
+    }
     return obj;
   },
 
@@ -1035,6 +1672,9 @@ export const ChatMessage: MessageFns<ChatMessage> = {
     message.role = object.role ?? "";
     message.content = object.content ?? "";
     message.name = object.name ?? "";
+    message.toolCalls = object.toolCalls?.map((e) => ToolCall.fromPartial(e)) || [];
+    message.toolCallId = object.toolCallId ?? "";
+    message.images = object.images?.map((e) => ImagePart.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1302,6 +1942,8 @@ function createBaseCheckAndReserveRequest(): CheckAndReserveRequest {
     messages: [],
     priority: 0,
     maxWait: undefined,
+    serviceTier: 0,
+    tools: [],
   };
 }
 
@@ -1342,6 +1984,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     }
     if (message.maxWait !== undefined) {
       Duration.encode(message.maxWait, writer.uint32(98).fork()).join();
+    }
+    if (message.serviceTier !== 0) {
+      writer.uint32(104).int32(message.serviceTier);
+    }
+    for (const v of message.tools) {
+      ToolDefinition.encode(v!, writer.uint32(114).fork()).join();
     }
     return writer;
   },
@@ -1455,6 +2103,22 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
             message.maxWait = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.serviceTier = reader.int32() as any;
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.tools.push(ToolDefinition.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1499,6 +2163,14 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
         : isSet(object.max_wait)
         ? Duration.fromJSON(object.max_wait)
         : undefined,
+      serviceTier: isSet(object.serviceTier)
+        ? serviceTierFromJSON(object.serviceTier)
+        : isSet(object.service_tier)
+        ? serviceTierFromJSON(object.service_tier)
+        : 0,
+      tools: globalThis.Array.isArray(object?.tools)
+        ? object.tools.map((e: any) => ToolDefinition.fromJSON(e))
+        : [],
     };
   },
 
@@ -1540,6 +2212,12 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     if (message.maxWait !== undefined) {
       obj.maxWait = Duration.toJSON(message.maxWait);
     }
+    if (message.serviceTier !== 0) {
+      obj.serviceTier = serviceTierToJSON(message.serviceTier);
+    }
+    if (message.tools?.length) {
+      obj.tools = message.tools.map((e) => ToolDefinition.toJSON(e));
+    }
     return obj;
   },
 
@@ -1564,6 +2242,8 @@ export const CheckAndReserveRequest: MessageFns<CheckAndReserveRequest> = {
     message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
       ? Duration.fromPartial(object.maxWait)
       : undefined;
+    message.serviceTier = object.serviceTier ?? 0;
+    message.tools = object.tools?.map((e) => ToolDefinition.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1584,6 +2264,7 @@ function createBaseCheckAndReserveResponse(): CheckAndReserveResponse {
     countedInputTokens: 0,
     waited: undefined,
     priority: 0,
+    outputReservation: 0,
   };
 }
 
@@ -1630,6 +2311,9 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     }
     if (message.priority !== 0) {
       writer.uint32(112).int32(message.priority);
+    }
+    if (message.outputReservation !== 0) {
+      writer.uint32(120).int32(message.outputReservation);
     }
     return writer;
   },
@@ -1759,6 +2443,14 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
             message.priority = reader.int32() as any;
             continue;
           }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.outputReservation = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1813,6 +2505,11 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
         : 0,
       waited: isSet(object.waited) ? Duration.fromJSON(object.waited) : undefined,
       priority: isSet(object.priority) ? priorityFromJSON(object.priority) : 0,
+      outputReservation: isSet(object.outputReservation)
+        ? outputReservationFromJSON(object.outputReservation)
+        : isSet(object.output_reservation)
+        ? outputReservationFromJSON(object.output_reservation)
+        : 0,
     };
   },
 
@@ -1860,6 +2557,9 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
     if (message.priority !== 0) {
       obj.priority = priorityToJSON(message.priority);
     }
+    if (message.outputReservation !== 0) {
+      obj.outputReservation = outputReservationToJSON(message.outputReservation);
+    }
     return obj;
   },
 
@@ -1888,12 +2588,13 @@ export const CheckAndReserveResponse: MessageFns<CheckAndReserveResponse> = {
       ? Duration.fromPartial(object.waited)
       : undefined;
     message.priority = object.priority ?? 0;
+    message.outputReservation = object.outputReservation ?? 0;
     return message;
   },
 };
 
 function createBaseCommitRequest(): CommitRequest {
-  return { reservationId: "", inputTokens: 0, outputTokens: 0, cachedInputTokens: 0 };
+  return { reservationId: "", inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0 };
 }
 
 export const CommitRequest: MessageFns<CommitRequest> = {
@@ -1909,6 +2610,9 @@ export const CommitRequest: MessageFns<CommitRequest> = {
     }
     if (message.cachedInputTokens !== 0) {
       writer.uint32(32).int64(message.cachedInputTokens);
+    }
+    if (message.cacheWriteInputTokens !== 0) {
+      writer.uint32(40).int64(message.cacheWriteInputTokens);
     }
     return writer;
   },
@@ -1958,6 +2662,14 @@ export const CommitRequest: MessageFns<CommitRequest> = {
             message.cachedInputTokens = longToNumber(reader.int64());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.cacheWriteInputTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1992,6 +2704,11 @@ export const CommitRequest: MessageFns<CommitRequest> = {
         : isSet(object.cached_input_tokens)
         ? globalThis.Number(object.cached_input_tokens)
         : 0,
+      cacheWriteInputTokens: isSet(object.cacheWriteInputTokens)
+        ? globalThis.Number(object.cacheWriteInputTokens)
+        : isSet(object.cache_write_input_tokens)
+        ? globalThis.Number(object.cache_write_input_tokens)
+        : 0,
     };
   },
 
@@ -2009,6 +2726,9 @@ export const CommitRequest: MessageFns<CommitRequest> = {
     if (message.cachedInputTokens !== 0) {
       obj.cachedInputTokens = Math.round(message.cachedInputTokens);
     }
+    if (message.cacheWriteInputTokens !== 0) {
+      obj.cacheWriteInputTokens = Math.round(message.cacheWriteInputTokens);
+    }
     return obj;
   },
 
@@ -2021,12 +2741,20 @@ export const CommitRequest: MessageFns<CommitRequest> = {
     message.inputTokens = object.inputTokens ?? 0;
     message.outputTokens = object.outputTokens ?? 0;
     message.cachedInputTokens = object.cachedInputTokens ?? 0;
+    message.cacheWriteInputTokens = object.cacheWriteInputTokens ?? 0;
     return message;
   },
 };
 
 function createBaseCommitResponse(): CommitResponse {
-  return { reserved: undefined, committed: undefined, repeat: false, leaseExpired: false };
+  return {
+    reserved: undefined,
+    committed: undefined,
+    repeat: false,
+    leaseExpired: false,
+    impossibleUsage: false,
+    maxOutputTokens: 0,
+  };
 }
 
 export const CommitResponse: MessageFns<CommitResponse> = {
@@ -2042,6 +2770,12 @@ export const CommitResponse: MessageFns<CommitResponse> = {
     }
     if (message.leaseExpired !== false) {
       writer.uint32(32).bool(message.leaseExpired);
+    }
+    if (message.impossibleUsage !== false) {
+      writer.uint32(40).bool(message.impossibleUsage);
+    }
+    if (message.maxOutputTokens !== 0) {
+      writer.uint32(48).int64(message.maxOutputTokens);
     }
     return writer;
   },
@@ -2091,6 +2825,22 @@ export const CommitResponse: MessageFns<CommitResponse> = {
             message.leaseExpired = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.impossibleUsage = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.maxOutputTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2113,6 +2863,16 @@ export const CommitResponse: MessageFns<CommitResponse> = {
         : isSet(object.lease_expired)
         ? globalThis.Boolean(object.lease_expired)
         : false,
+      impossibleUsage: isSet(object.impossibleUsage)
+        ? globalThis.Boolean(object.impossibleUsage)
+        : isSet(object.impossible_usage)
+        ? globalThis.Boolean(object.impossible_usage)
+        : false,
+      maxOutputTokens: isSet(object.maxOutputTokens)
+        ? globalThis.Number(object.maxOutputTokens)
+        : isSet(object.max_output_tokens)
+        ? globalThis.Number(object.max_output_tokens)
+        : 0,
     };
   },
 
@@ -2130,6 +2890,12 @@ export const CommitResponse: MessageFns<CommitResponse> = {
     if (message.leaseExpired !== false) {
       obj.leaseExpired = message.leaseExpired;
     }
+    if (message.impossibleUsage !== false) {
+      obj.impossibleUsage = message.impossibleUsage;
+    }
+    if (message.maxOutputTokens !== 0) {
+      obj.maxOutputTokens = Math.round(message.maxOutputTokens);
+    }
     return obj;
   },
 
@@ -2146,6 +2912,8 @@ export const CommitResponse: MessageFns<CommitResponse> = {
       : undefined;
     message.repeat = object.repeat ?? false;
     message.leaseExpired = object.leaseExpired ?? false;
+    message.impossibleUsage = object.impossibleUsage ?? false;
+    message.maxOutputTokens = object.maxOutputTokens ?? 0;
     return message;
   },
 };
@@ -3725,6 +4493,11 @@ function createBaseGetAccuracyResponse(): GetAccuracyResponse {
     overrunTokens: 0,
     learning: false,
     learnedOutputTokens: 0,
+    inputOverrunTokens: 0,
+    outputOverrunTokens: 0,
+    inputOverrunCommits: 0,
+    outputOverrunCommits: 0,
+    unreservedOutputCommits: 0,
   };
 }
 
@@ -3762,6 +4535,21 @@ export const GetAccuracyResponse: MessageFns<GetAccuracyResponse> = {
     }
     if (message.learnedOutputTokens !== 0) {
       writer.uint32(88).int64(message.learnedOutputTokens);
+    }
+    if (message.inputOverrunTokens !== 0) {
+      writer.uint32(96).int64(message.inputOverrunTokens);
+    }
+    if (message.outputOverrunTokens !== 0) {
+      writer.uint32(104).int64(message.outputOverrunTokens);
+    }
+    if (message.inputOverrunCommits !== 0) {
+      writer.uint32(112).int64(message.inputOverrunCommits);
+    }
+    if (message.outputOverrunCommits !== 0) {
+      writer.uint32(120).int64(message.outputOverrunCommits);
+    }
+    if (message.unreservedOutputCommits !== 0) {
+      writer.uint32(128).int64(message.unreservedOutputCommits);
     }
     return writer;
   },
@@ -3867,6 +4655,46 @@ export const GetAccuracyResponse: MessageFns<GetAccuracyResponse> = {
             message.learnedOutputTokens = longToNumber(reader.int64());
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.inputOverrunTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.outputOverrunTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.inputOverrunCommits = longToNumber(reader.int64());
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.outputOverrunCommits = longToNumber(reader.int64());
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.unreservedOutputCommits = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3920,6 +4748,31 @@ export const GetAccuracyResponse: MessageFns<GetAccuracyResponse> = {
         : isSet(object.learned_output_tokens)
         ? globalThis.Number(object.learned_output_tokens)
         : 0,
+      inputOverrunTokens: isSet(object.inputOverrunTokens)
+        ? globalThis.Number(object.inputOverrunTokens)
+        : isSet(object.input_overrun_tokens)
+        ? globalThis.Number(object.input_overrun_tokens)
+        : 0,
+      outputOverrunTokens: isSet(object.outputOverrunTokens)
+        ? globalThis.Number(object.outputOverrunTokens)
+        : isSet(object.output_overrun_tokens)
+        ? globalThis.Number(object.output_overrun_tokens)
+        : 0,
+      inputOverrunCommits: isSet(object.inputOverrunCommits)
+        ? globalThis.Number(object.inputOverrunCommits)
+        : isSet(object.input_overrun_commits)
+        ? globalThis.Number(object.input_overrun_commits)
+        : 0,
+      outputOverrunCommits: isSet(object.outputOverrunCommits)
+        ? globalThis.Number(object.outputOverrunCommits)
+        : isSet(object.output_overrun_commits)
+        ? globalThis.Number(object.output_overrun_commits)
+        : 0,
+      unreservedOutputCommits: isSet(object.unreservedOutputCommits)
+        ? globalThis.Number(object.unreservedOutputCommits)
+        : isSet(object.unreserved_output_commits)
+        ? globalThis.Number(object.unreserved_output_commits)
+        : 0,
     };
   },
 
@@ -3958,6 +4811,21 @@ export const GetAccuracyResponse: MessageFns<GetAccuracyResponse> = {
     if (message.learnedOutputTokens !== 0) {
       obj.learnedOutputTokens = Math.round(message.learnedOutputTokens);
     }
+    if (message.inputOverrunTokens !== 0) {
+      obj.inputOverrunTokens = Math.round(message.inputOverrunTokens);
+    }
+    if (message.outputOverrunTokens !== 0) {
+      obj.outputOverrunTokens = Math.round(message.outputOverrunTokens);
+    }
+    if (message.inputOverrunCommits !== 0) {
+      obj.inputOverrunCommits = Math.round(message.inputOverrunCommits);
+    }
+    if (message.outputOverrunCommits !== 0) {
+      obj.outputOverrunCommits = Math.round(message.outputOverrunCommits);
+    }
+    if (message.unreservedOutputCommits !== 0) {
+      obj.unreservedOutputCommits = Math.round(message.unreservedOutputCommits);
+    }
     return obj;
   },
 
@@ -3981,6 +4849,11 @@ export const GetAccuracyResponse: MessageFns<GetAccuracyResponse> = {
     message.overrunTokens = object.overrunTokens ?? 0;
     message.learning = object.learning ?? false;
     message.learnedOutputTokens = object.learnedOutputTokens ?? 0;
+    message.inputOverrunTokens = object.inputOverrunTokens ?? 0;
+    message.outputOverrunTokens = object.outputOverrunTokens ?? 0;
+    message.inputOverrunCommits = object.inputOverrunCommits ?? 0;
+    message.outputOverrunCommits = object.outputOverrunCommits ?? 0;
+    message.unreservedOutputCommits = object.unreservedOutputCommits ?? 0;
     return message;
   },
 };

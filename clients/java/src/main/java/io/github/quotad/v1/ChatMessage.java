@@ -36,6 +36,9 @@ private static final long serialVersionUID = 0L;
     role_ = "";
     content_ = "";
     name_ = "";
+    toolCalls_ = java.util.Collections.emptyList();
+    toolCallId_ = "";
+    images_ = java.util.Collections.emptyList();
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -197,6 +200,175 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int TOOL_CALLS_FIELD_NUMBER = 4;
+  @SuppressWarnings("serial")
+  private java.util.List<io.github.quotad.v1.ToolCall> toolCalls_;
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<io.github.quotad.v1.ToolCall> getToolCallsList() {
+    return toolCalls_;
+  }
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends io.github.quotad.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList() {
+    return toolCalls_;
+  }
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public int getToolCallsCount() {
+    return toolCalls_.size();
+  }
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ToolCall getToolCalls(int index) {
+    return toolCalls_.get(index);
+  }
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index) {
+    return toolCalls_.get(index);
+  }
+
+  public static final int TOOL_CALL_ID_FIELD_NUMBER = 5;
+  @SuppressWarnings("serial")
+  private volatile java.lang.Object toolCallId_ = "";
+  /**
+   * <pre>
+   * For a "tool" message: the id of the call it answers.
+   * </pre>
+   *
+   * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+   * @return The toolCallId.
+   */
+  @java.lang.Override
+  public java.lang.String getToolCallId() {
+    java.lang.Object ref = toolCallId_;
+    if (ref instanceof java.lang.String) {
+      return (java.lang.String) ref;
+    } else {
+      com.google.protobuf.ByteString bs = 
+          (com.google.protobuf.ByteString) ref;
+      java.lang.String s = bs.toStringUtf8();
+      toolCallId_ = s;
+      return s;
+    }
+  }
+  /**
+   * <pre>
+   * For a "tool" message: the id of the call it answers.
+   * </pre>
+   *
+   * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+   * @return The bytes for toolCallId.
+   */
+  @java.lang.Override
+  public com.google.protobuf.ByteString
+      getToolCallIdBytes() {
+    java.lang.Object ref = toolCallId_;
+    if (ref instanceof java.lang.String) {
+      com.google.protobuf.ByteString b = 
+          com.google.protobuf.ByteString.copyFromUtf8(
+              (java.lang.String) ref);
+      toolCallId_ = b;
+      return b;
+    } else {
+      return (com.google.protobuf.ByteString) ref;
+    }
+  }
+
+  public static final int IMAGES_FIELD_NUMBER = 6;
+  @SuppressWarnings("serial")
+  private java.util.List<io.github.quotad.v1.ImagePart> images_;
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<io.github.quotad.v1.ImagePart> getImagesList() {
+    return images_;
+  }
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends io.github.quotad.v1.ImagePartOrBuilder> 
+      getImagesOrBuilderList() {
+    return images_;
+  }
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  @java.lang.Override
+  public int getImagesCount() {
+    return images_.size();
+  }
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ImagePart getImages(int index) {
+    return images_.get(index);
+  }
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ImagePartOrBuilder getImagesOrBuilder(
+      int index) {
+    return images_.get(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -220,6 +392,15 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(name_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 3, name_);
     }
+    for (int i = 0; i < toolCalls_.size(); i++) {
+      output.writeMessage(4, toolCalls_.get(i));
+    }
+    if (!com.google.protobuf.GeneratedMessage.isStringEmpty(toolCallId_)) {
+      com.google.protobuf.GeneratedMessage.writeString(output, 5, toolCallId_);
+    }
+    for (int i = 0; i < images_.size(); i++) {
+      output.writeMessage(6, images_.get(i));
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -233,6 +414,27 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(name_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(3, name_);
     }
+
+        {
+          final int count = toolCalls_.size();
+          for (int i = 0; i < count; i++) {
+            size += com.google.protobuf.CodedOutputStream
+              .computeMessageSizeNoTag(toolCalls_.get(i));
+          }
+          size += 1 * count;
+        }
+    if (!com.google.protobuf.GeneratedMessage.isStringEmpty(toolCallId_)) {
+      size += com.google.protobuf.GeneratedMessage.computeStringSize(5, toolCallId_);
+    }
+
+        {
+          final int count = images_.size();
+          for (int i = 0; i < count; i++) {
+            size += com.google.protobuf.CodedOutputStream
+              .computeMessageSizeNoTag(images_.get(i));
+          }
+          size += 1 * count;
+        }
     return size;
   }
   @java.lang.Override
@@ -263,6 +465,12 @@ private static final long serialVersionUID = 0L;
         .equals(other.getContent())) return false;
     if (!getName()
         .equals(other.getName())) return false;
+    if (!getToolCallsList()
+        .equals(other.getToolCallsList())) return false;
+    if (!getToolCallId()
+        .equals(other.getToolCallId())) return false;
+    if (!getImagesList()
+        .equals(other.getImagesList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -280,6 +488,16 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + getContent().hashCode();
     hash = (37 * hash) + NAME_FIELD_NUMBER;
     hash = (53 * hash) + getName().hashCode();
+    if (getToolCallsCount() > 0) {
+      hash = (37 * hash) + TOOL_CALLS_FIELD_NUMBER;
+      hash = (53 * hash) + getToolCallsList().hashCode();
+    }
+    hash = (37 * hash) + TOOL_CALL_ID_FIELD_NUMBER;
+    hash = (53 * hash) + getToolCallId().hashCode();
+    if (getImagesCount() > 0) {
+      hash = (37 * hash) + IMAGES_FIELD_NUMBER;
+      hash = (53 * hash) + getImagesList().hashCode();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -419,6 +637,21 @@ private static final long serialVersionUID = 0L;
       role_ = "";
       content_ = "";
       name_ = "";
+      if (toolCallsBuilder_ == null) {
+        toolCalls_ = java.util.Collections.emptyList();
+      } else {
+        toolCalls_ = null;
+        toolCallsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000008);
+      toolCallId_ = "";
+      if (imagesBuilder_ == null) {
+        images_ = java.util.Collections.emptyList();
+      } else {
+        images_ = null;
+        imagesBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000020);
       return this;
     }
 
@@ -445,9 +678,31 @@ private static final long serialVersionUID = 0L;
     @java.lang.Override
     public io.github.quotad.v1.ChatMessage buildPartial() {
       io.github.quotad.v1.ChatMessage result = new io.github.quotad.v1.ChatMessage(this);
+      buildPartialRepeatedFields(result);
       if (bitField0_ != 0) { buildPartial0(result); }
       onBuilt();
       return result;
+    }
+
+    private void buildPartialRepeatedFields(io.github.quotad.v1.ChatMessage result) {
+      if (toolCallsBuilder_ == null) {
+        if (((bitField0_ & 0x00000008) != 0)) {
+          toolCalls_ = java.util.Collections.unmodifiableList(toolCalls_);
+          bitField0_ = (bitField0_ & ~0x00000008);
+        }
+        result.toolCalls_ = toolCalls_;
+      } else {
+        result.toolCalls_ = toolCallsBuilder_.build();
+      }
+      if (imagesBuilder_ == null) {
+        if (((bitField0_ & 0x00000020) != 0)) {
+          images_ = java.util.Collections.unmodifiableList(images_);
+          bitField0_ = (bitField0_ & ~0x00000020);
+        }
+        result.images_ = images_;
+      } else {
+        result.images_ = imagesBuilder_.build();
+      }
     }
 
     private void buildPartial0(io.github.quotad.v1.ChatMessage result) {
@@ -460,6 +715,9 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.name_ = name_;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.toolCallId_ = toolCallId_;
       }
     }
 
@@ -489,6 +747,63 @@ private static final long serialVersionUID = 0L;
         name_ = other.name_;
         bitField0_ |= 0x00000004;
         onChanged();
+      }
+      if (toolCallsBuilder_ == null) {
+        if (!other.toolCalls_.isEmpty()) {
+          if (toolCalls_.isEmpty()) {
+            toolCalls_ = other.toolCalls_;
+            bitField0_ = (bitField0_ & ~0x00000008);
+          } else {
+            ensureToolCallsIsMutable();
+            toolCalls_.addAll(other.toolCalls_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.toolCalls_.isEmpty()) {
+          if (toolCallsBuilder_.isEmpty()) {
+            toolCallsBuilder_.dispose();
+            toolCallsBuilder_ = null;
+            toolCalls_ = other.toolCalls_;
+            bitField0_ = (bitField0_ & ~0x00000008);
+            toolCallsBuilder_ = 
+              com.google.protobuf.GeneratedMessage.alwaysUseFieldBuilders ?
+                 internalGetToolCallsFieldBuilder() : null;
+          } else {
+            toolCallsBuilder_.addAllMessages(other.toolCalls_);
+          }
+        }
+      }
+      if (!other.getToolCallId().isEmpty()) {
+        toolCallId_ = other.toolCallId_;
+        bitField0_ |= 0x00000010;
+        onChanged();
+      }
+      if (imagesBuilder_ == null) {
+        if (!other.images_.isEmpty()) {
+          if (images_.isEmpty()) {
+            images_ = other.images_;
+            bitField0_ = (bitField0_ & ~0x00000020);
+          } else {
+            ensureImagesIsMutable();
+            images_.addAll(other.images_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.images_.isEmpty()) {
+          if (imagesBuilder_.isEmpty()) {
+            imagesBuilder_.dispose();
+            imagesBuilder_ = null;
+            images_ = other.images_;
+            bitField0_ = (bitField0_ & ~0x00000020);
+            imagesBuilder_ = 
+              com.google.protobuf.GeneratedMessage.alwaysUseFieldBuilders ?
+                 internalGetImagesFieldBuilder() : null;
+          } else {
+            imagesBuilder_.addAllMessages(other.images_);
+          }
+        }
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -531,6 +846,37 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 26
+            case 34: {
+              io.github.quotad.v1.ToolCall m =
+                  input.readMessage(
+                      io.github.quotad.v1.ToolCall.parser(),
+                      extensionRegistry);
+              if (toolCallsBuilder_ == null) {
+                ensureToolCallsIsMutable();
+                toolCalls_.add(m);
+              } else {
+                toolCallsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 34
+            case 42: {
+              toolCallId_ = input.readStringRequireUtf8();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 42
+            case 50: {
+              io.github.quotad.v1.ImagePart m =
+                  input.readMessage(
+                      io.github.quotad.v1.ImagePart.parser(),
+                      extensionRegistry);
+              if (imagesBuilder_ == null) {
+                ensureImagesIsMutable();
+                images_.add(m);
+              } else {
+                imagesBuilder_.addMessage(m);
+              }
+              break;
+            } // case 50
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -822,6 +1168,722 @@ private static final long serialVersionUID = 0L;
       bitField0_ |= 0x00000004;
       onChanged();
       return this;
+    }
+
+    private java.util.List<io.github.quotad.v1.ToolCall> toolCalls_ =
+      java.util.Collections.emptyList();
+    private void ensureToolCallsIsMutable() {
+      if (!((bitField0_ & 0x00000008) != 0)) {
+        toolCalls_ = new java.util.ArrayList<io.github.quotad.v1.ToolCall>(toolCalls_);
+        bitField0_ |= 0x00000008;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ToolCall, io.github.quotad.v1.ToolCall.Builder, io.github.quotad.v1.ToolCallOrBuilder> toolCallsBuilder_;
+
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ToolCall> getToolCallsList() {
+      if (toolCallsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(toolCalls_);
+      } else {
+        return toolCallsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public int getToolCallsCount() {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.size();
+      } else {
+        return toolCallsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public io.github.quotad.v1.ToolCall getToolCalls(int index) {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.get(index);
+      } else {
+        return toolCallsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder setToolCalls(
+        int index, io.github.quotad.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.set(index, value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder setToolCalls(
+        int index, io.github.quotad.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(io.github.quotad.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.add(value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        int index, io.github.quotad.v1.ToolCall value) {
+      if (toolCallsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolCallsIsMutable();
+        toolCalls_.add(index, value);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        io.github.quotad.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.add(builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder addToolCalls(
+        int index, io.github.quotad.v1.ToolCall.Builder builderForValue) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolCallsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder addAllToolCalls(
+        java.lang.Iterable<? extends io.github.quotad.v1.ToolCall> values) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, toolCalls_);
+        onChanged();
+      } else {
+        toolCallsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder clearToolCalls() {
+      if (toolCallsBuilder_ == null) {
+        toolCalls_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000008);
+        onChanged();
+      } else {
+        toolCallsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public Builder removeToolCalls(int index) {
+      if (toolCallsBuilder_ == null) {
+        ensureToolCallsIsMutable();
+        toolCalls_.remove(index);
+        onChanged();
+      } else {
+        toolCallsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public io.github.quotad.v1.ToolCall.Builder getToolCallsBuilder(
+        int index) {
+      return internalGetToolCallsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public io.github.quotad.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+        int index) {
+      if (toolCallsBuilder_ == null) {
+        return toolCalls_.get(index);  } else {
+        return toolCallsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<? extends io.github.quotad.v1.ToolCallOrBuilder> 
+         getToolCallsOrBuilderList() {
+      if (toolCallsBuilder_ != null) {
+        return toolCallsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(toolCalls_);
+      }
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public io.github.quotad.v1.ToolCall.Builder addToolCallsBuilder() {
+      return internalGetToolCallsFieldBuilder().addBuilder(
+          io.github.quotad.v1.ToolCall.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public io.github.quotad.v1.ToolCall.Builder addToolCallsBuilder(
+        int index) {
+      return internalGetToolCallsFieldBuilder().addBuilder(
+          index, io.github.quotad.v1.ToolCall.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tool calls of an assistant message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ToolCall.Builder> 
+         getToolCallsBuilderList() {
+      return internalGetToolCallsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ToolCall, io.github.quotad.v1.ToolCall.Builder, io.github.quotad.v1.ToolCallOrBuilder> 
+        internalGetToolCallsFieldBuilder() {
+      if (toolCallsBuilder_ == null) {
+        toolCallsBuilder_ = new com.google.protobuf.RepeatedFieldBuilder<
+            io.github.quotad.v1.ToolCall, io.github.quotad.v1.ToolCall.Builder, io.github.quotad.v1.ToolCallOrBuilder>(
+                toolCalls_,
+                ((bitField0_ & 0x00000008) != 0),
+                getParentForChildren(),
+                isClean());
+        toolCalls_ = null;
+      }
+      return toolCallsBuilder_;
+    }
+
+    private java.lang.Object toolCallId_ = "";
+    /**
+     * <pre>
+     * For a "tool" message: the id of the call it answers.
+     * </pre>
+     *
+     * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+     * @return The toolCallId.
+     */
+    public java.lang.String getToolCallId() {
+      java.lang.Object ref = toolCallId_;
+      if (!(ref instanceof java.lang.String)) {
+        com.google.protobuf.ByteString bs =
+            (com.google.protobuf.ByteString) ref;
+        java.lang.String s = bs.toStringUtf8();
+        toolCallId_ = s;
+        return s;
+      } else {
+        return (java.lang.String) ref;
+      }
+    }
+    /**
+     * <pre>
+     * For a "tool" message: the id of the call it answers.
+     * </pre>
+     *
+     * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+     * @return The bytes for toolCallId.
+     */
+    public com.google.protobuf.ByteString
+        getToolCallIdBytes() {
+      java.lang.Object ref = toolCallId_;
+      if (ref instanceof String) {
+        com.google.protobuf.ByteString b = 
+            com.google.protobuf.ByteString.copyFromUtf8(
+                (java.lang.String) ref);
+        toolCallId_ = b;
+        return b;
+      } else {
+        return (com.google.protobuf.ByteString) ref;
+      }
+    }
+    /**
+     * <pre>
+     * For a "tool" message: the id of the call it answers.
+     * </pre>
+     *
+     * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+     * @param value The toolCallId to set.
+     * @return This builder for chaining.
+     */
+    public Builder setToolCallId(
+        java.lang.String value) {
+      if (value == null) { throw new NullPointerException(); }
+      toolCallId_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * For a "tool" message: the id of the call it answers.
+     * </pre>
+     *
+     * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearToolCallId() {
+      toolCallId_ = getDefaultInstance().getToolCallId();
+      bitField0_ = (bitField0_ & ~0x00000010);
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * For a "tool" message: the id of the call it answers.
+     * </pre>
+     *
+     * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+     * @param value The bytes for toolCallId to set.
+     * @return This builder for chaining.
+     */
+    public Builder setToolCallIdBytes(
+        com.google.protobuf.ByteString value) {
+      if (value == null) { throw new NullPointerException(); }
+      checkByteStringIsUtf8(value);
+      toolCallId_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+
+    private java.util.List<io.github.quotad.v1.ImagePart> images_ =
+      java.util.Collections.emptyList();
+    private void ensureImagesIsMutable() {
+      if (!((bitField0_ & 0x00000020) != 0)) {
+        images_ = new java.util.ArrayList<io.github.quotad.v1.ImagePart>(images_);
+        bitField0_ |= 0x00000020;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ImagePart, io.github.quotad.v1.ImagePart.Builder, io.github.quotad.v1.ImagePartOrBuilder> imagesBuilder_;
+
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ImagePart> getImagesList() {
+      if (imagesBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(images_);
+      } else {
+        return imagesBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public int getImagesCount() {
+      if (imagesBuilder_ == null) {
+        return images_.size();
+      } else {
+        return imagesBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public io.github.quotad.v1.ImagePart getImages(int index) {
+      if (imagesBuilder_ == null) {
+        return images_.get(index);
+      } else {
+        return imagesBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder setImages(
+        int index, io.github.quotad.v1.ImagePart value) {
+      if (imagesBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureImagesIsMutable();
+        images_.set(index, value);
+        onChanged();
+      } else {
+        imagesBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder setImages(
+        int index, io.github.quotad.v1.ImagePart.Builder builderForValue) {
+      if (imagesBuilder_ == null) {
+        ensureImagesIsMutable();
+        images_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        imagesBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder addImages(io.github.quotad.v1.ImagePart value) {
+      if (imagesBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureImagesIsMutable();
+        images_.add(value);
+        onChanged();
+      } else {
+        imagesBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder addImages(
+        int index, io.github.quotad.v1.ImagePart value) {
+      if (imagesBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureImagesIsMutable();
+        images_.add(index, value);
+        onChanged();
+      } else {
+        imagesBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder addImages(
+        io.github.quotad.v1.ImagePart.Builder builderForValue) {
+      if (imagesBuilder_ == null) {
+        ensureImagesIsMutable();
+        images_.add(builderForValue.build());
+        onChanged();
+      } else {
+        imagesBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder addImages(
+        int index, io.github.quotad.v1.ImagePart.Builder builderForValue) {
+      if (imagesBuilder_ == null) {
+        ensureImagesIsMutable();
+        images_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        imagesBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder addAllImages(
+        java.lang.Iterable<? extends io.github.quotad.v1.ImagePart> values) {
+      if (imagesBuilder_ == null) {
+        ensureImagesIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, images_);
+        onChanged();
+      } else {
+        imagesBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder clearImages() {
+      if (imagesBuilder_ == null) {
+        images_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000020);
+        onChanged();
+      } else {
+        imagesBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public Builder removeImages(int index) {
+      if (imagesBuilder_ == null) {
+        ensureImagesIsMutable();
+        images_.remove(index);
+        onChanged();
+      } else {
+        imagesBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public io.github.quotad.v1.ImagePart.Builder getImagesBuilder(
+        int index) {
+      return internalGetImagesFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public io.github.quotad.v1.ImagePartOrBuilder getImagesOrBuilder(
+        int index) {
+      if (imagesBuilder_ == null) {
+        return images_.get(index);  } else {
+        return imagesBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public java.util.List<? extends io.github.quotad.v1.ImagePartOrBuilder> 
+         getImagesOrBuilderList() {
+      if (imagesBuilder_ != null) {
+        return imagesBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(images_);
+      }
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public io.github.quotad.v1.ImagePart.Builder addImagesBuilder() {
+      return internalGetImagesFieldBuilder().addBuilder(
+          io.github.quotad.v1.ImagePart.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public io.github.quotad.v1.ImagePart.Builder addImagesBuilder(
+        int index) {
+      return internalGetImagesFieldBuilder().addBuilder(
+          index, io.github.quotad.v1.ImagePart.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * Images sent with the message.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ImagePart.Builder> 
+         getImagesBuilderList() {
+      return internalGetImagesFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ImagePart, io.github.quotad.v1.ImagePart.Builder, io.github.quotad.v1.ImagePartOrBuilder> 
+        internalGetImagesFieldBuilder() {
+      if (imagesBuilder_ == null) {
+        imagesBuilder_ = new com.google.protobuf.RepeatedFieldBuilder<
+            io.github.quotad.v1.ImagePart, io.github.quotad.v1.ImagePart.Builder, io.github.quotad.v1.ImagePartOrBuilder>(
+                images_,
+                ((bitField0_ & 0x00000020) != 0),
+                getParentForChildren(),
+                isClean());
+        images_ = null;
+      }
+      return imagesBuilder_;
     }
 
     // @@protoc_insertion_point(builder_scope:quotad.v1.ChatMessage)

@@ -69,4 +69,112 @@ public interface ChatMessageOrBuilder extends
    */
   com.google.protobuf.ByteString
       getNameBytes();
+
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<io.github.quotad.v1.ToolCall> 
+      getToolCallsList();
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  io.github.quotad.v1.ToolCall getToolCalls(int index);
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  int getToolCallsCount();
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  java.util.List<? extends io.github.quotad.v1.ToolCallOrBuilder> 
+      getToolCallsOrBuilderList();
+  /**
+   * <pre>
+   * The tool calls of an assistant message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolCall tool_calls = 4 [json_name = "toolCalls"];</code>
+   */
+  io.github.quotad.v1.ToolCallOrBuilder getToolCallsOrBuilder(
+      int index);
+
+  /**
+   * <pre>
+   * For a "tool" message: the id of the call it answers.
+   * </pre>
+   *
+   * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+   * @return The toolCallId.
+   */
+  java.lang.String getToolCallId();
+  /**
+   * <pre>
+   * For a "tool" message: the id of the call it answers.
+   * </pre>
+   *
+   * <code>string tool_call_id = 5 [json_name = "toolCallId"];</code>
+   * @return The bytes for toolCallId.
+   */
+  com.google.protobuf.ByteString
+      getToolCallIdBytes();
+
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  java.util.List<io.github.quotad.v1.ImagePart> 
+      getImagesList();
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  io.github.quotad.v1.ImagePart getImages(int index);
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  int getImagesCount();
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  java.util.List<? extends io.github.quotad.v1.ImagePartOrBuilder> 
+      getImagesOrBuilderList();
+  /**
+   * <pre>
+   * Images sent with the message.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ImagePart images = 6 [json_name = "images"];</code>
+   */
+  io.github.quotad.v1.ImagePartOrBuilder getImagesOrBuilder(
+      int index);
 }

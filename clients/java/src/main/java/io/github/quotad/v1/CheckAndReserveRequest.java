@@ -40,6 +40,8 @@ private static final long serialVersionUID = 0L;
     prompt_ = "";
     messages_ = java.util.Collections.emptyList();
     priority_ = 0;
+    serviceTier_ = 0;
+    tools_ = java.util.Collections.emptyList();
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -277,7 +279,11 @@ private static final long serialVersionUID = 0L;
   private long maxOutputTokens_ = 0L;
   /**
    * <pre>
-   * The call's max_tokens: the output reserved until Commit, 0 to 10^9.
+   * The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+   * less, when the model learns its outputs). 0: the call sets no max_tokens, and
+   * the server reserves the learned output or the model's maximum output, never 0
+   * (output_reservation says which). input + max_output_tokens must fit the
+   * model's context window and max_output_tokens its maximum output, when known.
    * </pre>
    *
    * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
@@ -568,6 +574,98 @@ private static final long serialVersionUID = 0L;
     return maxWait_ == null ? com.google.protobuf.Duration.getDefaultInstance() : maxWait_;
   }
 
+  public static final int SERVICE_TIER_FIELD_NUMBER = 13;
+  private int serviceTier_ = 0;
+  /**
+   * <pre>
+   * The provider's service tier the call will use: selects the price (cost limits).
+   * </pre>
+   *
+   * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+   * @return The enum numeric value on the wire for serviceTier.
+   */
+  @java.lang.Override public int getServiceTierValue() {
+    return serviceTier_;
+  }
+  /**
+   * <pre>
+   * The provider's service tier the call will use: selects the price (cost limits).
+   * </pre>
+   *
+   * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+   * @return The serviceTier.
+   */
+  @java.lang.Override public io.github.quotad.v1.ServiceTier getServiceTier() {
+    io.github.quotad.v1.ServiceTier result = io.github.quotad.v1.ServiceTier.forNumber(serviceTier_);
+    return result == null ? io.github.quotad.v1.ServiceTier.UNRECOGNIZED : result;
+  }
+
+  public static final int TOOLS_FIELD_NUMBER = 14;
+  @SuppressWarnings("serial")
+  private java.util.List<io.github.quotad.v1.ToolDefinition> tools_;
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<io.github.quotad.v1.ToolDefinition> getToolsList() {
+    return tools_;
+  }
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends io.github.quotad.v1.ToolDefinitionOrBuilder> 
+      getToolsOrBuilderList() {
+    return tools_;
+  }
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  @java.lang.Override
+  public int getToolsCount() {
+    return tools_.size();
+  }
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ToolDefinition getTools(int index) {
+    return tools_.get(index);
+  }
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  @java.lang.Override
+  public io.github.quotad.v1.ToolDefinitionOrBuilder getToolsOrBuilder(
+      int index) {
+    return tools_.get(index);
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -617,6 +715,12 @@ private static final long serialVersionUID = 0L;
     }
     if (((bitField0_ & 0x00000002) != 0)) {
       output.writeMessage(12, getMaxWait());
+    }
+    if (serviceTier_ != io.github.quotad.v1.ServiceTier.SERVICE_TIER_UNSPECIFIED.getNumber()) {
+      output.writeEnum(13, serviceTier_);
+    }
+    for (int i = 0; i < tools_.size(); i++) {
+      output.writeMessage(14, tools_.get(i));
     }
     getUnknownFields().writeTo(output);
   }
@@ -669,6 +773,19 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(12, getMaxWait());
     }
+    if (serviceTier_ != io.github.quotad.v1.ServiceTier.SERVICE_TIER_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(13, serviceTier_);
+    }
+
+        {
+          final int count = tools_.size();
+          for (int i = 0; i < count; i++) {
+            size += com.google.protobuf.CodedOutputStream
+              .computeMessageSizeNoTag(tools_.get(i));
+          }
+          size += 1 * count;
+        }
     return size;
   }
   @java.lang.Override
@@ -722,6 +839,9 @@ private static final long serialVersionUID = 0L;
       if (!getMaxWait()
           .equals(other.getMaxWait())) return false;
     }
+    if (serviceTier_ != other.serviceTier_) return false;
+    if (!getToolsList()
+        .equals(other.getToolsList())) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -764,6 +884,12 @@ private static final long serialVersionUID = 0L;
     if (hasMaxWait()) {
       hash = (37 * hash) + MAX_WAIT_FIELD_NUMBER;
       hash = (53 * hash) + getMaxWait().hashCode();
+    }
+    hash = (37 * hash) + SERVICE_TIER_FIELD_NUMBER;
+    hash = (53 * hash) + serviceTier_;
+    if (getToolsCount() > 0) {
+      hash = (37 * hash) + TOOLS_FIELD_NUMBER;
+      hash = (53 * hash) + getToolsList().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -902,6 +1028,7 @@ private static final long serialVersionUID = 0L;
         internalGetLeaseFieldBuilder();
         internalGetMessagesFieldBuilder();
         internalGetMaxWaitFieldBuilder();
+        internalGetToolsFieldBuilder();
       }
     }
     @java.lang.Override
@@ -934,6 +1061,14 @@ private static final long serialVersionUID = 0L;
         maxWaitBuilder_.dispose();
         maxWaitBuilder_ = null;
       }
+      serviceTier_ = 0;
+      if (toolsBuilder_ == null) {
+        tools_ = java.util.Collections.emptyList();
+      } else {
+        tools_ = null;
+        toolsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00002000);
       return this;
     }
 
@@ -975,6 +1110,15 @@ private static final long serialVersionUID = 0L;
         result.messages_ = messages_;
       } else {
         result.messages_ = messagesBuilder_.build();
+      }
+      if (toolsBuilder_ == null) {
+        if (((bitField0_ & 0x00002000) != 0)) {
+          tools_ = java.util.Collections.unmodifiableList(tools_);
+          bitField0_ = (bitField0_ & ~0x00002000);
+        }
+        result.tools_ = tools_;
+      } else {
+        result.tools_ = toolsBuilder_.build();
       }
     }
 
@@ -1019,6 +1163,9 @@ private static final long serialVersionUID = 0L;
             ? maxWait_
             : maxWaitBuilder_.build();
         to_bitField0_ |= 0x00000002;
+      }
+      if (((from_bitField0_ & 0x00001000) != 0)) {
+        result.serviceTier_ = serviceTier_;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -1105,6 +1252,35 @@ private static final long serialVersionUID = 0L;
       }
       if (other.hasMaxWait()) {
         mergeMaxWait(other.getMaxWait());
+      }
+      if (other.serviceTier_ != 0) {
+        setServiceTierValue(other.getServiceTierValue());
+      }
+      if (toolsBuilder_ == null) {
+        if (!other.tools_.isEmpty()) {
+          if (tools_.isEmpty()) {
+            tools_ = other.tools_;
+            bitField0_ = (bitField0_ & ~0x00002000);
+          } else {
+            ensureToolsIsMutable();
+            tools_.addAll(other.tools_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.tools_.isEmpty()) {
+          if (toolsBuilder_.isEmpty()) {
+            toolsBuilder_.dispose();
+            toolsBuilder_ = null;
+            tools_ = other.tools_;
+            bitField0_ = (bitField0_ & ~0x00002000);
+            toolsBuilder_ = 
+              com.google.protobuf.GeneratedMessage.alwaysUseFieldBuilders ?
+                 internalGetToolsFieldBuilder() : null;
+          } else {
+            toolsBuilder_.addAllMessages(other.tools_);
+          }
+        }
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -1204,6 +1380,24 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000800;
               break;
             } // case 98
+            case 104: {
+              serviceTier_ = input.readEnum();
+              bitField0_ |= 0x00001000;
+              break;
+            } // case 104
+            case 114: {
+              io.github.quotad.v1.ToolDefinition m =
+                  input.readMessage(
+                      io.github.quotad.v1.ToolDefinition.parser(),
+                      extensionRegistry);
+              if (toolsBuilder_ == null) {
+                ensureToolsIsMutable();
+                tools_.add(m);
+              } else {
+                toolsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 114
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1659,7 +1853,11 @@ private static final long serialVersionUID = 0L;
     private long maxOutputTokens_ ;
     /**
      * <pre>
-     * The call's max_tokens: the output reserved until Commit, 0 to 10^9.
+     * The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+     * less, when the model learns its outputs). 0: the call sets no max_tokens, and
+     * the server reserves the learned output or the model's maximum output, never 0
+     * (output_reservation says which). input + max_output_tokens must fit the
+     * model's context window and max_output_tokens its maximum output, when known.
      * </pre>
      *
      * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
@@ -1671,7 +1869,11 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The call's max_tokens: the output reserved until Commit, 0 to 10^9.
+     * The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+     * less, when the model learns its outputs). 0: the call sets no max_tokens, and
+     * the server reserves the learned output or the model's maximum output, never 0
+     * (output_reservation says which). input + max_output_tokens must fit the
+     * model's context window and max_output_tokens its maximum output, when known.
      * </pre>
      *
      * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
@@ -1687,7 +1889,11 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The call's max_tokens: the output reserved until Commit, 0 to 10^9.
+     * The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+     * less, when the model learns its outputs). 0: the call sets no max_tokens, and
+     * the server reserves the learned output or the model's maximum output, never 0
+     * (output_reservation says which). input + max_output_tokens must fit the
+     * model's context window and max_output_tokens its maximum output, when known.
      * </pre>
      *
      * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
@@ -2649,6 +2855,408 @@ private static final long serialVersionUID = 0L;
         maxWait_ = null;
       }
       return maxWaitBuilder_;
+    }
+
+    private int serviceTier_ = 0;
+    /**
+     * <pre>
+     * The provider's service tier the call will use: selects the price (cost limits).
+     * </pre>
+     *
+     * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+     * @return The enum numeric value on the wire for serviceTier.
+     */
+    @java.lang.Override public int getServiceTierValue() {
+      return serviceTier_;
+    }
+    /**
+     * <pre>
+     * The provider's service tier the call will use: selects the price (cost limits).
+     * </pre>
+     *
+     * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+     * @param value The enum numeric value on the wire for serviceTier to set.
+     * @return This builder for chaining.
+     */
+    public Builder setServiceTierValue(int value) {
+      serviceTier_ = value;
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The provider's service tier the call will use: selects the price (cost limits).
+     * </pre>
+     *
+     * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+     * @return The serviceTier.
+     */
+    @java.lang.Override
+    public io.github.quotad.v1.ServiceTier getServiceTier() {
+      io.github.quotad.v1.ServiceTier result = io.github.quotad.v1.ServiceTier.forNumber(serviceTier_);
+      return result == null ? io.github.quotad.v1.ServiceTier.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * The provider's service tier the call will use: selects the price (cost limits).
+     * </pre>
+     *
+     * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+     * @param value The serviceTier to set.
+     * @throws IllegalArgumentException if UNRECOGNIZED is provided.
+     * @return This builder for chaining.
+     */
+    public Builder setServiceTier(io.github.quotad.v1.ServiceTier value) {
+      if (value == null) { throw new NullPointerException(); }
+      bitField0_ |= 0x00001000;
+      serviceTier_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The provider's service tier the call will use: selects the price (cost limits).
+     * </pre>
+     *
+     * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearServiceTier() {
+      bitField0_ = (bitField0_ & ~0x00001000);
+      serviceTier_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private java.util.List<io.github.quotad.v1.ToolDefinition> tools_ =
+      java.util.Collections.emptyList();
+    private void ensureToolsIsMutable() {
+      if (!((bitField0_ & 0x00002000) != 0)) {
+        tools_ = new java.util.ArrayList<io.github.quotad.v1.ToolDefinition>(tools_);
+        bitField0_ |= 0x00002000;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ToolDefinition, io.github.quotad.v1.ToolDefinition.Builder, io.github.quotad.v1.ToolDefinitionOrBuilder> toolsBuilder_;
+
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ToolDefinition> getToolsList() {
+      if (toolsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(tools_);
+      } else {
+        return toolsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public int getToolsCount() {
+      if (toolsBuilder_ == null) {
+        return tools_.size();
+      } else {
+        return toolsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public io.github.quotad.v1.ToolDefinition getTools(int index) {
+      if (toolsBuilder_ == null) {
+        return tools_.get(index);
+      } else {
+        return toolsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder setTools(
+        int index, io.github.quotad.v1.ToolDefinition value) {
+      if (toolsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolsIsMutable();
+        tools_.set(index, value);
+        onChanged();
+      } else {
+        toolsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder setTools(
+        int index, io.github.quotad.v1.ToolDefinition.Builder builderForValue) {
+      if (toolsBuilder_ == null) {
+        ensureToolsIsMutable();
+        tools_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder addTools(io.github.quotad.v1.ToolDefinition value) {
+      if (toolsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolsIsMutable();
+        tools_.add(value);
+        onChanged();
+      } else {
+        toolsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder addTools(
+        int index, io.github.quotad.v1.ToolDefinition value) {
+      if (toolsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolsIsMutable();
+        tools_.add(index, value);
+        onChanged();
+      } else {
+        toolsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder addTools(
+        io.github.quotad.v1.ToolDefinition.Builder builderForValue) {
+      if (toolsBuilder_ == null) {
+        ensureToolsIsMutable();
+        tools_.add(builderForValue.build());
+        onChanged();
+      } else {
+        toolsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder addTools(
+        int index, io.github.quotad.v1.ToolDefinition.Builder builderForValue) {
+      if (toolsBuilder_ == null) {
+        ensureToolsIsMutable();
+        tools_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder addAllTools(
+        java.lang.Iterable<? extends io.github.quotad.v1.ToolDefinition> values) {
+      if (toolsBuilder_ == null) {
+        ensureToolsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, tools_);
+        onChanged();
+      } else {
+        toolsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder clearTools() {
+      if (toolsBuilder_ == null) {
+        tools_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00002000);
+        onChanged();
+      } else {
+        toolsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public Builder removeTools(int index) {
+      if (toolsBuilder_ == null) {
+        ensureToolsIsMutable();
+        tools_.remove(index);
+        onChanged();
+      } else {
+        toolsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public io.github.quotad.v1.ToolDefinition.Builder getToolsBuilder(
+        int index) {
+      return internalGetToolsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public io.github.quotad.v1.ToolDefinitionOrBuilder getToolsOrBuilder(
+        int index) {
+      if (toolsBuilder_ == null) {
+        return tools_.get(index);  } else {
+        return toolsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public java.util.List<? extends io.github.quotad.v1.ToolDefinitionOrBuilder> 
+         getToolsOrBuilderList() {
+      if (toolsBuilder_ != null) {
+        return toolsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(tools_);
+      }
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public io.github.quotad.v1.ToolDefinition.Builder addToolsBuilder() {
+      return internalGetToolsFieldBuilder().addBuilder(
+          io.github.quotad.v1.ToolDefinition.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public io.github.quotad.v1.ToolDefinition.Builder addToolsBuilder(
+        int index) {
+      return internalGetToolsFieldBuilder().addBuilder(
+          index, io.github.quotad.v1.ToolDefinition.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * The tools (functions) offered to the model, counted as OpenAI documents with
+     * messages. Only with messages.
+     * </pre>
+     *
+     * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+     */
+    public java.util.List<io.github.quotad.v1.ToolDefinition.Builder> 
+         getToolsBuilderList() {
+      return internalGetToolsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.github.quotad.v1.ToolDefinition, io.github.quotad.v1.ToolDefinition.Builder, io.github.quotad.v1.ToolDefinitionOrBuilder> 
+        internalGetToolsFieldBuilder() {
+      if (toolsBuilder_ == null) {
+        toolsBuilder_ = new com.google.protobuf.RepeatedFieldBuilder<
+            io.github.quotad.v1.ToolDefinition, io.github.quotad.v1.ToolDefinition.Builder, io.github.quotad.v1.ToolDefinitionOrBuilder>(
+                tools_,
+                ((bitField0_ & 0x00002000) != 0),
+                getParentForChildren(),
+                isClean());
+        tools_ = null;
+      }
+      return toolsBuilder_;
     }
 
     // @@protoc_insertion_point(builder_scope:quotad.v1.CheckAndReserveRequest)

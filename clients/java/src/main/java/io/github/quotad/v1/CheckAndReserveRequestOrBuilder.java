@@ -111,7 +111,11 @@ public interface CheckAndReserveRequestOrBuilder extends
 
   /**
    * <pre>
-   * The call's max_tokens: the output reserved until Commit, 0 to 10^9.
+   * The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+   * less, when the model learns its outputs). 0: the call sets no max_tokens, and
+   * the server reserves the learned output or the model's maximum output, never 0
+   * (output_reservation says which). input + max_output_tokens must fit the
+   * model's context window and max_output_tokens its maximum output, when known.
    * </pre>
    *
    * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
@@ -298,4 +302,72 @@ public interface CheckAndReserveRequestOrBuilder extends
    * <code>.google.protobuf.Duration max_wait = 12 [json_name = "maxWait"];</code>
    */
   com.google.protobuf.DurationOrBuilder getMaxWaitOrBuilder();
+
+  /**
+   * <pre>
+   * The provider's service tier the call will use: selects the price (cost limits).
+   * </pre>
+   *
+   * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+   * @return The enum numeric value on the wire for serviceTier.
+   */
+  int getServiceTierValue();
+  /**
+   * <pre>
+   * The provider's service tier the call will use: selects the price (cost limits).
+   * </pre>
+   *
+   * <code>.quotad.v1.ServiceTier service_tier = 13 [json_name = "serviceTier"];</code>
+   * @return The serviceTier.
+   */
+  io.github.quotad.v1.ServiceTier getServiceTier();
+
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  java.util.List<io.github.quotad.v1.ToolDefinition> 
+      getToolsList();
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  io.github.quotad.v1.ToolDefinition getTools(int index);
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  int getToolsCount();
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  java.util.List<? extends io.github.quotad.v1.ToolDefinitionOrBuilder> 
+      getToolsOrBuilderList();
+  /**
+   * <pre>
+   * The tools (functions) offered to the model, counted as OpenAI documents with
+   * messages. Only with messages.
+   * </pre>
+   *
+   * <code>repeated .quotad.v1.ToolDefinition tools = 14 [json_name = "tools"];</code>
+   */
+  io.github.quotad.v1.ToolDefinitionOrBuilder getToolsOrBuilder(
+      int index);
 }

@@ -40,6 +40,7 @@ private static final long serialVersionUID = 0L;
     tenant_ = "";
     tier_ = "";
     priority_ = 0;
+    outputReservation_ = 0;
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -575,6 +576,32 @@ private static final long serialVersionUID = 0L;
     return result == null ? io.github.quotad.v1.Priority.UNRECOGNIZED : result;
   }
 
+  public static final int OUTPUT_RESERVATION_FIELD_NUMBER = 15;
+  private int outputReservation_ = 0;
+  /**
+   * <pre>
+   * Where the reserved output tokens came from.
+   * </pre>
+   *
+   * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+   * @return The enum numeric value on the wire for outputReservation.
+   */
+  @java.lang.Override public int getOutputReservationValue() {
+    return outputReservation_;
+  }
+  /**
+   * <pre>
+   * Where the reserved output tokens came from.
+   * </pre>
+   *
+   * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+   * @return The outputReservation.
+   */
+  @java.lang.Override public io.github.quotad.v1.OutputReservation getOutputReservation() {
+    io.github.quotad.v1.OutputReservation result = io.github.quotad.v1.OutputReservation.forNumber(outputReservation_);
+    return result == null ? io.github.quotad.v1.OutputReservation.UNRECOGNIZED : result;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -630,6 +657,9 @@ private static final long serialVersionUID = 0L;
     }
     if (priority_ != io.github.quotad.v1.Priority.PRIORITY_UNSPECIFIED.getNumber()) {
       output.writeEnum(14, priority_);
+    }
+    if (outputReservation_ != io.github.quotad.v1.OutputReservation.OUTPUT_RESERVATION_UNSPECIFIED.getNumber()) {
+      output.writeEnum(15, outputReservation_);
     }
     getUnknownFields().writeTo(output);
   }
@@ -692,6 +722,10 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeEnumSize(14, priority_);
     }
+    if (outputReservation_ != io.github.quotad.v1.OutputReservation.OUTPUT_RESERVATION_UNSPECIFIED.getNumber()) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeEnumSize(15, outputReservation_);
+    }
     return size;
   }
   @java.lang.Override
@@ -753,6 +787,7 @@ private static final long serialVersionUID = 0L;
           .equals(other.getWaited())) return false;
     }
     if (priority_ != other.priority_) return false;
+    if (outputReservation_ != other.outputReservation_) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -804,6 +839,8 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + PRIORITY_FIELD_NUMBER;
     hash = (53 * hash) + priority_;
+    hash = (37 * hash) + OUTPUT_RESERVATION_FIELD_NUMBER;
+    hash = (53 * hash) + outputReservation_;
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -985,6 +1022,7 @@ private static final long serialVersionUID = 0L;
         waitedBuilder_ = null;
       }
       priority_ = 0;
+      outputReservation_ = 0;
       return this;
     }
 
@@ -1083,6 +1121,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00002000) != 0)) {
         result.priority_ = priority_;
       }
+      if (((from_bitField0_ & 0x00004000) != 0)) {
+        result.outputReservation_ = outputReservation_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -1170,6 +1211,9 @@ private static final long serialVersionUID = 0L;
       }
       if (other.priority_ != 0) {
         setPriorityValue(other.getPriorityValue());
+      }
+      if (other.outputReservation_ != 0) {
+        setOutputReservationValue(other.getOutputReservationValue());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -1283,6 +1327,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00002000;
               break;
             } // case 112
+            case 120: {
+              outputReservation_ = input.readEnum();
+              bitField0_ |= 0x00004000;
+              break;
+            } // case 120
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2923,6 +2972,78 @@ private static final long serialVersionUID = 0L;
     public Builder clearPriority() {
       bitField0_ = (bitField0_ & ~0x00002000);
       priority_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private int outputReservation_ = 0;
+    /**
+     * <pre>
+     * Where the reserved output tokens came from.
+     * </pre>
+     *
+     * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+     * @return The enum numeric value on the wire for outputReservation.
+     */
+    @java.lang.Override public int getOutputReservationValue() {
+      return outputReservation_;
+    }
+    /**
+     * <pre>
+     * Where the reserved output tokens came from.
+     * </pre>
+     *
+     * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+     * @param value The enum numeric value on the wire for outputReservation to set.
+     * @return This builder for chaining.
+     */
+    public Builder setOutputReservationValue(int value) {
+      outputReservation_ = value;
+      bitField0_ |= 0x00004000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Where the reserved output tokens came from.
+     * </pre>
+     *
+     * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+     * @return The outputReservation.
+     */
+    @java.lang.Override
+    public io.github.quotad.v1.OutputReservation getOutputReservation() {
+      io.github.quotad.v1.OutputReservation result = io.github.quotad.v1.OutputReservation.forNumber(outputReservation_);
+      return result == null ? io.github.quotad.v1.OutputReservation.UNRECOGNIZED : result;
+    }
+    /**
+     * <pre>
+     * Where the reserved output tokens came from.
+     * </pre>
+     *
+     * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+     * @param value The outputReservation to set.
+     * @throws IllegalArgumentException if UNRECOGNIZED is provided.
+     * @return This builder for chaining.
+     */
+    public Builder setOutputReservation(io.github.quotad.v1.OutputReservation value) {
+      if (value == null) { throw new NullPointerException(); }
+      bitField0_ |= 0x00004000;
+      outputReservation_ = value.getNumber();
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Where the reserved output tokens came from.
+     * </pre>
+     *
+     * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearOutputReservation() {
+      bitField0_ = (bitField0_ & ~0x00004000);
+      outputReservation_ = 0;
       onChanged();
       return this;
     }

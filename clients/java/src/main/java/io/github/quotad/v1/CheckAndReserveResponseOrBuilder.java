@@ -323,4 +323,23 @@ public interface CheckAndReserveResponseOrBuilder extends
    * @return The priority.
    */
   io.github.quotad.v1.Priority getPriority();
+
+  /**
+   * <pre>
+   * Where the reserved output tokens came from.
+   * </pre>
+   *
+   * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+   * @return The enum numeric value on the wire for outputReservation.
+   */
+  int getOutputReservationValue();
+  /**
+   * <pre>
+   * Where the reserved output tokens came from.
+   * </pre>
+   *
+   * <code>.quotad.v1.OutputReservation output_reservation = 15 [json_name = "outputReservation"];</code>
+   * @return The outputReservation.
+   */
+  io.github.quotad.v1.OutputReservation getOutputReservation();
 }

@@ -147,6 +147,23 @@ private static final long serialVersionUID = 0L;
     return cachedInputTokens_;
   }
 
+  public static final int CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER = 5;
+  private long cacheWriteInputTokens_ = 0L;
+  /**
+   * <pre>
+   * The part of input_tokens written to the provider's prompt cache (Anthropic's
+   * cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+   * at the cache-write rate, and counted as input by token limits.
+   * </pre>
+   *
+   * <code>int64 cache_write_input_tokens = 5 [json_name = "cacheWriteInputTokens"];</code>
+   * @return The cacheWriteInputTokens.
+   */
+  @java.lang.Override
+  public long getCacheWriteInputTokens() {
+    return cacheWriteInputTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -173,6 +190,9 @@ private static final long serialVersionUID = 0L;
     if (cachedInputTokens_ != 0L) {
       output.writeInt64(4, cachedInputTokens_);
     }
+    if (cacheWriteInputTokens_ != 0L) {
+      output.writeInt64(5, cacheWriteInputTokens_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -191,6 +211,10 @@ private static final long serialVersionUID = 0L;
     if (cachedInputTokens_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(4, cachedInputTokens_);
+    }
+    if (cacheWriteInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(5, cacheWriteInputTokens_);
     }
     return size;
   }
@@ -224,6 +248,8 @@ private static final long serialVersionUID = 0L;
         != other.getOutputTokens()) return false;
     if (getCachedInputTokens()
         != other.getCachedInputTokens()) return false;
+    if (getCacheWriteInputTokens()
+        != other.getCacheWriteInputTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -246,6 +272,9 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + CACHED_INPUT_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getCachedInputTokens());
+    hash = (37 * hash) + CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCacheWriteInputTokens());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -385,6 +414,7 @@ private static final long serialVersionUID = 0L;
       inputTokens_ = 0L;
       outputTokens_ = 0L;
       cachedInputTokens_ = 0L;
+      cacheWriteInputTokens_ = 0L;
       return this;
     }
 
@@ -430,6 +460,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000008) != 0)) {
         result.cachedInputTokens_ = cachedInputTokens_;
       }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.cacheWriteInputTokens_ = cacheWriteInputTokens_;
+      }
     }
 
     @java.lang.Override
@@ -457,6 +490,9 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getCachedInputTokens() != 0L) {
         setCachedInputTokens(other.getCachedInputTokens());
+      }
+      if (other.getCacheWriteInputTokens() != 0L) {
+        setCacheWriteInputTokens(other.getCacheWriteInputTokens());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -504,6 +540,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000008;
               break;
             } // case 32
+            case 40: {
+              cacheWriteInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -747,6 +788,56 @@ private static final long serialVersionUID = 0L;
     public Builder clearCachedInputTokens() {
       bitField0_ = (bitField0_ & ~0x00000008);
       cachedInputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long cacheWriteInputTokens_ ;
+    /**
+     * <pre>
+     * The part of input_tokens written to the provider's prompt cache (Anthropic's
+     * cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+     * at the cache-write rate, and counted as input by token limits.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 5 [json_name = "cacheWriteInputTokens"];</code>
+     * @return The cacheWriteInputTokens.
+     */
+    @java.lang.Override
+    public long getCacheWriteInputTokens() {
+      return cacheWriteInputTokens_;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens written to the provider's prompt cache (Anthropic's
+     * cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+     * at the cache-write rate, and counted as input by token limits.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 5 [json_name = "cacheWriteInputTokens"];</code>
+     * @param value The cacheWriteInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWriteInputTokens(long value) {
+
+      cacheWriteInputTokens_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens written to the provider's prompt cache (Anthropic's
+     * cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+     * at the cache-write rate, and counted as input by token limits.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 5 [json_name = "cacheWriteInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheWriteInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      cacheWriteInputTokens_ = 0L;
       onChanged();
       return this;
     }

@@ -61,4 +61,16 @@ public interface CommitRequestOrBuilder extends
    * @return The cachedInputTokens.
    */
   long getCachedInputTokens();
+
+  /**
+   * <pre>
+   * The part of input_tokens written to the provider's prompt cache (Anthropic's
+   * cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+   * at the cache-write rate, and counted as input by token limits.
+   * </pre>
+   *
+   * <code>int64 cache_write_input_tokens = 5 [json_name = "cacheWriteInputTokens"];</code>
+   * @return The cacheWriteInputTokens.
+   */
+  long getCacheWriteInputTokens();
 }

@@ -161,6 +161,39 @@ private static final long serialVersionUID = 0L;
     return leaseExpired_;
   }
 
+  public static final int IMPOSSIBLE_USAGE_FIELD_NUMBER = 5;
+  private boolean impossibleUsage_ = false;
+  /**
+   * <pre>
+   * True when the reported output_tokens exceed the max_output_tokens the call
+   * was reserved with: no provider returns more than max_tokens, so the caller
+   * reports wrong usage (or called with a larger max_tokens). It is charged all
+   * the same, and counted in quotad_impossible_usage_total.
+   * </pre>
+   *
+   * <code>bool impossible_usage = 5 [json_name = "impossibleUsage"];</code>
+   * @return The impossibleUsage.
+   */
+  @java.lang.Override
+  public boolean getImpossibleUsage() {
+    return impossibleUsage_;
+  }
+
+  public static final int MAX_OUTPUT_TOKENS_FIELD_NUMBER = 6;
+  private long maxOutputTokens_ = 0L;
+  /**
+   * <pre>
+   * The max_output_tokens the call was reserved with (after the default).
+   * </pre>
+   *
+   * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
+   * @return The maxOutputTokens.
+   */
+  @java.lang.Override
+  public long getMaxOutputTokens() {
+    return maxOutputTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -187,6 +220,12 @@ private static final long serialVersionUID = 0L;
     if (leaseExpired_ != false) {
       output.writeBool(4, leaseExpired_);
     }
+    if (impossibleUsage_ != false) {
+      output.writeBool(5, impossibleUsage_);
+    }
+    if (maxOutputTokens_ != 0L) {
+      output.writeInt64(6, maxOutputTokens_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -206,6 +245,14 @@ private static final long serialVersionUID = 0L;
     if (leaseExpired_ != false) {
       size += com.google.protobuf.CodedOutputStream
         .computeBoolSize(4, leaseExpired_);
+    }
+    if (impossibleUsage_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(5, impossibleUsage_);
+    }
+    if (maxOutputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(6, maxOutputTokens_);
     }
     return size;
   }
@@ -245,6 +292,10 @@ private static final long serialVersionUID = 0L;
         != other.getRepeat()) return false;
     if (getLeaseExpired()
         != other.getLeaseExpired()) return false;
+    if (getImpossibleUsage()
+        != other.getImpossibleUsage()) return false;
+    if (getMaxOutputTokens()
+        != other.getMaxOutputTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -270,6 +321,12 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + LEASE_EXPIRED_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
         getLeaseExpired());
+    hash = (37 * hash) + IMPOSSIBLE_USAGE_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getImpossibleUsage());
+    hash = (37 * hash) + MAX_OUTPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getMaxOutputTokens());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -424,6 +481,8 @@ private static final long serialVersionUID = 0L;
       }
       repeat_ = false;
       leaseExpired_ = false;
+      impossibleUsage_ = false;
+      maxOutputTokens_ = 0L;
       return this;
     }
 
@@ -476,6 +535,12 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000008) != 0)) {
         result.leaseExpired_ = leaseExpired_;
       }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.impossibleUsage_ = impossibleUsage_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.maxOutputTokens_ = maxOutputTokens_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -502,6 +567,12 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getLeaseExpired() != false) {
         setLeaseExpired(other.getLeaseExpired());
+      }
+      if (other.getImpossibleUsage() != false) {
+        setImpossibleUsage(other.getImpossibleUsage());
+      }
+      if (other.getMaxOutputTokens() != 0L) {
+        setMaxOutputTokens(other.getMaxOutputTokens());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -553,6 +624,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000008;
               break;
             } // case 32
+            case 40: {
+              impossibleUsage_ = input.readBool();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
+            case 48: {
+              maxOutputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 48
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -974,6 +1055,103 @@ private static final long serialVersionUID = 0L;
     public Builder clearLeaseExpired() {
       bitField0_ = (bitField0_ & ~0x00000008);
       leaseExpired_ = false;
+      onChanged();
+      return this;
+    }
+
+    private boolean impossibleUsage_ ;
+    /**
+     * <pre>
+     * True when the reported output_tokens exceed the max_output_tokens the call
+     * was reserved with: no provider returns more than max_tokens, so the caller
+     * reports wrong usage (or called with a larger max_tokens). It is charged all
+     * the same, and counted in quotad_impossible_usage_total.
+     * </pre>
+     *
+     * <code>bool impossible_usage = 5 [json_name = "impossibleUsage"];</code>
+     * @return The impossibleUsage.
+     */
+    @java.lang.Override
+    public boolean getImpossibleUsage() {
+      return impossibleUsage_;
+    }
+    /**
+     * <pre>
+     * True when the reported output_tokens exceed the max_output_tokens the call
+     * was reserved with: no provider returns more than max_tokens, so the caller
+     * reports wrong usage (or called with a larger max_tokens). It is charged all
+     * the same, and counted in quotad_impossible_usage_total.
+     * </pre>
+     *
+     * <code>bool impossible_usage = 5 [json_name = "impossibleUsage"];</code>
+     * @param value The impossibleUsage to set.
+     * @return This builder for chaining.
+     */
+    public Builder setImpossibleUsage(boolean value) {
+
+      impossibleUsage_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * True when the reported output_tokens exceed the max_output_tokens the call
+     * was reserved with: no provider returns more than max_tokens, so the caller
+     * reports wrong usage (or called with a larger max_tokens). It is charged all
+     * the same, and counted in quotad_impossible_usage_total.
+     * </pre>
+     *
+     * <code>bool impossible_usage = 5 [json_name = "impossibleUsage"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearImpossibleUsage() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      impossibleUsage_ = false;
+      onChanged();
+      return this;
+    }
+
+    private long maxOutputTokens_ ;
+    /**
+     * <pre>
+     * The max_output_tokens the call was reserved with (after the default).
+     * </pre>
+     *
+     * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
+     * @return The maxOutputTokens.
+     */
+    @java.lang.Override
+    public long getMaxOutputTokens() {
+      return maxOutputTokens_;
+    }
+    /**
+     * <pre>
+     * The max_output_tokens the call was reserved with (after the default).
+     * </pre>
+     *
+     * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
+     * @param value The maxOutputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setMaxOutputTokens(long value) {
+
+      maxOutputTokens_ = value;
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The max_output_tokens the call was reserved with (after the default).
+     * </pre>
+     *
+     * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearMaxOutputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      maxOutputTokens_ = 0L;
       onChanged();
       return this;
     }

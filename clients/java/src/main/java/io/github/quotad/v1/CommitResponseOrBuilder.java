@@ -85,4 +85,27 @@ public interface CommitResponseOrBuilder extends
    * @return The leaseExpired.
    */
   boolean getLeaseExpired();
+
+  /**
+   * <pre>
+   * True when the reported output_tokens exceed the max_output_tokens the call
+   * was reserved with: no provider returns more than max_tokens, so the caller
+   * reports wrong usage (or called with a larger max_tokens). It is charged all
+   * the same, and counted in quotad_impossible_usage_total.
+   * </pre>
+   *
+   * <code>bool impossible_usage = 5 [json_name = "impossibleUsage"];</code>
+   * @return The impossibleUsage.
+   */
+  boolean getImpossibleUsage();
+
+  /**
+   * <pre>
+   * The max_output_tokens the call was reserved with (after the default).
+   * </pre>
+   *
+   * <code>int64 max_output_tokens = 6 [json_name = "maxOutputTokens"];</code>
+   * @return The maxOutputTokens.
+   */
+  long getMaxOutputTokens();
 }

@@ -127,6 +127,22 @@ private static final long serialVersionUID = 0L;
     return costMicroUsd_;
   }
 
+  public static final int CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER = 6;
+  private long cacheWriteInputTokens_ = 0L;
+  /**
+   * <pre>
+   * The part of input_tokens written to the provider's prompt cache (Anthropic's
+   * cache_creation_input_tokens): priced at the cache-write rate.
+   * </pre>
+   *
+   * <code>int64 cache_write_input_tokens = 6 [json_name = "cacheWriteInputTokens"];</code>
+   * @return The cacheWriteInputTokens.
+   */
+  @java.lang.Override
+  public long getCacheWriteInputTokens() {
+    return cacheWriteInputTokens_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -156,6 +172,9 @@ private static final long serialVersionUID = 0L;
     if (costMicroUsd_ != 0L) {
       output.writeInt64(5, costMicroUsd_);
     }
+    if (cacheWriteInputTokens_ != 0L) {
+      output.writeInt64(6, cacheWriteInputTokens_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -179,6 +198,10 @@ private static final long serialVersionUID = 0L;
     if (costMicroUsd_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(5, costMicroUsd_);
+    }
+    if (cacheWriteInputTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(6, cacheWriteInputTokens_);
     }
     return size;
   }
@@ -214,6 +237,8 @@ private static final long serialVersionUID = 0L;
         != other.getCachedInputTokens()) return false;
     if (getCostMicroUsd()
         != other.getCostMicroUsd()) return false;
+    if (getCacheWriteInputTokens()
+        != other.getCacheWriteInputTokens()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -240,6 +265,9 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + COST_MICRO_USD_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getCostMicroUsd());
+    hash = (37 * hash) + CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getCacheWriteInputTokens());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -380,6 +408,7 @@ private static final long serialVersionUID = 0L;
       outputTokens_ = 0L;
       cachedInputTokens_ = 0L;
       costMicroUsd_ = 0L;
+      cacheWriteInputTokens_ = 0L;
       return this;
     }
 
@@ -428,6 +457,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000010) != 0)) {
         result.costMicroUsd_ = costMicroUsd_;
       }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.cacheWriteInputTokens_ = cacheWriteInputTokens_;
+      }
     }
 
     @java.lang.Override
@@ -456,6 +488,9 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getCostMicroUsd() != 0L) {
         setCostMicroUsd(other.getCostMicroUsd());
+      }
+      if (other.getCacheWriteInputTokens() != 0L) {
+        setCacheWriteInputTokens(other.getCacheWriteInputTokens());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -508,6 +543,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000010;
               break;
             } // case 40
+            case 48: {
+              cacheWriteInputTokens_ = input.readInt64();
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 48
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -741,6 +781,53 @@ private static final long serialVersionUID = 0L;
     public Builder clearCostMicroUsd() {
       bitField0_ = (bitField0_ & ~0x00000010);
       costMicroUsd_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long cacheWriteInputTokens_ ;
+    /**
+     * <pre>
+     * The part of input_tokens written to the provider's prompt cache (Anthropic's
+     * cache_creation_input_tokens): priced at the cache-write rate.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 6 [json_name = "cacheWriteInputTokens"];</code>
+     * @return The cacheWriteInputTokens.
+     */
+    @java.lang.Override
+    public long getCacheWriteInputTokens() {
+      return cacheWriteInputTokens_;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens written to the provider's prompt cache (Anthropic's
+     * cache_creation_input_tokens): priced at the cache-write rate.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 6 [json_name = "cacheWriteInputTokens"];</code>
+     * @param value The cacheWriteInputTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setCacheWriteInputTokens(long value) {
+
+      cacheWriteInputTokens_ = value;
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The part of input_tokens written to the provider's prompt cache (Anthropic's
+     * cache_creation_input_tokens): priced at the cache-write rate.
+     * </pre>
+     *
+     * <code>int64 cache_write_input_tokens = 6 [json_name = "cacheWriteInputTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearCacheWriteInputTokens() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      cacheWriteInputTokens_ = 0L;
       onChanged();
       return this;
     }

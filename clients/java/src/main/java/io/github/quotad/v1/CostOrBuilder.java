@@ -59,4 +59,15 @@ public interface CostOrBuilder extends
    * @return The costMicroUsd.
    */
   long getCostMicroUsd();
+
+  /**
+   * <pre>
+   * The part of input_tokens written to the provider's prompt cache (Anthropic's
+   * cache_creation_input_tokens): priced at the cache-write rate.
+   * </pre>
+   *
+   * <code>int64 cache_write_input_tokens = 6 [json_name = "cacheWriteInputTokens"];</code>
+   * @return The cacheWriteInputTokens.
+   */
+  long getCacheWriteInputTokens();
 }

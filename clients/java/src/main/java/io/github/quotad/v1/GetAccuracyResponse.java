@@ -289,7 +289,8 @@ private static final long serialVersionUID = 0L;
   private long overrunTokens_ = 0L;
   /**
    * <pre>
-   * Tokens used beyond the reservation (charged on Commit as debt).
+   * Tokens used beyond the reservation (charged on Commit as debt): input and
+   * output together, input_overrun_tokens + output_overrun_tokens.
    * </pre>
    *
    * <code>int64 overrun_tokens = 9 [json_name = "overrunTokens"];</code>
@@ -320,7 +321,8 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * The output reservation learned (a high quantile of actual output
-   * tokens); 0 while there are too few samples or when not learning.
+   * tokens) for calls without max_output_tokens; 0 while there are too few
+   * samples or when not learning.
    * </pre>
    *
    * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -329,6 +331,82 @@ private static final long serialVersionUID = 0L;
   @java.lang.Override
   public long getLearnedOutputTokens() {
     return learnedOutputTokens_;
+  }
+
+  public static final int INPUT_OVERRUN_TOKENS_FIELD_NUMBER = 12;
+  private long inputOverrunTokens_ = 0L;
+  /**
+   * <pre>
+   * Input tokens used beyond the estimate.
+   * </pre>
+   *
+   * <code>int64 input_overrun_tokens = 12 [json_name = "inputOverrunTokens"];</code>
+   * @return The inputOverrunTokens.
+   */
+  @java.lang.Override
+  public long getInputOverrunTokens() {
+    return inputOverrunTokens_;
+  }
+
+  public static final int OUTPUT_OVERRUN_TOKENS_FIELD_NUMBER = 13;
+  private long outputOverrunTokens_ = 0L;
+  /**
+   * <pre>
+   * Output tokens used beyond the reservation.
+   * </pre>
+   *
+   * <code>int64 output_overrun_tokens = 13 [json_name = "outputOverrunTokens"];</code>
+   * @return The outputOverrunTokens.
+   */
+  @java.lang.Override
+  public long getOutputOverrunTokens() {
+    return outputOverrunTokens_;
+  }
+
+  public static final int INPUT_OVERRUN_COMMITS_FIELD_NUMBER = 14;
+  private long inputOverrunCommits_ = 0L;
+  /**
+   * <pre>
+   * Commits whose input exceeded its estimate.
+   * </pre>
+   *
+   * <code>int64 input_overrun_commits = 14 [json_name = "inputOverrunCommits"];</code>
+   * @return The inputOverrunCommits.
+   */
+  @java.lang.Override
+  public long getInputOverrunCommits() {
+    return inputOverrunCommits_;
+  }
+
+  public static final int OUTPUT_OVERRUN_COMMITS_FIELD_NUMBER = 15;
+  private long outputOverrunCommits_ = 0L;
+  /**
+   * <pre>
+   * Commits whose output exceeded its reservation.
+   * </pre>
+   *
+   * <code>int64 output_overrun_commits = 15 [json_name = "outputOverrunCommits"];</code>
+   * @return The outputOverrunCommits.
+   */
+  @java.lang.Override
+  public long getOutputOverrunCommits() {
+    return outputOverrunCommits_;
+  }
+
+  public static final int UNRESERVED_OUTPUT_COMMITS_FIELD_NUMBER = 16;
+  private long unreservedOutputCommits_ = 0L;
+  /**
+   * <pre>
+   * Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+   * to 0), their output all overrun.
+   * </pre>
+   *
+   * <code>int64 unreserved_output_commits = 16 [json_name = "unreservedOutputCommits"];</code>
+   * @return The unreservedOutputCommits.
+   */
+  @java.lang.Override
+  public long getUnreservedOutputCommits() {
+    return unreservedOutputCommits_;
   }
 
   private byte memoizedIsInitialized = -1;
@@ -378,6 +456,21 @@ private static final long serialVersionUID = 0L;
     if (learnedOutputTokens_ != 0L) {
       output.writeInt64(11, learnedOutputTokens_);
     }
+    if (inputOverrunTokens_ != 0L) {
+      output.writeInt64(12, inputOverrunTokens_);
+    }
+    if (outputOverrunTokens_ != 0L) {
+      output.writeInt64(13, outputOverrunTokens_);
+    }
+    if (inputOverrunCommits_ != 0L) {
+      output.writeInt64(14, inputOverrunCommits_);
+    }
+    if (outputOverrunCommits_ != 0L) {
+      output.writeInt64(15, outputOverrunCommits_);
+    }
+    if (unreservedOutputCommits_ != 0L) {
+      output.writeInt64(16, unreservedOutputCommits_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -423,6 +516,26 @@ private static final long serialVersionUID = 0L;
     if (learnedOutputTokens_ != 0L) {
       size += com.google.protobuf.CodedOutputStream
         .computeInt64Size(11, learnedOutputTokens_);
+    }
+    if (inputOverrunTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(12, inputOverrunTokens_);
+    }
+    if (outputOverrunTokens_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(13, outputOverrunTokens_);
+    }
+    if (inputOverrunCommits_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(14, inputOverrunCommits_);
+    }
+    if (outputOverrunCommits_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(15, outputOverrunCommits_);
+    }
+    if (unreservedOutputCommits_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(16, unreservedOutputCommits_);
     }
     return size;
   }
@@ -476,6 +589,16 @@ private static final long serialVersionUID = 0L;
         != other.getLearning()) return false;
     if (getLearnedOutputTokens()
         != other.getLearnedOutputTokens()) return false;
+    if (getInputOverrunTokens()
+        != other.getInputOverrunTokens()) return false;
+    if (getOutputOverrunTokens()
+        != other.getOutputOverrunTokens()) return false;
+    if (getInputOverrunCommits()
+        != other.getInputOverrunCommits()) return false;
+    if (getOutputOverrunCommits()
+        != other.getOutputOverrunCommits()) return false;
+    if (getUnreservedOutputCommits()
+        != other.getUnreservedOutputCommits()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -520,6 +643,21 @@ private static final long serialVersionUID = 0L;
     hash = (37 * hash) + LEARNED_OUTPUT_TOKENS_FIELD_NUMBER;
     hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
         getLearnedOutputTokens());
+    hash = (37 * hash) + INPUT_OVERRUN_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getInputOverrunTokens());
+    hash = (37 * hash) + OUTPUT_OVERRUN_TOKENS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getOutputOverrunTokens());
+    hash = (37 * hash) + INPUT_OVERRUN_COMMITS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getInputOverrunCommits());
+    hash = (37 * hash) + OUTPUT_OVERRUN_COMMITS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getOutputOverrunCommits());
+    hash = (37 * hash) + UNRESERVED_OUTPUT_COMMITS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getUnreservedOutputCommits());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -681,6 +819,11 @@ private static final long serialVersionUID = 0L;
       overrunTokens_ = 0L;
       learning_ = false;
       learnedOutputTokens_ = 0L;
+      inputOverrunTokens_ = 0L;
+      outputOverrunTokens_ = 0L;
+      inputOverrunCommits_ = 0L;
+      outputOverrunCommits_ = 0L;
+      unreservedOutputCommits_ = 0L;
       return this;
     }
 
@@ -754,6 +897,21 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000400) != 0)) {
         result.learnedOutputTokens_ = learnedOutputTokens_;
       }
+      if (((from_bitField0_ & 0x00000800) != 0)) {
+        result.inputOverrunTokens_ = inputOverrunTokens_;
+      }
+      if (((from_bitField0_ & 0x00001000) != 0)) {
+        result.outputOverrunTokens_ = outputOverrunTokens_;
+      }
+      if (((from_bitField0_ & 0x00002000) != 0)) {
+        result.inputOverrunCommits_ = inputOverrunCommits_;
+      }
+      if (((from_bitField0_ & 0x00004000) != 0)) {
+        result.outputOverrunCommits_ = outputOverrunCommits_;
+      }
+      if (((from_bitField0_ & 0x00008000) != 0)) {
+        result.unreservedOutputCommits_ = unreservedOutputCommits_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -805,6 +963,21 @@ private static final long serialVersionUID = 0L;
       }
       if (other.getLearnedOutputTokens() != 0L) {
         setLearnedOutputTokens(other.getLearnedOutputTokens());
+      }
+      if (other.getInputOverrunTokens() != 0L) {
+        setInputOverrunTokens(other.getInputOverrunTokens());
+      }
+      if (other.getOutputOverrunTokens() != 0L) {
+        setOutputOverrunTokens(other.getOutputOverrunTokens());
+      }
+      if (other.getInputOverrunCommits() != 0L) {
+        setInputOverrunCommits(other.getInputOverrunCommits());
+      }
+      if (other.getOutputOverrunCommits() != 0L) {
+        setOutputOverrunCommits(other.getOutputOverrunCommits());
+      }
+      if (other.getUnreservedOutputCommits() != 0L) {
+        setUnreservedOutputCommits(other.getUnreservedOutputCommits());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -891,6 +1064,31 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000400;
               break;
             } // case 88
+            case 96: {
+              inputOverrunTokens_ = input.readInt64();
+              bitField0_ |= 0x00000800;
+              break;
+            } // case 96
+            case 104: {
+              outputOverrunTokens_ = input.readInt64();
+              bitField0_ |= 0x00001000;
+              break;
+            } // case 104
+            case 112: {
+              inputOverrunCommits_ = input.readInt64();
+              bitField0_ |= 0x00002000;
+              break;
+            } // case 112
+            case 120: {
+              outputOverrunCommits_ = input.readInt64();
+              bitField0_ |= 0x00004000;
+              break;
+            } // case 120
+            case 128: {
+              unreservedOutputCommits_ = input.readInt64();
+              bitField0_ |= 0x00008000;
+              break;
+            } // case 128
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1585,7 +1783,8 @@ private static final long serialVersionUID = 0L;
     private long overrunTokens_ ;
     /**
      * <pre>
-     * Tokens used beyond the reservation (charged on Commit as debt).
+     * Tokens used beyond the reservation (charged on Commit as debt): input and
+     * output together, input_overrun_tokens + output_overrun_tokens.
      * </pre>
      *
      * <code>int64 overrun_tokens = 9 [json_name = "overrunTokens"];</code>
@@ -1597,7 +1796,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tokens used beyond the reservation (charged on Commit as debt).
+     * Tokens used beyond the reservation (charged on Commit as debt): input and
+     * output together, input_overrun_tokens + output_overrun_tokens.
      * </pre>
      *
      * <code>int64 overrun_tokens = 9 [json_name = "overrunTokens"];</code>
@@ -1613,7 +1813,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Tokens used beyond the reservation (charged on Commit as debt).
+     * Tokens used beyond the reservation (charged on Commit as debt): input and
+     * output together, input_overrun_tokens + output_overrun_tokens.
      * </pre>
      *
      * <code>int64 overrun_tokens = 9 [json_name = "overrunTokens"];</code>
@@ -1674,7 +1875,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * The output reservation learned (a high quantile of actual output
-     * tokens); 0 while there are too few samples or when not learning.
+     * tokens) for calls without max_output_tokens; 0 while there are too few
+     * samples or when not learning.
      * </pre>
      *
      * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -1687,7 +1889,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * The output reservation learned (a high quantile of actual output
-     * tokens); 0 while there are too few samples or when not learning.
+     * tokens) for calls without max_output_tokens; 0 while there are too few
+     * samples or when not learning.
      * </pre>
      *
      * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -1704,7 +1907,8 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * The output reservation learned (a high quantile of actual output
-     * tokens); 0 while there are too few samples or when not learning.
+     * tokens) for calls without max_output_tokens; 0 while there are too few
+     * samples or when not learning.
      * </pre>
      *
      * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -1713,6 +1917,229 @@ private static final long serialVersionUID = 0L;
     public Builder clearLearnedOutputTokens() {
       bitField0_ = (bitField0_ & ~0x00000400);
       learnedOutputTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long inputOverrunTokens_ ;
+    /**
+     * <pre>
+     * Input tokens used beyond the estimate.
+     * </pre>
+     *
+     * <code>int64 input_overrun_tokens = 12 [json_name = "inputOverrunTokens"];</code>
+     * @return The inputOverrunTokens.
+     */
+    @java.lang.Override
+    public long getInputOverrunTokens() {
+      return inputOverrunTokens_;
+    }
+    /**
+     * <pre>
+     * Input tokens used beyond the estimate.
+     * </pre>
+     *
+     * <code>int64 input_overrun_tokens = 12 [json_name = "inputOverrunTokens"];</code>
+     * @param value The inputOverrunTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setInputOverrunTokens(long value) {
+
+      inputOverrunTokens_ = value;
+      bitField0_ |= 0x00000800;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Input tokens used beyond the estimate.
+     * </pre>
+     *
+     * <code>int64 input_overrun_tokens = 12 [json_name = "inputOverrunTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearInputOverrunTokens() {
+      bitField0_ = (bitField0_ & ~0x00000800);
+      inputOverrunTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long outputOverrunTokens_ ;
+    /**
+     * <pre>
+     * Output tokens used beyond the reservation.
+     * </pre>
+     *
+     * <code>int64 output_overrun_tokens = 13 [json_name = "outputOverrunTokens"];</code>
+     * @return The outputOverrunTokens.
+     */
+    @java.lang.Override
+    public long getOutputOverrunTokens() {
+      return outputOverrunTokens_;
+    }
+    /**
+     * <pre>
+     * Output tokens used beyond the reservation.
+     * </pre>
+     *
+     * <code>int64 output_overrun_tokens = 13 [json_name = "outputOverrunTokens"];</code>
+     * @param value The outputOverrunTokens to set.
+     * @return This builder for chaining.
+     */
+    public Builder setOutputOverrunTokens(long value) {
+
+      outputOverrunTokens_ = value;
+      bitField0_ |= 0x00001000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Output tokens used beyond the reservation.
+     * </pre>
+     *
+     * <code>int64 output_overrun_tokens = 13 [json_name = "outputOverrunTokens"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearOutputOverrunTokens() {
+      bitField0_ = (bitField0_ & ~0x00001000);
+      outputOverrunTokens_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long inputOverrunCommits_ ;
+    /**
+     * <pre>
+     * Commits whose input exceeded its estimate.
+     * </pre>
+     *
+     * <code>int64 input_overrun_commits = 14 [json_name = "inputOverrunCommits"];</code>
+     * @return The inputOverrunCommits.
+     */
+    @java.lang.Override
+    public long getInputOverrunCommits() {
+      return inputOverrunCommits_;
+    }
+    /**
+     * <pre>
+     * Commits whose input exceeded its estimate.
+     * </pre>
+     *
+     * <code>int64 input_overrun_commits = 14 [json_name = "inputOverrunCommits"];</code>
+     * @param value The inputOverrunCommits to set.
+     * @return This builder for chaining.
+     */
+    public Builder setInputOverrunCommits(long value) {
+
+      inputOverrunCommits_ = value;
+      bitField0_ |= 0x00002000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Commits whose input exceeded its estimate.
+     * </pre>
+     *
+     * <code>int64 input_overrun_commits = 14 [json_name = "inputOverrunCommits"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearInputOverrunCommits() {
+      bitField0_ = (bitField0_ & ~0x00002000);
+      inputOverrunCommits_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long outputOverrunCommits_ ;
+    /**
+     * <pre>
+     * Commits whose output exceeded its reservation.
+     * </pre>
+     *
+     * <code>int64 output_overrun_commits = 15 [json_name = "outputOverrunCommits"];</code>
+     * @return The outputOverrunCommits.
+     */
+    @java.lang.Override
+    public long getOutputOverrunCommits() {
+      return outputOverrunCommits_;
+    }
+    /**
+     * <pre>
+     * Commits whose output exceeded its reservation.
+     * </pre>
+     *
+     * <code>int64 output_overrun_commits = 15 [json_name = "outputOverrunCommits"];</code>
+     * @param value The outputOverrunCommits to set.
+     * @return This builder for chaining.
+     */
+    public Builder setOutputOverrunCommits(long value) {
+
+      outputOverrunCommits_ = value;
+      bitField0_ |= 0x00004000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Commits whose output exceeded its reservation.
+     * </pre>
+     *
+     * <code>int64 output_overrun_commits = 15 [json_name = "outputOverrunCommits"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearOutputOverrunCommits() {
+      bitField0_ = (bitField0_ & ~0x00004000);
+      outputOverrunCommits_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private long unreservedOutputCommits_ ;
+    /**
+     * <pre>
+     * Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+     * to 0), their output all overrun.
+     * </pre>
+     *
+     * <code>int64 unreserved_output_commits = 16 [json_name = "unreservedOutputCommits"];</code>
+     * @return The unreservedOutputCommits.
+     */
+    @java.lang.Override
+    public long getUnreservedOutputCommits() {
+      return unreservedOutputCommits_;
+    }
+    /**
+     * <pre>
+     * Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+     * to 0), their output all overrun.
+     * </pre>
+     *
+     * <code>int64 unreserved_output_commits = 16 [json_name = "unreservedOutputCommits"];</code>
+     * @param value The unreservedOutputCommits to set.
+     * @return This builder for chaining.
+     */
+    public Builder setUnreservedOutputCommits(long value) {
+
+      unreservedOutputCommits_ = value;
+      bitField0_ |= 0x00008000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+     * to 0), their output all overrun.
+     * </pre>
+     *
+     * <code>int64 unreserved_output_commits = 16 [json_name = "unreservedOutputCommits"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearUnreservedOutputCommits() {
+      bitField0_ = (bitField0_ & ~0x00008000);
+      unreservedOutputCommits_ = 0L;
       onChanged();
       return this;
     }

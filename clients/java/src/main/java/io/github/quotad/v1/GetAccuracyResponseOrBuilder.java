@@ -146,7 +146,8 @@ public interface GetAccuracyResponseOrBuilder extends
 
   /**
    * <pre>
-   * Tokens used beyond the reservation (charged on Commit as debt).
+   * Tokens used beyond the reservation (charged on Commit as debt): input and
+   * output together, input_overrun_tokens + output_overrun_tokens.
    * </pre>
    *
    * <code>int64 overrun_tokens = 9 [json_name = "overrunTokens"];</code>
@@ -167,11 +168,63 @@ public interface GetAccuracyResponseOrBuilder extends
   /**
    * <pre>
    * The output reservation learned (a high quantile of actual output
-   * tokens); 0 while there are too few samples or when not learning.
+   * tokens) for calls without max_output_tokens; 0 while there are too few
+   * samples or when not learning.
    * </pre>
    *
    * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
    * @return The learnedOutputTokens.
    */
   long getLearnedOutputTokens();
+
+  /**
+   * <pre>
+   * Input tokens used beyond the estimate.
+   * </pre>
+   *
+   * <code>int64 input_overrun_tokens = 12 [json_name = "inputOverrunTokens"];</code>
+   * @return The inputOverrunTokens.
+   */
+  long getInputOverrunTokens();
+
+  /**
+   * <pre>
+   * Output tokens used beyond the reservation.
+   * </pre>
+   *
+   * <code>int64 output_overrun_tokens = 13 [json_name = "outputOverrunTokens"];</code>
+   * @return The outputOverrunTokens.
+   */
+  long getOutputOverrunTokens();
+
+  /**
+   * <pre>
+   * Commits whose input exceeded its estimate.
+   * </pre>
+   *
+   * <code>int64 input_overrun_commits = 14 [json_name = "inputOverrunCommits"];</code>
+   * @return The inputOverrunCommits.
+   */
+  long getInputOverrunCommits();
+
+  /**
+   * <pre>
+   * Commits whose output exceeded its reservation.
+   * </pre>
+   *
+   * <code>int64 output_overrun_commits = 15 [json_name = "outputOverrunCommits"];</code>
+   * @return The outputOverrunCommits.
+   */
+  long getOutputOverrunCommits();
+
+  /**
+   * <pre>
+   * Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+   * to 0), their output all overrun.
+   * </pre>
+   *
+   * <code>int64 unreserved_output_commits = 16 [json_name = "unreservedOutputCommits"];</code>
+   * @return The unreservedOutputCommits.
+   */
+  long getUnreservedOutputCommits();
 }

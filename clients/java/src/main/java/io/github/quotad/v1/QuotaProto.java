@@ -32,6 +32,21 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
       internal_static_quotad_v1_Cost_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_ImagePart_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_ImagePart_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_ToolCall_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_ToolCall_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_quotad_v1_ToolDefinition_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_quotad_v1_ToolDefinition_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_quotad_v1_ChatMessage_descriptor;
   static final 
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
@@ -167,156 +182,193 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     java.lang.String[] descriptorData = {
       "\n\025quotad/v1/quota.proto\022\tquotad.v1\032\036goog" +
       "le/protobuf/duration.proto\032\037google/proto" +
-      "buf/timestamp.proto\"\300\001\n\004Cost\022\032\n\010requests" +
+      "buf/timestamp.proto\"\371\001\n\004Cost\022\032\n\010requests" +
       "\030\001 \001(\003R\010requests\022!\n\014input_tokens\030\002 \001(\003R\013" +
       "inputTokens\022#\n\routput_tokens\030\003 \001(\003R\014outp" +
       "utTokens\022.\n\023cached_input_tokens\030\004 \001(\003R\021c" +
       "achedInputTokens\022$\n\016cost_micro_usd\030\005 \001(\003" +
-      "R\014costMicroUsd\"O\n\013ChatMessage\022\022\n\004role\030\001 " +
-      "\001(\tR\004role\022\030\n\007content\030\002 \001(\tR\007content\022\022\n\004n" +
-      "ame\030\003 \001(\tR\004name\"\231\003\n\013LimitStatus\022\022\n\004name\030" +
-      "\001 \001(\tR\004name\022&\n\005scope\030\002 \001(\0162\020.quotad.v1.S" +
-      "copeR\005scope\022)\n\006metric\030\003 \001(\0162\021.quotad.v1." +
-      "MetricR\006metric\0222\n\talgorithm\030\004 \001(\0162\024.quot" +
-      "ad.v1.AlgorithmR\talgorithm\022\024\n\005limit\030\005 \001(" +
-      "\003R\005limit\0221\n\006period\030\006 \001(\0132\031.google.protob" +
-      "uf.DurationR\006period\022\034\n\tremaining\030\007 \001(\003R\t" +
-      "remaining\022:\n\013reset_after\030\010 \001(\0132\031.google." +
-      "protobuf.DurationR\nresetAfter\022\026\n\006denied\030" +
-      "\t \001(\010R\006denied\022\030\n\007binding\030\n \001(\010R\007binding\022" +
-      "\032\n\010calendar\030\013 \001(\tR\010calendar\"\320\003\n\026CheckAnd" +
-      "ReserveRequest\022\030\n\007subject\030\001 \001(\tR\007subject" +
-      "\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004" +
-      "tier\022\024\n\005model\030\004 \001(\tR\005model\022!\n\014input_toke" +
-      "ns\030\005 \001(\003R\013inputTokens\022*\n\021max_output_toke" +
-      "ns\030\006 \001(\003R\017maxOutputTokens\022/\n\005lease\030\007 \001(\013" +
-      "2\031.google.protobuf.DurationR\005lease\022\'\n\017id" +
-      "empotency_key\030\010 \001(\tR\016idempotencyKey\022\026\n\006p" +
-      "rompt\030\t \001(\tR\006prompt\0222\n\010messages\030\n \003(\0132\026." +
-      "quotad.v1.ChatMessageR\010messages\022/\n\010prior" +
-      "ity\030\013 \001(\0162\023.quotad.v1.PriorityR\010priority" +
-      "\0224\n\010max_wait\030\014 \001(\0132\031.google.protobuf.Dur" +
-      "ationR\007maxWait\"\213\005\n\027CheckAndReserveRespon" +
-      "se\022/\n\010decision\030\001 \001(\0162\023.quotad.v1.Decisio" +
-      "nR\010decision\0226\n\013deny_reason\030\002 \001(\0162\025.quota" +
-      "d.v1.DenyReasonR\ndenyReason\022%\n\016reservati" +
-      "on_id\030\003 \001(\tR\rreservationId\022D\n\020lease_expi" +
-      "res_at\030\004 \001(\0132\032.google.protobuf.Timestamp" +
-      "R\016leaseExpiresAt\022+\n\010reserved\030\005 \001(\0132\017.quo" +
-      "tad.v1.CostR\010reserved\022:\n\013retry_after\030\006 \001" +
-      "(\0132\031.google.protobuf.DurationR\nretryAfte" +
-      "r\022#\n\rbinding_limit\030\007 \001(\tR\014bindingLimit\022." +
-      "\n\006limits\030\010 \003(\0132\026.quotad.v1.LimitStatusR\006" +
-      "limits\022\032\n\010replayed\030\t \001(\010R\010replayed\022\026\n\006te" +
-      "nant\030\n \001(\tR\006tenant\022\022\n\004tier\030\013 \001(\tR\004tier\0220" +
-      "\n\024counted_input_tokens\030\014 \001(\003R\022countedInp" +
-      "utTokens\0221\n\006waited\030\r \001(\0132\031.google.protob" +
-      "uf.DurationR\006waited\022/\n\010priority\030\016 \001(\0162\023." +
-      "quotad.v1.PriorityR\010priority\"\256\001\n\rCommitR" +
-      "equest\022%\n\016reservation_id\030\001 \001(\tR\rreservat" +
-      "ionId\022!\n\014input_tokens\030\002 \001(\003R\013inputTokens" +
-      "\022#\n\routput_tokens\030\003 \001(\003R\014outputTokens\022.\n" +
-      "\023cached_input_tokens\030\004 \001(\003R\021cachedInputT" +
-      "okens\"\251\001\n\016CommitResponse\022+\n\010reserved\030\001 \001" +
-      "(\0132\017.quotad.v1.CostR\010reserved\022-\n\tcommitt" +
-      "ed\030\002 \001(\0132\017.quotad.v1.CostR\tcommitted\022\026\n\006" +
-      "repeat\030\003 \001(\010R\006repeat\022#\n\rlease_expired\030\004 " +
-      "\001(\010R\014leaseExpired\"7\n\016ReleaseRequest\022%\n\016r" +
-      "eservation_id\030\001 \001(\tR\rreservationId\"V\n\017Re" +
-      "leaseResponse\022+\n\010refunded\030\001 \001(\0132\017.quotad" +
-      ".v1.CostR\010refunded\022\026\n\006repeat\030\002 \001(\010R\006repe" +
-      "at\"m\n\017GetUsageRequest\022\030\n\007subject\030\001 \001(\tR\007" +
-      "subject\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030" +
-      "\003 \001(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\"n\n\020Get" +
-      "UsageResponse\022.\n\006limits\030\001 \003(\0132\026.quotad.v" +
-      "1.LimitStatusR\006limits\022\026\n\006tenant\030\002 \001(\tR\006t" +
-      "enant\022\022\n\004tier\030\003 \001(\tR\004tier\"H\n\016FieldViolat" +
-      "ion\022\024\n\005field\030\001 \001(\tR\005field\022 \n\013description" +
-      "\030\002 \001(\tR\013description\"{\n\005Error\022\022\n\004code\030\001 \001" +
-      "(\005R\004code\022\030\n\007message\030\002 \001(\tR\007message\022D\n\020fi" +
-      "eld_violations\030\003 \003(\0132\031.quotad.v1.FieldVi" +
-      "olationR\017fieldViolations\"\216\001\n\025CheckAndRes" +
-      "erveResult\022@\n\010response\030\001 \001(\0132\".quotad.v1" +
-      ".CheckAndReserveResponseH\000R\010response\022(\n\005" +
-      "error\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t" +
-      "\n\007outcome\"\\\n\033CheckAndReserveBatchRequest" +
-      "\022=\n\010requests\030\001 \003(\0132!.quotad.v1.CheckAndR" +
-      "eserveRequestR\010requests\"Z\n\034CheckAndReser" +
-      "veBatchResponse\022:\n\007results\030\001 \003(\0132 .quota" +
-      "d.v1.CheckAndReserveResultR\007results\"z\n\034C" +
-      "heckAndReserveStreamRequest\022\035\n\nrequest_i" +
-      "d\030\001 \001(\tR\trequestId\022;\n\007request\030\002 \001(\0132!.qu" +
-      "otad.v1.CheckAndReserveRequestR\007request\"" +
-      "x\n\035CheckAndReserveStreamResponse\022\035\n\nrequ" +
-      "est_id\030\001 \001(\tR\trequestId\0228\n\006result\030\002 \001(\0132" +
-      " .quotad.v1.CheckAndReserveResultR\006resul" +
-      "t\"|\n\014CommitResult\0227\n\010response\030\001 \001(\0132\031.qu" +
-      "otad.v1.CommitResponseH\000R\010response\022(\n\005er" +
-      "ror\030\002 \001(\0132\020.quotad.v1.ErrorH\000R\005errorB\t\n\007" +
-      "outcome\"J\n\022CommitBatchRequest\0224\n\010request" +
-      "s\030\001 \003(\0132\030.quotad.v1.CommitRequestR\010reque" +
-      "sts\"H\n\023CommitBatchResponse\0221\n\007results\030\001 " +
-      "\003(\0132\027.quotad.v1.CommitResultR\007results\"h\n" +
-      "\023CommitStreamRequest\022\035\n\nrequest_id\030\001 \001(\t" +
-      "R\trequestId\0222\n\007request\030\002 \001(\0132\030.quotad.v1" +
-      ".CommitRequestR\007request\"f\n\024CommitStreamR" +
-      "esponse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022/" +
-      "\n\006result\030\002 \001(\0132\027.quotad.v1.CommitResultR" +
-      "\006result\">\n\022GetAccuracyRequest\022\024\n\005model\030\001" +
-      " \001(\tR\005model\022\022\n\004tier\030\002 \001(\tR\004tier\",\n\006Sprea" +
-      "d\022\020\n\003p50\030\001 \001(\001R\003p50\022\020\n\003p95\030\002 \001(\001R\003p95\"\263\003" +
-      "\n\023GetAccuracyResponse\022\024\n\005model\030\001 \001(\tR\005mo" +
-      "del\022\022\n\004tier\030\002 \001(\tR\004tier\022\030\n\007commits\030\003 \001(\003" +
-      "R\007commits\0222\n\013input_ratio\030\004 \001(\0132\021.quotad." +
-      "v1.SpreadR\ninputRatio\0224\n\014output_ratio\030\005 " +
-      "\001(\0132\021.quotad.v1.SpreadR\013outputRatio\022)\n\020e" +
-      "stimated_tokens\030\006 \001(\003R\017estimatedTokens\022#" +
-      "\n\ractual_tokens\030\007 \001(\003R\014actualTokens\022\'\n\017r" +
-      "efunded_tokens\030\010 \001(\003R\016refundedTokens\022%\n\016" +
-      "overrun_tokens\030\t \001(\003R\roverrunTokens\022\032\n\010l" +
-      "earning\030\n \001(\010R\010learning\0222\n\025learned_outpu" +
-      "t_tokens\030\013 \001(\003R\023learnedOutputTokens*O\n\010D" +
-      "ecision\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024\n\020DEC" +
-      "ISION_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020\002*\251\001\n" +
-      "\nDenyReason\022\033\n\027DENY_REASON_UNSPECIFIED\020\000" +
-      "\022\036\n\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n\034DENY" +
-      "_REASON_EXCEEDS_CAPACITY\020\002\022 \n\034DENY_REASO" +
-      "N_BUDGET_EXHAUSTED\020\003\022\032\n\026DENY_REASON_QUEU" +
-      "E_FULL\020\004*^\n\010Priority\022\030\n\024PRIORITY_UNSPECI" +
-      "FIED\020\000\022\020\n\014PRIORITY_LOW\020\001\022\023\n\017PRIORITY_NOR" +
-      "MAL\020\002\022\021\n\rPRIORITY_HIGH\020\003*U\n\005Scope\022\025\n\021SCO" +
-      "PE_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001\022\020\n\014S" +
-      "COPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n\006Metr" +
-      "ic\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRIC_REQ" +
-      "UESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n\024METR" +
-      "IC_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_TOKEN" +
-      "S\020\004\022\025\n\021METRIC_CONCURRENT\020\005\022\023\n\017METRIC_COS" +
-      "T_USD\020\006*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_UNSPE" +
-      "CIFIED\020\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020\001\022\034\n\030" +
-      "ALGORITHM_SLIDING_WINDOW\020\002\022\031\n\025ALGORITHM_" +
-      "CONCURRENCY\020\003\022\026\n\022ALGORITHM_CALENDAR\020\0042\370\005" +
-      "\n\014QuotaService\022X\n\017CheckAndReserve\022!.quot" +
-      "ad.v1.CheckAndReserveRequest\032\".quotad.v1" +
-      ".CheckAndReserveResponse\022=\n\006Commit\022\030.quo" +
-      "tad.v1.CommitRequest\032\031.quotad.v1.CommitR" +
-      "esponse\022@\n\007Release\022\031.quotad.v1.ReleaseRe" +
-      "quest\032\032.quotad.v1.ReleaseResponse\022C\n\010Get" +
-      "Usage\022\032.quotad.v1.GetUsageRequest\032\033.quot" +
-      "ad.v1.GetUsageResponse\022g\n\024CheckAndReserv" +
-      "eBatch\022&.quotad.v1.CheckAndReserveBatchR" +
-      "equest\032\'.quotad.v1.CheckAndReserveBatchR" +
-      "esponse\022n\n\025CheckAndReserveStream\022\'.quota" +
-      "d.v1.CheckAndReserveStreamRequest\032(.quot" +
-      "ad.v1.CheckAndReserveStreamResponse(\0010\001\022" +
-      "L\n\013CommitBatch\022\035.quotad.v1.CommitBatchRe" +
-      "quest\032\036.quotad.v1.CommitBatchResponse\022S\n" +
-      "\014CommitStream\022\036.quotad.v1.CommitStreamRe" +
-      "quest\032\037.quotad.v1.CommitStreamResponse(\001" +
-      "0\001\022L\n\013GetAccuracy\022\035.quotad.v1.GetAccurac" +
-      "yRequest\032\036.quotad.v1.GetAccuracyResponse" +
-      "B_\n\023io.github.quotad.v1B\nQuotaProtoP\001Z:g" +
-      "ithub.com/quotad/quotad/clients/go/gen/q" +
-      "uotad/v1;quotadv1b\006proto3"
+      "R\014costMicroUsd\0227\n\030cache_write_input_toke" +
+      "ns\030\006 \001(\003R\025cacheWriteInputTokens\"i\n\tImage" +
+      "Part\022\024\n\005width\030\001 \001(\005R\005width\022\026\n\006height\030\002 \001" +
+      "(\005R\006height\022.\n\006detail\030\003 \001(\0162\026.quotad.v1.I" +
+      "mageDetailR\006detail\"L\n\010ToolCall\022\016\n\002id\030\001 \001" +
+      "(\tR\002id\022\022\n\004name\030\002 \001(\tR\004name\022\034\n\targuments\030" +
+      "\003 \001(\tR\targuments\"o\n\016ToolDefinition\022\022\n\004na" +
+      "me\030\001 \001(\tR\004name\022 \n\013description\030\002 \001(\tR\013des" +
+      "cription\022\'\n\017parameters_json\030\003 \001(\tR\016param" +
+      "etersJson\"\323\001\n\013ChatMessage\022\022\n\004role\030\001 \001(\tR" +
+      "\004role\022\030\n\007content\030\002 \001(\tR\007content\022\022\n\004name\030" +
+      "\003 \001(\tR\004name\0222\n\ntool_calls\030\004 \003(\0132\023.quotad" +
+      ".v1.ToolCallR\ttoolCalls\022 \n\014tool_call_id\030" +
+      "\005 \001(\tR\ntoolCallId\022,\n\006images\030\006 \003(\0132\024.quot" +
+      "ad.v1.ImagePartR\006images\"\231\003\n\013LimitStatus\022" +
+      "\022\n\004name\030\001 \001(\tR\004name\022&\n\005scope\030\002 \001(\0162\020.quo" +
+      "tad.v1.ScopeR\005scope\022)\n\006metric\030\003 \001(\0162\021.qu" +
+      "otad.v1.MetricR\006metric\0222\n\talgorithm\030\004 \001(" +
+      "\0162\024.quotad.v1.AlgorithmR\talgorithm\022\024\n\005li" +
+      "mit\030\005 \001(\003R\005limit\0221\n\006period\030\006 \001(\0132\031.googl" +
+      "e.protobuf.DurationR\006period\022\034\n\tremaining" +
+      "\030\007 \001(\003R\tremaining\022:\n\013reset_after\030\010 \001(\0132\031" +
+      ".google.protobuf.DurationR\nresetAfter\022\026\n" +
+      "\006denied\030\t \001(\010R\006denied\022\030\n\007binding\030\n \001(\010R\007" +
+      "binding\022\032\n\010calendar\030\013 \001(\tR\010calendar\"\274\004\n\026" +
+      "CheckAndReserveRequest\022\030\n\007subject\030\001 \001(\tR" +
+      "\007subject\022\026\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier" +
+      "\030\003 \001(\tR\004tier\022\024\n\005model\030\004 \001(\tR\005model\022!\n\014in" +
+      "put_tokens\030\005 \001(\003R\013inputTokens\022*\n\021max_out" +
+      "put_tokens\030\006 \001(\003R\017maxOutputTokens\022/\n\005lea" +
+      "se\030\007 \001(\0132\031.google.protobuf.DurationR\005lea" +
+      "se\022\'\n\017idempotency_key\030\010 \001(\tR\016idempotency" +
+      "Key\022\026\n\006prompt\030\t \001(\tR\006prompt\0222\n\010messages\030" +
+      "\n \003(\0132\026.quotad.v1.ChatMessageR\010messages\022" +
+      "/\n\010priority\030\013 \001(\0162\023.quotad.v1.PriorityR\010" +
+      "priority\0224\n\010max_wait\030\014 \001(\0132\031.google.prot" +
+      "obuf.DurationR\007maxWait\0229\n\014service_tier\030\r" +
+      " \001(\0162\026.quotad.v1.ServiceTierR\013serviceTie" +
+      "r\022/\n\005tools\030\016 \003(\0132\031.quotad.v1.ToolDefinit" +
+      "ionR\005tools\"\330\005\n\027CheckAndReserveResponse\022/" +
+      "\n\010decision\030\001 \001(\0162\023.quotad.v1.DecisionR\010d" +
+      "ecision\0226\n\013deny_reason\030\002 \001(\0162\025.quotad.v1" +
+      ".DenyReasonR\ndenyReason\022%\n\016reservation_i" +
+      "d\030\003 \001(\tR\rreservationId\022D\n\020lease_expires_" +
+      "at\030\004 \001(\0132\032.google.protobuf.TimestampR\016le" +
+      "aseExpiresAt\022+\n\010reserved\030\005 \001(\0132\017.quotad." +
+      "v1.CostR\010reserved\022:\n\013retry_after\030\006 \001(\0132\031" +
+      ".google.protobuf.DurationR\nretryAfter\022#\n" +
+      "\rbinding_limit\030\007 \001(\tR\014bindingLimit\022.\n\006li" +
+      "mits\030\010 \003(\0132\026.quotad.v1.LimitStatusR\006limi" +
+      "ts\022\032\n\010replayed\030\t \001(\010R\010replayed\022\026\n\006tenant" +
+      "\030\n \001(\tR\006tenant\022\022\n\004tier\030\013 \001(\tR\004tier\0220\n\024co" +
+      "unted_input_tokens\030\014 \001(\003R\022countedInputTo" +
+      "kens\0221\n\006waited\030\r \001(\0132\031.google.protobuf.D" +
+      "urationR\006waited\022/\n\010priority\030\016 \001(\0162\023.quot" +
+      "ad.v1.PriorityR\010priority\022K\n\022output_reser" +
+      "vation\030\017 \001(\0162\034.quotad.v1.OutputReservati" +
+      "onR\021outputReservation\"\347\001\n\rCommitRequest\022" +
+      "%\n\016reservation_id\030\001 \001(\tR\rreservationId\022!" +
+      "\n\014input_tokens\030\002 \001(\003R\013inputTokens\022#\n\rout" +
+      "put_tokens\030\003 \001(\003R\014outputTokens\022.\n\023cached" +
+      "_input_tokens\030\004 \001(\003R\021cachedInputTokens\0227" +
+      "\n\030cache_write_input_tokens\030\005 \001(\003R\025cacheW" +
+      "riteInputTokens\"\200\002\n\016CommitResponse\022+\n\010re" +
+      "served\030\001 \001(\0132\017.quotad.v1.CostR\010reserved\022" +
+      "-\n\tcommitted\030\002 \001(\0132\017.quotad.v1.CostR\tcom" +
+      "mitted\022\026\n\006repeat\030\003 \001(\010R\006repeat\022#\n\rlease_" +
+      "expired\030\004 \001(\010R\014leaseExpired\022)\n\020impossibl" +
+      "e_usage\030\005 \001(\010R\017impossibleUsage\022*\n\021max_ou" +
+      "tput_tokens\030\006 \001(\003R\017maxOutputTokens\"7\n\016Re" +
+      "leaseRequest\022%\n\016reservation_id\030\001 \001(\tR\rre" +
+      "servationId\"V\n\017ReleaseResponse\022+\n\010refund" +
+      "ed\030\001 \001(\0132\017.quotad.v1.CostR\010refunded\022\026\n\006r" +
+      "epeat\030\002 \001(\010R\006repeat\"m\n\017GetUsageRequest\022\030" +
+      "\n\007subject\030\001 \001(\tR\007subject\022\026\n\006tenant\030\002 \001(\t" +
+      "R\006tenant\022\022\n\004tier\030\003 \001(\tR\004tier\022\024\n\005model\030\004 " +
+      "\001(\tR\005model\"n\n\020GetUsageResponse\022.\n\006limits" +
+      "\030\001 \003(\0132\026.quotad.v1.LimitStatusR\006limits\022\026" +
+      "\n\006tenant\030\002 \001(\tR\006tenant\022\022\n\004tier\030\003 \001(\tR\004ti" +
+      "er\"H\n\016FieldViolation\022\024\n\005field\030\001 \001(\tR\005fie" +
+      "ld\022 \n\013description\030\002 \001(\tR\013description\"{\n\005" +
+      "Error\022\022\n\004code\030\001 \001(\005R\004code\022\030\n\007message\030\002 \001" +
+      "(\tR\007message\022D\n\020field_violations\030\003 \003(\0132\031." +
+      "quotad.v1.FieldViolationR\017fieldViolation" +
+      "s\"\216\001\n\025CheckAndReserveResult\022@\n\010response\030" +
+      "\001 \001(\0132\".quotad.v1.CheckAndReserveRespons" +
+      "eH\000R\010response\022(\n\005error\030\002 \001(\0132\020.quotad.v1" +
+      ".ErrorH\000R\005errorB\t\n\007outcome\"\\\n\033CheckAndRe" +
+      "serveBatchRequest\022=\n\010requests\030\001 \003(\0132!.qu" +
+      "otad.v1.CheckAndReserveRequestR\010requests" +
+      "\"Z\n\034CheckAndReserveBatchResponse\022:\n\007resu" +
+      "lts\030\001 \003(\0132 .quotad.v1.CheckAndReserveRes" +
+      "ultR\007results\"z\n\034CheckAndReserveStreamReq" +
+      "uest\022\035\n\nrequest_id\030\001 \001(\tR\trequestId\022;\n\007r" +
+      "equest\030\002 \001(\0132!.quotad.v1.CheckAndReserve" +
+      "RequestR\007request\"x\n\035CheckAndReserveStrea" +
+      "mResponse\022\035\n\nrequest_id\030\001 \001(\tR\trequestId" +
+      "\0228\n\006result\030\002 \001(\0132 .quotad.v1.CheckAndRes" +
+      "erveResultR\006result\"|\n\014CommitResult\0227\n\010re" +
+      "sponse\030\001 \001(\0132\031.quotad.v1.CommitResponseH" +
+      "\000R\010response\022(\n\005error\030\002 \001(\0132\020.quotad.v1.E" +
+      "rrorH\000R\005errorB\t\n\007outcome\"J\n\022CommitBatchR" +
+      "equest\0224\n\010requests\030\001 \003(\0132\030.quotad.v1.Com" +
+      "mitRequestR\010requests\"H\n\023CommitBatchRespo" +
+      "nse\0221\n\007results\030\001 \003(\0132\027.quotad.v1.CommitR" +
+      "esultR\007results\"h\n\023CommitStreamRequest\022\035\n" +
+      "\nrequest_id\030\001 \001(\tR\trequestId\0222\n\007request\030" +
+      "\002 \001(\0132\030.quotad.v1.CommitRequestR\007request" +
+      "\"f\n\024CommitStreamResponse\022\035\n\nrequest_id\030\001" +
+      " \001(\tR\trequestId\022/\n\006result\030\002 \001(\0132\027.quotad" +
+      ".v1.CommitResultR\006result\">\n\022GetAccuracyR" +
+      "equest\022\024\n\005model\030\001 \001(\tR\005model\022\022\n\004tier\030\002 \001" +
+      "(\tR\004tier\",\n\006Spread\022\020\n\003p50\030\001 \001(\001R\003p50\022\020\n\003" +
+      "p95\030\002 \001(\001R\003p95\"\277\005\n\023GetAccuracyResponse\022\024" +
+      "\n\005model\030\001 \001(\tR\005model\022\022\n\004tier\030\002 \001(\tR\004tier" +
+      "\022\030\n\007commits\030\003 \001(\003R\007commits\0222\n\013input_rati" +
+      "o\030\004 \001(\0132\021.quotad.v1.SpreadR\ninputRatio\0224" +
+      "\n\014output_ratio\030\005 \001(\0132\021.quotad.v1.SpreadR" +
+      "\013outputRatio\022)\n\020estimated_tokens\030\006 \001(\003R\017" +
+      "estimatedTokens\022#\n\ractual_tokens\030\007 \001(\003R\014" +
+      "actualTokens\022\'\n\017refunded_tokens\030\010 \001(\003R\016r" +
+      "efundedTokens\022%\n\016overrun_tokens\030\t \001(\003R\ro" +
+      "verrunTokens\022\032\n\010learning\030\n \001(\010R\010learning" +
+      "\0222\n\025learned_output_tokens\030\013 \001(\003R\023learned" +
+      "OutputTokens\0220\n\024input_overrun_tokens\030\014 \001" +
+      "(\003R\022inputOverrunTokens\0222\n\025output_overrun" +
+      "_tokens\030\r \001(\003R\023outputOverrunTokens\0222\n\025in" +
+      "put_overrun_commits\030\016 \001(\003R\023inputOverrunC" +
+      "ommits\0224\n\026output_overrun_commits\030\017 \001(\003R\024" +
+      "outputOverrunCommits\022:\n\031unreserved_outpu" +
+      "t_commits\030\020 \001(\003R\027unreservedOutputCommits" +
+      "*O\n\010Decision\022\030\n\024DECISION_UNSPECIFIED\020\000\022\024" +
+      "\n\020DECISION_ALLOWED\020\001\022\023\n\017DECISION_DENIED\020" +
+      "\002*\251\001\n\nDenyReason\022\033\n\027DENY_REASON_UNSPECIF" +
+      "IED\020\000\022\036\n\032DENY_REASON_LIMIT_EXCEEDED\020\001\022 \n" +
+      "\034DENY_REASON_EXCEEDS_CAPACITY\020\002\022 \n\034DENY_" +
+      "REASON_BUDGET_EXHAUSTED\020\003\022\032\n\026DENY_REASON" +
+      "_QUEUE_FULL\020\004*^\n\010Priority\022\030\n\024PRIORITY_UN" +
+      "SPECIFIED\020\000\022\020\n\014PRIORITY_LOW\020\001\022\023\n\017PRIORIT" +
+      "Y_NORMAL\020\002\022\021\n\rPRIORITY_HIGH\020\003*U\n\005Scope\022\025" +
+      "\n\021SCOPE_UNSPECIFIED\020\000\022\021\n\rSCOPE_SUBJECT\020\001" +
+      "\022\020\n\014SCOPE_TENANT\020\002\022\020\n\014SCOPE_GLOBAL\020\003*\255\001\n" +
+      "\006Metric\022\026\n\022METRIC_UNSPECIFIED\020\000\022\023\n\017METRI" +
+      "C_REQUESTS\020\001\022\027\n\023METRIC_INPUT_TOKENS\020\002\022\030\n" +
+      "\024METRIC_OUTPUT_TOKENS\020\003\022\027\n\023METRIC_TOTAL_" +
+      "TOKENS\020\004\022\025\n\021METRIC_CONCURRENT\020\005\022\023\n\017METRI" +
+      "C_COST_USD\020\006*\223\001\n\tAlgorithm\022\031\n\025ALGORITHM_" +
+      "UNSPECIFIED\020\000\022\032\n\026ALGORITHM_TOKEN_BUCKET\020" +
+      "\001\022\034\n\030ALGORITHM_SLIDING_WINDOW\020\002\022\031\n\025ALGOR" +
+      "ITHM_CONCURRENCY\020\003\022\026\n\022ALGORITHM_CALENDAR" +
+      "\020\004*\220\001\n\013ServiceTier\022\034\n\030SERVICE_TIER_UNSPE" +
+      "CIFIED\020\000\022\031\n\025SERVICE_TIER_STANDARD\020\001\022\026\n\022S" +
+      "ERVICE_TIER_BATCH\020\002\022\025\n\021SERVICE_TIER_FLEX" +
+      "\020\003\022\031\n\025SERVICE_TIER_PRIORITY\020\004*\237\001\n\021Output" +
+      "Reservation\022\"\n\036OUTPUT_RESERVATION_UNSPEC" +
+      "IFIED\020\000\022 \n\034OUTPUT_RESERVATION_REQUESTED\020" +
+      "\001\022\036\n\032OUTPUT_RESERVATION_LEARNED\020\002\022$\n OUT" +
+      "PUT_RESERVATION_MODEL_MAXIMUM\020\003*X\n\013Image" +
+      "Detail\022\034\n\030IMAGE_DETAIL_UNSPECIFIED\020\000\022\024\n\020" +
+      "IMAGE_DETAIL_LOW\020\001\022\025\n\021IMAGE_DETAIL_HIGH\020" +
+      "\0022\370\005\n\014QuotaService\022X\n\017CheckAndReserve\022!." +
+      "quotad.v1.CheckAndReserveRequest\032\".quota" +
+      "d.v1.CheckAndReserveResponse\022=\n\006Commit\022\030" +
+      ".quotad.v1.CommitRequest\032\031.quotad.v1.Com" +
+      "mitResponse\022@\n\007Release\022\031.quotad.v1.Relea" +
+      "seRequest\032\032.quotad.v1.ReleaseResponse\022C\n" +
+      "\010GetUsage\022\032.quotad.v1.GetUsageRequest\032\033." +
+      "quotad.v1.GetUsageResponse\022g\n\024CheckAndRe" +
+      "serveBatch\022&.quotad.v1.CheckAndReserveBa" +
+      "tchRequest\032\'.quotad.v1.CheckAndReserveBa" +
+      "tchResponse\022n\n\025CheckAndReserveStream\022\'.q" +
+      "uotad.v1.CheckAndReserveStreamRequest\032(." +
+      "quotad.v1.CheckAndReserveStreamResponse(" +
+      "\0010\001\022L\n\013CommitBatch\022\035.quotad.v1.CommitBat" +
+      "chRequest\032\036.quotad.v1.CommitBatchRespons" +
+      "e\022S\n\014CommitStream\022\036.quotad.v1.CommitStre" +
+      "amRequest\032\037.quotad.v1.CommitStreamRespon" +
+      "se(\0010\001\022L\n\013GetAccuracy\022\035.quotad.v1.GetAcc" +
+      "uracyRequest\032\036.quotad.v1.GetAccuracyResp" +
+      "onseB_\n\023io.github.quotad.v1B\nQuotaProtoP" +
+      "\001Z:github.com/quotad/quotad/clients/go/g" +
+      "en/quotad/v1;quotadv1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -329,157 +381,175 @@ public final class QuotaProto extends com.google.protobuf.GeneratedFile {
     internal_static_quotad_v1_Cost_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_Cost_descriptor,
-        new java.lang.String[] { "Requests", "InputTokens", "OutputTokens", "CachedInputTokens", "CostMicroUsd", });
-    internal_static_quotad_v1_ChatMessage_descriptor =
+        new java.lang.String[] { "Requests", "InputTokens", "OutputTokens", "CachedInputTokens", "CostMicroUsd", "CacheWriteInputTokens", });
+    internal_static_quotad_v1_ImagePart_descriptor =
       getDescriptor().getMessageType(1);
+    internal_static_quotad_v1_ImagePart_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_ImagePart_descriptor,
+        new java.lang.String[] { "Width", "Height", "Detail", });
+    internal_static_quotad_v1_ToolCall_descriptor =
+      getDescriptor().getMessageType(2);
+    internal_static_quotad_v1_ToolCall_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_ToolCall_descriptor,
+        new java.lang.String[] { "Id", "Name", "Arguments", });
+    internal_static_quotad_v1_ToolDefinition_descriptor =
+      getDescriptor().getMessageType(3);
+    internal_static_quotad_v1_ToolDefinition_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_quotad_v1_ToolDefinition_descriptor,
+        new java.lang.String[] { "Name", "Description", "ParametersJson", });
+    internal_static_quotad_v1_ChatMessage_descriptor =
+      getDescriptor().getMessageType(4);
     internal_static_quotad_v1_ChatMessage_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_ChatMessage_descriptor,
-        new java.lang.String[] { "Role", "Content", "Name", });
+        new java.lang.String[] { "Role", "Content", "Name", "ToolCalls", "ToolCallId", "Images", });
     internal_static_quotad_v1_LimitStatus_descriptor =
-      getDescriptor().getMessageType(2);
+      getDescriptor().getMessageType(5);
     internal_static_quotad_v1_LimitStatus_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_LimitStatus_descriptor,
         new java.lang.String[] { "Name", "Scope", "Metric", "Algorithm", "Limit", "Period", "Remaining", "ResetAfter", "Denied", "Binding", "Calendar", });
     internal_static_quotad_v1_CheckAndReserveRequest_descriptor =
-      getDescriptor().getMessageType(3);
+      getDescriptor().getMessageType(6);
     internal_static_quotad_v1_CheckAndReserveRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveRequest_descriptor,
-        new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", "InputTokens", "MaxOutputTokens", "Lease", "IdempotencyKey", "Prompt", "Messages", "Priority", "MaxWait", });
+        new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", "InputTokens", "MaxOutputTokens", "Lease", "IdempotencyKey", "Prompt", "Messages", "Priority", "MaxWait", "ServiceTier", "Tools", });
     internal_static_quotad_v1_CheckAndReserveResponse_descriptor =
-      getDescriptor().getMessageType(4);
+      getDescriptor().getMessageType(7);
     internal_static_quotad_v1_CheckAndReserveResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveResponse_descriptor,
-        new java.lang.String[] { "Decision", "DenyReason", "ReservationId", "LeaseExpiresAt", "Reserved", "RetryAfter", "BindingLimit", "Limits", "Replayed", "Tenant", "Tier", "CountedInputTokens", "Waited", "Priority", });
+        new java.lang.String[] { "Decision", "DenyReason", "ReservationId", "LeaseExpiresAt", "Reserved", "RetryAfter", "BindingLimit", "Limits", "Replayed", "Tenant", "Tier", "CountedInputTokens", "Waited", "Priority", "OutputReservation", });
     internal_static_quotad_v1_CommitRequest_descriptor =
-      getDescriptor().getMessageType(5);
+      getDescriptor().getMessageType(8);
     internal_static_quotad_v1_CommitRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitRequest_descriptor,
-        new java.lang.String[] { "ReservationId", "InputTokens", "OutputTokens", "CachedInputTokens", });
+        new java.lang.String[] { "ReservationId", "InputTokens", "OutputTokens", "CachedInputTokens", "CacheWriteInputTokens", });
     internal_static_quotad_v1_CommitResponse_descriptor =
-      getDescriptor().getMessageType(6);
+      getDescriptor().getMessageType(9);
     internal_static_quotad_v1_CommitResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitResponse_descriptor,
-        new java.lang.String[] { "Reserved", "Committed", "Repeat", "LeaseExpired", });
+        new java.lang.String[] { "Reserved", "Committed", "Repeat", "LeaseExpired", "ImpossibleUsage", "MaxOutputTokens", });
     internal_static_quotad_v1_ReleaseRequest_descriptor =
-      getDescriptor().getMessageType(7);
+      getDescriptor().getMessageType(10);
     internal_static_quotad_v1_ReleaseRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_ReleaseRequest_descriptor,
         new java.lang.String[] { "ReservationId", });
     internal_static_quotad_v1_ReleaseResponse_descriptor =
-      getDescriptor().getMessageType(8);
+      getDescriptor().getMessageType(11);
     internal_static_quotad_v1_ReleaseResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_ReleaseResponse_descriptor,
         new java.lang.String[] { "Refunded", "Repeat", });
     internal_static_quotad_v1_GetUsageRequest_descriptor =
-      getDescriptor().getMessageType(9);
+      getDescriptor().getMessageType(12);
     internal_static_quotad_v1_GetUsageRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_GetUsageRequest_descriptor,
         new java.lang.String[] { "Subject", "Tenant", "Tier", "Model", });
     internal_static_quotad_v1_GetUsageResponse_descriptor =
-      getDescriptor().getMessageType(10);
+      getDescriptor().getMessageType(13);
     internal_static_quotad_v1_GetUsageResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_GetUsageResponse_descriptor,
         new java.lang.String[] { "Limits", "Tenant", "Tier", });
     internal_static_quotad_v1_FieldViolation_descriptor =
-      getDescriptor().getMessageType(11);
+      getDescriptor().getMessageType(14);
     internal_static_quotad_v1_FieldViolation_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_FieldViolation_descriptor,
         new java.lang.String[] { "Field", "Description", });
     internal_static_quotad_v1_Error_descriptor =
-      getDescriptor().getMessageType(12);
+      getDescriptor().getMessageType(15);
     internal_static_quotad_v1_Error_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_Error_descriptor,
         new java.lang.String[] { "Code", "Message", "FieldViolations", });
     internal_static_quotad_v1_CheckAndReserveResult_descriptor =
-      getDescriptor().getMessageType(13);
+      getDescriptor().getMessageType(16);
     internal_static_quotad_v1_CheckAndReserveResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveResult_descriptor,
         new java.lang.String[] { "Response", "Error", "Outcome", });
     internal_static_quotad_v1_CheckAndReserveBatchRequest_descriptor =
-      getDescriptor().getMessageType(14);
+      getDescriptor().getMessageType(17);
     internal_static_quotad_v1_CheckAndReserveBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveBatchRequest_descriptor,
         new java.lang.String[] { "Requests", });
     internal_static_quotad_v1_CheckAndReserveBatchResponse_descriptor =
-      getDescriptor().getMessageType(15);
+      getDescriptor().getMessageType(18);
     internal_static_quotad_v1_CheckAndReserveBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveBatchResponse_descriptor,
         new java.lang.String[] { "Results", });
     internal_static_quotad_v1_CheckAndReserveStreamRequest_descriptor =
-      getDescriptor().getMessageType(16);
+      getDescriptor().getMessageType(19);
     internal_static_quotad_v1_CheckAndReserveStreamRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveStreamRequest_descriptor,
         new java.lang.String[] { "RequestId", "Request", });
     internal_static_quotad_v1_CheckAndReserveStreamResponse_descriptor =
-      getDescriptor().getMessageType(17);
+      getDescriptor().getMessageType(20);
     internal_static_quotad_v1_CheckAndReserveStreamResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CheckAndReserveStreamResponse_descriptor,
         new java.lang.String[] { "RequestId", "Result", });
     internal_static_quotad_v1_CommitResult_descriptor =
-      getDescriptor().getMessageType(18);
+      getDescriptor().getMessageType(21);
     internal_static_quotad_v1_CommitResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitResult_descriptor,
         new java.lang.String[] { "Response", "Error", "Outcome", });
     internal_static_quotad_v1_CommitBatchRequest_descriptor =
-      getDescriptor().getMessageType(19);
+      getDescriptor().getMessageType(22);
     internal_static_quotad_v1_CommitBatchRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitBatchRequest_descriptor,
         new java.lang.String[] { "Requests", });
     internal_static_quotad_v1_CommitBatchResponse_descriptor =
-      getDescriptor().getMessageType(20);
+      getDescriptor().getMessageType(23);
     internal_static_quotad_v1_CommitBatchResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitBatchResponse_descriptor,
         new java.lang.String[] { "Results", });
     internal_static_quotad_v1_CommitStreamRequest_descriptor =
-      getDescriptor().getMessageType(21);
+      getDescriptor().getMessageType(24);
     internal_static_quotad_v1_CommitStreamRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitStreamRequest_descriptor,
         new java.lang.String[] { "RequestId", "Request", });
     internal_static_quotad_v1_CommitStreamResponse_descriptor =
-      getDescriptor().getMessageType(22);
+      getDescriptor().getMessageType(25);
     internal_static_quotad_v1_CommitStreamResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_CommitStreamResponse_descriptor,
         new java.lang.String[] { "RequestId", "Result", });
     internal_static_quotad_v1_GetAccuracyRequest_descriptor =
-      getDescriptor().getMessageType(23);
+      getDescriptor().getMessageType(26);
     internal_static_quotad_v1_GetAccuracyRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_GetAccuracyRequest_descriptor,
         new java.lang.String[] { "Model", "Tier", });
     internal_static_quotad_v1_Spread_descriptor =
-      getDescriptor().getMessageType(24);
+      getDescriptor().getMessageType(27);
     internal_static_quotad_v1_Spread_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_Spread_descriptor,
         new java.lang.String[] { "P50", "P95", });
     internal_static_quotad_v1_GetAccuracyResponse_descriptor =
-      getDescriptor().getMessageType(25);
+      getDescriptor().getMessageType(28);
     internal_static_quotad_v1_GetAccuracyResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_quotad_v1_GetAccuracyResponse_descriptor,
-        new java.lang.String[] { "Model", "Tier", "Commits", "InputRatio", "OutputRatio", "EstimatedTokens", "ActualTokens", "RefundedTokens", "OverrunTokens", "Learning", "LearnedOutputTokens", });
+        new java.lang.String[] { "Model", "Tier", "Commits", "InputRatio", "OutputRatio", "EstimatedTokens", "ActualTokens", "RefundedTokens", "OverrunTokens", "Learning", "LearnedOutputTokens", "InputOverrunTokens", "OutputOverrunTokens", "InputOverrunCommits", "OutputOverrunCommits", "UnreservedOutputCommits", });
     descriptor.resolveAllFeaturesImmutable();
     com.google.protobuf.DurationProto.getDescriptor();
     com.google.protobuf.TimestampProto.getDescriptor();
