@@ -35,6 +35,7 @@ from quotad_server.store import Store
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 from quotad_server.tls import ServerTls
+from quotad_server.catalog import Catalog
 from quotad_server.tokens import load_encodings, prepare_cache
 
 EXIT_CONFIG = 2
@@ -141,6 +142,7 @@ async def serve(settings: Settings) -> int:
         )
         await server.start()
         # Health stays NOT_SERVING until the tokenizers are in memory (off the event loop).
+        core.catalog = await asyncio.to_thread(Catalog)
         core.encodings = await asyncio.to_thread(load_encodings, settings.tiktoken_cache_dir)
         if settings.policy_poll_ms:
             watcher = PolicyWatcher(
