@@ -164,8 +164,8 @@ def resolve(catalog: Catalog | None, model: str, settings: ModelPolicy | None) -
         ]
         if any(value is not None for value in overrides):
             sources.append("policy")
-        if settings.price is not None:
-            prices[ServiceTier.STANDARD] = settings.price
+        if settings.price is not None:  # the catalog's prices were another model's: drop them all
+            prices = {ServiceTier.STANDARD: settings.price}
         prices.update(settings.service_tiers)
         window = settings.context_window or window
         maximum = settings.max_output_tokens

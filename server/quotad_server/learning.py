@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -34,9 +34,12 @@ class OutputEstimator:
     soon as the samples are there rather than a whole `refresh_s` later.
     """
 
-    def __init__(self, store: Store, *, refresh_s: float = 5.0) -> None:
+    def __init__(
+        self, store: Store, *, refresh_s: float = 5.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self._monotonic = monotonic  # when statistics were read: a dependency, so tests move it by hand
         self._warmup_s = min(refresh_s, WARMUP_REFRESH_S)
         # (model, tier) -> (read at, statistics, learned value per bucket)
         self._read: dict[tuple[str, str], tuple[float, Mapping[str, int], dict[int, int | None]]] = {}
@@ -53,7 +56,7 @@ class OutputEstimator:
             if bucket not in values:
                 values[bucket] = self._quantile(model, stats, bucket)
             value = values[bucket]
-            age = time.monotonic() - read_at
+            age = self._monotonic() - read_at
             if age < (self._refresh_s if value is not None else self._warmup_s):
                 return value
         reading = self._reading.get(key)
@@ -75,7 +78,7 @@ class OutputEstimator:
 
     async def _fetch(self, key: tuple[str, str]) -> Mapping[str, int]:
         stats = await self._store.read_usage_stats(*key)
-        self._read[key] = (time.monotonic(), stats, {})
+        self._read[key] = (self._monotonic(), stats, {})
         return stats
 
     async def estimate(self, model: ModelPolicy, tier: str, max_output_tokens: int) -> int:

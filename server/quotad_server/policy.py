@@ -515,7 +515,7 @@ def parse_policy(text: str, source: str) -> Policy:
         models={
             name: ModelPolicy(
                 name=name,
-                encoding=spec.encoding or default_encoding(name),
+                encoding=spec.encoding or default_encoding(name) or default_encoding(spec.catalog_name or ""),
                 calibration=float(spec.calibration),
                 price=spec.price.to_price() if spec.price else None,
                 learned=spec.output_estimate == "learned",

@@ -196,7 +196,9 @@ async def test_calendar_budget_blocks_at_the_limit_and_reopens_at_the_boundary(
     """
     clock = ManualClock(before)
     async with quotad(policy, clock=clock, subject="alice", model="gpt-4o") as q:
-        assert (await q.reserve(input_tokens=400, max_output_tokens=1)).decision == pb.DECISION_ALLOWED  # $0.40
+        assert (
+            await q.reserve(input_tokens=400, max_output_tokens=1)
+        ).decision == pb.DECISION_ALLOWED  # $0.40
         denied = await q.reserve(input_tokens=200, max_output_tokens=1)
         assert denied.decision == pb.DECISION_DENIED
         assert denied.deny_reason == pb.DENY_REASON_BUDGET_EXHAUSTED

@@ -235,7 +235,9 @@ async def test_a_lost_answer_is_retried_with_the_same_idempotency_key(quotad: Qu
     async with quotad(POLICY) as q, proxied(q) as (proxy, port):
         proxy.lose_answers[reserve] = 1
         async with QuotaClient(f"127.0.0.1:{port}", timeout=5, retry_backoff=0.01) as quota:
-            response = await quota.check_and_reserve("alice", model=MODEL, input_tokens=100, max_output_tokens=100)
+            response = await quota.check_and_reserve(
+                "alice", model=MODEL, input_tokens=100, max_output_tokens=100
+            )
             usage = remaining(await quota.get_usage("alice", model=MODEL))
 
     keys = [metadata for method, metadata in proxy.calls if method == reserve]
@@ -554,7 +556,9 @@ def _anthropic_stream(delta_usage: anthropic.MessageDeltaUsage) -> list[object]:
 
 
 OPENAI_USED = Usage(input_tokens=400, output_tokens=50, cached_input_tokens=256)
-ANTHROPIC_USED = Usage(input_tokens=400, output_tokens=50, cached_input_tokens=200)
+ANTHROPIC_USED = Usage(
+    input_tokens=400, output_tokens=50, cached_input_tokens=200, cache_write_input_tokens=150
+)
 
 PROVIDER_REPORTS = [
     pytest.param([_chat_usage()], OPENAI_USED, id="openai-chat-usage"),

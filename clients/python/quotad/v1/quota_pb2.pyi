@@ -1434,8 +1434,9 @@ class GetAccuracyResponse(_message.Message):
     """True when the policy has this model reserve learned output estimates."""
     learned_output_tokens: _builtins.int
     """The output reservation learned (a high quantile of actual output
-    tokens) for calls without max_output_tokens; 0 while there are too few
-    samples or when not learning.
+    tokens) over all calls; each call is reserved the quantile of the calls
+    with a max_output_tokens of the same power of two. 0 while there are too
+    few samples or when not learning.
     """
     input_overrun_tokens: _builtins.int
     """Input tokens used beyond the estimate."""

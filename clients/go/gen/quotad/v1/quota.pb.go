@@ -2696,8 +2696,9 @@ type GetAccuracyResponse struct {
 	// True when the policy has this model reserve learned output estimates.
 	Learning bool `protobuf:"varint,10,opt,name=learning,proto3" json:"learning,omitempty"`
 	// The output reservation learned (a high quantile of actual output
-	// tokens) for calls without max_output_tokens; 0 while there are too few
-	// samples or when not learning.
+	// tokens) over all calls; each call is reserved the quantile of the calls
+	// with a max_output_tokens of the same power of two. 0 while there are too
+	// few samples or when not learning.
 	LearnedOutputTokens int64 `protobuf:"varint,11,opt,name=learned_output_tokens,json=learnedOutputTokens,proto3" json:"learned_output_tokens,omitempty"`
 	// Input tokens used beyond the estimate.
 	InputOverrunTokens int64 `protobuf:"varint,12,opt,name=input_overrun_tokens,json=inputOverrunTokens,proto3" json:"input_overrun_tokens,omitempty"`

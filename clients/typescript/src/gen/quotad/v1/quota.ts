@@ -1020,8 +1020,9 @@ export interface GetAccuracyResponse {
   learning: boolean;
   /**
    * The output reservation learned (a high quantile of actual output
-   * tokens) for calls without max_output_tokens; 0 while there are too few
-   * samples or when not learning.
+   * tokens) over all calls; each call is reserved the quantile of the calls
+   * with a max_output_tokens of the same power of two. 0 while there are too
+   * few samples or when not learning.
    */
   learnedOutputTokens: number;
   /** Input tokens used beyond the estimate. */

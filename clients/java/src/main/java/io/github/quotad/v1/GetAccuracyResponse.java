@@ -321,8 +321,9 @@ private static final long serialVersionUID = 0L;
   /**
    * <pre>
    * The output reservation learned (a high quantile of actual output
-   * tokens) for calls without max_output_tokens; 0 while there are too few
-   * samples or when not learning.
+   * tokens) over all calls; each call is reserved the quantile of the calls
+   * with a max_output_tokens of the same power of two. 0 while there are too
+   * few samples or when not learning.
    * </pre>
    *
    * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -1875,8 +1876,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * The output reservation learned (a high quantile of actual output
-     * tokens) for calls without max_output_tokens; 0 while there are too few
-     * samples or when not learning.
+     * tokens) over all calls; each call is reserved the quantile of the calls
+     * with a max_output_tokens of the same power of two. 0 while there are too
+     * few samples or when not learning.
      * </pre>
      *
      * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -1889,8 +1891,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * The output reservation learned (a high quantile of actual output
-     * tokens) for calls without max_output_tokens; 0 while there are too few
-     * samples or when not learning.
+     * tokens) over all calls; each call is reserved the quantile of the calls
+     * with a max_output_tokens of the same power of two. 0 while there are too
+     * few samples or when not learning.
      * </pre>
      *
      * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
@@ -1907,8 +1910,9 @@ private static final long serialVersionUID = 0L;
     /**
      * <pre>
      * The output reservation learned (a high quantile of actual output
-     * tokens) for calls without max_output_tokens; 0 while there are too few
-     * samples or when not learning.
+     * tokens) over all calls; each call is reserved the quantile of the calls
+     * with a max_output_tokens of the same power of two. 0 while there are too
+     * few samples or when not learning.
      * </pre>
      *
      * <code>int64 learned_output_tokens = 11 [json_name = "learnedOutputTokens"];</code>
