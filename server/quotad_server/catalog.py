@@ -119,12 +119,14 @@ _KEYS = ("input_mtok", "cache_read_mtok", "output_mtok", "cache_write_mtok")
 
 
 def _rates(values: list[Decimal | None]) -> Price | None:
-    """(input, cache read, output, cache write) in $/M as a Price; None without input or output
-    prices, or beyond what settle.lua keeps exact."""
+    """(input, cache read, output, cache write) in $/M as a Price; None without an input price, or
+    beyond what settle.lua keeps exact."""
     micros = [None if value is None else _micros(value) for value in values]
     m_in, m_read, m_out, m_write = micros
-    if m_in is None or m_out is None:
+    if m_in is None:
         return None
+    if m_out is None:  # embeddings and the like: no output to pay for
+        m_out = 0
     if any(m is not None and not 0 <= m <= MAX_PRICE_MICRO_USD for m in micros):
         return None
     return Price(m_in, m_in if m_read is None else m_read, m_out, m_write)

@@ -310,7 +310,7 @@ def show_price(model: str, policy_path: str | None) -> int:
     print(f"tokenizer: {encoding or 'none (set models.<name>.encoding and calibration)'}")
     window = f"{terms.context_window} tokens" if terms.context_window else "unknown"
     print(f"context window: {window}")
-    maximum = f"{terms.max_output_tokens} tokens" if terms.max_output_tokens else "unknown"
+    maximum = f"{terms.max_output_tokens} tokens" if terms.max_output_tokens is not None else "unknown"
     print(f"max output: {maximum}")
     for tier in ServiceTier:
         price = terms.price(tier)

@@ -454,16 +454,18 @@ class QuotaCore:
         if route is None and not violations:
             route = self._new_route(policy, violations, route_key, counted_as, tier)
         if route is not None and not violations:
-            self._check_fit(violations, request, route, input_tokens, output_tokens)
+            self._check_fit(violations, request, route, input_tokens, output_source)
         if violations:
             raise InvalidRequest(violations)
         assert route is not None
         price = route.terms.price(request.service_tier)
         priority = request.priority or route.priority
         fingerprint = ""
+        # The standard tier adds nothing, so keys retried across an upgrade keep their fingerprint.
+        tier_suffix = "" if request.service_tier is ServiceTier.STANDARD else f"\n{request.service_tier}"
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
-                f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}\n{request.service_tier}".encode()
+                f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}{tier_suffix}".encode()
             ).hexdigest()[:32]
         plan = ReservePlan(
             partition=route.partition,
@@ -529,7 +531,7 @@ class QuotaCore:
         request: ReserveRequest,
         route: _Route,
         input_tokens: int,
-        output_tokens: int,
+        output_source: OutputSource,
     ) -> None:
         """Refuse what the model cannot take (its context window, its maximum output) and what
         cannot be priced or bounded, before anything is charged."""
@@ -562,7 +564,8 @@ class QuotaCore:
                     f" ({window} tokens)",
                 )
             )
-        if not requested and not output_tokens and request.model and route.counts_output and not violations:
+        unknown = not requested and output_source is OutputSource.REQUESTED  # no default was found
+        if unknown and request.model and route.counts_output and not violations:
             violations.append(
                 FieldViolation(
                     "max_output_tokens",

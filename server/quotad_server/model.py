@@ -210,8 +210,11 @@ class Price:
         return round_half_even(numerator, MICROS_PER_MILLION_TOKENS)
 
     def script_arg(self) -> str:
-        """The prices as settle.lua reads them from the reservation record:
-        "<input> <cached> <output> <cache write> <threshold> [<input> <cached> <output> <cache write>]"."""
+        """The prices as settle.lua reads them from the reservation record: "<input> <cached> <output>
+        [<cache write> <threshold> [<input> <cached> <output> <cache write>]]"; the short form, which
+        settle.lua read before issue 16, when there is neither a cache-write price nor a threshold."""
+        if self.write_rate == self.input and not (self.above is not None and self.threshold):
+            return f"{self.input} {self.cached_input} {self.output}"
         rates = [
             self.input,
             self.cached_input,

@@ -288,11 +288,15 @@ class ModelSpec(_Strict):
     provider: str | None = Field(default=None, min_length=1, max_length=64)  # the catalog's provider id
     service_tiers: dict[Literal["batch", "flex", "priority"], PriceSpec] = Field(default_factory=dict)
     context_window: int | None = Field(default=None, ge=1, le=10**9)  # input + output, in tokens
-    max_output_tokens: int | None = Field(default=None, ge=1, le=10**9)
+    max_output_tokens: int | None = Field(default=None, ge=0, le=10**9)  # 0: no output (embeddings)
 
     @model_validator(mode="after")
     def _fits(self) -> ModelSpec:
-        if self.context_window and self.max_output_tokens and self.max_output_tokens > self.context_window:
+        if (
+            self.context_window
+            and self.max_output_tokens is not None
+            and self.max_output_tokens > self.context_window
+        ):
             raise ValueError(
                 f"max_output_tokens {self.max_output_tokens} is more than context_window {self.context_window}"
             )

@@ -206,7 +206,9 @@ async def test_requests_that_cannot_fit_the_model_are_refused_before_anything_is
 
 async def test_a_call_without_max_output_tokens_reserves_a_default_never_zero(quotad: QuotadFactory) -> None:
     policy = POLICY.replace(
-        "gpt-4: {}", "gpt-4: {}\n      mystery-model: {encoding: o200k_base, price: {input: 1, output: 1}}"
+        "gpt-4: {}",
+        "gpt-4: {}\n      mystery-model: {encoding: o200k_base, price: {input: 1, output: 1}}"
+        "\n      text-embedding-3-small: {max_output_tokens: 0, price: {input: 0.02, output: 0}}",
     )
     async with quotad(policy, clock=ManualClock(), subject="alice") as q:
         # The policy's maximum output for gpt-4o (16,384, as OpenAI documents it).
@@ -224,6 +226,10 @@ async def test_a_call_without_max_output_tokens_reserves_a_default_never_zero(qu
         asked = await q.reserve(model="gpt-4o", input_tokens=1_000, max_output_tokens=500)
         assert asked.reserved.output_tokens == 500
         assert asked.output_reservation == pb.OUTPUT_RESERVATION_REQUESTED
+        # An embedding model whose policy says it has no output reserves none.
+        embedding = await q.reserve(model="text-embedding-3-small", input_tokens=100)
+        assert embedding.reserved.output_tokens == 0
+        assert embedding.output_reservation == pb.OUTPUT_RESERVATION_MODEL_MAXIMUM
         # Nothing known at all, and a limit counts output: the caller must say.
         error = await rpc_error(q.reserve(model="mystery-model", input_tokens=10))
         assert error.code().name == "INVALID_ARGUMENT"

@@ -80,7 +80,8 @@ def test_cache_writes_and_long_context_prices() -> None:
     assert sonnet.cost_micro_usd(10_200, 0, 500, cache_write_tokens=10_000) == 45_600
     assert sonnet.cost_micro_usd(250_000, 0, 1_000) == 250_000 * 6 + 22_500
     assert sonnet.script_arg() == "3000000 300000 15000000 3750000 200000 6000000 600000 22500000 7500000"
-    assert Price(1, 2, 3).script_arg() == "1 2 3 1 0"
+    assert Price(1, 2, 3).script_arg() == "1 2 3"  # what settle.lua read before issue 16
+    assert Price(1, 2, 3, 4).script_arg() == "1 2 3 4 0"
 
 
 def test_output_buckets_are_powers_of_two() -> None:
