@@ -556,7 +556,7 @@ class QuotaCore:
                     f" {request.model}'s context window ({window} tokens)",
                 )
             )
-        elif window is not None and not requested and input_tokens >= window:
+        elif window is not None and not requested and maximum != 0 and input_tokens >= window:
             violations.append(
                 FieldViolation(
                     "input_tokens",
