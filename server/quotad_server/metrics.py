@@ -225,6 +225,13 @@ class Metrics:
             ["limit", "scope"],
             registry=registry,
         )
+        self.impossible_usage = Counter(
+            "quotad_impossible_usage",
+            "Commits that reported more output tokens than the call's max_output_tokens allowed: no"
+            " provider returns that, so the caller's usage (or its max_tokens) is wrong. Charged all the same.",
+            ["model"],
+            registry=registry,
+        )
         for outcome in ("undone", "held", "stuck"):
             self.late_reservations.labels(outcome)  # every series exists from the start, at zero
         self.policy_reloads = Counter(
@@ -310,6 +317,8 @@ class Metrics:
         if outcome.repeat:
             return
         self.settlements.labels(method).inc()
+        if outcome.impossible_usage:
+            self.impossible_usage.labels(outcome.model or "").inc()
         if outcome.lease_expired:
             self.late_settlements.labels(method).inc()
         reserved, committed = outcome.reserved, outcome.committed
@@ -400,15 +409,24 @@ class InstrumentedCore(QuotaCore):
         output_tokens: int,
         cached_input_tokens: int = 0,
         caller: Caller = ANONYMOUS,
+        *,
+        cache_write_input_tokens: int = 0,
     ) -> SettleOutcome:
         outcome = await super().commit(
-            reservation_id, input_tokens, output_tokens, cached_input_tokens, caller
+            reservation_id,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            caller,
+            cache_write_input_tokens=cache_write_input_tokens,
         )
         self._metrics.settled("commit", outcome)
         return outcome
 
     async def commit_many(
-        self, commits: Sequence[tuple[str, int, int, int]], caller: Caller = ANONYMOUS
+        self,
+        commits: Sequence[tuple[str, int, int, int] | tuple[str, int, int, int, int]],
+        caller: Caller = ANONYMOUS,
     ) -> list[SettleOutcome | QuotadError]:
         outcomes = await super().commit_many(commits, caller)
         for outcome in outcomes:

@@ -128,7 +128,8 @@ class Limit:
 class Cost:
     """An amount charged to limits: one request's estimate or actual usage.
 
-    `input_tokens` includes `cached_input_tokens` (prompt-cache reads, priced lower).
+    `input_tokens` includes `cached_input_tokens` (prompt-cache reads, priced lower) and
+    `cache_write_input_tokens` (prompt-cache writes, priced at their own rate).
     """
 
     requests: int = 0
@@ -136,30 +137,98 @@ class Cost:
     output_tokens: int = 0
     cached_input_tokens: int = 0
     cost_micro_usd: int = 0
+    cache_write_input_tokens: int = 0
+
+
+class ServiceTier(StrEnum):
+    """How the provider is asked to process a call: it selects the price."""
+
+    STANDARD = "standard"
+    BATCH = "batch"
+    FLEX = "flex"
+    PRIORITY = "priority"
+
+
+class OutputSource(StrEnum):
+    """Where a reservation's output tokens came from."""
+
+    REQUESTED = "requested"  # the request's max_output_tokens
+    LEARNED = "learned"  # the learned quantile
+    MODEL_MAXIMUM = "model_maximum"  # the model's maximum output (or what its window leaves)
 
 
 MICROS_PER_MILLION_TOKENS = 1_000_000
 
 
+def round_half_even(numerator: int, denominator: int) -> int:
+    """numerator / denominator to the nearest integer, ties to even (banker's rounding)."""
+    quotient, remainder = divmod(numerator, denominator)
+    if 2 * remainder > denominator or (2 * remainder == denominator and quotient % 2):
+        quotient += 1
+    return quotient
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
-    """A model's prices in micro-dollars per million tokens ($2.50/M is 2_500_000)."""
+    """A model's prices in micro-dollars per million tokens ($2.50/M is 2_500_000).
+
+    `cache_write` is the rate of prompt-cache writes (None: the input rate). A call whose
+    input is above `threshold` tokens pays the `above` prices on every token, as Gemini and
+    Anthropic's long-context prices work (threshold 0: one set of prices).
+    """
 
     input: int
     cached_input: int
     output: int
+    cache_write: int | None = None
+    threshold: int = 0
+    above: Price | None = None
 
-    def cost_micro_usd(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> int:
-        """The cost in whole micro-dollars, rounded up once for the whole call.
+    def at(self, input_tokens: int) -> Price:
+        """The prices a call with `input_tokens` of input pays."""
+        if self.above is not None and self.threshold and input_tokens > self.threshold:
+            return self.above
+        return self
 
+    @property
+    def write_rate(self) -> int:
+        return self.input if self.cache_write is None else self.cache_write
+
+    def cost_micro_usd(
+        self, input_tokens: int, cached_input_tokens: int, output_tokens: int, cache_write_tokens: int = 0
+    ) -> int:
+        """The cost in whole micro-dollars, rounded half to even once for the whole call.
+
+        Half-even: each call is off by at most half a micro-dollar, and the roundings of
+        calls whose exact costs are spread out cancel in sum instead of all going up.
         settle.lua computes the same integer with the same formula.
         """
+        rates = self.at(input_tokens)
         numerator = (
-            (input_tokens - cached_input_tokens) * self.input
-            + cached_input_tokens * self.cached_input
-            + output_tokens * self.output
+            (input_tokens - cached_input_tokens - cache_write_tokens) * rates.input
+            + cached_input_tokens * rates.cached_input
+            + cache_write_tokens * rates.write_rate
+            + output_tokens * rates.output
         )
-        return -(-numerator // MICROS_PER_MILLION_TOKENS)
+        return round_half_even(numerator, MICROS_PER_MILLION_TOKENS)
+
+    def script_arg(self) -> str:
+        """The prices as settle.lua reads them from the reservation record: "<input> <cached> <output>
+        [<cache write> <threshold> [<input> <cached> <output> <cache write>]]"; the short form, which
+        settle.lua read before issue 16, when there is neither a cache-write price nor a threshold."""
+        if self.write_rate == self.input and not (self.above is not None and self.threshold):
+            return f"{self.input} {self.cached_input} {self.output}"
+        rates = [
+            self.input,
+            self.cached_input,
+            self.output,
+            self.write_rate,
+            self.threshold if self.above else 0,
+        ]
+        if self.above is not None and self.threshold:
+            above = self.above
+            rates += [above.input, above.cached_input, above.output, above.write_rate]
+        return " ".join(str(rate) for rate in rates)
 
 
 @dataclass(slots=True)
@@ -206,6 +275,7 @@ class ReserveOutcome:
     replayed: bool = False
     priority: Priority = Priority.NORMAL
     waited_us: int = 0
+    output_source: OutputSource = OutputSource.REQUESTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +291,13 @@ class SettleOutcome:
     lease_expired: bool
     model: str = ""
     tier: str = ""
+    max_output_tokens: int | None = None  # as requested (0: none); None for records from before it was kept
+
+    @property
+    def impossible_usage(self) -> bool:
+        """More output reported than the call was allowed: no provider returns that."""
+        bound = self.max_output_tokens
+        return bool(bound) and self.committed.output_tokens > (bound or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +328,11 @@ class AccuracyReport:
     overrun_tokens: int
     learning: bool
     learned_output_tokens: int | None
+    input_overrun_tokens: int = 0
+    output_overrun_tokens: int = 0
+    input_overrun_commits: int = 0
+    output_overrun_commits: int = 0
+    unreserved_output_commits: int = 0
 
 
 class Method(StrEnum):

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tiktoken.model import MODEL_PREFIX_TO_ENCODING, MODEL_TO_ENCODING
 
 from quotad_server.model import (
     Algorithm,
@@ -27,6 +28,7 @@ from quotad_server.model import (
     Price,
     Priority,
     Scope,
+    ServiceTier,
     TenantGrant,
 )
 
@@ -209,16 +211,18 @@ class Leases(_Strict):
         return self
 
 
-class PriceSpec(_Strict):
-    """US dollars per million tokens."""
+class RatesSpec(_Strict):
+    """US dollars per million tokens: cache reads at `cached_input` (default: input), cache
+    writes at `cache_write` (default: input; Anthropic's 5-minute writes are 1.25x input)."""
 
     input: float | int = Field(ge=0, le=MAX_PRICE_USD)
     output: float | int = Field(ge=0, le=MAX_PRICE_USD)
     cached_input: float | int | None = Field(default=None, ge=0, le=MAX_PRICE_USD)
+    cache_write: float | int | None = Field(default=None, ge=0, le=MAX_PRICE_USD)
 
     @model_validator(mode="after")
-    def _precision(self) -> PriceSpec:
-        for what in ("input", "output", "cached_input"):
+    def _precision(self) -> RatesSpec:
+        for what in ("input", "output", "cached_input", "cache_write"):
             value = getattr(self, what)
             if value is not None:
                 _micro_usd(value, what)
@@ -230,6 +234,28 @@ class PriceSpec(_Strict):
             _micro_usd(self.input, "input"),
             _micro_usd(cached, "cached_input"),
             _micro_usd(self.output, "output"),
+            None if self.cache_write is None else _micro_usd(self.cache_write, "cache_write"),
+        )
+
+
+class AbovePriceSpec(RatesSpec):
+    """The prices of every token of a call whose input is above `threshold` tokens."""
+
+    threshold: int = Field(gt=0, le=10**9)
+
+
+class PriceSpec(RatesSpec):
+    """US dollars per million tokens, and optionally other prices above a context threshold."""
+
+    above: AbovePriceSpec | None = None
+
+    def to_price(self) -> Price:
+        base = RatesSpec.to_price(self)
+        if self.above is None:
+            return base
+        above = RatesSpec.to_price(self.above)
+        return Price(
+            base.input, base.cached_input, base.output, base.cache_write, self.above.threshold, above
         )
 
 
@@ -259,15 +285,47 @@ class ModelSpec(_Strict):
     learned_quantile: float = Field(default=0.95, gt=0.5, lt=1.0)
     learned_min_samples: int = Field(default=100, ge=1, le=1_000_000)
     learned_window: int = Field(default=10_000, ge=10, le=10_000_000)
+    # Overrides of the price catalog (see catalog.py), each on its own.
+    catalog_name: str | None = Field(default=None, min_length=1, max_length=256)  # the name to look up
+    provider: str | None = Field(default=None, min_length=1, max_length=64)  # the catalog's provider id
+    service_tiers: dict[Literal["batch", "flex", "priority"], PriceSpec] = Field(default_factory=dict)
+    context_window: int | None = Field(default=None, ge=1, le=10**9)  # input + output, in tokens
+    max_output_tokens: int | None = Field(default=None, ge=0, le=10**9)  # 0: no output (embeddings)
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModelSpec:
+        if (
+            self.context_window
+            and self.max_output_tokens is not None
+            and self.max_output_tokens > self.context_window
+        ):
+            raise ValueError(
+                f"max_output_tokens {self.max_output_tokens} is more than context_window {self.context_window}"
+            )
+        return self
+
+
+# Encodings quotad counts with: tiktoken's others (p50k, r50k, gpt2) belong to retired models.
+# o200k_harmony (gpt-oss) is o200k_base plus special tokens, which plain text never encodes to.
+_BUNDLED = {"cl100k_base": "cl100k_base", "o200k_base": "o200k_base", "o200k_harmony": "o200k_base"}
+# Prefixes callers put before OpenAI model names (LiteLLM-style routes), stripped before the lookup.
+_ROUTE_PREFIXES = ("openai/", "azure/")
 
 
 def default_encoding(model: str) -> str | None:
-    """The tiktoken encoding of OpenAI's model families; None for other vendors' models."""
-    if model.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")):
-        return "o200k_base"
-    if model.startswith(("gpt-4", "gpt-3.5")):
-        return "cl100k_base"
-    return None
+    """The tiktoken encoding of an OpenAI model name, resolved as tiktoken resolves it (its exact
+    names, then its prefixes: fine-tunes `ft:gpt-4o-mini-...`, Azure's `gpt-35-turbo`, embeddings,
+    `davinci-002`, `gpt-oss-*`), after stripping an `openai/` or `azure/` route; None for other
+    vendors' models and for names tiktoken does not know (`o1x-custom` is not o1)."""
+    for prefix in _ROUTE_PREFIXES:
+        model = model.removeprefix(prefix)
+    name = MODEL_TO_ENCODING.get(model)
+    if name is None:
+        name = next(
+            (encoding for prefix, encoding in MODEL_PREFIX_TO_ENCODING.items() if model.startswith(prefix)),
+            None,
+        )
+    return _BUNDLED.get(name) if name else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +340,11 @@ class ModelPolicy:
     learned_quantile: float
     learned_min_samples: int
     learned_window: int = 10_000
+    service_tiers: dict[ServiceTier, Price] = field(default_factory=dict)
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    catalog_name: str | None = None
+    provider: str | None = None
 
 
 class TenantGrantSpec(_Strict):
@@ -391,6 +454,9 @@ class PolicyDocument(_Strict):
     unknown_tenants: Literal["own", "shared", "refuse"] = "own"
     # Envoy's rate limit service: how descriptors map to requests (see docs/envoy.md).
     envoy: EnvoySpec | None = None
+    # Where prices and context windows come from when `models` does not say: the bundled
+    # genai-prices catalog (see catalog.py), or nowhere.
+    price_catalog: Literal["genai-prices", "none"] = "genai-prices"
 
     @field_validator("retention")
     @classmethod
@@ -458,6 +524,7 @@ class Policy:
     unknown_tenants: str = "own"
     known_tenants: frozenset[str] = frozenset()
     envoy: EnvoyPolicy | None = None
+    price_catalog: bool = True
     _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
 
     def limits_for(self, tier: str, tenant: str, model: str) -> tuple[Limit, ...]:
@@ -523,13 +590,20 @@ def parse_policy(text: str, source: str) -> Policy:
         models={
             name: ModelPolicy(
                 name=name,
-                encoding=spec.encoding or default_encoding(name),
+                encoding=spec.encoding or default_encoding(name) or default_encoding(spec.catalog_name or ""),
                 calibration=float(spec.calibration),
                 price=spec.price.to_price() if spec.price else None,
                 learned=spec.output_estimate == "learned",
                 learned_quantile=spec.learned_quantile,
                 learned_min_samples=spec.learned_min_samples,
                 learned_window=spec.learned_window,
+                service_tiers={
+                    ServiceTier(tier): price.to_price() for tier, price in spec.service_tiers.items()
+                },
+                context_window=spec.context_window,
+                max_output_tokens=spec.max_output_tokens,
+                catalog_name=spec.catalog_name,
+                provider=spec.provider,
             )
             for name, spec in doc.models.items()
         },
@@ -549,6 +623,7 @@ def parse_policy(text: str, source: str) -> Policy:
         callers=_caller_rules(doc),
         unknown_tenants=doc.unknown_tenants,
         known_tenants=frozenset({*doc.tenants, doc.defaults.tenant} - {WILDCARD_TENANT}),
+        price_catalog=doc.price_catalog == "genai-prices",
         envoy=_envoy(doc.envoy),
     )
 

@@ -7,7 +7,12 @@ a few hundred fields whatever the traffic.
 
 Fields: "n" commits; "o:<b>" actual output tokens; "ri:<b>" / "ro:<b>" actual/estimate
 for input / output tokens; "ei" "ai" "eo" "ao" estimated and actual token sums; "rf"
-tokens reserved and refunded; "ov" tokens used beyond the reservation.
+tokens reserved and refunded; "ov" tokens used beyond the reservation, "ovi" / "ovo" of them
+input / output, "nvi" / "nvo" the commits that overran on input / output; "nz" commits
+reserved with 0 output (they have no output ratio).
+
+Per max_output_tokens bucket k (see output_bucket): "n<k>" commits and "o<k>:<b>" their
+actual output tokens, so calls allowed 64 tokens and calls allowed 4096 learn apart.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ class UsageSample:
     actual_input: int
     estimated_output: int
     actual_output: int
+    max_output: int | None = None  # the call's max_output_tokens (0: none); None: not recorded
+
+
+def output_bucket(max_output_tokens: int) -> int:
+    """The bucket of a call's max_output_tokens: k holds [2^(k-1), 2^k), 0 holds calls without one."""
+    return max(0, max_output_tokens).bit_length()
 
 
 def _count_bucket(value: int) -> int:
@@ -49,6 +60,8 @@ def _ratio_bucket(actual: int, estimate: int) -> str:
 
 def increments(sample: UsageSample) -> dict[str, int]:
     """The hash fields one sample adds to."""
+    input_over = max(0, sample.actual_input - sample.estimated_input)
+    output_over = max(0, sample.actual_output - sample.estimated_output)
     fields = {
         "n": 1,
         f"o:{_count_bucket(sample.actual_output)}": 1,
@@ -58,9 +71,18 @@ def increments(sample: UsageSample) -> dict[str, int]:
         "ao": sample.actual_output,
         "rf": max(0, sample.estimated_input - sample.actual_input)
         + max(0, sample.estimated_output - sample.actual_output),
-        "ov": max(0, sample.actual_input - sample.estimated_input)
-        + max(0, sample.actual_output - sample.estimated_output),
+        "ov": input_over + output_over,
     }
+    for name, value in (("ovi", input_over), ("ovo", output_over)):
+        if value:
+            fields[name] = value
+            fields["nv" + name[-1]] = 1
+    if not sample.estimated_output:
+        fields["nz"] = 1
+    if sample.max_output is not None:
+        bucket = output_bucket(sample.max_output)
+        fields[f"n{bucket}"] = 1
+        fields[f"o{bucket}:{_count_bucket(sample.actual_output)}"] = 1
     if sample.estimated_input:
         fields[f"ri:{_ratio_bucket(sample.actual_input, sample.estimated_input)}"] = 1
     if sample.estimated_output:
@@ -90,11 +112,15 @@ def _quantile_bucket(histogram: list[tuple[float, int]], quantile: float) -> flo
     return histogram[-1][0]
 
 
-def output_quantile(stats: Mapping[str, int], quantile: float, min_samples: int) -> int | None:
-    """The `quantile` of actual output tokens (rounded up to its bucket), or None with too few samples."""
-    if stats.get("n", 0) < min_samples:
+def output_quantile(
+    stats: Mapping[str, int], quantile: float, min_samples: int, max_output_bucket: int | None = None
+) -> int | None:
+    """The `quantile` of actual output tokens (rounded up to its bucket), or None with too few samples:
+    of every call, or of the calls whose max_output_tokens fell in `max_output_bucket`."""
+    suffix = "" if max_output_bucket is None else str(max_output_bucket)
+    if stats.get("n" + suffix, 0) < min_samples:
         return None
-    bucket = _quantile_bucket(_histogram(stats, "o:"), quantile)
+    bucket = _quantile_bucket(_histogram(stats, f"o{suffix}:"), quantile)
     return None if bucket is None else _count_upper(int(bucket))
 
 

@@ -35,7 +35,9 @@ def test_the_blocking_client_over_mutual_tls_with_pem_bytes(secure_quotads: Secu
     tls = TlsConfig(ca=secure_quotads.ca.read_bytes(), cert=cert, key=key)
     subject = f"py-sync-{uuid.uuid4().hex[:8]}"
     with SyncQuotaClient(secure_quotads.mtls.address, tls=tls, timeout=5) as client:
-        with client.reserve(subject, tenant="sync", model="gpt-4o", input_tokens=10) as held:
+        with client.reserve(
+            subject, tenant="sync", model="gpt-4o", input_tokens=10, max_output_tokens=5
+        ) as held:
             held.record(input_tokens=10, output_tokens=5)
         usage = client.get_usage(subject, tenant="sync", model="gpt-4o")
     assert {limit.name: limit.remaining for limit in usage.limits}["tokens-per-day"] == 985

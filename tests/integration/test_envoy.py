@@ -411,3 +411,27 @@ async def test_exact_across_a_window_boundary(quotad: QuotadFactory) -> None:
         assert denied.statuses[0].duration_until_reset.ToMicroseconds() == 1_800_000  # exact retry-after
         clock.advance(1.8)  # the first admissions leave the window
         assert [(await envoy.ask("api", ask)).overall_code for _ in range(6)] == [OK] * 5 + [OVER]
+
+
+async def test_hits_are_an_amount_not_a_prompt_the_model_must_hold(quotad: QuotadFactory) -> None:
+    """A model's context window and maximum output bound CheckAndReserve's prompt and reply, not
+    Envoy's hits: a gateway naming a model with a small window, or one with no known maximum
+    output, is decided on its hits alone."""
+    policy = """
+        defaults: {tier: free}
+        price_catalog: none
+        models: {tiny: {context_window: 100}, unknown: {}}
+        tiers:
+          free:
+            limits:
+              - {name: user-tpm, metric: total_tokens, limit: 1000, period: 1m}
+        envoy:
+          domains:
+            llm-tokens: {tenant: x-tenant, subject: user_id, model: model, hits: tokens}
+    """
+    async with quotad(policy, clock=ManualClock()) as q:
+        envoy = Envoy(q)
+        for model, hits in (("tiny", 400), ("unknown", 300)):
+            answer = await envoy.ask("llm-tokens", user("alice", model=model), hits_addend=hits)
+            assert answer.overall_code == OK, model
+        assert (await q.usage(subject="alice", tenant="acme"))["user-tpm"] == 300

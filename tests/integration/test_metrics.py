@@ -152,15 +152,15 @@ async def test_money_is_counted_in_micro_dollars(quotad: QuotadFactory, metrics:
     policy = POLICY.replace("gpt-4o: {}", "gpt-4o: {price: {input: 2.5, output: 10}}")
     async with quotad(policy, clock=ManualClock(), metrics=registry, subject="alice", model="gpt-4o") as q:
         kept = await q.reserve(input_tokens=1000, max_output_tokens=100)  # 2,500 + 1,000 micro-dollars
-        released = await q.reserve(input_tokens=400, max_output_tokens=0)  # 1,000
+        released = await q.reserve(input_tokens=400, max_output_tokens=1)  # 1,000 + 10
         await q.commit(kept.reservation_id, input_tokens=1000, output_tokens=40)  # 2,500 + 400
         await q.release(released.reservation_id)
         samples = await scrape_settled(port, 4)
     assert (
         value(samples, "quotad_cost_micro_usd_total", {"kind": "reserved", "model": "gpt-4o"})
-        == 3_500 + 1_000
+        == 3_500 + 1_010
     )
     assert value(samples, "quotad_cost_micro_usd_total", {"kind": "committed", "model": "gpt-4o"}) == 2_900
     assert (
-        value(samples, "quotad_cost_micro_usd_total", {"kind": "refunded", "model": "gpt-4o"}) == 600 + 1_000
+        value(samples, "quotad_cost_micro_usd_total", {"kind": "refunded", "model": "gpt-4o"}) == 600 + 1_010
     )

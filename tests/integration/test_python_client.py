@@ -235,14 +235,16 @@ async def test_a_lost_answer_is_retried_with_the_same_idempotency_key(quotad: Qu
     async with quotad(POLICY) as q, proxied(q) as (proxy, port):
         proxy.lose_answers[reserve] = 1
         async with QuotaClient(f"127.0.0.1:{port}", timeout=5, retry_backoff=0.01) as quota:
-            response = await quota.check_and_reserve("alice", model=MODEL, input_tokens=100)
+            response = await quota.check_and_reserve(
+                "alice", model=MODEL, input_tokens=100, max_output_tokens=100
+            )
             usage = remaining(await quota.get_usage("alice", model=MODEL))
 
     keys = [metadata for method, metadata in proxy.calls if method == reserve]
     assert len(keys) == 2  # the first answer was lost, the retry got through
     assert response.decision == pb.DECISION_ALLOWED
     assert response.replayed  # the server recognised the retry ...
-    assert usage == {"tokens-per-day": 900, "in-flight": 1}  # ... and reserved once
+    assert usage == {"tokens-per-day": 800, "in-flight": 1}  # ... and reserved once
 
 
 async def test_unavailable_after_the_retries_is_an_unavailable_error(quotad: QuotadFactory) -> None:
@@ -250,7 +252,7 @@ async def test_unavailable_after_the_retries_is_an_unavailable_error(quotad: Quo
     async with quotad(POLICY) as q, proxied(q) as (proxy, port):
         proxy.lose_answers[release] = 3
         async with QuotaClient(f"127.0.0.1:{port}", timeout=5, retries=2, retry_backoff=0.01) as quota:
-            allowed = await quota.check_and_reserve("alice", model=MODEL)
+            allowed = await quota.check_and_reserve("alice", model=MODEL, max_output_tokens=100)
             with pytest.raises(Unavailable, match="answer lost"):
                 await quota.release(allowed.reservation_id)
     assert [method for method, _ in proxy.calls].count(release) == 3
@@ -297,7 +299,7 @@ async def test_tls_credentials_are_used(quotad: QuotadFactory, certificate: tupl
     async with quotad(POLICY) as q, proxied(q, tls) as (proxy, port):
         trusted = grpc.ssl_channel_credentials(root_certificates=cert)
         async with QuotaClient(f"localhost:{port}", credentials=trusted, timeout=5) as quota:
-            allowed = await quota.check_and_reserve("frank", model=MODEL)
+            allowed = await quota.check_and_reserve("frank", model=MODEL, max_output_tokens=100)
         async with QuotaClient(f"localhost:{port}", timeout=1, retries=0) as plaintext:
             with pytest.raises(Unavailable):
                 await plaintext.get_usage("frank", model=MODEL)
@@ -313,7 +315,7 @@ async def test_sync_client_reserves_commits_and_releases(quotad: QuotadFactory) 
                 with quota.reserve("carol", model=MODEL, input_tokens=200, max_output_tokens=100) as r:
                     r.record({"prompt_tokens": 200, "completion_tokens": 10})
                 try:
-                    with quota.reserve("carol", model=MODEL, input_tokens=100):
+                    with quota.reserve("carol", model=MODEL, input_tokens=100, max_output_tokens=100):
                         raise KeyError("boom")
                 except KeyError:
                     pass
@@ -342,20 +344,20 @@ async def test_sync_client_retries_a_lost_answer(quotad: QuotadFactory) -> None:
 
         def reserve_once() -> pb.CheckAndReserveResponse:
             with SyncQuotaClient(f"127.0.0.1:{port}", timeout=5, retry_backoff=0.01) as quota:
-                return quota.check_and_reserve("dave", model=MODEL, input_tokens=100)
+                return quota.check_and_reserve("dave", model=MODEL, input_tokens=100, max_output_tokens=100)
 
         response = await asyncio.to_thread(reserve_once)
         async with client_for(q) as quota:
             usage = remaining(await quota.get_usage("dave", model=MODEL))
     assert response.replayed
-    assert usage == {"tokens-per-day": 900, "in-flight": 1}
+    assert usage == {"tokens-per-day": 800, "in-flight": 1}
 
 
 async def test_the_body_can_settle_itself(quotad: QuotadFactory) -> None:
     async with quotad(POLICY) as q, client_for(q) as quota:
-        async with quota.reserve("erin", model=MODEL, input_tokens=100) as r:
+        async with quota.reserve("erin", model=MODEL, input_tokens=100, max_output_tokens=100) as r:
             committed = await r.commit(input_tokens=50, output_tokens=0)
-        async with quota.reserve("erin", model=MODEL, input_tokens=100) as r:
+        async with quota.reserve("erin", model=MODEL, input_tokens=100, max_output_tokens=100) as r:
             released = await r.release()
         usage = remaining(await quota.get_usage("erin", model=MODEL))
     assert not committed.repeat
@@ -554,7 +556,9 @@ def _anthropic_stream(delta_usage: anthropic.MessageDeltaUsage) -> list[object]:
 
 
 OPENAI_USED = Usage(input_tokens=400, output_tokens=50, cached_input_tokens=256)
-ANTHROPIC_USED = Usage(input_tokens=400, output_tokens=50, cached_input_tokens=200)
+ANTHROPIC_USED = Usage(
+    input_tokens=400, output_tokens=50, cached_input_tokens=200, cache_write_input_tokens=150
+)
 
 PROVIDER_REPORTS = [
     pytest.param([_chat_usage()], OPENAI_USED, id="openai-chat-usage"),
@@ -858,7 +862,7 @@ async def test_a_call_gives_up_at_its_deadline_however_many_attempts(own_redis: 
         channel = grpc.aio.insecure_channel(address, interceptors=[log])
         async with QuotaClient(address, channel=channel, timeout=1.5) as quota, paused(own_redis):
             with pytest.raises(Unavailable):
-                await quota.check_and_reserve("alice", model=MODEL, input_tokens=100)
+                await quota.check_and_reserve("alice", model=MODEL, input_tokens=100, max_output_tokens=100)
     timeouts = [attempt.timeout or 0.0 for attempt in log.of("CheckAndReserve")]
     assert timeouts
     assert timeouts[0] <= 1.5

@@ -40,7 +40,7 @@ ANTHROPIC = SimpleNamespace(
         pytest.param(OPENAI_CHAT, Usage(1200, 80, 1024), id="openai-chat"),
         pytest.param(OPENAI_RESPONSES, Usage(900, 40, 512), id="openai-responses"),
         # Anthropic reports cache reads and writes beside input_tokens: they are added back.
-        pytest.param(ANTHROPIC, Usage(2150, 300, 2000), id="anthropic"),
+        pytest.param(ANTHROPIC, Usage(2150, 300, 2000, 100), id="anthropic"),
         pytest.param(
             SimpleNamespace(input_tokens=7, output_tokens=3, cache_read_input_tokens=None),
             Usage(7, 3, 0),
@@ -52,7 +52,7 @@ ANTHROPIC = SimpleNamespace(
             id="openai-chat-json",
         ),
         pytest.param(
-            SimpleNamespace(id="msg_1", usage=ANTHROPIC), Usage(2150, 300, 2000), id="whole-response"
+            SimpleNamespace(id="msg_1", usage=ANTHROPIC), Usage(2150, 300, 2000, 100), id="whole-response"
         ),
         pytest.param(Usage(1, 2, 0), Usage(1, 2, 0), id="usage-itself"),
     ],

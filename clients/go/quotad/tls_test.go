@@ -83,7 +83,7 @@ func TestBearerTokenOverTLS(t *testing.T) {
 			return s.token, nil
 		}))
 	ctx := context.Background()
-	decision, err := client.Reserve(ctx, quotad.ReserveRequest{Subject: unique("go-token"), Tenant: "tokens", Model: model, InputTokens: 10})
+	decision, err := client.Reserve(ctx, quotad.ReserveRequest{Subject: unique("go-token"), Tenant: "tokens", Model: model, InputTokens: 10, MaxOutputTokens: 10})
 	if err != nil || !decision.Allowed {
 		t.Fatalf("reserve with a token: %v, %v", decision, err)
 	}

@@ -124,7 +124,7 @@ func connectedClient(t *testing.T) *quotad.Client {
 // holdTheSlot reserves the tier's only slot for subject.
 func holdTheSlot(t *testing.T, client *quotad.Client, subject string) *quotad.Decision {
 	t.Helper()
-	holder, err := client.Reserve(context.Background(), quotad.ReserveRequest{Subject: subject, Tier: waitTier, Model: model})
+	holder, err := client.Reserve(context.Background(), quotad.ReserveRequest{Subject: subject, Tier: waitTier, Model: model, MaxOutputTokens: 10})
 	if err != nil || !holder.Allowed {
 		t.Fatalf("holding the slot: %v, %v", holder, err)
 	}
@@ -143,7 +143,7 @@ func TestServerWaitIsAdmittedWhenCapacityFrees(t *testing.T) {
 	holder := holdTheSlot(t, client, subject)
 
 	_, waiting := startReserve(client, quotad.ReserveRequest{
-		Subject: subject, Tier: waitTier, Model: model,
+		Subject: subject, Tier: waitTier, Model: model, MaxOutputTokens: 10,
 		Priority: quotadv1.Priority_PRIORITY_HIGH, ServerWait: 3 * time.Second,
 	})
 	untilWaitingInLine(t, subject, waiting)
@@ -169,7 +169,7 @@ func TestServerWaitLongerThanTheDefaultDeadlineIsNotCutOff(t *testing.T) {
 	holder := holdTheSlot(t, client, subject)
 
 	began, waiting := startReserve(client, quotad.ReserveRequest{
-		Subject: subject, Tier: waitTier, Model: model, ServerWait: 5 * time.Second,
+		Subject: subject, Tier: waitTier, Model: model, MaxOutputTokens: 10, ServerWait: 5 * time.Second,
 	})
 	untilWaitingInLine(t, subject, waiting)
 	select {

@@ -215,6 +215,7 @@ def commit_request(
                 reservation_id=reservation_id,
                 input_tokens=read.charged_input(exclude_cached=True),
                 output_tokens=read.output_tokens,
+                cache_write_input_tokens=read.cache_write_input_tokens,
             )
         # The server prices cache reads at the cached rate and leaves them out of the limits
         # the policy marks exclude_cached.
@@ -223,6 +224,7 @@ def commit_request(
             input_tokens=read.input_tokens,
             output_tokens=read.output_tokens,
             cached_input_tokens=read.cached_input_tokens,
+            cache_write_input_tokens=read.cache_write_input_tokens,
         )
     if input_tokens is None or output_tokens is None:
         raise TypeError("commit needs a usage object, or both input_tokens and output_tokens")

@@ -29,7 +29,9 @@ say nothing: a reservation's `record()` skips them, so a stream loop can record 
 
 OpenAI counts cached tokens inside its prompt tokens; Anthropic reports them beside its
 input tokens, so they are added back: `input_tokens` is always every prompt token the
-call processed, the same quantity a reservation estimates.
+call processed, the same quantity a reservation estimates. Anthropic's cache writes
+(`cache_creation_input_tokens`) stay counted apart too, in `cache_write_input_tokens`, which
+the server prices at the cache-write rate (1.25x input for 5-minute writes).
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ _ANTHROPIC_EVENTS_WITHOUT_USAGE = frozenset(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens one call used. `cached_input_tokens` is the part of `input_tokens` read from cache."""
+    """Tokens one call used. `cached_input_tokens` is the part of `input_tokens` read from the
+    prompt cache, `cache_write_input_tokens` the part written to it."""
 
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
 
     @classmethod
     def of(cls, *reports: object) -> Usage:
@@ -103,9 +107,9 @@ class Tally:
         """
         if isinstance(report, Usage):
             return cls(
-                report.input_tokens - report.cached_input_tokens,
+                report.input_tokens - report.cached_input_tokens - report.cache_write_input_tokens,
                 report.cached_input_tokens,
-                0,
+                report.cache_write_input_tokens,
                 report.output_tokens,
                 whole=True,
             )
@@ -150,8 +154,8 @@ class Tally:
         output = self.output_tokens if self.output_tokens is not None else output_tokens
         if self.input_tokens is None:  # its cache counts alone say too little to charge from
             return Usage(input_tokens, output)
-        cache_read = self.cache_read or 0
-        return Usage(self.input_tokens + cache_read + (self.cache_write or 0), output, cache_read)
+        cache_read, cache_write = self.cache_read or 0, self.cache_write or 0
+        return Usage(self.input_tokens + cache_read + cache_write, output, cache_read, cache_write)
 
 
 def _read(usage: object, report: object, *, optional: bool = False) -> Tally | None:

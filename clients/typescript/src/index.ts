@@ -319,10 +319,19 @@ export class QuotaClient {
     };
   }
 
-  /** Settle a reservation with the tokens the call really used. */
+  /**
+   * Settle a reservation with the tokens the call really used. `inputTokens` counts every prompt
+   * token; `cachedInputTokens` (cache reads) and `cacheWriteInputTokens` (cache writes, Anthropic's
+   * cache_creation_input_tokens) are parts of it, priced at their own rates.
+   */
   commit(
     reservationId: string,
-    usage: { inputTokens: number; outputTokens: number; cachedInputTokens?: number },
+    usage: {
+      inputTokens: number;
+      outputTokens: number;
+      cachedInputTokens?: number;
+      cacheWriteInputTokens?: number;
+    },
   ): Promise<CommitResponse> {
     return this.call<CommitResponse>((metadata, options, done) =>
       this.stub.commit(
@@ -331,6 +340,7 @@ export class QuotaClient {
           inputTokens: usage.inputTokens,
           outputTokens: usage.outputTokens,
           cachedInputTokens: usage.cachedInputTokens ?? 0,
+          cacheWriteInputTokens: usage.cacheWriteInputTokens ?? 0,
         }),
         metadata,
         options,

@@ -22,7 +22,8 @@ test("reserve then commit", async () => {
     inputTokens: 300,
     outputTokens: 200,
     cachedInputTokens: 0,
-    costMicroUsd: 0,
+    costMicroUsd: 2750, // gpt-4o at $2.50 / $10 per million tokens (the price catalog)
+    cacheWriteInputTokens: 0,
   });
 
   const committed = await client.commit(decision.reservationId, { inputTokens: 300, outputTokens: 50 });

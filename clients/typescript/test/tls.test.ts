@@ -25,7 +25,7 @@ test("mutual TLS: a client certificate the CA signed is served, with the name ch
   // quotad's certificate names 127.0.0.1 and localhost: serverName checks the latter.
   const client = new QuotaClient(mtlsAddress, { timeoutMs: 5000, tls: { ca, cert, key, serverName: "localhost" } });
   try {
-    const decision = await client.reserve({ subject: unique("ts-mtls"), tenant: "tls", model: "gpt-4o", inputTokens: 10 });
+    const decision = await client.reserve({ subject: unique("ts-mtls"), tenant: "tls", model: "gpt-4o", inputTokens: 10, maxOutputTokens: 10 });
     assert.ok(decision.allowed, JSON.stringify(decision.response));
     assert.equal(decision.response.tenant, "tls");
   } finally {
@@ -54,7 +54,7 @@ test("a bearer token over TLS names the caller; asked for before every call", as
   });
   try {
     const subject = unique("ts-token");
-    const decision = await client.reserve({ subject, tenant: "tokens", model: "gpt-4o", inputTokens: 10 });
+    const decision = await client.reserve({ subject, tenant: "tokens", model: "gpt-4o", inputTokens: 10, maxOutputTokens: 10 });
     assert.ok(decision.allowed, JSON.stringify(decision.response));
     await client.commit(decision.reservationId, { inputTokens: 10, outputTokens: 1 });
     assert.equal(asked, 2);

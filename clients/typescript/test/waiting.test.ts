@@ -57,13 +57,14 @@ test("a reserve with serverWaitMs waits in line and is admitted when capacity fr
   const client = await connectedClient();
   try {
     const subject = unique("ts-wait");
-    const holder = await client.reserve({ subject, tier: TIER, model: MODEL });
+    const holder = await client.reserve({ subject, tier: TIER, model: MODEL, maxOutputTokens: 10 });
     assert.ok(holder.allowed, JSON.stringify(holder));
 
     const waiting = client.reserve({
       subject,
       tier: TIER,
       model: MODEL,
+      maxOutputTokens: 10,
       priority: "high",
       serverWaitMs: 3000,
     });
@@ -86,11 +87,11 @@ test("a server wait longer than the default deadline is not cut off by it", asyn
   const client = await connectedClient();
   try {
     const subject = unique("ts-long-wait");
-    const holder = await client.reserve({ subject, tier: TIER, model: MODEL });
+    const holder = await client.reserve({ subject, tier: TIER, model: MODEL, maxOutputTokens: 10 });
     assert.ok(holder.allowed, JSON.stringify(holder));
 
     const began = Date.now(); // the waiting call's deadline is computed now, when reserve() is called
-    const waiting = client.reserve({ subject, tier: TIER, model: MODEL, serverWaitMs: 5000 });
+    const waiting = client.reserve({ subject, tier: TIER, model: MODEL, maxOutputTokens: 10, serverWaitMs: 5000 });
     const waiter = watch(waiting);
     await untilWaitingInLine(subject, waiter);
     while (Date.now() < began + DEFAULT_TIMEOUT_MS + 500) {

@@ -38,6 +38,7 @@ class ReservePlan:
     price: Price | None = None
     model: str = ""
     tier: str = ""
+    max_output_tokens: int = 0  # the call's max_tokens (after the default): recorded to flag impossible usage
     priority: Priority = Priority.NORMAL
     # Waiting lines (see reserve.lua): the rank boost of the priority, and for a waiter
     # its ticket, whether to take a place when denied, the line's bound and the ticket's life.

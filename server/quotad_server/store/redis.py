@@ -123,7 +123,7 @@ def key(prefix: str, tag: str, kind: str, *parts: str) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _price_arg(price: Price | None) -> str:
-    return "0 0 0" if price is None else f"{price.input} {price.cached_input} {price.output}"
+    return "0 0 0 0 0" if price is None else price.script_arg()
 
 
 def _suffix(limit: Limit) -> str:
@@ -506,7 +506,7 @@ class RedisStore:
             plan.output_tokens,
             plan.cost_micro_usd,
             _price_arg(plan.price),
-            f"{plan.model}\t{plan.tier}\t{plan.tenant}",
+            f"{plan.model}\t{plan.tier}\t{plan.tenant}\t{plan.max_output_tokens}",
             f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
         ]
         compiled = self._limit_set(plan.limits)
@@ -728,14 +728,16 @@ class RedisStore:
             used.cached_input_tokens,
             max(1, retention_us // 1000),
             _tenants_arg(tenants),
+            used.cache_write_input_tokens,
         ]
         return keys, args, NOTHING
 
     @staticmethod
     def _settle_result(reservation_id: str, reply: list[Any]) -> SettleOutcome:
         code, est_in, est_out, act_in, act_out, lease_expired, state, est_cost, act_cost, act_cached, meta = (
-            reply
+            reply[:11]
         )
+        act_written = int(reply[11]) if len(reply) > 11 else 0
         if code == _REPLY_NOT_FOUND:
             raise NotFound(f"reservation {reservation_id} does not exist or is past its retention")
         if code == _REPLY_PAST_DEADLINE:
@@ -746,16 +748,17 @@ class RedisStore:
         if code == _REPLY_FORBIDDEN:
             raise PermissionDenied(f"reservation {reservation_id} is not one this caller may settle")
         committed = state == b"c"
-        model, tier = [*meta.decode().split("\t"), "", ""][:2]
+        model, tier, _, max_output = [*meta.decode().split("\t"), "", "", "", ""][:4]
         return SettleOutcome(
             reserved=Cost(1, int(est_in), int(est_out), cost_micro_usd=int(est_cost)),
-            committed=Cost(1, int(act_in), int(act_out), int(act_cached), int(act_cost))
+            committed=Cost(1, int(act_in), int(act_out), int(act_cached), int(act_cost), act_written)
             if committed
             else Cost(),
             repeat=code != _REPLY_ALLOWED,
             lease_expired=bool(lease_expired),
             model=model,
             tier=tier,
+            max_output_tokens=int(max_output) if max_output.isdigit() else None,
         )
 
     async def settle(

@@ -233,6 +233,102 @@ ALGORITHM_CALENDAR: Algorithm.ValueType  # 4
 """A budget per calendar period (UTC day or month) that resets at its end."""
 Global___Algorithm: _TypeAlias = Algorithm  # noqa: Y015
 
+class _ServiceTier:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceTierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceTier.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_TIER_UNSPECIFIED: _ServiceTier.ValueType  # 0
+    """The standard tier."""
+    SERVICE_TIER_STANDARD: _ServiceTier.ValueType  # 1
+    """The standard tier, said explicitly."""
+    SERVICE_TIER_BATCH: _ServiceTier.ValueType  # 2
+    """Asynchronous batch processing (OpenAI Batch API, Anthropic Message Batches, Gemini batch mode)."""
+    SERVICE_TIER_FLEX: _ServiceTier.ValueType  # 3
+    """OpenAI's flex processing: slower, cheaper."""
+    SERVICE_TIER_PRIORITY: _ServiceTier.ValueType  # 4
+    """Priority processing: faster, dearer."""
+
+class ServiceTier(_ServiceTier, metaclass=_ServiceTierEnumTypeWrapper):
+    """ServiceTier is how the provider is asked to process a call: it selects the
+    price (batch and flex cost less, priority more), not the limits.
+    """
+
+SERVICE_TIER_UNSPECIFIED: ServiceTier.ValueType  # 0
+"""The standard tier."""
+SERVICE_TIER_STANDARD: ServiceTier.ValueType  # 1
+"""The standard tier, said explicitly."""
+SERVICE_TIER_BATCH: ServiceTier.ValueType  # 2
+"""Asynchronous batch processing (OpenAI Batch API, Anthropic Message Batches, Gemini batch mode)."""
+SERVICE_TIER_FLEX: ServiceTier.ValueType  # 3
+"""OpenAI's flex processing: slower, cheaper."""
+SERVICE_TIER_PRIORITY: ServiceTier.ValueType  # 4
+"""Priority processing: faster, dearer."""
+Global___ServiceTier: _TypeAlias = ServiceTier  # noqa: Y015
+
+class _OutputReservation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputReservationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputReservation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_RESERVATION_UNSPECIFIED: _OutputReservation.ValueType  # 0
+    """Never sent by the server."""
+    OUTPUT_RESERVATION_REQUESTED: _OutputReservation.ValueType  # 1
+    """The request's max_output_tokens."""
+    OUTPUT_RESERVATION_LEARNED: _OutputReservation.ValueType  # 2
+    """The output quantile learned for the model, tier and max_output_tokens bucket
+    (below max_output_tokens, or instead of a max_output_tokens the request left 0).
+    """
+    OUTPUT_RESERVATION_MODEL_MAXIMUM: _OutputReservation.ValueType  # 3
+    """The request left max_output_tokens 0 and nothing was learned yet: the model's
+    maximum output (from the policy or the price catalog), or else what is left of
+    its context window after the input.
+    """
+
+class OutputReservation(_OutputReservation, metaclass=_OutputReservationEnumTypeWrapper):
+    """OutputReservation says where the output tokens a reservation holds came from."""
+
+OUTPUT_RESERVATION_UNSPECIFIED: OutputReservation.ValueType  # 0
+"""Never sent by the server."""
+OUTPUT_RESERVATION_REQUESTED: OutputReservation.ValueType  # 1
+"""The request's max_output_tokens."""
+OUTPUT_RESERVATION_LEARNED: OutputReservation.ValueType  # 2
+"""The output quantile learned for the model, tier and max_output_tokens bucket
+(below max_output_tokens, or instead of a max_output_tokens the request left 0).
+"""
+OUTPUT_RESERVATION_MODEL_MAXIMUM: OutputReservation.ValueType  # 3
+"""The request left max_output_tokens 0 and nothing was learned yet: the model's
+maximum output (from the policy or the price catalog), or else what is left of
+its context window after the input.
+"""
+Global___OutputReservation: _TypeAlias = OutputReservation  # noqa: Y015
+
+class _ImageDetail:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageDetailEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageDetail.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_DETAIL_UNSPECIFIED: _ImageDetail.ValueType  # 0
+    """"auto": counted as high, the most it can cost."""
+    IMAGE_DETAIL_LOW: _ImageDetail.ValueType  # 1
+    """"low": a fixed cost per image."""
+    IMAGE_DETAIL_HIGH: _ImageDetail.ValueType  # 2
+    """"high": tiles (or patches) of the scaled image."""
+
+class ImageDetail(_ImageDetail, metaclass=_ImageDetailEnumTypeWrapper):
+    """ImageDetail is the detail level an image is sent at (OpenAI's `detail`)."""
+
+IMAGE_DETAIL_UNSPECIFIED: ImageDetail.ValueType  # 0
+""""auto": counted as high, the most it can cost."""
+IMAGE_DETAIL_LOW: ImageDetail.ValueType  # 1
+""""low": a fixed cost per image."""
+IMAGE_DETAIL_HIGH: ImageDetail.ValueType  # 2
+""""high": tiles (or patches) of the scaled image."""
+Global___ImageDetail: _TypeAlias = ImageDetail  # noqa: Y015
+
 @_typing.final
 class Cost(_message.Message):
     """Cost is an amount charged to limits."""
@@ -244,6 +340,7 @@ class Cost(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_MICRO_USD_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """Calls (1 for a reservation)."""
     input_tokens: _builtins.int
@@ -254,6 +351,10 @@ class Cost(_message.Message):
     """The part of input_tokens read from the provider's prompt cache."""
     cost_micro_usd: _builtins.int
     """The price of it all in micro-dollars, when the model has prices."""
+    cache_write_input_tokens: _builtins.int
+    """The part of input_tokens written to the provider's prompt cache (Anthropic's
+    cache_creation_input_tokens): priced at the cache-write rate.
+    """
     def __init__(
         self,
         *,
@@ -262,14 +363,105 @@ class Cost(_message.Message):
         output_tokens: _builtins.int = ...,
         cached_input_tokens: _builtins.int = ...,
         cost_micro_usd: _builtins.int = ...,
+        cache_write_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "cost_micro_usd", b"cost_micro_usd", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "cost_micro_usd", b"cost_micro_usd", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cost: _TypeAlias = Cost  # noqa: Y015
+
+@_typing.final
+class ImagePart(_message.Message):
+    """ImagePart is one image of a chat message, counted from its size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    """Width in pixels, 1 to 100000."""
+    height: _builtins.int
+    """Height in pixels, 1 to 100000."""
+    detail: Global___ImageDetail.ValueType
+    """The detail level (OpenAI models; Anthropic's formula has none)."""
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        detail: Global___ImageDetail.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "height", b"height", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImagePart: _TypeAlias = ImagePart  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """ToolCall is one tool (function) call an assistant message made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id."""
+    name: _builtins.str
+    """The function called."""
+    arguments: _builtins.str
+    """Its arguments, as the JSON text the model produced."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class ToolDefinition(_message.Message):
+    """ToolDefinition is one tool (function) offered to the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The function's name."""
+    description: _builtins.str
+    """What it does."""
+    parameters_json: _builtins.str
+    """Its parameters: a JSON Schema object as JSON text ("" for none)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolDefinition: _TypeAlias = ToolDefinition  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):
@@ -282,22 +474,38 @@ class ChatMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"system", "user", "assistant", "tool", ..."""
     content: _builtins.str
     """The text of the message."""
     name: _builtins.str
     """Optional participant name."""
+    tool_call_id: _builtins.str
+    """For a "tool" message: the id of the call it answers."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The tool calls of an assistant message."""
+
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImagePart]:
+        """Images sent with the message."""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
         name: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
+        images: _abc.Iterable[Global___ImagePart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "images", b"images", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,6 +609,8 @@ class CheckAndReserveRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_WAIT_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Required. The end user or API consumer the call is made for. At most
     256 bytes, no control characters.
@@ -422,7 +632,12 @@ class CheckAndReserveRequest(_message.Message):
     Leave it 0 and send prompt or messages to let the server count.
     """
     max_output_tokens: _builtins.int
-    """The call's max_tokens: the output reserved until Commit, 0 to 10^9."""
+    """The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+    less, when the model learns its outputs). 0: the call sets no max_tokens, and
+    the server reserves the learned output or the model's maximum output, never 0
+    (output_reservation says which). input + max_output_tokens must fit the
+    model's context window and max_output_tokens its maximum output, when known.
+    """
     idempotency_key: _builtins.str
     """Optional. Retries with the same key (per tenant and subject) return
     the first reservation instead of reserving twice. At most 256 bytes.
@@ -435,6 +650,8 @@ class CheckAndReserveRequest(_message.Message):
     """Priority for shared (tenant and global) limits, which keep headroom for
     higher priorities as the policy says. Unspecified: the tier's default.
     """
+    service_tier: Global___ServiceTier.ValueType
+    """The provider's service tier the call will use: selects the price (cost limits)."""
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
         """How long the reservation holds its concurrency slot before it expires
@@ -455,6 +672,12 @@ class CheckAndReserveRequest(_message.Message):
         takes it out of the line with nothing reserved.
         """
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolDefinition]:
+        """The tools (functions) offered to the model, counted as OpenAI documents with
+        messages. Only with messages.
+        """
+
     def __init__(
         self,
         *,
@@ -470,10 +693,12 @@ class CheckAndReserveRequest(_message.Message):
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         priority: Global___Priority.ValueType = ...,
         max_wait: _duration_pb2.Duration | None = ...,
+        service_tier: Global___ServiceTier.ValueType = ...,
+        tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "max_wait", b"max_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_tokens", b"input_tokens", "lease", b"lease", "max_output_tokens", b"max_output_tokens", "max_wait", b"max_wait", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "subject", b"subject", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_tokens", b"input_tokens", "lease", b"lease", "max_output_tokens", b"max_output_tokens", "max_wait", b"max_wait", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "service_tier", b"service_tier", "subject", b"subject", "tenant", b"tenant", "tier", b"tier", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -499,6 +724,7 @@ class CheckAndReserveResponse(_message.Message):
     COUNTED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     WAITED_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    OUTPUT_RESERVATION_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     """ALLOWED or DENIED."""
     deny_reason: Global___DenyReason.ValueType
@@ -521,6 +747,8 @@ class CheckAndReserveResponse(_message.Message):
     """
     priority: Global___Priority.ValueType
     """The priority the request was decided at (after the tier's default)."""
+    output_reservation: Global___OutputReservation.ValueType
+    """Where the reserved output tokens came from."""
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the reservation's lease ends (ALLOWED only)."""
@@ -560,10 +788,11 @@ class CheckAndReserveResponse(_message.Message):
         counted_input_tokens: _builtins.int = ...,
         waited: _duration_pb2.Duration | None = ...,
         priority: Global___Priority.ValueType = ...,
+        output_reservation: Global___OutputReservation.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "reserved", b"reserved", "retry_after", b"retry_after", "waited", b"waited"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "counted_input_tokens", b"counted_input_tokens", "decision", b"decision", "deny_reason", b"deny_reason", "lease_expires_at", b"lease_expires_at", "limits", b"limits", "priority", b"priority", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "tenant", b"tenant", "tier", b"tier", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "counted_input_tokens", b"counted_input_tokens", "decision", b"decision", "deny_reason", b"deny_reason", "lease_expires_at", b"lease_expires_at", "limits", b"limits", "output_reservation", b"output_reservation", "priority", b"priority", "replayed", b"replayed", "reservation_id", b"reservation_id", "reserved", b"reserved", "retry_after", b"retry_after", "tenant", b"tenant", "tier", b"tier", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,6 +808,7 @@ class CommitRequest(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Required. The id CheckAndReserve returned."""
     input_tokens: _builtins.int
@@ -590,6 +820,11 @@ class CommitRequest(_message.Message):
     input_tokens: priced at the cached rate, and left out of limits that
     exclude cache reads.
     """
+    cache_write_input_tokens: _builtins.int
+    """The part of input_tokens written to the provider's prompt cache (Anthropic's
+    cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+    at the cache-write rate, and counted as input by token limits.
+    """
     def __init__(
         self,
         *,
@@ -597,10 +832,11 @@ class CommitRequest(_message.Message):
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         cached_input_tokens: _builtins.int = ...,
+        cache_write_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,6 +852,8 @@ class CommitResponse(_message.Message):
     COMMITTED_FIELD_NUMBER: _builtins.int
     REPEAT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRED_FIELD_NUMBER: _builtins.int
+    IMPOSSIBLE_USAGE_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     repeat: _builtins.bool
     """True when this reservation was already committed: the first result is
     returned and nothing changed.
@@ -624,6 +862,14 @@ class CommitResponse(_message.Message):
     """True when the lease had expired before the Commit arrived (the
     concurrency slot was already freed; tokens are still reconciled).
     """
+    impossible_usage: _builtins.bool
+    """True when the reported output_tokens exceed the max_output_tokens the call
+    was reserved with: no provider returns more than max_tokens, so the caller
+    reports wrong usage (or called with a larger max_tokens). It is charged all
+    the same, and counted in quotad_impossible_usage_total.
+    """
+    max_output_tokens: _builtins.int
+    """The max_output_tokens the call was reserved with (after the default)."""
     @_builtins.property
     def reserved(self) -> Global___Cost:
         """The cost that was reserved."""
@@ -639,10 +885,12 @@ class CommitResponse(_message.Message):
         committed: Global___Cost | None = ...,
         repeat: _builtins.bool = ...,
         lease_expired: _builtins.bool = ...,
+        impossible_usage: _builtins.bool = ...,
+        max_output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "reserved", b"reserved"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "lease_expired", b"lease_expired", "repeat", b"repeat", "reserved", b"reserved"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "impossible_usage", b"impossible_usage", "lease_expired", b"lease_expired", "max_output_tokens", b"max_output_tokens", "repeat", b"repeat", "reserved", b"reserved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1170,6 +1418,11 @@ class GetAccuracyResponse(_message.Message):
     OVERRUN_TOKENS_FIELD_NUMBER: _builtins.int
     LEARNING_FIELD_NUMBER: _builtins.int
     LEARNED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_OVERRUN_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_OVERRUN_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_OVERRUN_COMMITS_FIELD_NUMBER: _builtins.int
+    OUTPUT_OVERRUN_COMMITS_FIELD_NUMBER: _builtins.int
+    UNRESERVED_OUTPUT_COMMITS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model reported on."""
     tier: _builtins.str
@@ -1183,12 +1436,28 @@ class GetAccuracyResponse(_message.Message):
     refunded_tokens: _builtins.int
     """Capacity reservations held and Commits later refunded."""
     overrun_tokens: _builtins.int
-    """Tokens used beyond the reservation (charged on Commit as debt)."""
+    """Tokens used beyond the reservation (charged on Commit as debt): input and
+    output together, input_overrun_tokens + output_overrun_tokens.
+    """
     learning: _builtins.bool
     """True when the policy has this model reserve learned output estimates."""
     learned_output_tokens: _builtins.int
     """The output reservation learned (a high quantile of actual output
-    tokens); 0 while there are too few samples or when not learning.
+    tokens) over all calls; each call is reserved the quantile of the calls
+    with a max_output_tokens of the same power of two. 0 while there are too
+    few samples or when not learning.
+    """
+    input_overrun_tokens: _builtins.int
+    """Input tokens used beyond the estimate."""
+    output_overrun_tokens: _builtins.int
+    """Output tokens used beyond the reservation."""
+    input_overrun_commits: _builtins.int
+    """Commits whose input exceeded its estimate."""
+    output_overrun_commits: _builtins.int
+    """Commits whose output exceeded its reservation."""
+    unreserved_output_commits: _builtins.int
+    """Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+    to 0), their output all overrun.
     """
     @_builtins.property
     def input_ratio(self) -> Global___Spread:
@@ -1212,10 +1481,15 @@ class GetAccuracyResponse(_message.Message):
         overrun_tokens: _builtins.int = ...,
         learning: _builtins.bool = ...,
         learned_output_tokens: _builtins.int = ...,
+        input_overrun_tokens: _builtins.int = ...,
+        output_overrun_tokens: _builtins.int = ...,
+        input_overrun_commits: _builtins.int = ...,
+        output_overrun_commits: _builtins.int = ...,
+        unreserved_output_commits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_ratio", b"input_ratio", "output_ratio", b"output_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_tokens", b"actual_tokens", "commits", b"commits", "estimated_tokens", b"estimated_tokens", "input_ratio", b"input_ratio", "learned_output_tokens", b"learned_output_tokens", "learning", b"learning", "model", b"model", "output_ratio", b"output_ratio", "overrun_tokens", b"overrun_tokens", "refunded_tokens", b"refunded_tokens", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_tokens", b"actual_tokens", "commits", b"commits", "estimated_tokens", b"estimated_tokens", "input_overrun_commits", b"input_overrun_commits", "input_overrun_tokens", b"input_overrun_tokens", "input_ratio", b"input_ratio", "learned_output_tokens", b"learned_output_tokens", "learning", b"learning", "model", b"model", "output_overrun_commits", b"output_overrun_commits", "output_overrun_tokens", b"output_overrun_tokens", "output_ratio", b"output_ratio", "overrun_tokens", b"overrun_tokens", "refunded_tokens", b"refunded_tokens", "tier", b"tier", "unreserved_output_commits", b"unreserved_output_commits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

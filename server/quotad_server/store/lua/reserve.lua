@@ -23,9 +23,13 @@ ARGV[7]   idempotency fingerprint, "" for none
 ARGV[8]   estimated input tokens
 ARGV[9]   estimated output tokens
 ARGV[10]  estimated cost in micro-dollars
-ARGV[11]  prices "<input> <cached input> <output>" in micro-dollars per million tokens
-ARGV[12]  "<model>\t<tier>\t<tenant>", kept in the record: the model and tier for usage
-          statistics, the tenant the caller acted for to check who may settle it
+ARGV[11]  prices in micro-dollars per million tokens, kept in the record as sent for settle.lua
+          (which reads them): "<input> <cached input> <output> <cache write> <threshold>", then
+          "<input> <cached input> <output> <cache write>" again when threshold > 0 (the
+          prices of a call whose input is above it)
+ARGV[12]  "<model>\t<tier>\t<tenant>\t<max_output>", kept in the record: the model and tier for
+          usage statistics, the tenant the caller acted for to check who may settle it, the
+          call's max_output_tokens to flag impossible usage and bucket the statistics
 ARGV[13]  the waiting line: "<ticket> <boost> <enqueue> <max line> <ticket ttl ms>" (see below)
 ARGV[14]  N, the number of limits; then 5 values per limit:
           algorithm (b token bucket, w sliding window, c concurrency, d calendar day,
@@ -78,10 +82,10 @@ looked at; a fresh request's rank is now - boost, a waiter's its ticket's score.
 
 The record (string, TTL = lease + retention) is what settle.lua needs, so a reservation
 is settled on the limits and prices it was made under even if the policy changes:
-  "r<claims> <lease_expires_at> <est_in> <est_out> <est_cost> <price_in> <price_cached> <price_out>"
+  "r<claims> <lease_expires_at> <est_in> <est_out> <est_cost> <prices as in ARGV[11]>"
   where <claims> counts the idempotent retries that handed the reservation out again
   ("" for none): an undo (see settle.lua) names the count it saw.
-  "<model>\t<tier>\t<tenant>"
+  "<model>\t<tier>\t<tenant>\t<max_output>"
   then one line per limit: "<algorithm> <metric> <limit> <period> <key suffix>", where the
   key suffix is the key without '<prefix>:{tag}:l:' and, for a calendar budget, period is
   the first day of the period it was charged to.

@@ -21,11 +21,17 @@ ARGV[6]  actual input tokens read from the prompt cache (commit), <= ARGV[4]
 ARGV[7]  TTL of the settled record in milliseconds (so retries still see the first result)
 ARGV[8]  the tenants whose reservations the caller may settle, tab-separated, or "*" for any:
          another tenant's reservation is refused (code -4) before anything is read out or written
+ARGV[9]  actual input tokens written to the prompt cache (commit), <= ARGV[4] - ARGV[6];
+         absent: 0
 
 The actual cost, in whole micro-dollars, is computed here with the record's prices P
 (micro-dollars per million tokens) exactly as Price.cost_micro_usd computes estimates:
-  ceil(((input - cached) * P_in + cached * P_cached + output * P_out) / 10^6)
-using integer arithmetic that stays exact in Lua's doubles (every term below 2^53).
+  round_half_even(((input - cached - written) * P_in + cached * P_cached
+                   + written * P_write + output * P_out) / 10^6)
+using integer arithmetic that stays exact in Lua's doubles (every term below 2^53). The
+record's prices are "<P_in> <P_cached> <P_out>", optionally followed by "<P_write>
+<threshold>" and then by "<P_in> <P_cached> <P_out> <P_write>" again: a call whose input is above a non-zero threshold pays the second set
+on every token (long-context prices); without P_write, writes pay P_in.
 
 Per limit, delta = actual units - reserved units (release: actual is zero):
   b    level += delta after draining, never below 0 (a refund cannot create credit;
@@ -49,11 +55,12 @@ channel '<prefix>:wake' with the line's key, so replicas wake their waiters at o
 instead of polling.
 
 The settled record shrinks to "<c|x> <actual_in> <actual_out> <lease_expired> <est_in>
-<est_out> <lease_expires_at> <est_cost> <actual_cost> <actual_cached>" and the
-"<model>\t<tier>\t<tenant>" line: enough to answer retries and idempotent replays.
+<est_out> <lease_expires_at> <est_cost> <actual_cost> <actual_cached> <actual_written>" and
+the "<model>\t<tier>\t<tenant>[\t<max_output>]" line: enough to answer retries and
+idempotent replays.
 
 Returns {code, est_in, est_out, actual_in, actual_out, lease_expired, state, est_cost,
-  actual_cost, actual_cached, "<model>\t<tier>\t<tenant>"}
+  actual_cost, actual_cached, "<model>\t<tier>\t<tenant>[\t<max_output>]", actual_written}
   code 1 settled now, 2 already settled this way (first result returned, nothing changed),
   0 no such reservation, -1 past the deadline (nothing written),
   -3 settled the other way (commit after release or release after commit; state says which),
@@ -80,7 +87,7 @@ if mode ~= 'commit' then target = 'x' end
 local lines = string.gmatch(record, '[^\n]+')
 local head, meta = lines(), lines()
 if ARGV[8] ~= '*' then  -- a record from before tenants were recorded has none: only '*' settles it
-  local tenant = string.match(meta, '^[^\t]*\t[^\t]*\t(.*)$') or ''
+  local tenant = string.match(meta, '^[^\t]*\t[^\t]*\t([^\t]*)') or ''
   if not string.find('\t' .. ARGV[8] .. '\t', '\t' .. tenant .. '\t', 1, true) then
     return {-4, 0, 0, 0, 0, 0, '', 0, 0, 0, ''}
   end
@@ -90,38 +97,47 @@ if mode == 'undo' and (state ~= 'r' or (tonumber(claims) or 0) ~= tonumber(ARGV[
   return {2, 0, 0, 0, 0, 0, state, 0, 0, 0, meta}
 end
 if state ~= 'r' then
-  local ain, aout, lease_expired, ein, eout, _, ecost, acost, acached =
-    string.match(head, '^%a (%d+) (%d+) (%d) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+  local ain, aout, lease_expired, ein, eout, _, ecost, acost, acached, awritten =
+    string.match(head, '^%a (%d+) (%d+) (%d) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) ?(%d*)$')
   local code = 2
   if state ~= target then code = -3 end
   return {code, tonumber(ein), tonumber(eout), tonumber(ain), tonumber(aout), tonumber(lease_expired), state,
-    tonumber(ecost), tonumber(acost), tonumber(acached), meta}
+    tonumber(ecost), tonumber(acost), tonumber(acached), meta, tonumber(awritten) or 0}
 end
 
 local function int(x) return string.format('%d', x) end
 local EPSILON = 1e-9
 local function ceil(x) return math.ceil(x - EPSILON) end
 
-local lease_expires, est_in, est_out, est_cost, p_in, p_cached, p_out =
-  string.match(head, '^r%d* (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+local lease_expires, est_in, est_out, est_cost, prices =
+  string.match(head, '^r%d* (%d+) (%d+) (%d+) (%d+) ([%d ]+)$')
 lease_expires, est_in, est_out, est_cost = tonumber(lease_expires), tonumber(est_in), tonumber(est_out), tonumber(est_cost)
-p_in, p_cached, p_out = tonumber(p_in), tonumber(p_cached), tonumber(p_out)
+local p = {}
+for rate in string.gmatch(prices, '%d+') do p[#p + 1] = tonumber(rate) end
 
 local act_in, act_out, act_cached, act_requests = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 1
-if mode ~= 'commit' then act_in, act_out, act_cached, act_requests = 0, 0, 0, 0 end
+local act_written = tonumber(ARGV[9]) or 0
+if mode ~= 'commit' then act_in, act_out, act_cached, act_requests, act_written = 0, 0, 0, 0, 0 end
 
 local M = 1000000
-local function cost_of(uncached, cached, output)
+local function cost_of(input, cached, written, output)
+  local at = 0
+  if (p[5] or 0) > 0 and p[9] and input > p[5] then at = 5 end  -- above the long-context threshold
   local whole, fraction = 0, 0
-  for _, term in ipairs({{uncached, p_in}, {cached, p_cached}, {output, p_out}}) do
+  local terms = {{input - cached - written, p[at + 1]}, {cached, p[at + 2]}, {output, p[at + 3]},
+    {written, p[at + 4] or p[at + 1]}}
+  for _, term in ipairs(terms) do
     local high = math.floor(term[1] / M)
     whole = whole + high * term[2]
     fraction = fraction + (term[1] - high * M) * term[2]
   end
-  return whole + math.ceil(fraction / M)
+  local q = math.floor(fraction / M)
+  local r = fraction - q * M
+  if 2 * r > M or (2 * r == M and (whole + q) % 2 == 1) then q = q + 1 end  -- half to even
+  return whole + q
 end
 local act_cost = 0
-if mode == 'commit' then act_cost = cost_of(act_in - act_cached, act_cached, act_out) end
+if mode == 'commit' then act_cost = cost_of(act_in, act_cached, act_written, act_out) end
 
 local function units(metric, requests, input, output, cached, cost)
   if metric == 'r' then return requests end
@@ -208,5 +224,6 @@ end
 local lease_expired = 0
 if now > lease_expires then lease_expired = 1 end
 redis.call('SET', KEYS[1], table.concat({target, int(act_in), int(act_out), lease_expired, int(est_in), int(est_out),
-  int(lease_expires), int(est_cost), int(act_cost), int(act_cached)}, ' ') .. '\n' .. meta, 'PX', tonumber(ARGV[7]))
-return {1, est_in, est_out, act_in, act_out, lease_expired, target, est_cost, act_cost, act_cached, meta}
+  int(lease_expires), int(est_cost), int(act_cost), int(act_cached), int(act_written)}, ' ') .. '\n' .. meta, 'PX',
+  tonumber(ARGV[7]))
+return {1, est_in, est_out, act_in, act_out, lease_expired, target, est_cost, act_cost, act_cached, meta, act_written}

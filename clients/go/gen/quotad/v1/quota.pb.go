@@ -395,6 +395,181 @@ func (Algorithm) EnumDescriptor() ([]byte, []int) {
 	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{5}
 }
 
+// ServiceTier is how the provider is asked to process a call: it selects the
+// price (batch and flex cost less, priority more), not the limits.
+type ServiceTier int32
+
+const (
+	// The standard tier.
+	ServiceTier_SERVICE_TIER_UNSPECIFIED ServiceTier = 0
+	// The standard tier, said explicitly.
+	ServiceTier_SERVICE_TIER_STANDARD ServiceTier = 1
+	// Asynchronous batch processing (OpenAI Batch API, Anthropic Message Batches, Gemini batch mode).
+	ServiceTier_SERVICE_TIER_BATCH ServiceTier = 2
+	// OpenAI's flex processing: slower, cheaper.
+	ServiceTier_SERVICE_TIER_FLEX ServiceTier = 3
+	// Priority processing: faster, dearer.
+	ServiceTier_SERVICE_TIER_PRIORITY ServiceTier = 4
+)
+
+// Enum value maps for ServiceTier.
+var (
+	ServiceTier_name = map[int32]string{
+		0: "SERVICE_TIER_UNSPECIFIED",
+		1: "SERVICE_TIER_STANDARD",
+		2: "SERVICE_TIER_BATCH",
+		3: "SERVICE_TIER_FLEX",
+		4: "SERVICE_TIER_PRIORITY",
+	}
+	ServiceTier_value = map[string]int32{
+		"SERVICE_TIER_UNSPECIFIED": 0,
+		"SERVICE_TIER_STANDARD":    1,
+		"SERVICE_TIER_BATCH":       2,
+		"SERVICE_TIER_FLEX":        3,
+		"SERVICE_TIER_PRIORITY":    4,
+	}
+)
+
+func (x ServiceTier) Enum() *ServiceTier {
+	p := new(ServiceTier)
+	*p = x
+	return p
+}
+
+func (x ServiceTier) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ServiceTier) Descriptor() protoreflect.EnumDescriptor {
+	return file_quotad_v1_quota_proto_enumTypes[6].Descriptor()
+}
+
+func (ServiceTier) Type() protoreflect.EnumType {
+	return &file_quotad_v1_quota_proto_enumTypes[6]
+}
+
+func (x ServiceTier) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ServiceTier.Descriptor instead.
+func (ServiceTier) EnumDescriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{6}
+}
+
+// OutputReservation says where the output tokens a reservation holds came from.
+type OutputReservation int32
+
+const (
+	// Never sent by the server.
+	OutputReservation_OUTPUT_RESERVATION_UNSPECIFIED OutputReservation = 0
+	// The request's max_output_tokens.
+	OutputReservation_OUTPUT_RESERVATION_REQUESTED OutputReservation = 1
+	// The output quantile learned for the model, tier and max_output_tokens bucket
+	// (below max_output_tokens, or instead of a max_output_tokens the request left 0).
+	OutputReservation_OUTPUT_RESERVATION_LEARNED OutputReservation = 2
+	// The request left max_output_tokens 0 and nothing was learned yet: the model's
+	// maximum output (from the policy or the price catalog), or else what is left of
+	// its context window after the input.
+	OutputReservation_OUTPUT_RESERVATION_MODEL_MAXIMUM OutputReservation = 3
+)
+
+// Enum value maps for OutputReservation.
+var (
+	OutputReservation_name = map[int32]string{
+		0: "OUTPUT_RESERVATION_UNSPECIFIED",
+		1: "OUTPUT_RESERVATION_REQUESTED",
+		2: "OUTPUT_RESERVATION_LEARNED",
+		3: "OUTPUT_RESERVATION_MODEL_MAXIMUM",
+	}
+	OutputReservation_value = map[string]int32{
+		"OUTPUT_RESERVATION_UNSPECIFIED":   0,
+		"OUTPUT_RESERVATION_REQUESTED":     1,
+		"OUTPUT_RESERVATION_LEARNED":       2,
+		"OUTPUT_RESERVATION_MODEL_MAXIMUM": 3,
+	}
+)
+
+func (x OutputReservation) Enum() *OutputReservation {
+	p := new(OutputReservation)
+	*p = x
+	return p
+}
+
+func (x OutputReservation) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (OutputReservation) Descriptor() protoreflect.EnumDescriptor {
+	return file_quotad_v1_quota_proto_enumTypes[7].Descriptor()
+}
+
+func (OutputReservation) Type() protoreflect.EnumType {
+	return &file_quotad_v1_quota_proto_enumTypes[7]
+}
+
+func (x OutputReservation) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use OutputReservation.Descriptor instead.
+func (OutputReservation) EnumDescriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{7}
+}
+
+// ImageDetail is the detail level an image is sent at (OpenAI's `detail`).
+type ImageDetail int32
+
+const (
+	// "auto": counted as high, the most it can cost.
+	ImageDetail_IMAGE_DETAIL_UNSPECIFIED ImageDetail = 0
+	// "low": a fixed cost per image.
+	ImageDetail_IMAGE_DETAIL_LOW ImageDetail = 1
+	// "high": tiles (or patches) of the scaled image.
+	ImageDetail_IMAGE_DETAIL_HIGH ImageDetail = 2
+)
+
+// Enum value maps for ImageDetail.
+var (
+	ImageDetail_name = map[int32]string{
+		0: "IMAGE_DETAIL_UNSPECIFIED",
+		1: "IMAGE_DETAIL_LOW",
+		2: "IMAGE_DETAIL_HIGH",
+	}
+	ImageDetail_value = map[string]int32{
+		"IMAGE_DETAIL_UNSPECIFIED": 0,
+		"IMAGE_DETAIL_LOW":         1,
+		"IMAGE_DETAIL_HIGH":        2,
+	}
+)
+
+func (x ImageDetail) Enum() *ImageDetail {
+	p := new(ImageDetail)
+	*p = x
+	return p
+}
+
+func (x ImageDetail) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ImageDetail) Descriptor() protoreflect.EnumDescriptor {
+	return file_quotad_v1_quota_proto_enumTypes[8].Descriptor()
+}
+
+func (ImageDetail) Type() protoreflect.EnumType {
+	return &file_quotad_v1_quota_proto_enumTypes[8]
+}
+
+func (x ImageDetail) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ImageDetail.Descriptor instead.
+func (ImageDetail) EnumDescriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{8}
+}
+
 // Cost is an amount charged to limits.
 type Cost struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -407,9 +582,12 @@ type Cost struct {
 	// The part of input_tokens read from the provider's prompt cache.
 	CachedInputTokens int64 `protobuf:"varint,4,opt,name=cached_input_tokens,json=cachedInputTokens,proto3" json:"cached_input_tokens,omitempty"`
 	// The price of it all in micro-dollars, when the model has prices.
-	CostMicroUsd  int64 `protobuf:"varint,5,opt,name=cost_micro_usd,json=costMicroUsd,proto3" json:"cost_micro_usd,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CostMicroUsd int64 `protobuf:"varint,5,opt,name=cost_micro_usd,json=costMicroUsd,proto3" json:"cost_micro_usd,omitempty"`
+	// The part of input_tokens written to the provider's prompt cache (Anthropic's
+	// cache_creation_input_tokens): priced at the cache-write rate.
+	CacheWriteInputTokens int64 `protobuf:"varint,6,opt,name=cache_write_input_tokens,json=cacheWriteInputTokens,proto3" json:"cache_write_input_tokens,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *Cost) Reset() {
@@ -477,6 +655,205 @@ func (x *Cost) GetCostMicroUsd() int64 {
 	return 0
 }
 
+func (x *Cost) GetCacheWriteInputTokens() int64 {
+	if x != nil {
+		return x.CacheWriteInputTokens
+	}
+	return 0
+}
+
+// ImagePart is one image of a chat message, counted from its size.
+type ImagePart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Width in pixels, 1 to 100000.
+	Width int32 `protobuf:"varint,1,opt,name=width,proto3" json:"width,omitempty"`
+	// Height in pixels, 1 to 100000.
+	Height int32 `protobuf:"varint,2,opt,name=height,proto3" json:"height,omitempty"`
+	// The detail level (OpenAI models; Anthropic's formula has none).
+	Detail        ImageDetail `protobuf:"varint,3,opt,name=detail,proto3,enum=quotad.v1.ImageDetail" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImagePart) Reset() {
+	*x = ImagePart{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImagePart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImagePart) ProtoMessage() {}
+
+func (x *ImagePart) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImagePart.ProtoReflect.Descriptor instead.
+func (*ImagePart) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ImagePart) GetWidth() int32 {
+	if x != nil {
+		return x.Width
+	}
+	return 0
+}
+
+func (x *ImagePart) GetHeight() int32 {
+	if x != nil {
+		return x.Height
+	}
+	return 0
+}
+
+func (x *ImagePart) GetDetail() ImageDetail {
+	if x != nil {
+		return x.Detail
+	}
+	return ImageDetail_IMAGE_DETAIL_UNSPECIFIED
+}
+
+// ToolCall is one tool (function) call an assistant message made.
+type ToolCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The function called.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// Its arguments, as the JSON text the model produced.
+	Arguments     string `protobuf:"bytes,3,opt,name=arguments,proto3" json:"arguments,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCall) Reset() {
+	*x = ToolCall{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCall) ProtoMessage() {}
+
+func (x *ToolCall) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
+func (*ToolCall) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ToolCall) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCall) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCall) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
+// ToolDefinition is one tool (function) offered to the model.
+type ToolDefinition struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The function's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What it does.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// Its parameters: a JSON Schema object as JSON text ("" for none).
+	ParametersJson string `protobuf:"bytes,3,opt,name=parameters_json,json=parametersJson,proto3" json:"parameters_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ToolDefinition) Reset() {
+	*x = ToolDefinition{}
+	mi := &file_quotad_v1_quota_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolDefinition) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolDefinition) ProtoMessage() {}
+
+func (x *ToolDefinition) ProtoReflect() protoreflect.Message {
+	mi := &file_quotad_v1_quota_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolDefinition.ProtoReflect.Descriptor instead.
+func (*ToolDefinition) Descriptor() ([]byte, []int) {
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ToolDefinition) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolDefinition) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *ToolDefinition) GetParametersJson() string {
+	if x != nil {
+		return x.ParametersJson
+	}
+	return ""
+}
+
 // ChatMessage is one message of a chat completion request, counted the way
 // OpenAI documents for its chat models.
 type ChatMessage struct {
@@ -486,14 +863,20 @@ type ChatMessage struct {
 	// The text of the message.
 	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
 	// Optional participant name.
-	Name          string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// The tool calls of an assistant message.
+	ToolCalls []*ToolCall `protobuf:"bytes,4,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// For a "tool" message: the id of the call it answers.
+	ToolCallId string `protobuf:"bytes,5,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	// Images sent with the message.
+	Images        []*ImagePart `protobuf:"bytes,6,rep,name=images,proto3" json:"images,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChatMessage) Reset() {
 	*x = ChatMessage{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	mi := &file_quotad_v1_quota_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -505,7 +888,7 @@ func (x *ChatMessage) String() string {
 func (*ChatMessage) ProtoMessage() {}
 
 func (x *ChatMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[1]
+	mi := &file_quotad_v1_quota_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -518,7 +901,7 @@ func (x *ChatMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
 func (*ChatMessage) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{1}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ChatMessage) GetRole() string {
@@ -540,6 +923,27 @@ func (x *ChatMessage) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *ChatMessage) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *ChatMessage) GetToolCallId() string {
+	if x != nil {
+		return x.ToolCallId
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetImages() []*ImagePart {
+	if x != nil {
+		return x.Images
+	}
+	return nil
 }
 
 // LimitStatus is the state of one limit as seen by one request.
@@ -581,7 +985,7 @@ type LimitStatus struct {
 
 func (x *LimitStatus) Reset() {
 	*x = LimitStatus{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[2]
+	mi := &file_quotad_v1_quota_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -593,7 +997,7 @@ func (x *LimitStatus) String() string {
 func (*LimitStatus) ProtoMessage() {}
 
 func (x *LimitStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[2]
+	mi := &file_quotad_v1_quota_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -606,7 +1010,7 @@ func (x *LimitStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LimitStatus.ProtoReflect.Descriptor instead.
 func (*LimitStatus) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{2}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *LimitStatus) GetName() string {
@@ -711,7 +1115,11 @@ type CheckAndReserveRequest struct {
 	// Prompt tokens of the call, 0 to 10^9, when the caller counted them.
 	// Leave it 0 and send prompt or messages to let the server count.
 	InputTokens int64 `protobuf:"varint,5,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
-	// The call's max_tokens: the output reserved until Commit, 0 to 10^9.
+	// The call's max_tokens, 0 to 10^9: the output reserved until Commit (or
+	// less, when the model learns its outputs). 0: the call sets no max_tokens, and
+	// the server reserves the learned output or the model's maximum output, never 0
+	// (output_reservation says which). input + max_output_tokens must fit the
+	// model's context window and max_output_tokens its maximum output, when known.
 	MaxOutputTokens int64 `protobuf:"varint,6,opt,name=max_output_tokens,json=maxOutputTokens,proto3" json:"max_output_tokens,omitempty"`
 	// How long the reservation holds its concurrency slot before it expires
 	// on its own. Empty: the policy's default lease. Bounded by the policy.
@@ -732,14 +1140,19 @@ type CheckAndReserveRequest struct {
 	// then arrival order, and admit it as soon as it fits, instead of denying
 	// it at once. Bounded by the policy. The caller's deadline or cancellation
 	// takes it out of the line with nothing reserved.
-	MaxWait       *durationpb.Duration `protobuf:"bytes,12,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
+	MaxWait *durationpb.Duration `protobuf:"bytes,12,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
+	// The provider's service tier the call will use: selects the price (cost limits).
+	ServiceTier ServiceTier `protobuf:"varint,13,opt,name=service_tier,json=serviceTier,proto3,enum=quotad.v1.ServiceTier" json:"service_tier,omitempty"`
+	// The tools (functions) offered to the model, counted as OpenAI documents with
+	// messages. Only with messages.
+	Tools         []*ToolDefinition `protobuf:"bytes,14,rep,name=tools,proto3" json:"tools,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckAndReserveRequest) Reset() {
 	*x = CheckAndReserveRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[3]
+	mi := &file_quotad_v1_quota_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +1164,7 @@ func (x *CheckAndReserveRequest) String() string {
 func (*CheckAndReserveRequest) ProtoMessage() {}
 
 func (x *CheckAndReserveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[3]
+	mi := &file_quotad_v1_quota_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +1177,7 @@ func (x *CheckAndReserveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveRequest.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{3}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CheckAndReserveRequest) GetSubject() string {
@@ -851,6 +1264,20 @@ func (x *CheckAndReserveRequest) GetMaxWait() *durationpb.Duration {
 	return nil
 }
 
+func (x *CheckAndReserveRequest) GetServiceTier() ServiceTier {
+	if x != nil {
+		return x.ServiceTier
+	}
+	return ServiceTier_SERVICE_TIER_UNSPECIFIED
+}
+
+func (x *CheckAndReserveRequest) GetTools() []*ToolDefinition {
+	if x != nil {
+		return x.Tools
+	}
+	return nil
+}
+
 // CheckAndReserveResponse is the decision on one call.
 type CheckAndReserveResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -884,14 +1311,16 @@ type CheckAndReserveResponse struct {
 	// How long the request waited in line before this answer.
 	Waited *durationpb.Duration `protobuf:"bytes,13,opt,name=waited,proto3" json:"waited,omitempty"`
 	// The priority the request was decided at (after the tier's default).
-	Priority      Priority `protobuf:"varint,14,opt,name=priority,proto3,enum=quotad.v1.Priority" json:"priority,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Priority Priority `protobuf:"varint,14,opt,name=priority,proto3,enum=quotad.v1.Priority" json:"priority,omitempty"`
+	// Where the reserved output tokens came from.
+	OutputReservation OutputReservation `protobuf:"varint,15,opt,name=output_reservation,json=outputReservation,proto3,enum=quotad.v1.OutputReservation" json:"output_reservation,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *CheckAndReserveResponse) Reset() {
 	*x = CheckAndReserveResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[4]
+	mi := &file_quotad_v1_quota_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -903,7 +1332,7 @@ func (x *CheckAndReserveResponse) String() string {
 func (*CheckAndReserveResponse) ProtoMessage() {}
 
 func (x *CheckAndReserveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[4]
+	mi := &file_quotad_v1_quota_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -916,7 +1345,7 @@ func (x *CheckAndReserveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveResponse.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{4}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CheckAndReserveResponse) GetDecision() Decision {
@@ -1017,6 +1446,13 @@ func (x *CheckAndReserveResponse) GetPriority() Priority {
 	return Priority_PRIORITY_UNSPECIFIED
 }
 
+func (x *CheckAndReserveResponse) GetOutputReservation() OutputReservation {
+	if x != nil {
+		return x.OutputReservation
+	}
+	return OutputReservation_OUTPUT_RESERVATION_UNSPECIFIED
+}
+
 // CommitRequest reports the actual usage of a reserved call.
 type CommitRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1030,13 +1466,17 @@ type CommitRequest struct {
 	// input_tokens: priced at the cached rate, and left out of limits that
 	// exclude cache reads.
 	CachedInputTokens int64 `protobuf:"varint,4,opt,name=cached_input_tokens,json=cachedInputTokens,proto3" json:"cached_input_tokens,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The part of input_tokens written to the provider's prompt cache (Anthropic's
+	// cache_creation_input_tokens), 0 to input_tokens - cached_input_tokens: priced
+	// at the cache-write rate, and counted as input by token limits.
+	CacheWriteInputTokens int64 `protobuf:"varint,5,opt,name=cache_write_input_tokens,json=cacheWriteInputTokens,proto3" json:"cache_write_input_tokens,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[5]
+	mi := &file_quotad_v1_quota_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1048,7 +1488,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[5]
+	mi := &file_quotad_v1_quota_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1061,7 +1501,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{5}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CommitRequest) GetReservationId() string {
@@ -1092,6 +1532,13 @@ func (x *CommitRequest) GetCachedInputTokens() int64 {
 	return 0
 }
 
+func (x *CommitRequest) GetCacheWriteInputTokens() int64 {
+	if x != nil {
+		return x.CacheWriteInputTokens
+	}
+	return 0
+}
+
 // CommitResponse is the settlement of a reservation.
 type CommitResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1104,14 +1551,21 @@ type CommitResponse struct {
 	Repeat bool `protobuf:"varint,3,opt,name=repeat,proto3" json:"repeat,omitempty"`
 	// True when the lease had expired before the Commit arrived (the
 	// concurrency slot was already freed; tokens are still reconciled).
-	LeaseExpired  bool `protobuf:"varint,4,opt,name=lease_expired,json=leaseExpired,proto3" json:"lease_expired,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LeaseExpired bool `protobuf:"varint,4,opt,name=lease_expired,json=leaseExpired,proto3" json:"lease_expired,omitempty"`
+	// True when the reported output_tokens exceed the max_output_tokens the call
+	// was reserved with: no provider returns more than max_tokens, so the caller
+	// reports wrong usage (or called with a larger max_tokens). It is charged all
+	// the same, and counted in quotad_impossible_usage_total.
+	ImpossibleUsage bool `protobuf:"varint,5,opt,name=impossible_usage,json=impossibleUsage,proto3" json:"impossible_usage,omitempty"`
+	// The max_output_tokens the call was reserved with (after the default).
+	MaxOutputTokens int64 `protobuf:"varint,6,opt,name=max_output_tokens,json=maxOutputTokens,proto3" json:"max_output_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[6]
+	mi := &file_quotad_v1_quota_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1577,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[6]
+	mi := &file_quotad_v1_quota_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1590,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{6}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CommitResponse) GetReserved() *Cost {
@@ -1167,6 +1621,20 @@ func (x *CommitResponse) GetLeaseExpired() bool {
 	return false
 }
 
+func (x *CommitResponse) GetImpossibleUsage() bool {
+	if x != nil {
+		return x.ImpossibleUsage
+	}
+	return false
+}
+
+func (x *CommitResponse) GetMaxOutputTokens() int64 {
+	if x != nil {
+		return x.MaxOutputTokens
+	}
+	return 0
+}
+
 // ReleaseRequest gives a reservation back.
 type ReleaseRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1178,7 +1646,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[7]
+	mi := &file_quotad_v1_quota_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1190,7 +1658,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[7]
+	mi := &file_quotad_v1_quota_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1203,7 +1671,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{7}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReleaseRequest) GetReservationId() string {
@@ -1226,7 +1694,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[8]
+	mi := &file_quotad_v1_quota_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1238,7 +1706,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[8]
+	mi := &file_quotad_v1_quota_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1251,7 +1719,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{8}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReleaseResponse) GetRefunded() *Cost {
@@ -1285,7 +1753,7 @@ type GetUsageRequest struct {
 
 func (x *GetUsageRequest) Reset() {
 	*x = GetUsageRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[9]
+	mi := &file_quotad_v1_quota_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1297,7 +1765,7 @@ func (x *GetUsageRequest) String() string {
 func (*GetUsageRequest) ProtoMessage() {}
 
 func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[9]
+	mi := &file_quotad_v1_quota_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1310,7 +1778,7 @@ func (x *GetUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageRequest.ProtoReflect.Descriptor instead.
 func (*GetUsageRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{9}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetUsageRequest) GetSubject() string {
@@ -1358,7 +1826,7 @@ type GetUsageResponse struct {
 
 func (x *GetUsageResponse) Reset() {
 	*x = GetUsageResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[10]
+	mi := &file_quotad_v1_quota_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1838,7 @@ func (x *GetUsageResponse) String() string {
 func (*GetUsageResponse) ProtoMessage() {}
 
 func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[10]
+	mi := &file_quotad_v1_quota_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1851,7 @@ func (x *GetUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUsageResponse.ProtoReflect.Descriptor instead.
 func (*GetUsageResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{10}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetUsageResponse) GetLimits() []*LimitStatus {
@@ -1420,7 +1888,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[11]
+	mi := &file_quotad_v1_quota_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1432,7 +1900,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[11]
+	mi := &file_quotad_v1_quota_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1445,7 +1913,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{11}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -1479,7 +1947,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[12]
+	mi := &file_quotad_v1_quota_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1491,7 +1959,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[12]
+	mi := &file_quotad_v1_quota_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1504,7 +1972,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{12}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Error) GetCode() int32 {
@@ -1544,7 +2012,7 @@ type CheckAndReserveResult struct {
 
 func (x *CheckAndReserveResult) Reset() {
 	*x = CheckAndReserveResult{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[13]
+	mi := &file_quotad_v1_quota_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1556,7 +2024,7 @@ func (x *CheckAndReserveResult) String() string {
 func (*CheckAndReserveResult) ProtoMessage() {}
 
 func (x *CheckAndReserveResult) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[13]
+	mi := &file_quotad_v1_quota_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1569,7 +2037,7 @@ func (x *CheckAndReserveResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveResult.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveResult) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{13}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CheckAndReserveResult) GetOutcome() isCheckAndReserveResult_Outcome {
@@ -1626,7 +2094,7 @@ type CheckAndReserveBatchRequest struct {
 
 func (x *CheckAndReserveBatchRequest) Reset() {
 	*x = CheckAndReserveBatchRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[14]
+	mi := &file_quotad_v1_quota_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1638,7 +2106,7 @@ func (x *CheckAndReserveBatchRequest) String() string {
 func (*CheckAndReserveBatchRequest) ProtoMessage() {}
 
 func (x *CheckAndReserveBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[14]
+	mi := &file_quotad_v1_quota_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1651,7 +2119,7 @@ func (x *CheckAndReserveBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveBatchRequest.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveBatchRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{14}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CheckAndReserveBatchRequest) GetRequests() []*CheckAndReserveRequest {
@@ -1672,7 +2140,7 @@ type CheckAndReserveBatchResponse struct {
 
 func (x *CheckAndReserveBatchResponse) Reset() {
 	*x = CheckAndReserveBatchResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[15]
+	mi := &file_quotad_v1_quota_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +2152,7 @@ func (x *CheckAndReserveBatchResponse) String() string {
 func (*CheckAndReserveBatchResponse) ProtoMessage() {}
 
 func (x *CheckAndReserveBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[15]
+	mi := &file_quotad_v1_quota_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +2165,7 @@ func (x *CheckAndReserveBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveBatchResponse.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveBatchResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{15}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CheckAndReserveBatchResponse) GetResults() []*CheckAndReserveResult {
@@ -1720,7 +2188,7 @@ type CheckAndReserveStreamRequest struct {
 
 func (x *CheckAndReserveStreamRequest) Reset() {
 	*x = CheckAndReserveStreamRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[16]
+	mi := &file_quotad_v1_quota_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1732,7 +2200,7 @@ func (x *CheckAndReserveStreamRequest) String() string {
 func (*CheckAndReserveStreamRequest) ProtoMessage() {}
 
 func (x *CheckAndReserveStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[16]
+	mi := &file_quotad_v1_quota_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1745,7 +2213,7 @@ func (x *CheckAndReserveStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveStreamRequest.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveStreamRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{16}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CheckAndReserveStreamRequest) GetRequestId() string {
@@ -1775,7 +2243,7 @@ type CheckAndReserveStreamResponse struct {
 
 func (x *CheckAndReserveStreamResponse) Reset() {
 	*x = CheckAndReserveStreamResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[17]
+	mi := &file_quotad_v1_quota_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1787,7 +2255,7 @@ func (x *CheckAndReserveStreamResponse) String() string {
 func (*CheckAndReserveStreamResponse) ProtoMessage() {}
 
 func (x *CheckAndReserveStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[17]
+	mi := &file_quotad_v1_quota_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1800,7 +2268,7 @@ func (x *CheckAndReserveStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckAndReserveStreamResponse.ProtoReflect.Descriptor instead.
 func (*CheckAndReserveStreamResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{17}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CheckAndReserveStreamResponse) GetRequestId() string {
@@ -1833,7 +2301,7 @@ type CommitResult struct {
 
 func (x *CommitResult) Reset() {
 	*x = CommitResult{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[18]
+	mi := &file_quotad_v1_quota_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1845,7 +2313,7 @@ func (x *CommitResult) String() string {
 func (*CommitResult) ProtoMessage() {}
 
 func (x *CommitResult) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[18]
+	mi := &file_quotad_v1_quota_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1858,7 +2326,7 @@ func (x *CommitResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResult.ProtoReflect.Descriptor instead.
 func (*CommitResult) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{18}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CommitResult) GetOutcome() isCommitResult_Outcome {
@@ -1915,7 +2383,7 @@ type CommitBatchRequest struct {
 
 func (x *CommitBatchRequest) Reset() {
 	*x = CommitBatchRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[19]
+	mi := &file_quotad_v1_quota_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1927,7 +2395,7 @@ func (x *CommitBatchRequest) String() string {
 func (*CommitBatchRequest) ProtoMessage() {}
 
 func (x *CommitBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[19]
+	mi := &file_quotad_v1_quota_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1940,7 +2408,7 @@ func (x *CommitBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitBatchRequest.ProtoReflect.Descriptor instead.
 func (*CommitBatchRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{19}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CommitBatchRequest) GetRequests() []*CommitRequest {
@@ -1961,7 +2429,7 @@ type CommitBatchResponse struct {
 
 func (x *CommitBatchResponse) Reset() {
 	*x = CommitBatchResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[20]
+	mi := &file_quotad_v1_quota_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1973,7 +2441,7 @@ func (x *CommitBatchResponse) String() string {
 func (*CommitBatchResponse) ProtoMessage() {}
 
 func (x *CommitBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[20]
+	mi := &file_quotad_v1_quota_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1986,7 +2454,7 @@ func (x *CommitBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitBatchResponse.ProtoReflect.Descriptor instead.
 func (*CommitBatchResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{20}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CommitBatchResponse) GetResults() []*CommitResult {
@@ -2009,7 +2477,7 @@ type CommitStreamRequest struct {
 
 func (x *CommitStreamRequest) Reset() {
 	*x = CommitStreamRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[21]
+	mi := &file_quotad_v1_quota_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2489,7 @@ func (x *CommitStreamRequest) String() string {
 func (*CommitStreamRequest) ProtoMessage() {}
 
 func (x *CommitStreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[21]
+	mi := &file_quotad_v1_quota_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2502,7 @@ func (x *CommitStreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitStreamRequest.ProtoReflect.Descriptor instead.
 func (*CommitStreamRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{21}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CommitStreamRequest) GetRequestId() string {
@@ -2064,7 +2532,7 @@ type CommitStreamResponse struct {
 
 func (x *CommitStreamResponse) Reset() {
 	*x = CommitStreamResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[22]
+	mi := &file_quotad_v1_quota_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2544,7 @@ func (x *CommitStreamResponse) String() string {
 func (*CommitStreamResponse) ProtoMessage() {}
 
 func (x *CommitStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[22]
+	mi := &file_quotad_v1_quota_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2557,7 @@ func (x *CommitStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitStreamResponse.ProtoReflect.Descriptor instead.
 func (*CommitStreamResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{22}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CommitStreamResponse) GetRequestId() string {
@@ -2119,7 +2587,7 @@ type GetAccuracyRequest struct {
 
 func (x *GetAccuracyRequest) Reset() {
 	*x = GetAccuracyRequest{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[23]
+	mi := &file_quotad_v1_quota_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2131,7 +2599,7 @@ func (x *GetAccuracyRequest) String() string {
 func (*GetAccuracyRequest) ProtoMessage() {}
 
 func (x *GetAccuracyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[23]
+	mi := &file_quotad_v1_quota_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2144,7 +2612,7 @@ func (x *GetAccuracyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAccuracyRequest.ProtoReflect.Descriptor instead.
 func (*GetAccuracyRequest) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{23}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetAccuracyRequest) GetModel() string {
@@ -2174,7 +2642,7 @@ type Spread struct {
 
 func (x *Spread) Reset() {
 	*x = Spread{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[24]
+	mi := &file_quotad_v1_quota_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2186,7 +2654,7 @@ func (x *Spread) String() string {
 func (*Spread) ProtoMessage() {}
 
 func (x *Spread) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[24]
+	mi := &file_quotad_v1_quota_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2199,7 +2667,7 @@ func (x *Spread) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Spread.ProtoReflect.Descriptor instead.
 func (*Spread) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{24}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Spread) GetP50() float64 {
@@ -2235,20 +2703,34 @@ type GetAccuracyResponse struct {
 	ActualTokens int64 `protobuf:"varint,7,opt,name=actual_tokens,json=actualTokens,proto3" json:"actual_tokens,omitempty"`
 	// Capacity reservations held and Commits later refunded.
 	RefundedTokens int64 `protobuf:"varint,8,opt,name=refunded_tokens,json=refundedTokens,proto3" json:"refunded_tokens,omitempty"`
-	// Tokens used beyond the reservation (charged on Commit as debt).
+	// Tokens used beyond the reservation (charged on Commit as debt): input and
+	// output together, input_overrun_tokens + output_overrun_tokens.
 	OverrunTokens int64 `protobuf:"varint,9,opt,name=overrun_tokens,json=overrunTokens,proto3" json:"overrun_tokens,omitempty"`
 	// True when the policy has this model reserve learned output estimates.
 	Learning bool `protobuf:"varint,10,opt,name=learning,proto3" json:"learning,omitempty"`
 	// The output reservation learned (a high quantile of actual output
-	// tokens); 0 while there are too few samples or when not learning.
+	// tokens) over all calls; each call is reserved the quantile of the calls
+	// with a max_output_tokens of the same power of two. 0 while there are too
+	// few samples or when not learning.
 	LearnedOutputTokens int64 `protobuf:"varint,11,opt,name=learned_output_tokens,json=learnedOutputTokens,proto3" json:"learned_output_tokens,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Input tokens used beyond the estimate.
+	InputOverrunTokens int64 `protobuf:"varint,12,opt,name=input_overrun_tokens,json=inputOverrunTokens,proto3" json:"input_overrun_tokens,omitempty"`
+	// Output tokens used beyond the reservation.
+	OutputOverrunTokens int64 `protobuf:"varint,13,opt,name=output_overrun_tokens,json=outputOverrunTokens,proto3" json:"output_overrun_tokens,omitempty"`
+	// Commits whose input exceeded its estimate.
+	InputOverrunCommits int64 `protobuf:"varint,14,opt,name=input_overrun_commits,json=inputOverrunCommits,proto3" json:"input_overrun_commits,omitempty"`
+	// Commits whose output exceeded its reservation.
+	OutputOverrunCommits int64 `protobuf:"varint,15,opt,name=output_overrun_commits,json=outputOverrunCommits,proto3" json:"output_overrun_commits,omitempty"`
+	// Commits reserved with 0 output tokens: left out of output_ratio (no ratio
+	// to 0), their output all overrun.
+	UnreservedOutputCommits int64 `protobuf:"varint,16,opt,name=unreserved_output_commits,json=unreservedOutputCommits,proto3" json:"unreserved_output_commits,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
 }
 
 func (x *GetAccuracyResponse) Reset() {
 	*x = GetAccuracyResponse{}
-	mi := &file_quotad_v1_quota_proto_msgTypes[25]
+	mi := &file_quotad_v1_quota_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2260,7 +2742,7 @@ func (x *GetAccuracyResponse) String() string {
 func (*GetAccuracyResponse) ProtoMessage() {}
 
 func (x *GetAccuracyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_quotad_v1_quota_proto_msgTypes[25]
+	mi := &file_quotad_v1_quota_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2273,7 +2755,7 @@ func (x *GetAccuracyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAccuracyResponse.ProtoReflect.Descriptor instead.
 func (*GetAccuracyResponse) Descriptor() ([]byte, []int) {
-	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{25}
+	return file_quotad_v1_quota_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetAccuracyResponse) GetModel() string {
@@ -2353,21 +2835,74 @@ func (x *GetAccuracyResponse) GetLearnedOutputTokens() int64 {
 	return 0
 }
 
+func (x *GetAccuracyResponse) GetInputOverrunTokens() int64 {
+	if x != nil {
+		return x.InputOverrunTokens
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetOutputOverrunTokens() int64 {
+	if x != nil {
+		return x.OutputOverrunTokens
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetInputOverrunCommits() int64 {
+	if x != nil {
+		return x.InputOverrunCommits
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetOutputOverrunCommits() int64 {
+	if x != nil {
+		return x.OutputOverrunCommits
+	}
+	return 0
+}
+
+func (x *GetAccuracyResponse) GetUnreservedOutputCommits() int64 {
+	if x != nil {
+		return x.UnreservedOutputCommits
+	}
+	return 0
+}
+
 var File_quotad_v1_quota_proto protoreflect.FileDescriptor
 
 const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\n" +
-	"\x15quotad/v1/quota.proto\x12\tquotad.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x01\n" +
+	"\x15quotad/v1/quota.proto\x12\tquotad.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf9\x01\n" +
 	"\x04Cost\x12\x1a\n" +
 	"\brequests\x18\x01 \x01(\x03R\brequests\x12!\n" +
 	"\finput_tokens\x18\x02 \x01(\x03R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x03 \x01(\x03R\foutputTokens\x12.\n" +
 	"\x13cached_input_tokens\x18\x04 \x01(\x03R\x11cachedInputTokens\x12$\n" +
-	"\x0ecost_micro_usd\x18\x05 \x01(\x03R\fcostMicroUsd\"O\n" +
+	"\x0ecost_micro_usd\x18\x05 \x01(\x03R\fcostMicroUsd\x127\n" +
+	"\x18cache_write_input_tokens\x18\x06 \x01(\x03R\x15cacheWriteInputTokens\"i\n" +
+	"\tImagePart\x12\x14\n" +
+	"\x05width\x18\x01 \x01(\x05R\x05width\x12\x16\n" +
+	"\x06height\x18\x02 \x01(\x05R\x06height\x12.\n" +
+	"\x06detail\x18\x03 \x01(\x0e2\x16.quotad.v1.ImageDetailR\x06detail\"L\n" +
+	"\bToolCall\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x03 \x01(\tR\targuments\"o\n" +
+	"\x0eToolDefinition\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x12'\n" +
+	"\x0fparameters_json\x18\x03 \x01(\tR\x0eparametersJson\"\xd3\x01\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12\x12\n" +
-	"\x04name\x18\x03 \x01(\tR\x04name\"\xb1\x03\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x122\n" +
+	"\n" +
+	"tool_calls\x18\x04 \x03(\v2\x13.quotad.v1.ToolCallR\ttoolCalls\x12 \n" +
+	"\ftool_call_id\x18\x05 \x01(\tR\n" +
+	"toolCallId\x12,\n" +
+	"\x06images\x18\x06 \x03(\v2\x14.quotad.v1.ImagePartR\x06images\"\xb1\x03\n" +
 	"\vLimitStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
 	"\x05scope\x18\x02 \x01(\x0e2\x10.quotad.v1.ScopeR\x05scope\x12)\n" +
@@ -2382,7 +2917,7 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\abinding\x18\n" +
 	" \x01(\bR\abinding\x12\x1a\n" +
 	"\bcalendar\x18\v \x01(\tR\bcalendar\x12\x16\n" +
-	"\x06shadow\x18\f \x01(\bR\x06shadow\"\xd0\x03\n" +
+	"\x06shadow\x18\f \x01(\bR\x06shadow\"\xbc\x04\n" +
 	"\x16CheckAndReserveRequest\x12\x18\n" +
 	"\asubject\x18\x01 \x01(\tR\asubject\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x12\n" +
@@ -2396,7 +2931,9 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\bmessages\x18\n" +
 	" \x03(\v2\x16.quotad.v1.ChatMessageR\bmessages\x12/\n" +
 	"\bpriority\x18\v \x01(\x0e2\x13.quotad.v1.PriorityR\bpriority\x124\n" +
-	"\bmax_wait\x18\f \x01(\v2\x19.google.protobuf.DurationR\amaxWait\"\x8b\x05\n" +
+	"\bmax_wait\x18\f \x01(\v2\x19.google.protobuf.DurationR\amaxWait\x129\n" +
+	"\fservice_tier\x18\r \x01(\x0e2\x16.quotad.v1.ServiceTierR\vserviceTier\x12/\n" +
+	"\x05tools\x18\x0e \x03(\v2\x19.quotad.v1.ToolDefinitionR\x05tools\"\xd8\x05\n" +
 	"\x17CheckAndReserveResponse\x12/\n" +
 	"\bdecision\x18\x01 \x01(\x0e2\x13.quotad.v1.DecisionR\bdecision\x126\n" +
 	"\vdeny_reason\x18\x02 \x01(\x0e2\x15.quotad.v1.DenyReasonR\n" +
@@ -2414,17 +2951,21 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x04tier\x18\v \x01(\tR\x04tier\x120\n" +
 	"\x14counted_input_tokens\x18\f \x01(\x03R\x12countedInputTokens\x121\n" +
 	"\x06waited\x18\r \x01(\v2\x19.google.protobuf.DurationR\x06waited\x12/\n" +
-	"\bpriority\x18\x0e \x01(\x0e2\x13.quotad.v1.PriorityR\bpriority\"\xae\x01\n" +
+	"\bpriority\x18\x0e \x01(\x0e2\x13.quotad.v1.PriorityR\bpriority\x12K\n" +
+	"\x12output_reservation\x18\x0f \x01(\x0e2\x1c.quotad.v1.OutputReservationR\x11outputReservation\"\xe7\x01\n" +
 	"\rCommitRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\x12!\n" +
 	"\finput_tokens\x18\x02 \x01(\x03R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x03 \x01(\x03R\foutputTokens\x12.\n" +
-	"\x13cached_input_tokens\x18\x04 \x01(\x03R\x11cachedInputTokens\"\xa9\x01\n" +
+	"\x13cached_input_tokens\x18\x04 \x01(\x03R\x11cachedInputTokens\x127\n" +
+	"\x18cache_write_input_tokens\x18\x05 \x01(\x03R\x15cacheWriteInputTokens\"\x80\x02\n" +
 	"\x0eCommitResponse\x12+\n" +
 	"\breserved\x18\x01 \x01(\v2\x0f.quotad.v1.CostR\breserved\x12-\n" +
 	"\tcommitted\x18\x02 \x01(\v2\x0f.quotad.v1.CostR\tcommitted\x12\x16\n" +
 	"\x06repeat\x18\x03 \x01(\bR\x06repeat\x12#\n" +
-	"\rlease_expired\x18\x04 \x01(\bR\fleaseExpired\"7\n" +
+	"\rlease_expired\x18\x04 \x01(\bR\fleaseExpired\x12)\n" +
+	"\x10impossible_usage\x18\x05 \x01(\bR\x0fimpossibleUsage\x12*\n" +
+	"\x11max_output_tokens\x18\x06 \x01(\x03R\x0fmaxOutputTokens\"7\n" +
 	"\x0eReleaseRequest\x12%\n" +
 	"\x0ereservation_id\x18\x01 \x01(\tR\rreservationId\"V\n" +
 	"\x0fReleaseResponse\x12+\n" +
@@ -2483,7 +3024,7 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x04tier\x18\x02 \x01(\tR\x04tier\",\n" +
 	"\x06Spread\x12\x10\n" +
 	"\x03p50\x18\x01 \x01(\x01R\x03p50\x12\x10\n" +
-	"\x03p95\x18\x02 \x01(\x01R\x03p95\"\xb3\x03\n" +
+	"\x03p95\x18\x02 \x01(\x01R\x03p95\"\xbf\x05\n" +
 	"\x13GetAccuracyResponse\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
 	"\x04tier\x18\x02 \x01(\tR\x04tier\x12\x18\n" +
@@ -2497,7 +3038,12 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x0eoverrun_tokens\x18\t \x01(\x03R\roverrunTokens\x12\x1a\n" +
 	"\blearning\x18\n" +
 	" \x01(\bR\blearning\x122\n" +
-	"\x15learned_output_tokens\x18\v \x01(\x03R\x13learnedOutputTokens*O\n" +
+	"\x15learned_output_tokens\x18\v \x01(\x03R\x13learnedOutputTokens\x120\n" +
+	"\x14input_overrun_tokens\x18\f \x01(\x03R\x12inputOverrunTokens\x122\n" +
+	"\x15output_overrun_tokens\x18\r \x01(\x03R\x13outputOverrunTokens\x122\n" +
+	"\x15input_overrun_commits\x18\x0e \x01(\x03R\x13inputOverrunCommits\x124\n" +
+	"\x16output_overrun_commits\x18\x0f \x01(\x03R\x14outputOverrunCommits\x12:\n" +
+	"\x19unreserved_output_commits\x18\x10 \x01(\x03R\x17unreservedOutputCommits*O\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10DECISION_ALLOWED\x10\x01\x12\x13\n" +
@@ -2532,7 +3078,22 @@ const file_quotad_v1_quota_proto_rawDesc = "" +
 	"\x16ALGORITHM_TOKEN_BUCKET\x10\x01\x12\x1c\n" +
 	"\x18ALGORITHM_SLIDING_WINDOW\x10\x02\x12\x19\n" +
 	"\x15ALGORITHM_CONCURRENCY\x10\x03\x12\x16\n" +
-	"\x12ALGORITHM_CALENDAR\x10\x042\xf8\x05\n" +
+	"\x12ALGORITHM_CALENDAR\x10\x04*\x90\x01\n" +
+	"\vServiceTier\x12\x1c\n" +
+	"\x18SERVICE_TIER_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15SERVICE_TIER_STANDARD\x10\x01\x12\x16\n" +
+	"\x12SERVICE_TIER_BATCH\x10\x02\x12\x15\n" +
+	"\x11SERVICE_TIER_FLEX\x10\x03\x12\x19\n" +
+	"\x15SERVICE_TIER_PRIORITY\x10\x04*\x9f\x01\n" +
+	"\x11OutputReservation\x12\"\n" +
+	"\x1eOUTPUT_RESERVATION_UNSPECIFIED\x10\x00\x12 \n" +
+	"\x1cOUTPUT_RESERVATION_REQUESTED\x10\x01\x12\x1e\n" +
+	"\x1aOUTPUT_RESERVATION_LEARNED\x10\x02\x12$\n" +
+	" OUTPUT_RESERVATION_MODEL_MAXIMUM\x10\x03*X\n" +
+	"\vImageDetail\x12\x1c\n" +
+	"\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10IMAGE_DETAIL_LOW\x10\x01\x12\x15\n" +
+	"\x11IMAGE_DETAIL_HIGH\x10\x022\xf8\x05\n" +
 	"\fQuotaService\x12X\n" +
 	"\x0fCheckAndReserve\x12!.quotad.v1.CheckAndReserveRequest\x1a\".quotad.v1.CheckAndReserveResponse\x12=\n" +
 	"\x06Commit\x12\x18.quotad.v1.CommitRequest\x1a\x19.quotad.v1.CommitResponse\x12@\n" +
@@ -2558,8 +3119,8 @@ func file_quotad_v1_quota_proto_rawDescGZIP() []byte {
 	return file_quotad_v1_quota_proto_rawDescData
 }
 
-var file_quotad_v1_quota_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_quotad_v1_quota_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
+var file_quotad_v1_quota_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_quotad_v1_quota_proto_goTypes = []any{
 	(Decision)(0),                         // 0: quotad.v1.Decision
 	(DenyReason)(0),                       // 1: quotad.v1.DenyReason
@@ -2567,95 +3128,107 @@ var file_quotad_v1_quota_proto_goTypes = []any{
 	(Scope)(0),                            // 3: quotad.v1.Scope
 	(Metric)(0),                           // 4: quotad.v1.Metric
 	(Algorithm)(0),                        // 5: quotad.v1.Algorithm
-	(*Cost)(nil),                          // 6: quotad.v1.Cost
-	(*ChatMessage)(nil),                   // 7: quotad.v1.ChatMessage
-	(*LimitStatus)(nil),                   // 8: quotad.v1.LimitStatus
-	(*CheckAndReserveRequest)(nil),        // 9: quotad.v1.CheckAndReserveRequest
-	(*CheckAndReserveResponse)(nil),       // 10: quotad.v1.CheckAndReserveResponse
-	(*CommitRequest)(nil),                 // 11: quotad.v1.CommitRequest
-	(*CommitResponse)(nil),                // 12: quotad.v1.CommitResponse
-	(*ReleaseRequest)(nil),                // 13: quotad.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),               // 14: quotad.v1.ReleaseResponse
-	(*GetUsageRequest)(nil),               // 15: quotad.v1.GetUsageRequest
-	(*GetUsageResponse)(nil),              // 16: quotad.v1.GetUsageResponse
-	(*FieldViolation)(nil),                // 17: quotad.v1.FieldViolation
-	(*Error)(nil),                         // 18: quotad.v1.Error
-	(*CheckAndReserveResult)(nil),         // 19: quotad.v1.CheckAndReserveResult
-	(*CheckAndReserveBatchRequest)(nil),   // 20: quotad.v1.CheckAndReserveBatchRequest
-	(*CheckAndReserveBatchResponse)(nil),  // 21: quotad.v1.CheckAndReserveBatchResponse
-	(*CheckAndReserveStreamRequest)(nil),  // 22: quotad.v1.CheckAndReserveStreamRequest
-	(*CheckAndReserveStreamResponse)(nil), // 23: quotad.v1.CheckAndReserveStreamResponse
-	(*CommitResult)(nil),                  // 24: quotad.v1.CommitResult
-	(*CommitBatchRequest)(nil),            // 25: quotad.v1.CommitBatchRequest
-	(*CommitBatchResponse)(nil),           // 26: quotad.v1.CommitBatchResponse
-	(*CommitStreamRequest)(nil),           // 27: quotad.v1.CommitStreamRequest
-	(*CommitStreamResponse)(nil),          // 28: quotad.v1.CommitStreamResponse
-	(*GetAccuracyRequest)(nil),            // 29: quotad.v1.GetAccuracyRequest
-	(*Spread)(nil),                        // 30: quotad.v1.Spread
-	(*GetAccuracyResponse)(nil),           // 31: quotad.v1.GetAccuracyResponse
-	(*durationpb.Duration)(nil),           // 32: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),         // 33: google.protobuf.Timestamp
+	(ServiceTier)(0),                      // 6: quotad.v1.ServiceTier
+	(OutputReservation)(0),                // 7: quotad.v1.OutputReservation
+	(ImageDetail)(0),                      // 8: quotad.v1.ImageDetail
+	(*Cost)(nil),                          // 9: quotad.v1.Cost
+	(*ImagePart)(nil),                     // 10: quotad.v1.ImagePart
+	(*ToolCall)(nil),                      // 11: quotad.v1.ToolCall
+	(*ToolDefinition)(nil),                // 12: quotad.v1.ToolDefinition
+	(*ChatMessage)(nil),                   // 13: quotad.v1.ChatMessage
+	(*LimitStatus)(nil),                   // 14: quotad.v1.LimitStatus
+	(*CheckAndReserveRequest)(nil),        // 15: quotad.v1.CheckAndReserveRequest
+	(*CheckAndReserveResponse)(nil),       // 16: quotad.v1.CheckAndReserveResponse
+	(*CommitRequest)(nil),                 // 17: quotad.v1.CommitRequest
+	(*CommitResponse)(nil),                // 18: quotad.v1.CommitResponse
+	(*ReleaseRequest)(nil),                // 19: quotad.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),               // 20: quotad.v1.ReleaseResponse
+	(*GetUsageRequest)(nil),               // 21: quotad.v1.GetUsageRequest
+	(*GetUsageResponse)(nil),              // 22: quotad.v1.GetUsageResponse
+	(*FieldViolation)(nil),                // 23: quotad.v1.FieldViolation
+	(*Error)(nil),                         // 24: quotad.v1.Error
+	(*CheckAndReserveResult)(nil),         // 25: quotad.v1.CheckAndReserveResult
+	(*CheckAndReserveBatchRequest)(nil),   // 26: quotad.v1.CheckAndReserveBatchRequest
+	(*CheckAndReserveBatchResponse)(nil),  // 27: quotad.v1.CheckAndReserveBatchResponse
+	(*CheckAndReserveStreamRequest)(nil),  // 28: quotad.v1.CheckAndReserveStreamRequest
+	(*CheckAndReserveStreamResponse)(nil), // 29: quotad.v1.CheckAndReserveStreamResponse
+	(*CommitResult)(nil),                  // 30: quotad.v1.CommitResult
+	(*CommitBatchRequest)(nil),            // 31: quotad.v1.CommitBatchRequest
+	(*CommitBatchResponse)(nil),           // 32: quotad.v1.CommitBatchResponse
+	(*CommitStreamRequest)(nil),           // 33: quotad.v1.CommitStreamRequest
+	(*CommitStreamResponse)(nil),          // 34: quotad.v1.CommitStreamResponse
+	(*GetAccuracyRequest)(nil),            // 35: quotad.v1.GetAccuracyRequest
+	(*Spread)(nil),                        // 36: quotad.v1.Spread
+	(*GetAccuracyResponse)(nil),           // 37: quotad.v1.GetAccuracyResponse
+	(*durationpb.Duration)(nil),           // 38: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),         // 39: google.protobuf.Timestamp
 }
 var file_quotad_v1_quota_proto_depIdxs = []int32{
-	3,  // 0: quotad.v1.LimitStatus.scope:type_name -> quotad.v1.Scope
-	4,  // 1: quotad.v1.LimitStatus.metric:type_name -> quotad.v1.Metric
-	5,  // 2: quotad.v1.LimitStatus.algorithm:type_name -> quotad.v1.Algorithm
-	32, // 3: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
-	32, // 4: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
-	32, // 5: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
-	7,  // 6: quotad.v1.CheckAndReserveRequest.messages:type_name -> quotad.v1.ChatMessage
-	2,  // 7: quotad.v1.CheckAndReserveRequest.priority:type_name -> quotad.v1.Priority
-	32, // 8: quotad.v1.CheckAndReserveRequest.max_wait:type_name -> google.protobuf.Duration
-	0,  // 9: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
-	1,  // 10: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
-	33, // 11: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
-	6,  // 12: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
-	32, // 13: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
-	8,  // 14: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
-	32, // 15: quotad.v1.CheckAndReserveResponse.waited:type_name -> google.protobuf.Duration
-	2,  // 16: quotad.v1.CheckAndReserveResponse.priority:type_name -> quotad.v1.Priority
-	6,  // 17: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
-	6,  // 18: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
-	6,  // 19: quotad.v1.ReleaseResponse.refunded:type_name -> quotad.v1.Cost
-	8,  // 20: quotad.v1.GetUsageResponse.limits:type_name -> quotad.v1.LimitStatus
-	17, // 21: quotad.v1.Error.field_violations:type_name -> quotad.v1.FieldViolation
-	10, // 22: quotad.v1.CheckAndReserveResult.response:type_name -> quotad.v1.CheckAndReserveResponse
-	18, // 23: quotad.v1.CheckAndReserveResult.error:type_name -> quotad.v1.Error
-	9,  // 24: quotad.v1.CheckAndReserveBatchRequest.requests:type_name -> quotad.v1.CheckAndReserveRequest
-	19, // 25: quotad.v1.CheckAndReserveBatchResponse.results:type_name -> quotad.v1.CheckAndReserveResult
-	9,  // 26: quotad.v1.CheckAndReserveStreamRequest.request:type_name -> quotad.v1.CheckAndReserveRequest
-	19, // 27: quotad.v1.CheckAndReserveStreamResponse.result:type_name -> quotad.v1.CheckAndReserveResult
-	12, // 28: quotad.v1.CommitResult.response:type_name -> quotad.v1.CommitResponse
-	18, // 29: quotad.v1.CommitResult.error:type_name -> quotad.v1.Error
-	11, // 30: quotad.v1.CommitBatchRequest.requests:type_name -> quotad.v1.CommitRequest
-	24, // 31: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
-	11, // 32: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
-	24, // 33: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
-	30, // 34: quotad.v1.GetAccuracyResponse.input_ratio:type_name -> quotad.v1.Spread
-	30, // 35: quotad.v1.GetAccuracyResponse.output_ratio:type_name -> quotad.v1.Spread
-	9,  // 36: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
-	11, // 37: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
-	13, // 38: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
-	15, // 39: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
-	20, // 40: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
-	22, // 41: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
-	25, // 42: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
-	27, // 43: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
-	29, // 44: quotad.v1.QuotaService.GetAccuracy:input_type -> quotad.v1.GetAccuracyRequest
-	10, // 45: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
-	12, // 46: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
-	14, // 47: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
-	16, // 48: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
-	21, // 49: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
-	23, // 50: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
-	26, // 51: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
-	28, // 52: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
-	31, // 53: quotad.v1.QuotaService.GetAccuracy:output_type -> quotad.v1.GetAccuracyResponse
-	45, // [45:54] is the sub-list for method output_type
-	36, // [36:45] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	8,  // 0: quotad.v1.ImagePart.detail:type_name -> quotad.v1.ImageDetail
+	11, // 1: quotad.v1.ChatMessage.tool_calls:type_name -> quotad.v1.ToolCall
+	10, // 2: quotad.v1.ChatMessage.images:type_name -> quotad.v1.ImagePart
+	3,  // 3: quotad.v1.LimitStatus.scope:type_name -> quotad.v1.Scope
+	4,  // 4: quotad.v1.LimitStatus.metric:type_name -> quotad.v1.Metric
+	5,  // 5: quotad.v1.LimitStatus.algorithm:type_name -> quotad.v1.Algorithm
+	38, // 6: quotad.v1.LimitStatus.period:type_name -> google.protobuf.Duration
+	38, // 7: quotad.v1.LimitStatus.reset_after:type_name -> google.protobuf.Duration
+	38, // 8: quotad.v1.CheckAndReserveRequest.lease:type_name -> google.protobuf.Duration
+	13, // 9: quotad.v1.CheckAndReserveRequest.messages:type_name -> quotad.v1.ChatMessage
+	2,  // 10: quotad.v1.CheckAndReserveRequest.priority:type_name -> quotad.v1.Priority
+	38, // 11: quotad.v1.CheckAndReserveRequest.max_wait:type_name -> google.protobuf.Duration
+	6,  // 12: quotad.v1.CheckAndReserveRequest.service_tier:type_name -> quotad.v1.ServiceTier
+	12, // 13: quotad.v1.CheckAndReserveRequest.tools:type_name -> quotad.v1.ToolDefinition
+	0,  // 14: quotad.v1.CheckAndReserveResponse.decision:type_name -> quotad.v1.Decision
+	1,  // 15: quotad.v1.CheckAndReserveResponse.deny_reason:type_name -> quotad.v1.DenyReason
+	39, // 16: quotad.v1.CheckAndReserveResponse.lease_expires_at:type_name -> google.protobuf.Timestamp
+	9,  // 17: quotad.v1.CheckAndReserveResponse.reserved:type_name -> quotad.v1.Cost
+	38, // 18: quotad.v1.CheckAndReserveResponse.retry_after:type_name -> google.protobuf.Duration
+	14, // 19: quotad.v1.CheckAndReserveResponse.limits:type_name -> quotad.v1.LimitStatus
+	38, // 20: quotad.v1.CheckAndReserveResponse.waited:type_name -> google.protobuf.Duration
+	2,  // 21: quotad.v1.CheckAndReserveResponse.priority:type_name -> quotad.v1.Priority
+	7,  // 22: quotad.v1.CheckAndReserveResponse.output_reservation:type_name -> quotad.v1.OutputReservation
+	9,  // 23: quotad.v1.CommitResponse.reserved:type_name -> quotad.v1.Cost
+	9,  // 24: quotad.v1.CommitResponse.committed:type_name -> quotad.v1.Cost
+	9,  // 25: quotad.v1.ReleaseResponse.refunded:type_name -> quotad.v1.Cost
+	14, // 26: quotad.v1.GetUsageResponse.limits:type_name -> quotad.v1.LimitStatus
+	23, // 27: quotad.v1.Error.field_violations:type_name -> quotad.v1.FieldViolation
+	16, // 28: quotad.v1.CheckAndReserveResult.response:type_name -> quotad.v1.CheckAndReserveResponse
+	24, // 29: quotad.v1.CheckAndReserveResult.error:type_name -> quotad.v1.Error
+	15, // 30: quotad.v1.CheckAndReserveBatchRequest.requests:type_name -> quotad.v1.CheckAndReserveRequest
+	25, // 31: quotad.v1.CheckAndReserveBatchResponse.results:type_name -> quotad.v1.CheckAndReserveResult
+	15, // 32: quotad.v1.CheckAndReserveStreamRequest.request:type_name -> quotad.v1.CheckAndReserveRequest
+	25, // 33: quotad.v1.CheckAndReserveStreamResponse.result:type_name -> quotad.v1.CheckAndReserveResult
+	18, // 34: quotad.v1.CommitResult.response:type_name -> quotad.v1.CommitResponse
+	24, // 35: quotad.v1.CommitResult.error:type_name -> quotad.v1.Error
+	17, // 36: quotad.v1.CommitBatchRequest.requests:type_name -> quotad.v1.CommitRequest
+	30, // 37: quotad.v1.CommitBatchResponse.results:type_name -> quotad.v1.CommitResult
+	17, // 38: quotad.v1.CommitStreamRequest.request:type_name -> quotad.v1.CommitRequest
+	30, // 39: quotad.v1.CommitStreamResponse.result:type_name -> quotad.v1.CommitResult
+	36, // 40: quotad.v1.GetAccuracyResponse.input_ratio:type_name -> quotad.v1.Spread
+	36, // 41: quotad.v1.GetAccuracyResponse.output_ratio:type_name -> quotad.v1.Spread
+	15, // 42: quotad.v1.QuotaService.CheckAndReserve:input_type -> quotad.v1.CheckAndReserveRequest
+	17, // 43: quotad.v1.QuotaService.Commit:input_type -> quotad.v1.CommitRequest
+	19, // 44: quotad.v1.QuotaService.Release:input_type -> quotad.v1.ReleaseRequest
+	21, // 45: quotad.v1.QuotaService.GetUsage:input_type -> quotad.v1.GetUsageRequest
+	26, // 46: quotad.v1.QuotaService.CheckAndReserveBatch:input_type -> quotad.v1.CheckAndReserveBatchRequest
+	28, // 47: quotad.v1.QuotaService.CheckAndReserveStream:input_type -> quotad.v1.CheckAndReserveStreamRequest
+	31, // 48: quotad.v1.QuotaService.CommitBatch:input_type -> quotad.v1.CommitBatchRequest
+	33, // 49: quotad.v1.QuotaService.CommitStream:input_type -> quotad.v1.CommitStreamRequest
+	35, // 50: quotad.v1.QuotaService.GetAccuracy:input_type -> quotad.v1.GetAccuracyRequest
+	16, // 51: quotad.v1.QuotaService.CheckAndReserve:output_type -> quotad.v1.CheckAndReserveResponse
+	18, // 52: quotad.v1.QuotaService.Commit:output_type -> quotad.v1.CommitResponse
+	20, // 53: quotad.v1.QuotaService.Release:output_type -> quotad.v1.ReleaseResponse
+	22, // 54: quotad.v1.QuotaService.GetUsage:output_type -> quotad.v1.GetUsageResponse
+	27, // 55: quotad.v1.QuotaService.CheckAndReserveBatch:output_type -> quotad.v1.CheckAndReserveBatchResponse
+	29, // 56: quotad.v1.QuotaService.CheckAndReserveStream:output_type -> quotad.v1.CheckAndReserveStreamResponse
+	32, // 57: quotad.v1.QuotaService.CommitBatch:output_type -> quotad.v1.CommitBatchResponse
+	34, // 58: quotad.v1.QuotaService.CommitStream:output_type -> quotad.v1.CommitStreamResponse
+	37, // 59: quotad.v1.QuotaService.GetAccuracy:output_type -> quotad.v1.GetAccuracyResponse
+	51, // [51:60] is the sub-list for method output_type
+	42, // [42:51] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_quotad_v1_quota_proto_init() }
@@ -2663,11 +3236,11 @@ func file_quotad_v1_quota_proto_init() {
 	if File_quotad_v1_quota_proto != nil {
 		return
 	}
-	file_quotad_v1_quota_proto_msgTypes[13].OneofWrappers = []any{
+	file_quotad_v1_quota_proto_msgTypes[16].OneofWrappers = []any{
 		(*CheckAndReserveResult_Response)(nil),
 		(*CheckAndReserveResult_Error)(nil),
 	}
-	file_quotad_v1_quota_proto_msgTypes[18].OneofWrappers = []any{
+	file_quotad_v1_quota_proto_msgTypes[21].OneofWrappers = []any{
 		(*CommitResult_Response)(nil),
 		(*CommitResult_Error)(nil),
 	}
@@ -2676,8 +3249,8 @@ func file_quotad_v1_quota_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_quotad_v1_quota_proto_rawDesc), len(file_quotad_v1_quota_proto_rawDesc)),
-			NumEnums:      6,
-			NumMessages:   26,
+			NumEnums:      9,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -49,7 +49,13 @@ class QuotaClientTest {
     Decision decision = quota.reserve(request(subject, 300, 200));
     assertTrue(decision.allowed(), decision.toString());
     assertEquals(
-        Cost.newBuilder().setRequests(1).setInputTokens(300).setOutputTokens(200).build(),
+        // gpt-4o at $2.50 / $10 per million tokens (the price catalog): 750 + 2,000 micro-dollars
+        Cost.newBuilder()
+            .setRequests(1)
+            .setInputTokens(300)
+            .setOutputTokens(200)
+            .setCostMicroUsd(2750)
+            .build(),
         decision.reserved());
 
     CommitResponse committed = quota.commit(decision.reservationId(), 300, 50);

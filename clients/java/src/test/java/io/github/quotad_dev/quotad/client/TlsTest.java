@@ -70,6 +70,7 @@ class TlsTest {
                   .setTenant("tokens")
                   .setModel(MODEL)
                   .setInputTokens(10)
+                  .setMaxOutputTokens(10)
                   .build());
       assertTrue(decision.allowed(), decision.toString());
       quota.commit(decision.reservationId(), 10, 1);

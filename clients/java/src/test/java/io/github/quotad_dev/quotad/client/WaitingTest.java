@@ -84,6 +84,7 @@ class WaitingTest {
         .setSubject(subject)
         .setTier(TIER)
         .setModel(MODEL)
+        .setMaxOutputTokens(10)
         .build();
   }
 
