@@ -123,7 +123,7 @@ pytest: install tools clients ## unit, integration, e2e and every client's tests
 # With envoyproxy/ratelimit beside quotad when it installs (it needs the Go module proxy).
 bench: install bench-tools ## the benchmark: quotad vs envoy ratelimit, the no-op gRPC and raw Redis ceilings, 3 runs
 	@$(MAKE) --no-print-directory bench-peers || echo "envoy ratelimit did not install: the benchmark runs without it"
-	$(BIN)/python bench/run.py $$([ -x $(TOOLS)/envoy-ratelimit ] && echo --peers envoy) $(BENCH_ARGS)
+	$(BIN)/python bench/run.py $$([ -x $(TOOLS)/envoy-ratelimit ] && echo --peers envoy,envoy-cache) $(BENCH_ARGS)
 
 proto: install tools ## regenerate every language's stubs from proto/ (buf generate, buf.gen.yaml)
 	$(BIN)/buf generate

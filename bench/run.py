@@ -105,7 +105,13 @@ SCENARIOS = [
 # load generator. Each answers the scenarios it can express; the request files are theirs.
 ENVOY_RATELIMIT = ROOT / ".tools" / "bin" / "envoy-ratelimit"  # `make bench-peers` installs it, pinned
 ENVOY_DOMAIN = "quotad-bench"
-PEERS = {"envoy": "envoyproxy/ratelimit", "quotad_rls": "quotad, Envoy's API"}  # row key -> label
+PEERS = {  # row key -> label
+    "envoy": "envoyproxy/ratelimit",
+    "envoy_cache": "envoyproxy/ratelimit, LOCAL_CACHE",
+    "quotad_rls": "quotad, Envoy's API",
+}
+PEER_NAMES = {"envoy": "envoy", "envoy-cache": "envoy_cache"}  # --peers name -> row key
+ENVOY_LOCAL_CACHE_BYTES = 1 << 20  # envoy-cache: over-limit keys remembered in process (freecache)
 PEER_SCENARIOS = {  # quotad's scenario -> the same decisions in Envoy's rate limit API
     "reserve": Scenario("reserve", "unary", "", "rls-reserve.jsonl", rls=True),
     "hot-subject": Scenario("hot-subject", "unary", "", "rls-hot.jsonl", rls=True),
@@ -382,14 +388,17 @@ class Peer:
     label: str
     address: str
     pids: list[int]
+    scenarios: frozenset[str] = frozenset(PEER_SCENARIOS)  # of PEER_SCENARIOS, those it answers
 
 
 def envoy_ratelimit_command(
-    binary: Path, redis_port: int, directory: Path
+    binary: Path, redis_port: int, directory: Path, *, local_cache_bytes: int = 0
 ) -> tuple[list[str], dict[str, str], str]:
     """envoyproxy/ratelimit serving bench/policy.yaml's limits (ENVOY_CONFIG) from Redis on
     `redis_port`: its command, its environment (its settings are all environment variables)
-    and the address of its gRPC port. Stats go to Prometheus, as quotad's metrics are on."""
+    and the address of its gRPC port. Stats go to Prometheus, as quotad's metrics are on.
+    `local_cache_bytes`: its LOCAL_CACHE, which answers a key it saw over its limit from memory
+    until the window ends (0: off, its default)."""
     runtime = directory / "envoy-runtime"
     config = runtime / "ratelimit" / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -412,6 +421,7 @@ def envoy_ratelimit_command(
         "DEBUG_HOST": "127.0.0.1",
         "DEBUG_PORT": str(free_port()),
         "LOG_LEVEL": "warn",
+        "LOCAL_CACHE_SIZE_IN_BYTES": str(local_cache_bytes),
     }
     return [str(binary)], env, f"127.0.0.1:{port}"
 
@@ -709,7 +719,7 @@ def one_pass(
                         ] + [  # the peers, in the same order swap
                             (p.key, p.address, p.pids, (), peer_point)
                             for p in beside
-                            if scenario.name in PEER_SCENARIOS
+                            if scenario.name in p.scenarios
                         ]
                         for key, address, pids, flags, where in measured[:: -1 if number % 2 else 1]:
                             client.flushall()
@@ -890,54 +900,56 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
     return summary
 
 
-def targets(passes: list[list[dict[str, Any]]], workers: int) -> list[dict[str, Any]]:
+def targets(passes: list[list[dict[str, Any]]], peer_workers: int) -> list[dict[str, Any]]:
     """Issue 18's targets, each from figures measured in the same pass, median (min-max) over passes:
     quotad's stream or batch decisions per server core over envoy ratelimit's unary ones (4 limits),
-    quotad's unary rate over the no-op server's, and quotad's p50 over envoy's at 8 in flight."""
+    quotad's unary rate over the no-op server's, and quotad's p50 over envoy's at 8 in flight.
+    For every worker count of quotad; envoy's figures are those of the pass's `peer_workers` rows."""
 
-    def find(rows: list[dict[str, Any]], scenario: str, concurrency: int) -> dict[str, Any] | None:
+    def find(rows: list[dict[str, Any]], scenario: str, workers: int, concurrency: int) -> dict[str, Any]:
         return next(
             (
                 r
                 for r in rows
                 if r["scenario"] == scenario and r["workers"] == workers and r["concurrency"] == concurrency
             ),
-            None,
+            {},
         )
 
     found = []
-    for concurrency in sorted({r["concurrency"] for r in passes[0]}):
-        reserves = [find(rows, "reserve", concurrency) for rows in passes]
-        if not all(reserves):
-            continue
-        unary = [r for r in reserves if r is not None]
-        if all("envoy" in r for r in unary):
+    points = sorted({(r["workers"], r["concurrency"]) for r in passes[0] if r["scenario"] == "reserve"})
+    for workers, concurrency in points:
+        unary = [find(rows, "reserve", workers, concurrency) for rows in passes]
+        envoy = [find(rows, "reserve", peer_workers, concurrency).get("envoy", {}) for rows in passes]
+        where = f"{workers} worker{'s' if workers > 1 else ''}, {concurrency} in flight"
+        if all(envoy):
             for path in ("stream", "batch16"):
-                theirs = [find(rows, path, concurrency) for rows in passes]
-                if not all(theirs):
-                    continue
-                ratios = [
-                    ours["quotad"]["decisions_per_server_core"] / r["envoy"]["decisions_per_server_core"]
-                    for ours, r in zip(theirs, unary, strict=True)
-                    if ours is not None
-                ]
-                found.append(_target(f"{path} per core / envoy unary per core", concurrency, ratios, 1.0))
+                theirs = [find(rows, path, workers, concurrency) for rows in passes]
+                if all(theirs):
+                    ratios = [
+                        ours["quotad"]["decisions_per_server_core"] / peer["decisions_per_server_core"]
+                        for ours, peer in zip(theirs, envoy, strict=True)
+                    ]
+                    found.append(_target(f"{path} per core / envoy unary per core", where, ratios, 1.0))
             if concurrency == 8:
-                ratios = [r["quotad"]["latency_p50_us"] / r["envoy"]["latency_p50_us"] for r in unary]
-                found.append(_target("unary p50 / envoy p50", concurrency, ratios, 2.0, at_most=True))
+                ratios = [
+                    r["quotad"]["latency_p50_us"] / peer["latency_p50_us"]
+                    for r, peer in zip(unary, envoy, strict=True)
+                ]
+                found.append(_target("unary p50 / envoy p50", where, ratios, 2.0, at_most=True))
         ratios = [r["quotad"]["decisions_per_s"] / r["noop"]["decisions_per_s"] for r in unary]
-        found.append(_target("unary / no-op grpc.aio server", concurrency, ratios, 0.8))
+        found.append(_target("unary / no-op grpc.aio server", where, ratios, 0.8))
     return found
 
 
 def _target(
-    name: str, concurrency: int, ratios: list[float], goal: float, *, at_most: bool = False
+    name: str, where: str, ratios: list[float], goal: float, *, at_most: bool = False
 ) -> dict[str, Any]:
     measured = spread(ratios)
     met = measured["median"] <= goal if at_most else measured["median"] >= goal
     return {
         "target": name,
-        "concurrency": concurrency,
+        "at": where,
         "goal": f"{'<=' if at_most else '>='} {goal}",
         "measured": measured,
         "met": met,
@@ -1162,10 +1174,7 @@ def print_peers_table(summary: list[dict[str, Any]], workers: int, notes: dict[s
 def print_targets(found: list[dict[str, Any]]) -> None:
     for t in found:
         verdict = "met" if t["met"] else "NOT met"
-        print(
-            f"target: {t['target']} at {t['concurrency']} in flight {t['goal']}: "
-            f"{fmt(t['measured'], digits=2)} -> {verdict}"
-        )
+        print(f"target: {t['target']} ({t['at']}) {t['goal']}: {fmt(t['measured'], digits=2)} -> {verdict}")
 
 
 def server_version(client: redis.Redis) -> str:
@@ -1211,10 +1220,10 @@ def secure_transports(args: argparse.Namespace, directory: Path) -> tuple[list[T
 
 
 def check_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    unknown = set(args.peers) - {"envoy"}
+    unknown = set(args.peers) - set(PEER_NAMES)
     if unknown:
-        parser.error(f"--peers: unknown {', '.join(sorted(unknown))} (known: envoy)")
-    if "envoy" in args.peers and not args.envoy_ratelimit.exists():
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown))} (known: {', '.join(PEER_NAMES)})")
+    if args.peers and not args.envoy_ratelimit.exists():
         sys.exit(f"{args.envoy_ratelimit} is missing: `make bench-peers` installs it")
 
 
@@ -1223,11 +1232,17 @@ def start_peers(
 ) -> list[Peer]:
     """The peers of args.peers, serving from `valkey` until `stack` closes."""
     peers = []
-    if "envoy" in args.peers:
-        command, env, address = envoy_ratelimit_command(args.envoy_ratelimit, valkey.port, directory)
+    for name in args.peers:
+        key = PEER_NAMES[name]
+        cache = ENVOY_LOCAL_CACHE_BYTES if key == "envoy_cache" else 0
+        command, env, address = envoy_ratelimit_command(
+            args.envoy_ratelimit, valkey.port, directory / key, local_cache_bytes=cache
+        )
         child = stack.enter_context(process(command, env))
         wait_listening(address)
-        peers.append(Peer("envoy", PEERS["envoy"], address, descendants(child.pid)))
+        # The cache answers only keys over their limit: the hot subject is where it matters.
+        scenarios = frozenset({"hot-subject"}) if key == "envoy_cache" else frozenset(PEER_SCENARIOS)
+        peers.append(Peer(key, PEERS[key], address, descendants(child.pid), scenarios))
     return peers
 
 
@@ -1259,7 +1274,8 @@ def parse_args() -> argparse.Namespace:
         type=lambda s: [p for p in s.split(",") if p],
         default=[],
         help="other rate limit services to measure beside quotad: envoy (envoyproxy/ratelimit, "
-        "installed by `make bench-peers`); quotad's own Envoy API is measured with them when served",
+        "installed by `make bench-peers`), envoy-cache (the same with its LOCAL_CACHE on, for the hot "
+        "subject); quotad's own Envoy API is measured with them when it serves it",
     )
     parser.add_argument("--envoy-ratelimit", type=Path, default=ENVOY_RATELIMIT, help="its binary")
     parser.add_argument("--markdown", type=Path, help="also write the peers table, in Markdown, here")
