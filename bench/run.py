@@ -3,6 +3,7 @@
     python bench/run.py                      # the full run (make bench): 3 runs, medians with min-max
     python bench/run.py --smoke              # seconds, one pass: the harness still works (make test)
     python bench/run.py --no-tls             # without the TLS and mutual TLS runs of scenario 1
+    python bench/run.py --peers envoy        # envoyproxy/ratelimit beside quotad (`make bench-peers`)
 
 Starts a real Valkey, quotad (`quotad serve --workers N`, configured as the Helm
 chart runs it: JSON logs, one line per RPC, and Prometheus metrics on) and the no-op grpc.aio
@@ -32,6 +33,15 @@ Scenarios:
   prompt-2kb      CheckAndReserve with a 2 KB chat prompt counted by tiktoken on the server
   batch16         CheckAndReserveBatch, 16 decisions per RPC
   stream          CheckAndReserveStream, one request in flight per stream
+
+Peers (--peers envoy,envoy-cache; `make bench` adds them when `make bench-peers` installs
+envoyproxy/ratelimit): at the first worker count, scenario 1 and the hot subject are also
+decided by envoy ratelimit on the same Redis, configured with the same limits (ENVOY_CONFIG),
+driven by the same load generator through Envoy's rate limit API (loadgen -rls); envoy-cache is
+the same with its LOCAL_CACHE on, for the hot subject. quotad's own Envoy API is measured with
+them when it serves it. Each side gets decisions per server core (its processes' CPU from /proc)
+and Redis CPU per decision (INFO cpu); a peers table and issue 18's targets follow the main table
+(--markdown FILE writes the peers table in Markdown). docs/peers.md reads them.
 
 Prints one table and writes the same as JSON (default bench/results/latest.json), with
 the commit measured; bench/compare.py compares two such files.
