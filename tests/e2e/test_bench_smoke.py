@@ -71,6 +71,33 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert hot["allowed_share"]["median"] < 0.5  # one subject at its limit: mostly denials
 
 
+@pytest.mark.slow
+def test_bench_peers_smoke(tmp_path: Path) -> None:
+    """envoyproxy/ratelimit beside quotad: driven through Envoy's API by the same load generator,
+    every call answered with a code, its figures and the targets in the report."""
+    envoy = ROOT / ".tools" / "bin" / "envoy-ratelimit"
+    if not envoy.exists():
+        pytest.skip("envoy ratelimit is not installed: `make bench-peers`")
+    out, markdown = tmp_path / "bench.json", tmp_path / "peers.md"
+    args = ("--smoke", "--no-tls", "--peers", "envoy", "--scenarios", "reserve,hot-subject,stream")
+    result = _run("run.py", *args, "--out", str(out), "--markdown", str(markdown), timeout_s=300)
+    assert "envoyproxy/ratelimit" in result.stdout
+    report = json.loads(out.read_text())
+    rows = {row["scenario"]: row for row in report["summary"]}
+    for scenario in ("reserve", "hot-subject"):
+        row = rows[scenario]
+        assert row["envoy_decisions_per_s"]["median"] > 0, scenario
+        assert row["envoy_rpc_errors"] == 0, scenario
+        assert row["envoy_item_errors"] == 0, scenario  # every response read: OK or OVER_LIMIT
+        assert row["envoy_decisions_per_server_core"]["median"] > 0, scenario
+        assert row["envoy_redis_cpu_us_per_decision"]["median"] > 0, scenario
+        assert row["ratio_to_envoy"]["median"] > 0, scenario
+    assert rows["reserve"]["envoy_allowed_share"]["median"] > 0.9  # 100,000 subjects, none at a limit
+    assert rows["hot-subject"]["envoy_allowed_share"]["median"] < 0.5  # one subject at 20/min
+    assert "stream per core / envoy unary per core" in {t["target"] for t in report["targets"]}
+    assert "envoyproxy/ratelimit" in markdown.read_text()
+
+
 def test_memory_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     result = _run("memory.py", "--reservations", "2000", "--out", str(out), timeout_s=120)
