@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -51,6 +51,7 @@ from quotad_server.store.resp import (
     LateReply,
     Packed,
     RedisAddress,
+    RedisClock,
     RedisReplyError,
     RespClient,
     Script,
@@ -230,6 +231,51 @@ class _RandomHex:
         return self._pool[at : at + 16].hex()
 
 
+class Connection(Protocol):
+    """What RedisStore needs of its connection to Redis: RespClient (store/resp.py) for one server,
+    GlideCluster (store/cluster.py) for a Redis Cluster of several shards. Every call has a deadline
+    (`deadline()` by default) and raises ConnectionError, TimeoutError or RedisReplyError."""
+
+    clock: RedisClock
+
+    @property
+    def in_doubt(self) -> int: ...
+
+    def register(self, *scripts: Script) -> None: ...
+
+    def deadline(self) -> float: ...
+
+    async def sync_clock(self, deadline: float | None = None) -> None: ...
+
+    async def call(self, *command: Any, deadline: float | None = None) -> Any: ...
+
+    async def run_script(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Any],
+        tail: Packed = NOTHING,
+        *,
+        deadline: float | None = None,
+        on_late: LateReply | None = None,
+    ) -> Any: ...
+
+    async def run_scripts(
+        self,
+        script: Script,
+        calls: Sequence[ScriptCall],
+        *,
+        deadline: float | None = None,
+        on_late: Sequence[LateReply | None] | None = None,
+    ) -> list[Any]: ...
+
+    def drop_connection(self, reason: Exception) -> None: ...
+
+    async def subscribe(self, channel: str, on_message: Callable[[bytes], None]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 def _tenants_arg(tenants: frozenset[str] | None) -> str:
     """settle.lua's ARGV[8]: the tenants whose reservations may be settled, or '*' for any."""
     return "*" if tenants is None else "\t".join(sorted(tenants))
@@ -240,11 +286,12 @@ def _load_script(name: str) -> str:
 
 
 class RedisStore:
-    """Store on one Redis (or Redis-compatible) server. See the Store protocol."""
+    """Store on Redis: one server (`from_url`), or a Redis Cluster of several shards (`cluster`).
+    See the Store protocol."""
 
     def __init__(
         self,
-        client: RespClient,
+        client: Connection,
         *,
         timeout_s: float,
         key_prefix: str = "quotad",
@@ -290,6 +337,38 @@ class RedisStore:
         return cls(
             client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock, late_observer=late_observer
         )
+
+    @classmethod
+    def cluster(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        key_prefix: str = "quotad",
+        clock: Clock | None = None,
+        late_observer: LateObserver | None = None,
+        **connection: Any,
+    ) -> RedisStore:
+        """A store on the Redis Cluster whose seed nodes `url` lists (`redis://h1:6379,h2:6379`),
+        through valkey-glide (see store/cluster.py); `connection` as for from_url."""
+        # Imported here: glide takes 0.4 s and 30 MB to import, which only a cluster needs.
+        from quotad_server.store.cluster import ClusterAddress, GlideCluster  # noqa: PLC0415
+
+        address = ClusterAddress.from_url(url)
+        if connection.get("password"):
+            address = dataclasses.replace(address, password=connection["password"])
+        tls = TlsFiles(
+            connection.get("ssl_ca_certs"), connection.get("ssl_certfile"), connection.get("ssl_keyfile")
+        )
+        client = GlideCluster(address, timeout_s=timeout_s, tls=tls)
+        return cls(
+            client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock, late_observer=late_observer
+        )
+
+    @property
+    def follows_cluster(self) -> bool:
+        """True when its client follows a Redis Cluster's slots (several shards are fine)."""
+        return not isinstance(self._client, RespClient)
 
     # -- plumbing ---------------------------------------------------------------------
 
