@@ -127,7 +127,7 @@ def command(port: int, *args: str | int | bytes, timeout_s: float = 5.0) -> Any:
                 raise ConnectionError(f"127.0.0.1:{port} closed the connection")
             reader.feed(data)
     if isinstance(reply, hiredis.ReplyError):
-        raise RuntimeError(f"{args[0]} on port {port}: {reply}")
+        raise RuntimeError(f"{args[0]!r} on port {port}: {reply}")
     return reply
 
 
