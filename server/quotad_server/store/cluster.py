@@ -152,6 +152,11 @@ _CODES = {
 }
 
 
+_MOVING = re.compile(r"An error was signalled by the server: - (Moved|Ask|TryAgain):")
+RESEND_PAUSE_S = 0.005
+"""The pause before sending again a script whose slot is moving (see GlideCluster._invoke)."""
+
+
 def translate(error: GlideError) -> Exception:
     """A glide error as quotad's clients raise theirs: RedisReplyError with Redis's code first for an
     error reply, TimeoutError, or ConnectionError for anything glide could not deliver."""
@@ -349,13 +354,31 @@ class GlideCluster:
     ) -> Any:
         deadline = self.deadline() if deadline is None else deadline
         client = await self._connection(deadline)
-        return await self._within(self._invoke(client, script, (keys, args, tail)), deadline, on_late)
-
-    def _invoke(self, client: GlideClusterClient, script: Script, call: ScriptCall) -> Awaitable[Any]:
-        keys, args, tail = call
-        return client.invoke_script(
-            self._scripts[script.sha], keys=list(keys), args=[*map(_encode, args), *tail.values]
+        return await self._within(
+            self._invoke(client, script, (keys, args, tail), deadline), deadline, on_late
         )
+
+    async def _invoke(
+        self, client: GlideClusterClient, script: Script, call: ScriptCall, deadline: float
+    ) -> Any:
+        """The script, sent again while the cluster says its slot is moving, until `deadline`.
+
+        glide follows MOVED and ASK and retries TRYAGAIN itself, a few times; these come back
+        when a slot moves again meanwhile, or while a slot's keys are still being migrated (a
+        script whose keys are partly moved, or not created yet, gets TRYAGAIN until the slot's
+        migration ends). Redis ran nothing when it answered them, so sending again is safe.
+        """
+        keys, args, tail = call
+        glide_script = self._scripts[script.sha]
+        arguments = [*map(_encode, args), *tail.values]
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await client.invoke_script(glide_script, keys=list(keys), args=arguments)
+            except GlideError as error:
+                if not _MOVING.match(str(error)) or loop.time() + RESEND_PAUSE_S >= deadline:
+                    raise
+            await asyncio.sleep(RESEND_PAUSE_S)
 
     async def run_scripts(
         self,
@@ -371,7 +394,7 @@ class GlideCluster:
         hooks = on_late or [None] * len(calls)
         replies = await asyncio.gather(
             *(
-                self._within(self._invoke(client, script, call), deadline, hook, raw=True)
+                self._within(self._invoke(client, script, call, deadline), deadline, hook, raw=True)
                 for call, hook in zip(calls, hooks, strict=True)
             ),
             return_exceptions=True,

@@ -116,19 +116,37 @@ class EmbeddedRedis:
 SLOTS = 16384
 
 
+class Connection:
+    """A blocking connection to the server on 127.0.0.1:`port`, for the commands that set a cluster up."""
+
+    def __init__(self, port: int, timeout_s: float = 5.0) -> None:
+        self.port = port
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        self._reader = hiredis.Reader()
+
+    def __call__(self, *args: str | int | bytes) -> Any:
+        """Send one command and return its reply (an error reply raises)."""
+        self._sock.sendall(hiredis.pack_command(args))  # type: ignore[arg-type]  # hiredis's stub: a 1-tuple
+        while (reply := self._reader.gets()) is False:
+            data = self._sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"127.0.0.1:{self.port} closed the connection")
+            self._reader.feed(data)
+        if isinstance(reply, hiredis.ReplyError):
+            raise RuntimeError(f"{args[0]!r} on port {self.port}: {reply}")
+        return reply
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def command(port: int, *args: str | int | bytes, timeout_s: float = 5.0) -> Any:
     """Send one command to the server on 127.0.0.1:`port` and return its reply (an error reply raises)."""
-    reader = hiredis.Reader()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.sendall(hiredis.pack_command(args))  # type: ignore[arg-type]  # hiredis's stub: a 1-tuple
-        while (reply := reader.gets()) is False:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"127.0.0.1:{port} closed the connection")
-            reader.feed(data)
-    if isinstance(reply, hiredis.ReplyError):
-        raise RuntimeError(f"{args[0]!r} on port {port}: {reply}")
-    return reply
+    connection = Connection(port, timeout_s)
+    try:
+        return connection(*args)
+    finally:
+        connection.close()
 
 
 def info_fields(text: bytes) -> dict[str, str]:
@@ -243,17 +261,26 @@ class EmbeddedCluster:
         """Move `slots` from `source` to `target` live, as `valkey-cli --cluster reshard` does: IMPORTING
         on the target, MIGRATING on the source, MIGRATE of their keys, then SETSLOT NODE everywhere.
         Returns the number of keys moved."""
-        source_id = command(source.port, "CLUSTER", "MYID").decode()
-        target_id = command(target.port, "CLUSTER", "MYID").decode()
-        moved = 0
-        for slot in slots:
-            command(target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-            command(source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-            while keys := command(source.port, "CLUSTER", "GETKEYSINSLOT", slot, 100):
-                command(source.port, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
-                moved += len(keys)
-            for node in (target, source, *(n for n in self.primaries() if n not in (source, target))):
-                command(node.port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        others = [node for node in self.primaries() if node not in (source, target)]
+        to_source, to_target = Connection(source.port), Connection(target.port)
+        to_others = [Connection(node.port) for node in others]
+        try:
+            source_id, target_id = (
+                to_source("CLUSTER", "MYID").decode(),
+                to_target("CLUSTER", "MYID").decode(),
+            )
+            moved = 0
+            for slot in slots:
+                to_target("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+                to_source("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+                while keys := to_source("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                    to_source("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+                    moved += len(keys)
+                for connection in (to_target, to_source, *to_others):
+                    connection("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        finally:
+            for connection in (to_source, to_target, *to_others):
+                connection.close()
         return moved
 
     def wait_ok(self, deadline: float | None = None) -> None:
