@@ -108,7 +108,7 @@ class ClusterAddress:
         if parsed.path.strip("/") not in ("", "0"):
             raise ValueError("a Redis Cluster has only database 0")
         credentials, _, hosts = parsed.netloc.rpartition("@")
-        username, _, password = credentials.partition(":") if ":" in credentials else ("", "", credentials)
+        username, _, password = credentials.partition(":")  # as urlparse reads them
         seeds = [_seed(host) for host in hosts.split(",")]
         if not seeds or not all(name for name, _ in seeds):
             raise ValueError("a Redis Cluster URL needs at least one host")
