@@ -2,6 +2,7 @@
 
     python bench/cluster_clients.py                    # 20,000 calls per client, 64 in flight
     python bench/cluster_clients.py --reshard 1000     # and move 1,000 slots between shards meanwhile
+    python bench/cluster_clients.py --wait             # a replica per shard, and glide + WAIT 1 per call
 
 Each client runs the same EVALSHAs of quotad's reserve.lua (built by RedisStore.reserve_command:
 four limits, 2,000 tenants so the calls spread over the slots) with 64 calls in flight, and the
@@ -11,6 +12,10 @@ one server (it does not follow a cluster); the others against a 3-shard cluster 
 With --reshard, slots move from the first shard to the second while each cluster client runs
 (CLUSTER SETSLOT IMPORTING/MIGRATING + MIGRATE, as `valkey-cli --cluster reshard` does) and
 back again before the next, so every client sees the same migration.
+
+With --wait every shard has a replica, and one more row sends `WAIT 1 100` to the slot's primary
+after each script: what it would cost quotad to acknowledge a reservation only once a replica has
+it (docs/operations.md, failover).
 
 The result chose the client of store/cluster.py (see its docstring).
 """
@@ -27,7 +32,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio.cluster as redis_cluster
-from glide import GlideClusterClient, GlideClusterClientConfiguration, NodeAddress, Script
+from glide import (
+    GlideClusterClient,
+    GlideClusterClientConfiguration,
+    NodeAddress,
+    Script,
+    SlotKeyRoute,
+    SlotType,
+)
 from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.policy import parse_policy
 from quotad_server.store.embedded import SLOTS, EmbeddedCluster, EmbeddedRedis
@@ -49,6 +61,7 @@ POLICY = textwrap.dedent("""
 """)
 
 Call = tuple[list[str], list[str]]
+Runner = Callable[[], Awaitable[dict[str, float]]]
 
 
 def calls(count: int) -> list[Call]:
@@ -107,6 +120,63 @@ def mover(cluster: EmbeddedCluster, slots: int, stop: threading.Event, moved: li
     return thread
 
 
+def runners(cluster: EmbeddedCluster, source: str, work: list[Call], wait: bool) -> list[tuple[str, Runner]]:
+    """The cluster clients to measure, each as a coroutine function that runs `work` and reports."""
+    seeds = [NodeAddress("127.0.0.1", node.port) for node in cluster.nodes]
+
+    async def glide_raw() -> dict[str, float]:
+        glide = await GlideClusterClient.create(GlideClusterClientConfiguration(seeds, request_timeout=5000))
+        reserve = Script(source)  # type: ignore[no-untyped-call]
+        try:
+            return await drive(lambda c: glide.invoke_script(reserve, keys=c[0], args=c[1]), work, 64)
+        finally:
+            await glide.close()
+
+    async def glide_wait() -> dict[str, float]:
+        glide = await GlideClusterClient.create(GlideClusterClientConfiguration(seeds, request_timeout=5000))
+        reserve = Script(source)  # type: ignore[no-untyped-call]
+
+        async def call(c: Call) -> None:
+            await glide.invoke_script(reserve, keys=c[0], args=c[1])
+            acked = await glide.custom_command(["WAIT", "1", "100"], SlotKeyRoute(SlotType.PRIMARY, c[0][0]))
+            if acked != 1:
+                raise RuntimeError("WAIT: no replica acknowledged within 100 ms")
+
+        try:
+            return await drive(call, work, 64)
+        finally:
+            await glide.close()
+
+    async def glide_store() -> dict[str, float]:
+        store = RedisStore.cluster(cluster.seeds, timeout_s=5)
+        connection = store._client  # what RedisStore calls, deadlines and late replies included
+        reserve = RespScript(source)
+        connection.register(reserve)
+        await connection.sync_clock()
+        try:
+            return await drive(lambda c: connection.run_script(reserve, *c), work, 64)
+        finally:
+            await store.aclose()
+
+    async def redis_py() -> dict[str, float]:
+        rc = redis_cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        await rc.initialize()
+        sha = await rc.script_load(source)
+        try:
+            return await drive(lambda c: rc.evalsha(sha, len(c[0]), *c[0], *c[1]), work, 64)
+        finally:
+            await rc.aclose()
+
+    runs: list[tuple[str, Runner]] = [
+        ("valkey-glide GlideClusterClient", glide_raw),
+        ("quotad GlideCluster (glide + deadlines)", glide_store),
+        ("redis-py RedisCluster (asyncio)", redis_py),
+    ]
+    if wait:
+        runs.insert(1, ("glide + WAIT 1 100 after each script", glide_wait))
+    return runs
+
+
 async def measure(args: argparse.Namespace) -> None:
     work = calls(args.calls)
     source = _load_script("reserve.lua")
@@ -120,44 +190,8 @@ async def measure(args: argparse.Namespace) -> None:
             ("quotad RespClient (one node)", await drive(lambda c: client.run_script(script, *c), work, 64))
         )
         await client.aclose()
-    with EmbeddedCluster(3) as cluster:
-        seeds = [NodeAddress("127.0.0.1", node.port) for node in cluster.nodes]
-
-        async def glide_raw() -> dict[str, float]:
-            glide = await GlideClusterClient.create(
-                GlideClusterClientConfiguration(seeds, request_timeout=5000)
-            )
-            reserve = Script(source)  # type: ignore[no-untyped-call]
-            try:
-                return await drive(lambda c: glide.invoke_script(reserve, keys=c[0], args=c[1]), work, 64)
-            finally:
-                await glide.close()
-
-        async def glide_store() -> dict[str, float]:
-            store = RedisStore.cluster(cluster.seeds, timeout_s=5)
-            connection = store._client  # what RedisStore calls, deadlines and late replies included
-            reserve = RespScript(source)
-            connection.register(reserve)
-            await connection.sync_clock()
-            try:
-                return await drive(lambda c: connection.run_script(reserve, *c), work, 64)
-            finally:
-                await store.aclose()
-
-        async def redis_py() -> dict[str, float]:
-            rc = redis_cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-            await rc.initialize()
-            sha = await rc.script_load(source)
-            try:
-                return await drive(lambda c: rc.evalsha(sha, len(c[0]), *c[0], *c[1]), work, 64)
-            finally:
-                await rc.aclose()
-
-        for label, run in (
-            ("valkey-glide GlideClusterClient", glide_raw),
-            ("quotad GlideCluster (glide + deadlines)", glide_store),
-            ("redis-py RedisCluster (asyncio)", redis_py),
-        ):
+    with EmbeddedCluster(3, 1 if args.wait else 0) as cluster:
+        for label, run in runners(cluster, source, work, args.wait):
             stop, moved = threading.Event(), list[int]()
             thread = mover(cluster, args.reshard, stop, moved) if args.reshard else None
             rows.append((label, await run()))
@@ -166,7 +200,9 @@ async def measure(args: argparse.Namespace) -> None:
                 thread.join()
                 rows[-1][1]["moved"] = len(moved)
                 cluster.move_slots(moved, cluster.nodes[1], cluster.nodes[0])  # back, for the next client
-    shards = "3 shards" + (f", {args.reshard} of {SLOTS} slots moving" if args.reshard else "")
+    shards = ("3 shards, a replica each" if args.wait else "3 shards") + (
+        f", {args.reshard} of {SLOTS} slots moving" if args.reshard else ""
+    )
     print(f"reserve.lua, {args.calls:,} calls per client, 64 in flight, {shards}")
     print(f"{'client':42} {'CPU µs/call':>12} {'calls/s':>9} {'errors':>7} {'slots moved':>12}")
     for label, row in rows:
@@ -182,6 +218,7 @@ def main() -> None:
     parser.add_argument(
         "--reshard", type=int, default=0, help="slots to move during each cluster client's run"
     )
+    parser.add_argument("--wait", action="store_true", help="replicas, and a row with WAIT 1 after each call")
     asyncio.run(measure(parser.parse_args()))
 
 
