@@ -110,7 +110,7 @@ class Answer:
     allowed: bool = False
 
 
-async def _ask(stub: pb_grpc.QuotaServiceStub, tenant: str, subject: str, cost: int) -> Answer:
+async def _ask(stub: pb_grpc.QuotaServiceAsyncStub, tenant: str, subject: str, cost: int) -> Answer:
     started = time.monotonic()
     request = pb.CheckAndReserveRequest(tenant=tenant, subject=subject, input_tokens=cost)
     try:
@@ -134,12 +134,12 @@ def _slot(tenant: str) -> int:
     return crc % SLOTS
 
 
-async def _usage(stub: pb_grpc.QuotaServiceStub, tenant: str, subject: str) -> dict[str, int]:
+async def _usage(stub: pb_grpc.QuotaServiceAsyncStub, tenant: str, subject: str) -> dict[str, int]:
     response = await stub.GetUsage(pb.GetUsageRequest(tenant=tenant, subject=subject), timeout=RPC_TIMEOUT_S)
     return {status.name: status.remaining for status in response.limits}
 
 
-async def _check_exact(stub: pb_grpc.QuotaServiceStub, answers: list[Answer]) -> None:
+async def _check_exact(stub: pb_grpc.QuotaServiceAsyncStub, answers: list[Answer]) -> None:
     """Nothing over-admitted, all or nothing: what GetUsage reports left is each limit minus exactly
     the admitted costs (a denial charged nothing, an admission charged every limit)."""
     tenants = {a.tenant for a in answers}
