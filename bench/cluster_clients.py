@@ -42,7 +42,7 @@ from glide import (
 )
 from quotad_server.core import QuotaCore, ReserveRequest
 from quotad_server.policy import parse_policy
-from quotad_server.store.embedded import SLOTS, EmbeddedCluster, EmbeddedRedis
+from quotad_server.store.embedded import SLOTS, EmbeddedCluster, EmbeddedRedis, command, info_fields
 from quotad_server.store.redis import RedisStore, _load_script
 from quotad_server.store.resp import RedisAddress, RespClient
 from quotad_server.store.resp import Script as RespScript
@@ -102,6 +102,24 @@ async def drive(run: Callable[[Call], Awaitable[Any]], work: list[Call], infligh
     if errors:
         print("   errors:", errors)
     return {"cpu_us": cpu / len(work) * 1e6, "per_s": len(work) / wall, "errors": failed}
+
+
+def redis_cpu(nodes: list[EmbeddedRedis]) -> list[float]:
+    """Each server's CPU seconds so far (user + system, its main thread and its I/O threads)."""
+    seconds = []
+    for node in nodes:
+        fields = info_fields(command(node.port, "INFO", "cpu"))
+        seconds.append(float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"]))
+    return seconds
+
+
+async def measured(run: Runner, nodes: list[EmbeddedRedis], count: int) -> dict[str, Any]:
+    """`run`'s figures, with the Redis CPU per call of each of `nodes` (the shards' primaries)."""
+    before = redis_cpu(nodes)
+    row: dict[str, Any] = dict(await run())
+    per_shard = [(b - a) / count * 1e6 for a, b in zip(before, redis_cpu(nodes), strict=True)]
+    row["redis_us"], row["shards_us"] = sum(per_shard), per_shard
+    return row
 
 
 def mover(cluster: EmbeddedCluster, slots: int, stop: threading.Event, moved: list[int]) -> threading.Thread:
@@ -180,21 +198,23 @@ def runners(cluster: EmbeddedCluster, source: str, work: list[Call], wait: bool)
 async def measure(args: argparse.Namespace) -> None:
     work = calls(args.calls)
     source = _load_script("reserve.lua")
-    rows: list[tuple[str, dict[str, float]]] = []
+    rows: list[tuple[str, dict[str, Any]]] = []
     with EmbeddedRedis() as single:
         client = RespClient(RedisAddress.from_url(single.url), timeout_s=5)
         script = RespScript(source)
         client.register(script)
         await client.sync_clock()
-        rows.append(
-            ("quotad RespClient (one node)", await drive(lambda c: client.run_script(script, *c), work, 64))
-        )
+
+        async def own() -> dict[str, float]:
+            return await drive(lambda c: client.run_script(script, *c), work, 64)
+
+        rows.append(("quotad RespClient (one node)", await measured(own, [single], len(work))))
         await client.aclose()
     with EmbeddedCluster(3, 1 if args.wait else 0) as cluster:
         for label, run in runners(cluster, source, work, args.wait):
             stop, moved = threading.Event(), list[int]()
             thread = mover(cluster, args.reshard, stop, moved) if args.reshard else None
-            rows.append((label, await run()))
+            rows.append((label, await measured(run, cluster.nodes[:3], len(work))))
             stop.set()
             if thread is not None:
                 thread.join()
@@ -204,10 +224,17 @@ async def measure(args: argparse.Namespace) -> None:
         f", {args.reshard} of {SLOTS} slots moving" if args.reshard else ""
     )
     print(f"reserve.lua, {args.calls:,} calls per client, 64 in flight, {shards}")
-    print(f"{'client':42} {'CPU µs/call':>12} {'calls/s':>9} {'errors':>7} {'slots moved':>12}")
+    print(
+        f"{'client':42} {'CPU µs/call':>12} {'calls/s':>9} {'errors':>7} {'slots moved':>12}"
+        f" {'Redis µs/call':>14}  per shard"
+    )
     for label, row in rows:
         shown = f"{row['moved']:12.0f}" if "moved" in row else " " * 12
-        print(f"{label:42} {row['cpu_us']:12.1f} {row['per_s']:9,.0f} {row['errors']:7.0f} {shown}")
+        shards = " / ".join(f"{us:.0f}" for us in row["shards_us"])
+        print(
+            f"{label:42} {row['cpu_us']:12.1f} {row['per_s']:9,.0f} {row['errors']:7.0f} {shown}"
+            f" {row['redis_us']:14.1f}  {shards}"
+        )
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from glide import ClosingError, RequestError
 from glide import ConnectionError as GlideConnectionError
 from glide import TimeoutError as GlideTimeoutError
 from quotad_server.errors import StoreUnavailable
 from quotad_server.settings import Settings, SettingsError
-from quotad_server.store.cluster import ClusterAddress, translate
+from quotad_server.store.cluster import ClusterAddress, GlideCluster, translate
 from quotad_server.store.redis import RedisStore
 from quotad_server.store.resp import RedisReplyError
 
@@ -109,3 +111,32 @@ def test_a_script_bug_stays_a_bug_and_a_lost_connection_is_an_outage() -> None:
     ):
         assert isinstance(translate(error), ConnectionError)
     assert isinstance(translate(GlideTimeoutError("timed out")), TimeoutError)
+
+
+async def test_a_reply_after_its_deadline_is_heard_by_on_late_as_on_one_server() -> None:
+    """The late-reply path of the cluster client (RedisStore undoes what such a reply reserved)."""
+    cluster = GlideCluster(ClusterAddress((("127.0.0.1", 1),)), timeout_s=0.01)  # never connects
+    loop = asyncio.get_running_loop()
+    heard: list[object] = []
+    reply: asyncio.Future[object] = loop.create_future()
+    with pytest.raises(TimeoutError):
+        await cluster._within(reply, loop.time() + 0.01, heard.append)
+    assert cluster.in_doubt == 1  # RedisStore.quiesce waits for it
+    reply.set_result([1, 1796271474327952])
+    await asyncio.sleep(0)
+    assert heard == [[1, 1796271474327952]]
+    assert cluster.in_doubt == 0
+
+    # A caller that goes away (cancelled) leaves its reply to on_late too; a late error is translated.
+    failing: asyncio.Future[object] = loop.create_future()
+    waiting = asyncio.ensure_future(cluster._within(failing, loop.time() + 10, heard.append))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    failing.set_exception(
+        RequestError("An error was signalled by the server: - ClusterDown: The cluster is down")
+    )
+    await asyncio.sleep(0)
+    assert isinstance(heard[-1], RedisReplyError)
+    assert str(heard[-1]).startswith("CLUSTERDOWN")

@@ -257,6 +257,7 @@ class GlideCluster:
         attempt = self._attempt
         if attempt is None or attempt.done():
             attempt = self._attempt = asyncio.create_task(self._connect(), name="quotad-cluster-connect")
+            attempt.add_done_callback(_consume)  # a failure no caller waited for is not an error to log
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(attempt)
