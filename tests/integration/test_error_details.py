@@ -21,7 +21,7 @@ from tests.conftest import QuotadFactory, rpc_error, running_quotad
 
 POLICY = """
     defaults: {tier: free}
-    models: {gpt-4o: {}}
+    models: {gpt-4o: {max_output_tokens: 50}}  # each call reserves its input + 50 output tokens
     tiers:
       free:
         limits:
