@@ -8,15 +8,20 @@ nodes, follows MOVED and ASK, retries TRYAGAIN while a slot migrates, and learns
 primaries after a failover. No cluster protocol is written here.
 
 Why glide, measured (`python bench/cluster_clients.py`: quotad's real reserve script, 64 in flight,
-a 3-shard cluster on loopback; client CPU per call, this project's 2-vCPU machine):
+a 3-shard cluster on loopback, this project's 2-vCPU machine; bench/results/cluster_clients.txt):
 
-    quotad's RespClient, one node        ~20 µs    (so it stays the client for a single node)
-    valkey-glide GlideClusterClient     ~120 µs    0 errors while slots moved under load
-    redis-py RedisCluster (asyncio)     ~200 µs    errors while slots moved (MOVED/ASK mid-flight);
-                                                   its cluster pipeline refuses EVALSHA
+    client CPU per call                      quiet     while 1,000 slots move (--reshard 1000)
+    quotad's RespClient, one node            16 µs     20 µs
+    valkey-glide GlideClusterClient         102 µs    126 µs, 0 errors
+    GlideCluster below (glide + deadlines)  143 µs    179 µs, 0 errors
+    redis-py RedisCluster (asyncio)         163 µs    1,840 µs, 303 errors of 10,000 (connections
+                                                      lost mid-flight); its cluster pipeline
+                                                      refuses EVALSHA
 
 (issue 15 measured coredis at 275 µs; it is not installed here.) glide multiplexes every call to a
-node on one connection, pipelining them as quotad's own client does.
+node on one connection, pipelining them as quotad's own client does; the 40 µs GlideCluster adds is
+one asyncio task and one timer per call, the price of deadlines that never cancel a sent script.
+So quotad's own client stays the one for a single server.
 
 What stays as RedisStore has it for one server:
 
