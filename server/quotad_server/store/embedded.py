@@ -167,10 +167,13 @@ class EmbeddedCluster:
     benchmarks; every node is an EmbeddedRedis.
     """
 
-    def __init__(self, shards: int = 3, replicas: int = 0, *, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self, shards: int = 3, replicas: int = 0, *, node_timeout_ms: int = 1000, full_coverage: bool = True
+    ) -> None:
         self.shards = shards
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
+        self.full_coverage = full_coverage  # cluster-require-full-coverage: no = the other shards serve on
         self.nodes: list[EmbeddedRedis] = []
         self.buses: list[int] = []
 
@@ -185,6 +188,7 @@ class EmbeddedCluster:
             "--cluster-config-file", "nodes.conf",
             "--cluster-port", str(bus),  # the default, port + 10000, may be taken or past 65535
             "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--cluster-require-full-coverage", "yes" if self.full_coverage else "no",
             "--cluster-replica-validity-factor", "0",  # a replica may always take over (tests kill primaries)
             "--repl-diskless-sync", "yes",
             "--repl-diskless-sync-delay", "0",
