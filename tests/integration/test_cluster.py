@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.errors import StoreUnavailable
 from quotad_server.store.embedded import SLOTS, EmbeddedCluster, EmbeddedRedis
 from quotad_server.store.redis import RedisStore, hash_tag
 
@@ -295,3 +296,32 @@ async def test_failover_answers_unavailable_within_its_bound_then_decides_again(
             " acknowledged reservations lost"
         )
         assert all(killed_at - a.at < 0.5 for a in lost)  # only the last moments before the kill
+
+
+async def test_the_password_reaches_every_node_of_a_cluster() -> None:
+    """QUOTAD_REDIS_PASSWORD (or the URL's) authenticates to every node glide discovers; without it,
+    or with a wrong one, the store is UNAVAILABLE at start and says why."""
+    password = "test-only-password"
+    with EmbeddedCluster(3, password=password) as cluster:
+        store = RedisStore.cluster(cluster.seeds, timeout_s=1.0, password=password)
+        try:
+            await store.start()
+            assert await store.cluster_shards() == 3
+            await store.ping()  # health's script, which writes
+        finally:
+            await store.aclose()
+        async with running_quotad(CLUSTER_POLICY, cluster.seeds.replace("://", f"://:{password}@")) as q:
+            names = [f"tenant-{i}" for i in range(100)]
+            for shard in range(3):  # a decision on each shard, each on its own authenticated connection
+                tenant = next(n for n in names if _slot(n) * 3 // SLOTS == shard)
+                assert (
+                    await q.reserve(tenant=tenant, subject="alice", input_tokens=10)
+                ).decision == pb.DECISION_ALLOWED
+        for wrong in (None, "wrong-password"):
+            store = RedisStore.cluster(cluster.seeds, timeout_s=1.0, password=wrong)
+            try:
+                with pytest.raises(StoreUnavailable) as refused:
+                    await store.start()
+                assert ("NOAUTH" if wrong is None else "WRONGPASS") in str(refused.value)  # Redis's own words
+            finally:
+                await store.aclose()

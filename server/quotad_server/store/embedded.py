@@ -84,7 +84,8 @@ class EmbeddedRedis:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 answer = sock.recv(16)
-                return answer.startswith(b"+PONG") or (loading_ok and answer.startswith(b"-LOADING"))
+                up = answer.startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, and asking for a password
+                return up or (loading_ok and answer.startswith(b"-LOADING"))
         except OSError:
             return False
 
@@ -119,10 +120,12 @@ SLOTS = 16384
 class Connection:
     """A blocking connection to the server on 127.0.0.1:`port`, for the commands that set a cluster up."""
 
-    def __init__(self, port: int, timeout_s: float = 5.0) -> None:
+    def __init__(self, port: int, timeout_s: float = 5.0, password: str | None = None) -> None:
         self.port = port
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
         self._reader = hiredis.Reader()
+        if password is not None:
+            self("AUTH", password)
 
     def __call__(self, *args: str | int | bytes) -> Any:
         """Send one command and return its reply (an error reply raises)."""
@@ -140,9 +143,9 @@ class Connection:
         self._sock.close()
 
 
-def command(port: int, *args: str | int | bytes, timeout_s: float = 5.0) -> Any:
+def command(port: int, *args: str | int | bytes, timeout_s: float = 5.0, password: str | None = None) -> Any:
     """Send one command to the server on 127.0.0.1:`port` and return its reply (an error reply raises)."""
-    connection = Connection(port, timeout_s)
+    connection = Connection(port, timeout_s, password)
     try:
         return connection(*args)
     finally:
@@ -168,12 +171,19 @@ class EmbeddedCluster:
     """
 
     def __init__(
-        self, shards: int = 3, replicas: int = 0, *, node_timeout_ms: int = 1000, full_coverage: bool = True
+        self,
+        shards: int = 3,
+        replicas: int = 0,
+        *,
+        node_timeout_ms: int = 1000,
+        full_coverage: bool = True,
+        password: str | None = None,
     ) -> None:
         self.shards = shards
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.full_coverage = full_coverage  # cluster-require-full-coverage: no = the other shards serve on
+        self.password = password  # requirepass (and masterauth, for the replicas)
         self.nodes: list[EmbeddedRedis] = []
         self.buses: list[int] = []
 
@@ -192,6 +202,7 @@ class EmbeddedCluster:
             "--cluster-replica-validity-factor", "0",  # a replica may always take over (tests kill primaries)
             "--repl-diskless-sync", "yes",
             "--repl-diskless-sync-delay", "0",
+            *(("--requirepass", self.password, "--masterauth", self.password) if self.password else ()),
         )  # fmt: skip
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
@@ -201,25 +212,27 @@ class EmbeddedCluster:
                 bus = free_port()
                 self.buses.append(bus)
                 self.nodes.append(EmbeddedRedis(options=self.node_options(bus)).start())
-            ids = [command(node.port, "CLUSTER", "MYID").decode() for node in self.nodes]
+            ids = [self._command(node.port, "CLUSTER", "MYID").decode() for node in self.nodes]
             for index, node in enumerate(self.nodes[: self.shards]):
                 first, last = index * SLOTS // self.shards, (index + 1) * SLOTS // self.shards - 1
-                command(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last)
+                self._command(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last)
             for node in self.nodes[1:]:
-                command(node.port, "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.buses[0])
+                self._command(node.port, "CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.buses[0])
             deadline = time.monotonic() + timeout_s
             self._wait(deadline, lambda: all(self._known(node) == count for node in self.nodes))
             for index, node in enumerate(self.nodes[self.shards :]):
-                command(node.port, "CLUSTER", "REPLICATE", ids[index % self.shards])
+                self._command(node.port, "CLUSTER", "REPLICATE", ids[index % self.shards])
             self.wait_ok(deadline)
         except BaseException:
             self.stop()
             raise
         return self
 
-    @staticmethod
-    def _known(node: EmbeddedRedis) -> int:
-        return len(command(node.port, "CLUSTER", "NODES").decode().strip().splitlines())
+    def _command(self, port: int, *args: str | int | bytes) -> Any:
+        return command(port, *args, password=self.password)
+
+    def _known(self, node: EmbeddedRedis) -> int:
+        return len(self._command(node.port, "CLUSTER", "NODES").decode().strip().splitlines())
 
     @staticmethod
     def _wait(deadline: float, done: Callable[[], bool]) -> None:
@@ -240,9 +253,8 @@ class EmbeddedCluster:
                 found.append(node)
         return found
 
-    @staticmethod
-    def _nodes_lines(node: EmbeddedRedis) -> list[str]:
-        return [line for line in command(node.port, "CLUSTER", "NODES").decode().splitlines() if line]
+    def _nodes_lines(self, node: EmbeddedRedis) -> list[str]:
+        return [line for line in self._command(node.port, "CLUSTER", "NODES").decode().splitlines() if line]
 
     def owner(self, slot: int) -> EmbeddedRedis:
         """The primary that serves `slot` now."""
@@ -266,8 +278,9 @@ class EmbeddedCluster:
         on the target, MIGRATING on the source, MIGRATE of their keys, then SETSLOT NODE everywhere.
         Returns the number of keys moved."""
         others = [node for node in self.primaries() if node not in (source, target)]
-        to_source, to_target = Connection(source.port), Connection(target.port)
-        to_others = [Connection(node.port) for node in others]
+        to_source = Connection(source.port, password=self.password)
+        to_target = Connection(target.port, password=self.password)
+        to_others = [Connection(node.port, password=self.password) for node in others]
         try:
             source_id, target_id = (
                 to_source("CLUSTER", "MYID").decode(),
@@ -278,7 +291,8 @@ class EmbeddedCluster:
                 to_target("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
                 to_source("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
                 while keys := to_source("CLUSTER", "GETKEYSINSLOT", slot, 100):
-                    to_source("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+                    auth = ("AUTH", self.password) if self.password else ()
+                    to_source("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, *auth, "KEYS", *keys)
                     moved += len(keys)
                 for connection in (to_target, to_source, *to_others):
                     connection("CLUSTER", "SETSLOT", slot, "NODE", target_id)
@@ -294,10 +308,10 @@ class EmbeddedCluster:
 
         def ok() -> bool:
             for node in self.live():
-                state = info_fields(command(node.port, "CLUSTER", "INFO"))
+                state = info_fields(self._command(node.port, "CLUSTER", "INFO"))
                 if state.get("cluster_state") != "ok" or state.get("cluster_size") != str(self.shards):
                     return False
-                replication = info_fields(command(node.port, "INFO", "replication"))
+                replication = info_fields(self._command(node.port, "INFO", "replication"))
                 if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
                     return False
             return True
