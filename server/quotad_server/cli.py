@@ -97,8 +97,12 @@ async def open_store(settings: Settings, redis_url: str, log: Any, **options: An
         store = RedisStore.from_url(redis_url, **options)
     try:
         await store.start()
-        if settings.redis_cluster == "auto" and not store.follows_cluster:
-            shards = await store.cluster_shards()
+        if (
+            settings.redis_cluster == "auto"
+            and not store.follows_cluster
+            and not redis_url.startswith("unix:")
+        ):
+            shards = await store.cluster_shards()  # (over a Unix socket, redis_fits refuses a cluster)
             if shards is not None and shards > 1:
                 await store.aclose()
                 log.info(
