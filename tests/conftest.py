@@ -152,17 +152,16 @@ def two_shard_cluster() -> Iterator[list[EmbeddedRedis]]:
         yield nodes
 
 
-CLUSTER_SUITE = frozenset(
-    f"tests.integration.{name}"
-    for name in ("test_reserve", "test_settle", "test_concurrency", "test_waiting", "test_batch")
-)
-"""The modules of the core semantics (reserve, commit, release, all or nothing, concurrency,
-idempotency, waiting), whose tests run twice: on one Redis server and on a 3-shard Redis Cluster
-through the cluster client. The rest of the suite runs on one server only."""
+def _on_both_backends(module: str) -> bool:
+    """Every integration test that starts its quotad through the `quotad` fixture, or reads Redis
+    through `redis_client` or `redis_url`, runs twice: on one Valkey server (quotad's own client) and
+    on a Redis Cluster of 3 shards, each with a replica (the cluster client, valkey-glide). Tests that
+    need one server in particular (pausing it, its INFO) ask for `redis_server` and run once."""
+    return module.startswith("tests.integration.")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames and metafunc.module.__name__ in CLUSTER_SUITE:
+    if "backend" in metafunc.fixturenames and _on_both_backends(metafunc.module.__name__):
         metafunc.parametrize("backend", ["single", "cluster"], indirect=True)
 
 
@@ -277,8 +276,8 @@ async def running_quotad(
 
 @pytest.fixture
 def quotad(redis_client: aioredis.Redis, redis_url: str) -> QuotadFactory:
-    """`async with quotad(POLICY, clock=..., subject=...) as q:` starts a quotad on the session Redis
-    (or, for the core semantics, also on the session cluster: see CLUSTER_SUITE)."""
+    """`async with quotad(POLICY, clock=..., subject=...) as q:` starts a quotad on the session Redis,
+    and again on the session cluster (see _on_both_backends)."""
 
     def start(policy_yaml: str, **kwargs: object) -> AbstractAsyncContextManager[Quotad]:
         return running_quotad(policy_yaml, redis_url, **kwargs)  # type: ignore[arg-type]

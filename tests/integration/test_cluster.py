@@ -1,8 +1,8 @@
 """Redis Cluster. quotad's own client: a cluster of one shard serves; on one of several, a decision whose
 keys live elsewhere answers UNAVAILABLE and changes nothing (it talks to one server). The cluster client
 (valkey-glide): several quotad processes stay exact, live resharding causes no error, a failover answers
-UNAVAILABLE within the timeout and then decides again. (The core semantics run on a cluster too: see
-CLUSTER_SUITE in tests/conftest.py.)"""
+UNAVAILABLE within the timeout and then decides again. (The whole integration suite runs on a cluster too:
+see _on_both_backends in tests/conftest.py.)"""
 
 from __future__ import annotations
 

@@ -346,7 +346,12 @@ class GlideCluster:
         client = await self._connection(deadline)
         name = str(command[0]).upper()
         route = RandomNode() if name in ("INFO", "CLUSTER", "TIME", "PING") else None
-        return await self._within(client.custom_command([_encode(c) for c in command], route), deadline, None)
+        reply = await self._within(
+            client.custom_command([_encode(c) for c in command], route), deadline, None
+        )
+        if isinstance(reply, dict):  # glide makes a map of HGETALL's reply; RespClient's is a flat list
+            return [item for pair in reply.items() for item in pair]
+        return reply
 
     async def run_script(
         self,
