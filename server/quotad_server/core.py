@@ -96,6 +96,7 @@ class _Route:
     terms: ModelTerms  # prices, context window, maximum output
     priority: Priority  # the tier's default
     counts_output: bool  # some limit counts output tokens (or money)
+    slice_index: int = 0  # with escrow: the partition's index, whose slices it is charged to
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -186,6 +187,11 @@ def _check_parts(violations: list[FieldViolation], request: ReserveRequest) -> N
             )
 
 
+def _slice_index(partition: str) -> int:
+    """The index of an escrow partition ("p:<index>", see Policy.partition); 0 for the others."""
+    return int(partition[2:]) if partition.startswith("p:") else 0
+
+
 def _format_us(us: int) -> str:
     return f"{us / 1_000_000:g}s"
 
@@ -226,6 +232,9 @@ class QuotaCore:
         self._authz: Authorization | None = None
         self._authz_policy: Policy | None = None
         self._final_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
+        # Escrow: per (limit, partition index), this replica's pull in progress and when the last began.
+        self._pulls: dict[tuple[Limit, int], asyncio.Task[int]] = {}
+        self._pulled_at: dict[tuple[Limit, int], float] = {}
 
     @property
     def catalog(self) -> Catalog | None:
@@ -504,6 +513,7 @@ class QuotaCore:
             boost_us=_PRIORITY_RANK[priority] * policy.aging_us,
             max_line=policy.max_line,
             ticket_ttl_ms=3 * policy.heartbeat_us // 1000,
+            slice_index=route.slice_index,
         )
         return plan, tier
 
@@ -535,6 +545,7 @@ class QuotaCore:
             terms,
             policy.tier_priority[tier],
             any(limit.metric in _COUNTS_OUTPUT for limit in limits),
+            _slice_index(policy.partition(counted_as)),
         )
         if len(self._routes) >= 10_000:  # tenants and subjects' tiers are open-ended; keep it bounded
             self._routes.clear()
@@ -643,7 +654,7 @@ class QuotaCore:
         if request.time_left_s is not None:
             plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if request.max_wait_us <= 0:
-            return self._outcome(plan, tier, await self._store.reserve(plan), source)
+            return self._outcome(plan, tier, await self._reserve(plan), source)
         return replace(
             await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000), output_source=source
         )
@@ -666,7 +677,7 @@ class QuotaCore:
         admitted = False
         try:
             while True:
-                result = await self._store.reserve(plan)
+                result = await self._reserve(plan)
                 waited_us = round((loop.time() - started) * 1_000_000)
                 outcome = replace(self._outcome(plan, tier, result), waited_us=waited_us)
                 if result.allowed:
@@ -742,7 +753,7 @@ class QuotaCore:
         if requests and requests[0].time_left_s is not None:  # one caller, one deadline for the batch
             deadline = asyncio.get_running_loop().time() + requests[0].time_left_s
             plans = [replace(plan, deadline=deadline) for plan in plans]
-        results = iter(await self._store.reserve_many(plans))
+        results = iter(await self._reserve_many(plans))
         outcomes: list[ReserveOutcome | QuotadError] = []
         for item in planned:
             if isinstance(item, QuotadError):
@@ -755,6 +766,99 @@ class QuotaCore:
                 else self._outcome(item[0], item[1], result, item[2])
             )
         return outcomes
+
+    # -- escrow: a global limit's slices follow the demand ------------------------------
+
+    def _short_slices(self, plan: ReservePlan, result: ReserveResult) -> list[Limit]:
+        """The slices (limits in escrow) that a denied plan lacks capacity on, when nothing but
+        slices denied it (a rebalance would not help otherwise)."""
+        if result.allowed or not result.limits or self.policy.escrow is None:
+            return []
+        denying = [s.limit for s in result.limits if s.wait_us != 0 and not s.limit.shadow]
+        if not denying or any(not limit.slices for limit in denying):
+            return []
+        return denying
+
+    async def _pull(self, limit: Limit, taker: int) -> int:
+        """Move unused capacity of `limit`'s other slices to slice `taker`: one pull at a time per
+        slice on this replica (those that come meanwhile share it), and none sooner than
+        escrow.rebalance_interval after the last began. Returns the units moved (0 if none or if
+        the store failed: the denial stands, and recovery returns what a failure left in flight)."""
+        escrow = self.policy.escrow
+        if escrow is None:
+            return 0
+        slot = (limit, taker)
+        task = self._pulls.get(slot)
+        if task is None:
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._pulled_at.get(slot, -1e9) < escrow.rebalance_interval_us / 1_000_000:
+                return 0
+            self._pulled_at[slot] = loop.time()
+            if len(self._pulled_at) > 10_000:
+                self._pulled_at.clear()
+            task = loop.create_task(
+                self._store.rebalance(
+                    limit,
+                    escrow.partition_names(),
+                    taker,
+                    escrow.floor_units(limit.limit),
+                    escrow.transfer_timeout_us,
+                ),
+                name="quotad-escrow-pull",
+            )
+            self._pulls[slot] = task
+            task.add_done_callback(lambda _: self._pulls.pop(slot, None))
+        try:
+            return await asyncio.shield(task)
+        except QuotadError:
+            return 0
+
+    async def _rebalanced(self, plan: ReservePlan, result: ReserveResult) -> bool:
+        """Pull capacity to the slices a denied plan lacks; True if any came (then try again)."""
+        short = self._short_slices(plan, result)
+        if not short:
+            return False
+        moved = await asyncio.gather(*(self._pull(limit, plan.slice_index) for limit in short))
+        return any(moved)
+
+    async def _reserve(self, plan: ReservePlan) -> ReserveResult:
+        """store.reserve, and once more after a rebalance when only slices short of capacity denied it."""
+        result = await self._store.reserve(plan)
+        if not result.allowed and await self._rebalanced(plan, result):
+            result = await self._store.reserve(plan)
+        return result
+
+    async def _reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
+        results = await self._store.reserve_many(plans)
+        if self.policy.escrow is None:
+            return results
+        again = [
+            at
+            for at, (plan, result) in enumerate(zip(plans, results, strict=True))
+            if isinstance(result, ReserveResult) and await self._rebalanced(plan, result)
+        ]
+        if again:
+            retried = await self._store.reserve_many([plans[at] for at in again])
+            for at, result in zip(again, retried, strict=True):
+                results[at] = result
+        return results
+
+    async def recover_escrow(self) -> int:
+        """Give back the escrow capacity left in flight past its timeout (a replica died mid-transfer)."""
+        escrow = self.policy.escrow
+        if escrow is None:
+            return 0
+        return await self._store.recover_transfers(escrow.partition_names(), escrow.transfer_timeout_us)
+
+    async def maintain_escrow(self) -> None:
+        """Run recover_escrow every half transfer timeout (runs until cancelled): capacity left in
+        flight comes back within 1.5 transfer timeouts while any replica runs."""
+        while True:
+            escrow = self.policy.escrow
+            if escrow is not None:
+                with contextlib.suppress(QuotadError):
+                    await self.recover_escrow()
+            await asyncio.sleep(escrow.transfer_timeout_us / 2_000_000 if escrow else 1.0)
 
     def _without_concurrency(self, limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
         """`limits` less the concurrency limits, one tuple per `limits` (the store caches by identity)."""
@@ -783,8 +887,10 @@ class QuotaCore:
         if request.time_left_s is not None:
             plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if hits is not Hits.CHECK:
-            return self._outcome(plan, tier, await self._store.reserve(plan))
-        peeked = await self._store.peek(plan.partition, plan.counted_as, plan.subject, limits)
+            return self._outcome(plan, tier, await self._reserve(plan))
+        peeked = await self._store.peek(
+            plan.partition, plan.counted_as, plan.subject, limits, plan.slice_index
+        )
         statuses = tuple(
             s if s.remaining > 0 else replace(s, wait_us=max(s.wait_us or 0, s.reset_after_us, 1))
             for s in peeked
@@ -945,5 +1051,6 @@ class QuotaCore:
         if violations:
             raise InvalidRequest(violations)
         limits = self.policy.limits_for(tier, counted_as, model)
-        statuses = await self._store.peek(self.policy.partition(counted_as), counted_as, subject, limits)
+        partition = self.policy.partition(counted_as)
+        statuses = await self._store.peek(partition, counted_as, subject, limits, _slice_index(partition))
         return UsageReport(tenant=tenant, tier=tier, limits=statuses)

@@ -1,0 +1,152 @@
+--[[ escrow.lua: move capacity of a global limit between its slices, one slice (one slot) per call.
+
+A global limit held in escrow is split into one slice per partition (see docs/design.md); the
+slices' capacities never sum to more than the limit. A transfer from a giver slice to a taker
+slice is three calls, each atomic on its own slot:
+
+  give     (giver's slot)  capacity -= d, and the transfer is written down in the giver's
+                           outgoing hash: from here on d is in flight, counted in no slice;
+  take     (taker's slot)  capacity += d, once (a mark with the transfer id), and only while
+                           the transfer is younger than its timeout;
+  reclaim  (giver's slot)  the transfer leaves the outgoing hash; with received = 0 its d goes
+                           back to the giver's capacity.
+
+So the sum of the slices never exceeds the limit, mid-transfer or if quotad dies between two
+calls: what dies in flight is lost until any replica's recovery (stale, cancel, reclaim) finds
+the transfer older than its timeout, cancels it at the taker (a cancel mark: a late take then
+does nothing) and, if the taker never got it, gives it back to the giver.
+
+Slice state, next to the limit's counter key K (which holds usage as for any limit):
+  K:e  "<capacity> <limit it was set for>" (no TTL: capacity is state, not usage). Absent:
+       the slice holds its even share, floor(limit / slices), plus one for the first
+       limit % slices slices. A limit changed in the policy scales every capacity by
+       new / old, rounding down: the sum stays within the new limit.
+  A token bucket slice of capacity c refills at c / period: the slices' rates sum to at most
+  the limit's; its level K "<level> <updated_at>" is drained at the old rate and rewritten
+  whenever c changes. A sliding window slice admits while its window holds at most c units.
+
+Transfer records: hash '<prefix>:{tag}:e:out' of the giver, field <id>, value
+  "<taker index> <d> <limit> <created_us> <alg> <metric> <period> <slices> <key suffix>"
+  where the key suffix is K without '<prefix>:{tag}:l:'. Marks: '<prefix>:{tag}:e:in:<id>'
+  of the taker, 'r' (received) or 'x' (cancelled), kept ARGV[ttl] ms.
+
+Modes (ARGV[1]); ARGV[2] is now in microseconds, or "" to read Redis TIME.
+  give     KEYS: K, out.  ARGV[3..]: alg (B|W), metric, limit, period, index, slices, floor,
+           id, taker index, want, key suffix.
+           Gives min(want, free - floor) whole units, free = capacity - usage now (never what
+           is in use). Returns {d, now}.
+  take     KEYS: K, mark.  ARGV[3..]: alg, metric, limit, period, index, slices, id, d,
+           the limit d was given under, created_us, timeout_us, mark ttl ms. Returns {d, now}
+           ({0, now}: too late, or already taken or cancelled).
+  cancel   KEYS: mark.  ARGV[3]: mark ttl ms. Returns {1} if the taker had received it, else
+           {0} (and from now on it never will).
+  reclaim  KEYS: K, out.  ARGV[3..]: id, received (0|1), giver index. Returns {d given back}.
+  stale    KEYS: out.  ARGV[3]: timeout_us. Returns the {id, record} pairs older than it.
+]]
+
+local call, fmt, tonumber = redis.call, string.format, tonumber
+local mode = ARGV[1]
+local now = tonumber(ARGV[2])
+if not now then
+  local t = call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local EPSILON = 1e-9
+
+local function capacity(key, limit, index, slices)
+  local raw = call('GET', key .. ':e')
+  if raw then
+    local c, set_for = string.match(raw, '^(%d+) (%d+)$')
+    c, set_for = tonumber(c), tonumber(set_for)
+    if set_for ~= limit then c = math.floor(c * limit / set_for) end
+    return c
+  end
+  local share = math.floor(limit / slices)
+  if index < limit % slices then share = share + 1 end
+  return share
+end
+
+-- Usage now: a bucket's level drained at its capacity's rate, or a window's units.
+local function usage(alg, metric, key, c, period)
+  if alg == 'B' then
+    local raw = call('GET', key)
+    if not raw then return 0 end
+    local level, updated = string.match(raw, '^(%S+) (%d+)$')
+    level = tonumber(level)
+    local drained = level - (now - tonumber(updated)) * c / period
+    if drained < 0 then drained = 0 elseif drained > level then drained = level end
+    return drained
+  end
+  local floor = fmt('(%d', now - period)
+  if metric == 'r' then return call('ZCOUNT', key, floor, '+inf') end
+  local used = 0
+  for _, member in ipairs(call('ZRANGEBYSCORE', key, floor, '+inf')) do
+    used = used + tonumber(string.match(member, ':(%d+)$'))
+  end
+  return used
+end
+
+-- A new capacity; a bucket's level is first drained at the old rate and rewritten at now.
+local function set_capacity(alg, metric, key, old, new, limit, period)
+  if alg == 'B' then
+    local level = usage(alg, metric, key, old, period)
+    if level <= EPSILON then
+      call('DEL', key)
+    elseif new > 0 then
+      call('SET', key, fmt('%.17g %d', level, now), 'PX', fmt('%d', math.ceil(level * period / new / 1000) + 1000))
+    else
+      call('SET', key, fmt('%.17g %d', level, now))  -- no rate: it stays until capacity comes
+    end
+  end
+  call('SET', key .. ':e', fmt('%d %d', new, limit))
+end
+
+if mode == 'give' then
+  local alg, metric, limit, period = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  local index, slices, keep = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+  local c = capacity(KEYS[1], limit, index, slices)
+  local free = c - usage(alg, metric, KEYS[1], c, period)
+  local d = math.floor(math.min(tonumber(ARGV[12]), free - keep))
+  if d <= 0 then return {0, now} end
+  set_capacity(alg, metric, KEYS[1], c, c - d, limit, period)
+  call('HSET', KEYS[2], ARGV[10],
+    table.concat({ARGV[11], fmt('%d', d), ARGV[5], fmt('%d', now), alg, metric, ARGV[6], ARGV[8], ARGV[13]}, ' '))
+  return {d, now}
+elseif mode == 'take' then
+  local alg, metric, limit, period = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  local index, slices = tonumber(ARGV[7]), tonumber(ARGV[8])
+  local d, given_for, created, timeout = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+  if now - created > timeout then return {0, now} end  -- past its timeout: it goes back to the giver
+  if not call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[14]) then return {0, now} end
+  if given_for ~= limit then d = math.floor(d * limit / given_for) end
+  local c = capacity(KEYS[1], limit, index, slices)
+  set_capacity(alg, metric, KEYS[1], c, c + d, limit, period)
+  return {d, now}
+elseif mode == 'cancel' then
+  if call('SET', KEYS[1], 'x', 'NX', 'PX', ARGV[3]) then return {0} end
+  if call('GET', KEYS[1]) == 'r' then return {1} end
+  return {0}
+elseif mode == 'reclaim' then
+  local record = call('HGET', KEYS[2], ARGV[3])
+  if not record then return {0} end  -- reclaimed already
+  call('HDEL', KEYS[2], ARGV[3])
+  if ARGV[4] == '1' then return {0} end
+  local _, d, limit, _, alg, metric, period, slices = string.match(record,
+    '^(%d+) (%d+) (%d+) (%d+) (%a) (%a) (%d+) (%d+) ')
+  d, limit, period = tonumber(d), tonumber(limit), tonumber(period)
+  local c = capacity(KEYS[1], limit, tonumber(ARGV[5]), tonumber(slices))
+  set_capacity(alg, metric, KEYS[1], c, c + d, limit, period)
+  return {d}
+elseif mode == 'stale' then
+  local found = {}
+  local all = call('HGETALL', KEYS[1])
+  for j = 1, #all, 2 do
+    local created = tonumber(string.match(all[j + 1], '^%d+ %d+ %d+ (%d+) '))
+    if now - created > tonumber(ARGV[3]) then
+      found[#found + 1] = all[j]
+      found[#found + 1] = all[j + 1]
+    end
+  end
+  return found
+end
+return redis.error_reply('escrow.lua: unknown mode ' .. tostring(mode))
