@@ -1,0 +1,363 @@
+"""Escrow: a global limit split into per-partition slices follows the demand, exactly.
+
+Every test runs real quotad servers (grpc.aio) on the session's real Valkey, with the
+injected clock frozen unless a test moves it: what the slices admit is then checked to
+the unit against the limit (a frozen token bucket refills nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from importlib import resources
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from google.protobuf import duration_pb2
+from quotad.v1 import quota_pb2 as pb
+from quotad.v1 import quota_pb2_grpc as pb_grpc
+from quotad_server.model import Limit
+from quotad_server.policy import Policy
+from quotad_server.store.embedded import EmbeddedRedis
+
+from tests.conftest import RPC_TIMEOUT_S, ManualClock, Quotad, QuotadFactory, running_quotad
+from tests.keyslot import key_slot
+
+PARTITIONS = 8
+CLIENTS = 8  # separate channels, as separate backends would be
+
+
+def bucket_policy(limit: int, floor: float = 0.01) -> str:
+    return f"""
+        defaults: {{tier: t}}
+        tiers: {{t: {{limits: [{{name: subject-rpm, metric: requests, limit: 100000, period: 1m}}]}}}}
+        global:
+          limits:
+            - {{name: provider-tpm, metric: total_tokens, limit: {limit}, period: 1m}}
+        escrow: {{partitions: {PARTITIONS}, floor: {floor}}}
+    """
+
+
+def window_policy(limit: int) -> str:
+    return f"""
+        defaults: {{tier: t}}
+        tiers: {{t: {{limits: []}}}}
+        tenants: {{"*": {{limits: [{{name: tenant-rpm, metric: requests, limit: 100000, period: 1m}}]}}}}
+        global:
+          limits:
+            - {{name: provider-rpm, metric: requests, limit: {limit}, period: 1m, algorithm: sliding_window}}
+        escrow: {{partitions: {PARTITIONS}}}
+    """
+
+
+def _policy(q: Quotad) -> tuple[Policy, Limit]:
+    assert q.core is not None
+    policy = q.core.policy
+    return policy, policy.global_limits[0]
+
+
+async def capacity(client: aioredis.Redis, q: Quotad) -> tuple[int, int]:
+    """(the sum of the slices' capacities, the units in flight between slices)."""
+    policy, limit = _policy(q)
+    assert policy.escrow is not None
+    total = in_flight = 0
+    for index, partition in enumerate(policy.escrow.partition_names()):
+        raw = await client.get(q.store._slice_key(partition, limit) + ":e")
+        if raw is not None:
+            total += int(raw.split()[0])
+        else:  # never moved: the even share
+            total += limit.limit // PARTITIONS + (1 if index < limit.limit % PARTITIONS else 0)
+        for record in (await client.hgetall(q.store._transfers_key(partition))).values():
+            in_flight += int(record.split()[1])
+    return total, in_flight
+
+
+async def storm(replicas: Sequence[Quotad], requests: Sequence[pb.CheckAndReserveRequest]) -> list[Any]:
+    """Send every request at once over CLIENTS channels, spread over the replicas."""
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{replicas[i % len(replicas)].port}") for i in range(CLIENTS)
+    ]
+    stubs = [pb_grpc.QuotaServiceStub(channel) for channel in channels]
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    stubs[i % CLIENTS].CheckAndReserve(request, timeout=RPC_TIMEOUT_S * 4)
+                    for i, request in enumerate(requests)
+                )
+            )
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def test_all_traffic_on_one_partition_fills_the_global_bucket_exactly(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    limit = 20_000
+    rng = random.Random(15)
+    costs = [rng.randint(20, 300) for _ in range(400)]  # ~64,000 tokens asked for: 3x the limit
+    async with quotad(bucket_policy(limit), clock=ManualClock(), tenant="hot") as q:
+        requests = [
+            pb.CheckAndReserveRequest(subject=f"s{i % 50}", tenant="hot", input_tokens=c)
+            for i, c in enumerate(costs)
+        ]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        responses = await storm([q], requests)
+        elapsed = loop.time() - started
+        admitted = sum(c for c, r in zip(costs, responses, strict=True) if r.decision == pb.DECISION_ALLOWED)
+        # The clock is frozen: nothing refills, so the limit bounds what was admitted, to the token.
+        assert admitted <= limit
+        assert admitted >= 0.95 * limit, (admitted, elapsed)
+        assert await capacity(redis_client, q) == (limit, 0)  # no capacity lost or made up
+        usage = await q.usage(subject="s0", tenant="hot")
+        assert usage["provider-tpm"] == limit - admitted - 7 * (limit // PARTITIONS // 100)  # the floors
+
+
+async def test_three_replicas_fill_a_global_window_exactly_from_one_partition(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis
+) -> None:
+    limit = 600
+    clock = ManualClock()
+    async with AsyncExitStack() as stack:
+        replicas = [
+            await stack.enter_async_context(
+                running_quotad(window_policy(limit), redis_server.url, clock=clock)
+            )
+            for _ in range(3)
+        ]
+        requests = [pb.CheckAndReserveRequest(subject=f"s{i}", tenant="hot") for i in range(2 * limit)]
+        responses = await storm(replicas, requests)
+        admitted = sum(r.decision == pb.DECISION_ALLOWED for r in responses)
+        assert admitted <= limit
+        assert admitted >= 0.95 * limit
+        assert await capacity(redis_client, replicas[0]) == (limit, 0)
+        # Denials are answers with a bound: the slice's window frees within the period.
+        denied = [r for r in responses if r.decision == pb.DECISION_DENIED]
+        assert denied
+        assert all(0 < r.retry_after.ToMicroseconds() <= 60_000_000 for r in denied)
+        # A quiet partition still admits at once: it kept its floor (one unit here).
+        other = next(
+            t
+            for t in (f"cold-{i}" for i in range(100))
+            if _policy(replicas[0])[0].partition(t) != _policy(replicas[0])[0].partition("hot")
+        )
+        cold = await replicas[1].reserve(subject="c", tenant=other)
+        assert cold.decision == pb.DECISION_ALLOWED
+
+
+async def test_capacity_follows_the_demand_to_another_partition(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    limit = 8_000
+    clock = ManualClock()
+    async with quotad(bucket_policy(limit), clock=clock) as q:
+        policy, _ = _policy(q)
+        first = "hot"
+        second = next(
+            t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(first)
+        )
+
+        async def fill(tenant: str) -> int:
+            admitted = 0
+            while (
+                await q.reserve(subject="s", tenant=tenant, input_tokens=100)
+            ).decision == pb.DECISION_ALLOWED:
+                admitted += 100
+            return admitted
+
+        assert await fill(first) >= 0.95 * limit
+        assert await fill(second) == 0  # the first partition's slice is in use: nothing to move
+        clock.advance(60)  # it drains: now it is unused, and the second partition's denial pulls it over
+        assert policy.escrow is not None
+        await asyncio.sleep(policy.escrow.rebalance_interval_us / 1e6)
+        assert await fill(second) >= 0.95 * limit
+        assert await capacity(redis_client, q) == (limit, 0)
+
+
+async def test_refunds_go_back_to_the_slice_they_came_from(quotad: QuotadFactory) -> None:
+    async with quotad(bucket_policy(8_000), clock=ManualClock(), subject="s", tenant="hot") as q:
+        before = (await q.usage())["provider-tpm"]  # this partition's slice before any transfer
+        big = await q.reserve(input_tokens=5_000)  # more than the slice: it pulls capacity, then admits
+        assert big.decision == pb.DECISION_ALLOWED
+        grown = (await q.usage())["provider-tpm"]
+        assert grown > before
+        await q.commit(big.reservation_id, 1_000, 0)  # 4,000 refunded to this slice
+        assert (await q.usage())["provider-tpm"] == grown + 4_000
+        small = await q.reserve(input_tokens=500)
+        await q.release(small.reservation_id)
+        assert (await q.usage())["provider-tpm"] == grown + 4_000
+
+
+async def test_retry_after_is_exact_on_the_slice_once_nothing_is_left_to_move(quotad: QuotadFactory) -> None:
+    clock = ManualClock()
+    async with quotad(bucket_policy(8_000), clock=clock, subject="s", tenant="hot") as q:
+        while (response := await q.reserve(input_tokens=700)).decision == pb.DECISION_ALLOWED:
+            pass
+        wait_us = response.retry_after.ToMicroseconds()
+        assert wait_us > 0
+        clock.advance((wait_us - 1) / 1e6)
+        assert (await q.reserve(input_tokens=700)).decision == pb.DECISION_DENIED
+        clock.advance(1e-6)
+        assert (await q.reserve(input_tokens=700)).decision == pb.DECISION_ALLOWED
+
+
+ESCROW_LUA = (resources.files("quotad_server.store") / "lua" / "escrow.lua").read_text()
+
+
+async def _escrow(client: aioredis.Redis, keys: list[str], args: list[str | int]) -> int:
+    """Run one step of escrow.lua as a replica would, from another client."""
+    reply = await client.eval(ESCROW_LUA, len(keys), *keys, *args)
+    return int(reply[0])
+
+
+async def _give(client: aioredis.Redis, q: Quotad, *, giver: int, taker: int, transfer: str, now: int) -> int:
+    """The first step of a transfer, run as a replica that dies right after it would."""
+    policy, limit = _policy(q)
+    assert policy.escrow is not None
+    partition = policy.escrow.partition_names()[giver]
+    keys = [q.store._slice_key(partition, limit), q.store._transfers_key(partition)]
+    spec: list[str | int] = ["B", "t", limit.limit, limit.period_us, giver, PARTITIONS]
+    suffix = f"g:B{PARTITIONS}:provider-tpm"
+    return await _escrow(client, keys, ["give", now, *spec, 0, transfer, taker, limit.limit, suffix])
+
+
+async def _take(
+    client: aioredis.Redis, q: Quotad, *, taker: int, transfer: str, units: int, created: int, now: int
+) -> int:
+    policy, limit = _policy(q)
+    assert policy.escrow is not None
+    partition = policy.escrow.partition_names()[taker]
+    keys = [q.store._slice_key(partition, limit), q.store._mark_key(partition, transfer)]
+    spec: list[str | int] = ["B", "t", limit.limit, limit.period_us, taker, PARTITIONS]
+    timeout = policy.escrow.transfer_timeout_us
+    return await _escrow(
+        client, keys, ["take", now, *spec, transfer, units, limit.limit, created, timeout, 60_000]
+    )
+
+
+async def test_capacity_in_flight_comes_back_after_the_transfer_timeout(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    limit = 8_000
+    clock = ManualClock()
+    async with quotad(bucket_policy(limit), clock=clock) as q:
+        assert q.core is not None
+        timeout_s = 5  # escrow.transfer_timeout's default
+        # A replica gives 1,000 from slice 1 to slice 2 and dies: the 1,000 are in no slice.
+        given = await _give(redis_client, q, giver=1, taker=2, transfer="dead-give", now=clock.now_us)
+        assert given == limit // PARTITIONS
+        assert await capacity(redis_client, q) == (limit - given, given)
+        assert await q.core.recover_escrow() == 0  # not yet past its timeout: it may still land
+        clock.advance(timeout_s + 0.001)
+        # Too late to land now; recovery gives it back to slice 1.
+        assert (
+            await _take(
+                redis_client, q, taker=2, transfer="dead-give", units=given, created=START, now=clock.now_us
+            )
+            == 0
+        )
+        assert await q.core.recover_escrow() == given
+        assert await capacity(redis_client, q) == (limit, 0)
+        assert await q.core.recover_escrow() == 0  # once
+
+        # A replica gives and takes, then dies before removing the record: the taker keeps it.
+        given = await _give(redis_client, q, giver=3, taker=2, transfer="dead-take", now=clock.now_us)
+        assert (
+            await _take(
+                redis_client,
+                q,
+                taker=2,
+                transfer="dead-take",
+                units=given,
+                created=clock.now_us,
+                now=clock.now_us,
+            )
+            == given
+        )
+        assert (
+            await _take(
+                redis_client,
+                q,
+                taker=2,
+                transfer="dead-take",
+                units=given,
+                created=clock.now_us,
+                now=clock.now_us,
+            )
+            == 0
+        )  # once
+        assert await capacity(redis_client, q) == (limit, given)  # moved; only its record is left
+        clock.advance(timeout_s + 0.001)
+        assert await q.core.recover_escrow() == 0
+        assert await capacity(redis_client, q) == (limit, 0)
+
+        # Recovery cancels a transfer before a slow take lands: the take then does nothing.
+        given = await _give(redis_client, q, giver=4, taker=2, transfer="slow-take", now=clock.now_us)
+        created = clock.now_us
+        clock.advance(timeout_s + 0.001)
+        assert await q.core.recover_escrow() == given
+        assert (
+            await _take(
+                redis_client, q, taker=2, transfer="slow-take", units=given, created=created, now=created
+            )
+            == 0
+        )
+        assert await capacity(redis_client, q) == (limit, 0)
+
+
+START = 1_800_000_000_123_457
+
+
+async def test_every_script_call_stays_on_one_slot(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    """Each call's KEYS share one hash tag (one Redis Cluster slot), decisions spread over the
+    partitions' slots, and the transfers between them are single-slot steps too."""
+    policy_yaml = (
+        bucket_policy(8_000)
+        + """
+        waiting: {max_wait: 2s, heartbeat: 1s}
+    """
+    )
+    calls: list[list[str]] = []
+    clock = ManualClock()
+    async with quotad(policy_yaml, clock=clock, subject="s") as q:
+        client = q.store._client
+        run_script, run_scripts = client.run_script, client.run_scripts
+
+        def one(script: Any, keys: list[str], *args: Any, **kwargs: Any) -> Any:
+            calls.append(keys)
+            return run_script(script, keys, *args, **kwargs)
+
+        def many(script: Any, batch: Sequence[Any], **kwargs: Any) -> Any:
+            calls.extend(call[0] for call in batch)
+            return run_scripts(script, batch, **kwargs)
+
+        client.run_script = one  # type: ignore[method-assign]
+        client.run_scripts = many  # type: ignore[method-assign,assignment]
+        tenants = [f"tenant-{i}" for i in range(20)]
+        for tenant in tenants:
+            response = await q.reserve(tenant=tenant, input_tokens=300)
+            await q.commit(response.reservation_id, 100, 0)
+            await q.usage(tenant=tenant)
+        big = await q.reserve(tenant="hot", input_tokens=4_000)  # pulls from every other slice
+        assert big.decision == pb.DECISION_ALLOWED
+        await q.release(big.reservation_id)
+        wait = duration_pb2.Duration()
+        wait.FromMilliseconds(300)
+        waiter = await q.reserve(tenant="hot", input_tokens=7_000, max_wait=wait)  # waits in line, in vain
+        assert waiter.decision == pb.DECISION_DENIED
+        assert q.core is not None
+        given = await _give(redis_client, q, giver=5, taker=6, transfer="lost", now=clock.now_us)
+        clock.advance(10)
+        assert given > 0
+        assert await q.core.recover_escrow() == given
+    slots = [{key_slot(k) for k in keys} for keys in calls]
+    assert all(len(s) == 1 for s in slots), [keys for keys, s in zip(calls, slots, strict=True) if len(s) > 1]
+    assert len({next(iter(s)) for s in slots}) >= PARTITIONS  # the decisions spread over the partitions
