@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import textwrap
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from importlib import resources
@@ -20,14 +21,18 @@ from google.protobuf import duration_pb2
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.model import Limit
-from quotad_server.policy import Policy
+from quotad_server.policy import Policy, parse_policy
 from quotad_server.store.embedded import EmbeddedRedis
+from quotad_server.store.redis import hash_tag, key
 
 from tests.conftest import RPC_TIMEOUT_S, ManualClock, Quotad, QuotadFactory, running_quotad
 from tests.keyslot import key_slot
 
 PARTITIONS = 8
 CLIENTS = 8  # separate channels, as separate backends would be
+# Long, so that the replicas' own recovery (every half timeout, on the loop's clock) stays out of
+# the tests' way: they run it themselves, on the injected clock.
+TRANSFER_TIMEOUT_S = 3600
 
 
 def bucket_policy(limit: int, floor: float = 0.01) -> str:
@@ -37,7 +42,7 @@ def bucket_policy(limit: int, floor: float = 0.01) -> str:
         global:
           limits:
             - {{name: provider-tpm, metric: total_tokens, limit: {limit}, period: 1m}}
-        escrow: {{partitions: {PARTITIONS}, floor: {floor}}}
+        escrow: {{partitions: {PARTITIONS}, floor: {floor}, transfer_timeout: {TRANSFER_TIMEOUT_S}s}}
     """
 
 
@@ -248,7 +253,7 @@ async def test_capacity_in_flight_comes_back_after_the_transfer_timeout(
     clock = ManualClock()
     async with quotad(bucket_policy(limit), clock=clock) as q:
         assert q.core is not None
-        timeout_s = 5  # escrow.transfer_timeout's default
+        timeout_s = TRANSFER_TIMEOUT_S
         # A replica gives 1,000 from slice 1 to slice 2 and dies: the 1,000 are in no slice.
         given = await _give(redis_client, q, giver=1, taker=2, transfer="dead-give", now=clock.now_us)
         assert given == limit // PARTITIONS
@@ -355,9 +360,30 @@ async def test_every_script_call_stays_on_one_slot(
         assert waiter.decision == pb.DECISION_DENIED
         assert q.core is not None
         given = await _give(redis_client, q, giver=5, taker=6, transfer="lost", now=clock.now_us)
-        clock.advance(10)
+        clock.advance(TRANSFER_TIMEOUT_S + 1)
         assert given > 0
         assert await q.core.recover_escrow() == given
     slots = [{key_slot(k) for k in keys} for keys in calls]
     assert all(len(s) == 1 for s in slots), [keys for keys, s in zip(calls, slots, strict=True) if len(s) > 1]
     assert len({next(iter(s)) for s in slots}) >= PARTITIONS  # the decisions spread over the partitions
+
+
+async def test_the_partitions_spread_over_a_real_clusters_shards(
+    two_shard_cluster: list[EmbeddedRedis],
+) -> None:
+    """The slots computed here are the cluster's, and the partitions' slots fall on every shard."""
+    policy = parse_policy(
+        textwrap.dedent(bucket_policy(8_000)).replace("partitions: 8", "partitions: 16"), "p.yaml"
+    )
+    assert policy.escrow is not None
+    client = aioredis.Redis.from_url(two_shard_cluster[0].url)
+    owners = set()
+    try:
+        for partition in policy.escrow.partition_names():
+            slice_key = key("quotad", hash_tag(partition), "l", "g", "B16:provider-tpm")
+            slot = int(await client.cluster("KEYSLOT", slice_key))
+            assert slot == key_slot(slice_key)
+            owners.add(slot * len(two_shard_cluster) // 16384)  # redis_cluster splits the slots evenly
+    finally:
+        await client.aclose()
+    assert owners == set(range(len(two_shard_cluster)))
