@@ -53,6 +53,8 @@ MESSAGE_OVERHEAD_BYTES = 16
 """What a chat message counts for against max_prompt_bytes beyond its text: its framing, as a
 model charges tokens for each message. So the bound on a prompt's size bounds its messages too."""
 MAX_IMAGE_SIDE = 100_000
+MAX_PULL_BACKOFF = 10
+"""Escrow: while pulls find nothing, a replica pulls a slice at most every this many rebalance intervals."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -232,9 +234,10 @@ class QuotaCore:
         self._authz: Authorization | None = None
         self._authz_policy: Policy | None = None
         self._final_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
-        # Escrow: per (limit, partition index), this replica's pull in progress and when the last began.
+        # Escrow: per (limit, partition index), this replica's pull in progress, and when the next
+        # may begin with the gap after the last (see _pull).
         self._pulls: dict[tuple[Limit, int], asyncio.Task[int]] = {}
-        self._pulled_at: dict[tuple[Limit, int], float] = {}
+        self._next_pull: dict[tuple[Limit, int], tuple[float, float]] = {}
 
     @property
     def catalog(self) -> Catalog | None:
@@ -781,9 +784,12 @@ class QuotaCore:
 
     async def _pull(self, limit: Limit, taker: int) -> int:
         """Move unused capacity of `limit`'s other slices to slice `taker`: one pull at a time per
-        slice on this replica (those that come meanwhile share it), and none sooner than
-        escrow.rebalance_interval after the last began. Returns the units moved (0 if none or if
-        the store failed: the denial stands, and recovery returns what a failure left in flight)."""
+        slice on this replica (those that come meanwhile share it), none sooner than
+        escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
+        is used up everywhere), twice as long after each, up to MAX_PULL_BACKOFF intervals: an
+        exhausted limit costs Redis a few pulls per second, not one per denial. Returns the units
+        moved (0 if none or if the store failed: the denial stands, and recovery returns what a
+        failure left in flight)."""
         escrow = self.policy.escrow
         if escrow is None:
             return 0
@@ -791,11 +797,13 @@ class QuotaCore:
         task = self._pulls.get(slot)
         if task is None:
             loop = asyncio.get_running_loop()
-            if loop.time() - self._pulled_at.get(slot, -1e9) < escrow.rebalance_interval_us / 1_000_000:
+            interval = escrow.rebalance_interval_us / 1_000_000
+            not_before, gap = self._next_pull.get(slot, (0.0, interval))
+            if loop.time() < not_before:
                 return 0
-            self._pulled_at[slot] = loop.time()
-            if len(self._pulled_at) > 10_000:
-                self._pulled_at.clear()
+            self._next_pull[slot] = (loop.time() + gap, gap)
+            if len(self._next_pull) > 10_000:
+                self._next_pull.clear()
             task = loop.create_task(
                 self._store.rebalance(
                     limit,
@@ -807,7 +815,15 @@ class QuotaCore:
                 name="quotad-escrow-pull",
             )
             self._pulls[slot] = task
-            task.add_done_callback(lambda _: self._pulls.pop(slot, None))
+
+            def done(task: asyncio.Task[int]) -> None:
+                self._pulls.pop(slot, None)
+                moved = not task.cancelled() and task.exception() is None and task.result() > 0
+                began = self._next_pull.get(slot, (loop.time(), gap))[0] - gap
+                after = interval if moved else min(2 * gap, MAX_PULL_BACKOFF * interval)
+                self._next_pull[slot] = (began + after, after)
+
+            task.add_done_callback(done)
         try:
             return await asyncio.shield(task)
         except QuotadError:
