@@ -772,15 +772,15 @@ class QuotaCore:
 
     # -- escrow: a global limit's slices follow the demand ------------------------------
 
-    def _short_slices(self, plan: ReservePlan, result: ReserveResult) -> list[Limit]:
-        """The slices (limits in escrow) that a denied plan lacks capacity on, when nothing but
-        slices denied it (a rebalance would not help otherwise)."""
-        if result.allowed or not result.limits or self.policy.escrow is None:
+    def _short_slices(self, statuses: Sequence[LimitStatus]) -> list[Limit]:
+        """The slices (limits in escrow) that a denial lacks capacity on, when nothing but slices
+        denied it and each could fit (a rebalance would not help otherwise)."""
+        if self.policy.escrow is None:
             return []
-        denying = [s.limit for s in result.limits if s.wait_us != 0 and not s.limit.shadow]
-        if not denying or any(not limit.slices for limit in denying):
+        denying = [s for s in statuses if s.wait_us != 0 and not s.limit.shadow]
+        if not denying or any(not s.limit.slices or s.wait_us is None for s in denying):
             return []
-        return denying
+        return [s.limit for s in denying]
 
     async def _pull(self, limit: Limit, taker: int) -> int:
         """Move unused capacity of `limit`'s other slices to slice `taker`: one pull at a time per
@@ -831,7 +831,12 @@ class QuotaCore:
 
     async def _rebalanced(self, plan: ReservePlan, result: ReserveResult) -> bool:
         """Pull capacity to the slices a denied plan lacks; True if any came (then try again)."""
-        short = self._short_slices(plan, result)
+        if result.allowed:
+            return False
+        return await self._rebalanced_for(plan, result.limits)
+
+    async def _rebalanced_for(self, plan: ReservePlan, statuses: Sequence[LimitStatus]) -> bool:
+        short = self._short_slices(statuses)
         if not short:
             return False
         moved = await asyncio.gather(*(self._pull(limit, plan.slice_index) for limit in short))
@@ -904,17 +909,25 @@ class QuotaCore:
             plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if hits is not Hits.CHECK:
             return self._outcome(plan, tier, await self._reserve(plan))
-        peeked = await self._store.peek(
-            plan.partition, plan.counted_as, plan.subject, limits, plan.slice_index
-        )
-        statuses = tuple(
-            s if s.remaining > 0 else replace(s, wait_us=max(s.wait_us or 0, s.reset_after_us, 1))
-            for s in peeked
-        )
+        statuses = await self._check(plan, limits)
+        if any(s.denied and not s.limit.shadow for s in statuses) and await self._rebalanced_for(
+            plan, statuses
+        ):
+            statuses = await self._check(plan, limits)
         if any(s.denied and not s.limit.shadow for s in statuses):
             return self._denial(plan.tenant, tier, statuses, plan.priority)
         return ReserveOutcome(
             decision=Decision.ALLOWED, tenant=plan.tenant, tier=tier, limits=statuses, priority=plan.priority
+        )
+
+    async def _check(self, plan: ReservePlan, limits: tuple[Limit, ...]) -> tuple[LimitStatus, ...]:
+        """Hits.CHECK's statuses: a limit with nothing left waits until it is fully reset."""
+        peeked = await self._store.peek(
+            plan.partition, plan.counted_as, plan.subject, limits, plan.slice_index
+        )
+        return tuple(
+            s if s.remaining > 0 else replace(s, wait_us=max(s.wait_us or 0, s.reset_after_us, 1))
+            for s in peeked
         )
 
     @staticmethod
