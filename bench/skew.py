@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import textwrap
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ def main() -> None:
             {
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": platform.platform(),
+                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # a shared machine: noise
                 "limit_tokens": LIMIT,
                 "period_s": PERIOD_S,
                 "cost_tokens": COST,
