@@ -66,6 +66,13 @@ def _policy(q: Quotad) -> tuple[Policy, Limit]:
     return policy, policy.global_limits[0]
 
 
+async def slice_capacity(client: aioredis.Redis, q: Quotad, partition: str) -> int:
+    """A slice's capacity, once it has moved (see escrow.lua)."""
+    raw = await client.get(q.store._slice_key(partition, _policy(q)[1]) + ":e")
+    assert raw is not None
+    return int(raw.split()[0])
+
+
 async def capacity(client: aioredis.Redis, q: Quotad) -> tuple[int, int]:
     """(the sum of the slices' capacities, the units in flight between slices)."""
     policy, limit = _policy(q)
@@ -233,7 +240,8 @@ async def _give(client: aioredis.Redis, q: Quotad, *, giver: int, taker: int, tr
     keys = [q.store._slice_key(partition, limit), q.store._transfers_key(partition)]
     spec: list[str | int] = ["B", "t", limit.limit, limit.period_us, giver, PARTITIONS]
     suffix = f"g:B{PARTITIONS}:provider-tpm"
-    return await _escrow(client, keys, ["give", now, *spec, 0, transfer, taker, limit.limit, suffix])
+    seen = limit.limit // PARTITIONS  # the taker's capacity, as the replica saw it
+    return await _escrow(client, keys, ["give", now, *spec, 0, transfer, taker, limit.limit, suffix, seen])
 
 
 async def _take(
@@ -391,3 +399,43 @@ async def test_the_partitions_spread_over_a_real_clusters_shards(
     finally:
         await client.aclose()
     assert owners == set(range(len(two_shard_cluster)))
+
+
+async def test_two_busy_partitions_converge_to_equal_shares(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    """A busy slice gives nothing it uses, so a second busy partition would starve; instead the
+    first owes it half the difference and yields it as its usage drains (see escrow.lua)."""
+    limit, cost = 8_000, 50
+    clock = ManualClock()
+    policy_yaml = bucket_policy(limit).replace("rebalance_interval: 20ms", "rebalance_interval: 1ms")
+    async with quotad(policy_yaml, clock=clock, subject="s") as q:
+        policy, _ = _policy(q)
+        first = "hot"
+        second = next(
+            t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(first)
+        )
+
+        async def fill(tenant: str) -> int:
+            admitted = 0
+            while (await q.reserve(tenant=tenant, input_tokens=cost)).decision == pb.DECISION_ALLOWED:
+                admitted += cost
+            await asyncio.sleep(0.012)  # past the replica's longest gap between two pulls
+            return admitted
+
+        total = await fill(first)
+        assert total >= 0.95 * limit
+        shares = {first: 0, second: 0}
+        for step in range(30):  # three periods, both partitions asking all the time
+            clock.advance(6)
+            for tenant in (first, second) if step % 2 else (second, first):
+                admitted = await fill(tenant)
+                total += admitted
+                if step >= 20:  # the last period
+                    shares[tenant] += admitted
+        assert total <= limit + 180 * limit // 60  # never more than one bucket of the limit admits
+        capacities = [await slice_capacity(redis_client, q, policy.partition(t)) for t in (first, second)]
+        assert await capacity(redis_client, q) == (limit, 0)
+        assert min(capacities) >= 0.4 * limit, capacities  # two of eight slices: half each, less floors
+        assert min(shares.values()) >= 0.4 * sum(shares.values()), shares
+        assert sum(shares.values()) >= 0.95 * limit  # and the last period's refill was used

@@ -282,6 +282,7 @@ class RedisStore:
         self._random_hex = _RandomHex()
         self._limit_sets: dict[int, _LimitSet] = {}
         self._owners: dict[tuple[str, str], dict[Scope, str]] = {}  # (tag, tenant) -> key prefix per scope
+        self._taker_capacity: dict[str, int] = {}  # escrow: slice key -> its capacity after its last take
 
     @classmethod
     def from_url(
@@ -879,10 +880,14 @@ class RedisStore:
         now = self._now_arg()
         givers = [index for index in range(count) if index != taker]
         ids = {index: self._random_hex()[:16] for index in givers}
+        taker_key = self._slice_key(partitions[taker], limit)
+        # The taker's capacity as its last take left it (at first, its even share): givers above it
+        # owe it half the difference (see escrow.lua), so busy slices converge to equal shares.
+        seen = self._taker_capacity.get(taker_key, limit.limit // count)
         gives: list[ScriptCall] = [
             (
                 [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],
-                ["give", now, *spec, g, count, keep, ids[g], taker, limit.limit, suffix],
+                ["give", now, *spec, g, count, keep, ids[g], taker, limit.limit, suffix, seen],
                 NOTHING,
             )
             for g in givers
@@ -897,13 +902,17 @@ class RedisStore:
         ttl = self._mark_ttl_ms(timeout_us)
         takes: list[ScriptCall] = [
             (
-                [self._slice_key(partitions[taker], limit), self._mark_key(partitions[taker], ids[g])],
+                [taker_key, self._mark_key(partitions[taker], ids[g])],
                 ["take", now, *spec, taker, count, ids[g], reply[0], limit.limit, reply[1], timeout_us, ttl],
                 NOTHING,
             )
             for g, reply in given
         ]
-        taken = [self._unwrap(reply)[0] for reply in await self._run_many(self._escrow, takes)]
+        took = [self._unwrap(reply) for reply in await self._run_many(self._escrow, takes)]
+        taken = [reply[0] for reply in took]
+        if len(self._taker_capacity) > 10_000:
+            self._taker_capacity.clear()
+        self._taker_capacity[taker_key] = max(reply[2] for reply in took)
         done: list[ScriptCall] = [
             (
                 [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],

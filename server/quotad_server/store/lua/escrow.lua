@@ -17,10 +17,16 @@ the transfer older than its timeout, cancels it at the taker (a cancel mark: a l
 does nothing) and, if the taker never got it, gives it back to the giver.
 
 Slice state, next to the limit's counter key K (which holds usage as for any limit):
-  K:e  "<capacity> <limit it was set for>" (no TTL: capacity is state, not usage). Absent:
-       the slice holds its even share, floor(limit / slices), plus one for the first
-       limit % slices slices. A limit changed in the policy scales every capacity by
-       new / old, rounding down: the sum stays within the new limit.
+  K:e  "<capacity> <limit it was set for> <owed> <owed until>" (no TTL: capacity is state,
+       not usage). Absent: the slice holds its even share, floor(limit / slices), plus one
+       for the first limit % slices slices. A limit changed in the policy scales every
+       capacity by new / old, rounding down: the sum stays within the new limit.
+  Fair share between busy slices: a giver can give only what it does not use, and a busy
+  one uses all it has. So a giver left with more capacity than its taker owes the taker
+  half the difference, for one period: meanwhile it admits up to its capacity less what it
+  owes, and what it owes frees as its usage drains or leaves the window, for the taker's
+  next pulls to take. Two busy slices thus converge to equal capacities within a period or
+  so; an idle slice owes nothing it would not give anyway.
   A token bucket slice of capacity c refills at c / period: the slices' rates sum to at most
   the limit's; its level K "<level> <updated_at>" is drained at the old rate and rewritten
   whenever c changes. A sliding window slice admits while its window holds at most c units.
@@ -32,12 +38,12 @@ Transfer records: hash '<prefix>:{tag}:e:out' of the giver, field <id>, value
 
 Modes (ARGV[1]); ARGV[2] is now in microseconds, or "" to read Redis TIME.
   give     KEYS: K, out.  ARGV[3..]: alg (B|W), metric, limit, period, index, slices, floor,
-           id, taker index, want, key suffix.
+           id, taker index, want, key suffix, the taker's capacity (as last seen).
            Gives min(want, free - floor) whole units, free = capacity - usage now (never what
-           is in use). Returns {d, now}.
+           is in use), and owes the taker half of what it keeps above it. Returns {d, now}.
   take     KEYS: K, mark.  ARGV[3..]: alg, metric, limit, period, index, slices, id, d,
-           the limit d was given under, created_us, timeout_us, mark ttl ms. Returns {d, now}
-           ({0, now}: too late, or already taken or cancelled).
+           the limit d was given under, created_us, timeout_us, mark ttl ms. Returns {d, now,
+           capacity after} ({0, now, capacity}: too late, or already taken or cancelled).
   cancel   KEYS: mark.  ARGV[3]: mark ttl ms. Returns {1} if the taker had received it, else
            {0} (and from now on it never will).
   reclaim  KEYS: K, out.  ARGV[3..]: id, received (0|1), giver index. Returns {d given back}.
@@ -53,17 +59,19 @@ if not now then
 end
 local EPSILON = 1e-9
 
+-- Capacity, and what the slice owes until when ({0, 0} once past).
 local function capacity(key, limit, index, slices)
   local raw = call('GET', key .. ':e')
   if raw then
-    local c, set_for = string.match(raw, '^(%d+) (%d+)$')
-    c, set_for = tonumber(c), tonumber(set_for)
-    if set_for ~= limit then c = math.floor(c * limit / set_for) end
-    return c
+    local c, set_for, owed, owed_until = string.match(raw, '^(%d+) (%d+) ?(%d*) ?(%d*)')
+    c, set_for, owed, owed_until = tonumber(c), tonumber(set_for), tonumber(owed) or 0, tonumber(owed_until) or 0
+    if owed_until <= now then owed, owed_until = 0, 0 end
+    if set_for ~= limit then c, owed = math.floor(c * limit / set_for), math.floor(owed * limit / set_for) end
+    return c, owed, owed_until
   end
   local share = math.floor(limit / slices)
   if index < limit % slices then share = share + 1 end
-  return share
+  return share, 0, 0
 end
 
 -- Usage now: a bucket's level drained at its capacity's rate, or a window's units.
@@ -86,8 +94,9 @@ local function usage(alg, metric, key, c, period)
   return used
 end
 
--- A new capacity; a bucket's level is first drained at the old rate and rewritten at now.
-local function set_capacity(alg, metric, key, old, new, limit, period)
+-- A new capacity (and what it owes); a bucket's level is first drained at the old rate and
+-- rewritten at now.
+local function set_capacity(alg, metric, key, old, new, limit, period, owed, owed_until)
   if alg == 'B' then
     local level = usage(alg, metric, key, old, period)
     if level <= EPSILON then
@@ -98,30 +107,42 @@ local function set_capacity(alg, metric, key, old, new, limit, period)
       call('SET', key, fmt('%.17g %d', level, now))  -- no rate: it stays until capacity comes
     end
   end
-  call('SET', key .. ':e', fmt('%d %d', new, limit))
+  if owed > 0 then
+    call('SET', key .. ':e', fmt('%d %d %d %d', new, limit, math.min(owed, new), owed_until))
+  else
+    call('SET', key .. ':e', fmt('%d %d', new, limit))
+  end
 end
 
 if mode == 'give' then
   local alg, metric, limit, period = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local index, slices, keep = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-  local c = capacity(KEYS[1], limit, index, slices)
+  local c, owed, owed_until = capacity(KEYS[1], limit, index, slices)
   local free = c - usage(alg, metric, KEYS[1], c, period)
-  local d = math.floor(math.min(tonumber(ARGV[12]), free - keep))
-  if d <= 0 then return {0, now} end
-  set_capacity(alg, metric, KEYS[1], c, c - d, limit, period)
-  call('HSET', KEYS[2], ARGV[10],
-    table.concat({ARGV[11], fmt('%d', d), ARGV[5], fmt('%d', now), alg, metric, ARGV[6], ARGV[8], ARGV[13]}, ' '))
+  local d = math.max(0, math.floor(math.min(tonumber(ARGV[12]), free - keep)))
+  local taker = tonumber(ARGV[14]) + d
+  local owe = math.max(0, math.floor((c - d - taker) / 2))
+  if owe > 0 then
+    owed, owed_until = owe, now + period
+  elseif d == 0 then
+    return {0, now}  -- nothing to give, nothing owed
+  end
+  set_capacity(alg, metric, KEYS[1], c, c - d, limit, period, owed, owed_until)
+  if d > 0 then
+    call('HSET', KEYS[2], ARGV[10],
+      table.concat({ARGV[11], fmt('%d', d), ARGV[5], fmt('%d', now), alg, metric, ARGV[6], ARGV[8], ARGV[13]}, ' '))
+  end
   return {d, now}
 elseif mode == 'take' then
   local alg, metric, limit, period = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local index, slices = tonumber(ARGV[7]), tonumber(ARGV[8])
   local d, given_for, created, timeout = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-  if now - created > timeout then return {0, now} end  -- past its timeout: it goes back to the giver
-  if not call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[14]) then return {0, now} end
+  local c, owed, owed_until = capacity(KEYS[1], limit, index, slices)
+  if now - created > timeout then return {0, now, c} end  -- past its timeout: it goes back to the giver
+  if not call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[14]) then return {0, now, c} end
   if given_for ~= limit then d = math.floor(d * limit / given_for) end
-  local c = capacity(KEYS[1], limit, index, slices)
-  set_capacity(alg, metric, KEYS[1], c, c + d, limit, period)
-  return {d, now}
+  set_capacity(alg, metric, KEYS[1], c, c + d, limit, period, owed, owed_until)
+  return {d, now, c + d}
 elseif mode == 'cancel' then
   if call('SET', KEYS[1], 'x', 'NX', 'PX', ARGV[3]) then return {0} end
   if call('GET', KEYS[1]) == 'r' then return {1} end
@@ -134,8 +155,8 @@ elseif mode == 'reclaim' then
   local _, d, limit, _, alg, metric, period, slices = string.match(record,
     '^(%d+) (%d+) (%d+) (%d+) (%a) (%a) (%d+) (%d+) ')
   d, limit, period = tonumber(d), tonumber(limit), tonumber(period)
-  local c = capacity(KEYS[1], limit, tonumber(ARGV[5]), tonumber(slices))
-  set_capacity(alg, metric, KEYS[1], c, c + d, limit, period)
+  local c, owed, owed_until = capacity(KEYS[1], limit, tonumber(ARGV[5]), tonumber(slices))
+  set_capacity(alg, metric, KEYS[1], c, c + d, limit, period, owed, owed_until)
   return {d}
 elseif mode == 'stale' then
   local found = {}

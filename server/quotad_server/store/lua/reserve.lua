@@ -62,7 +62,8 @@ State, per algorithm (units are requests, tokens or micro-dollars; times are mic
   d/m  integer units used in the current UTC day / month.
   B/W  as b and w, with the slice's capacity c (KEYS[i] .. ':e', see escrow.lua) in place of
      the limit: a bucket slice refills at c/period, a window slice holds at most c units, and
-     the admission cap is cap * c / limit, rounded down. A cost above the slice but within
+     the admission cap is cap * (c - owed) / limit, rounded down (owed: what the slice yields
+     to busier slices, see escrow.lua). A cost above the slice but within
      the limit waits one period at most (every slice empties within a period, and a
      rebalance can then move its capacity); it never waits -1 (that says: never fits).
      Each slice keeps a zset of its own (no sharing between request windows).
@@ -253,18 +254,20 @@ local function claimed_before(line, used, limit)
 end
 local HINT = tonumber(ticket_ttl) * 1000 / 3  -- about one heartbeat, for those a line holds back
 
--- A slice's capacity (see escrow.lua, which writes it): absent, its even share of the limit.
+-- A slice's capacity, and what it owes other slices until then (see escrow.lua, which writes
+-- them): absent, its even share of the limit, owing nothing.
 local function slice_capacity(key, limit)
   local raw = call('GET', key .. ':e')
   if raw then
-    local c, set_for = string.match(raw, '^(%d+) (%d+)$')
+    local c, set_for, owed, owed_until = string.match(raw, '^(%d+) (%d+) ?(%d*) ?(%d*)')
     c, set_for = tonumber(c), tonumber(set_for)
-    if set_for ~= limit then c = math.floor(c * limit / set_for) end
-    return c
+    owed = (tonumber(owed_until) or 0) > now and tonumber(owed) or 0
+    if set_for ~= limit then c, owed = math.floor(c * limit / set_for), math.floor(owed * limit / set_for) end
+    return c, math.min(owed, c)
   end
   local share = math.floor(limit / slices)
   if slice_index < limit % slices then share = share + 1 end
-  return share
+  return share, 0
 end
 
 local statuses = {}
@@ -279,8 +282,8 @@ for i = 1, n do
   local used, wait, reset_after, extra, claim = 0, 0, 0, 0, 0
   local whole = cap  -- the limit's own cap: a cost above it never fits
   if alg == 'B' or alg == 'W' then
-    local c = slice_capacity(key, limit)
-    cap = math.floor(cap * c / limit)
+    local c, owed = slice_capacity(key, limit)
+    cap = math.floor(cap * (c - owed) / limit)  -- it drains at c's rate, and admits up to c less what it owes
     limit = c
     if alg == 'B' then alg = 'b' else alg = 'w' end
   end

@@ -167,7 +167,7 @@ for line in lines do
     alg = 'b'
     local raw = redis.call('GET', key .. ':e')
     if raw then
-      local c, set_for = string.match(raw, '^(%d+) (%d+)$')
+      local c, set_for = string.match(raw, '^(%d+) (%d+)')
       limit = math.floor(tonumber(c) * limit / tonumber(set_for))
     else
       limit = math.floor(limit / tonumber(string.match(suffix, '^g:B(%d+):') or '1'))
