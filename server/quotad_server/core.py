@@ -189,6 +189,20 @@ def _check_parts(violations: list[FieldViolation], request: ReserveRequest) -> N
             )
 
 
+def _units(limit: Limit, plan: ReservePlan) -> int:
+    """What `plan` costs on `limit`, as reserve.lua counts it."""
+    metric = limit.metric
+    if metric in (Metric.REQUESTS, Metric.CONCURRENT):
+        return 1
+    if metric is Metric.INPUT_TOKENS:
+        return plan.input_tokens
+    if metric is Metric.OUTPUT_TOKENS:
+        return plan.output_tokens
+    if metric is Metric.COST_USD:
+        return plan.cost_micro_usd
+    return plan.input_tokens + plan.output_tokens
+
+
 def _slice_index(partition: str) -> int:
     """The index of an escrow partition ("p:<index>", see Policy.partition); 0 for the others."""
     return int(partition[2:]) if partition.startswith("p:") else 0
@@ -782,7 +796,7 @@ class QuotaCore:
             return []
         return [s.limit for s in denying]
 
-    async def _pull(self, limit: Limit, taker: int) -> int:
+    async def _pull(self, limit: Limit, taker: int, need: int = 0) -> int:
         """Move unused capacity of `limit`'s other slices to slice `taker`: one pull at a time per
         slice on this replica (those that come meanwhile share it), none sooner than
         escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
@@ -811,6 +825,7 @@ class QuotaCore:
                     taker,
                     escrow.floor_units(limit.limit),
                     escrow.transfer_timeout_us,
+                    need=need,
                 ),
                 name="quotad-escrow-pull",
             )
@@ -839,7 +854,9 @@ class QuotaCore:
         short = self._short_slices(statuses)
         if not short:
             return False
-        moved = await asyncio.gather(*(self._pull(limit, plan.slice_index) for limit in short))
+        moved = await asyncio.gather(
+            *(self._pull(limit, plan.slice_index, _units(limit, plan)) for limit in short)
+        )
         return any(moved)
 
     async def _reserve(self, plan: ReservePlan) -> ReserveResult:

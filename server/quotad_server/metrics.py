@@ -467,9 +467,18 @@ class InstrumentedStore:
         return self._timed("peek", self._inner.peek(partition, tenant, subject, limits, slice_index))
 
     def rebalance(
-        self, limit: Limit, partitions: Sequence[str], taker: int, keep: int, timeout_us: int
+        self,
+        limit: Limit,
+        partitions: Sequence[str],
+        taker: int,
+        keep: int,
+        timeout_us: int,
+        *,
+        need: int = 0,
     ) -> Coroutine[Any, Any, int]:
-        return self._timed("rebalance", self._inner.rebalance(limit, partitions, taker, keep, timeout_us))
+        return self._timed(
+            "rebalance", self._inner.rebalance(limit, partitions, taker, keep, timeout_us, need=need)
+        )
 
     def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> Coroutine[Any, Any, int]:
         return self._timed("recover_transfers", self._inner.recover_transfers(partitions, timeout_us))

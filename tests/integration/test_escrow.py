@@ -241,7 +241,8 @@ async def _give(client: aioredis.Redis, q: Quotad, *, giver: int, taker: int, tr
     spec: list[str | int] = ["B", "t", limit.limit, limit.period_us, giver, PARTITIONS]
     suffix = f"g:B{PARTITIONS}:provider-tpm"
     seen = limit.limit // PARTITIONS  # the taker's capacity, as the replica saw it
-    return await _escrow(client, keys, ["give", now, *spec, 0, transfer, taker, limit.limit, suffix, seen])
+    args: list[str | int] = ["give", now, *spec, 0, transfer, taker, limit.limit, suffix, seen, seen]
+    return await _escrow(client, keys, args)
 
 
 async def _take(
@@ -439,3 +440,30 @@ async def test_two_busy_partitions_converge_to_equal_shares(
         assert min(capacities) >= 0.4 * limit, capacities  # two of eight slices: half each, less floors
         assert min(shares.values()) >= 0.4 * sum(shares.values()), shares
         assert sum(shares.values()) >= 0.95 * limit  # and the last period's refill was used
+
+
+async def test_a_passing_request_does_not_halve_a_busy_partition(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    """What a busy giver owes is at most what its taker asks: a request that passes by in another
+    partition takes the busy partition's capacity for one request's cost, not half of it."""
+    limit = 8_000
+    clock = ManualClock()
+    async with quotad(bucket_policy(limit), clock=clock, subject="s") as q:
+        policy, _ = _policy(q)
+        busy = "hot"
+        passing = next(
+            t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(busy)
+        )
+        while (await q.reserve(tenant=busy, input_tokens=10)).decision == pb.DECISION_ALLOWED:
+            pass
+        capacity_before = await slice_capacity(redis_client, q, policy.partition(busy))
+        await asyncio.sleep(0.025)  # past the replica's gap between two pulls of a slice
+        await q.reserve(tenant=passing, input_tokens=100)
+        clock.advance(30)  # half the busy slice's usage drains
+        await asyncio.sleep(0.025)
+        admitted = 0
+        while (await q.reserve(tenant=busy, input_tokens=10)).decision == pb.DECISION_ALLOWED:
+            admitted += 10
+        moved = capacity_before - await slice_capacity(redis_client, q, policy.partition(busy))
+        assert admitted >= capacity_before // 2 - 100 - moved - 10

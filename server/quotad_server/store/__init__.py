@@ -97,10 +97,18 @@ class Store(Protocol):
         ...
 
     async def rebalance(
-        self, limit: Limit, partitions: Sequence[str], taker: int, keep: int, timeout_us: int
+        self,
+        limit: Limit,
+        partitions: Sequence[str],
+        taker: int,
+        keep: int,
+        timeout_us: int,
+        *,
+        need: int = 0,
     ) -> int:
         """Move to partition `taker`'s slice of `limit` (held in escrow) what the other slices do
-        not use, less `keep` units each; returns the units moved. The slices never sum to more
+        not use, less `keep` units each, and have busier slices yield it up to `need` (or its
+        capacity) as their usage frees; returns the units moved. The slices never sum to more
         than the limit, whatever fails when."""
         ...
 

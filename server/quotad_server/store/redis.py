@@ -866,10 +866,18 @@ class RedisStore:
         return max(60_000, 10 * timeout_us // 1000)
 
     async def rebalance(
-        self, limit: Limit, partitions: Sequence[str], taker: int, keep: int, timeout_us: int
+        self,
+        limit: Limit,
+        partitions: Sequence[str],
+        taker: int,
+        keep: int,
+        timeout_us: int,
+        *,
+        need: int = 0,
     ) -> int:
         """Move the capacity the other slices of `limit` do not use, less `keep` units each, to
-        the slice of partition `taker`; returns the units moved.
+        the slice of partition `taker`, and have busier slices owe it up to `need` units (or its
+        capacity, if more) for their usage to free (see escrow.lua); returns the units moved.
 
         Three pipelined rounds of single-slot calls: give (every other slice), take, and the
         transfer records' removal. A round that fails leaves its transfers to recover_transfers.
@@ -881,13 +889,26 @@ class RedisStore:
         givers = [index for index in range(count) if index != taker]
         ids = {index: self._random_hex()[:16] for index in givers}
         taker_key = self._slice_key(partitions[taker], limit)
-        # The taker's capacity as its last take left it (at first, its even share): givers above it
+        # The taker's capacity as its last take left it (at first, 0: unknown): givers above it
         # owe it half the difference (see escrow.lua), so busy slices converge to equal shares.
-        seen = self._taker_capacity.get(taker_key, limit.limit // count)
+        seen = self._taker_capacity.get(taker_key, 0)
         gives: list[ScriptCall] = [
             (
                 [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],
-                ["give", now, *spec, g, count, keep, ids[g], taker, limit.limit, suffix, seen],
+                [
+                    "give",
+                    now,
+                    *spec,
+                    g,
+                    count,
+                    keep,
+                    ids[g],
+                    taker,
+                    limit.limit,
+                    suffix,
+                    seen,
+                    max(need, seen),
+                ],
                 NOTHING,
             )
             for g in givers

@@ -23,10 +23,11 @@ Slice state, next to the limit's counter key K (which holds usage as for any lim
        capacity by new / old, rounding down: the sum stays within the new limit.
   Fair share between busy slices: a giver can give only what it does not use, and a busy
   one uses all it has. So a giver left with more capacity than its taker owes the taker
-  half the difference, for one period: meanwhile it admits up to its capacity less what it
-  owes, and what it owes frees as its usage drains or leaves the window, for the taker's
-  next pulls to take. Two busy slices thus converge to equal capacities within a period or
-  so; an idle slice owes nothing it would not give anyway.
+  half the difference (at most what the taker asks: the cost it was denied, or its own
+  capacity, so a busy taker's ask doubles with each pull), for one period: meanwhile it
+  admits up to its capacity less what it owes, and what it owes frees as its usage drains
+  or leaves the window, for the taker's next pulls to take. Two busy slices thus converge
+  to equal capacities within a period or so; a passing request owes it one request's cost.
   A token bucket slice of capacity c refills at c / period: the slices' rates sum to at most
   the limit's; its level K "<level> <updated_at>" is drained at the old rate and rewritten
   whenever c changes. A sliding window slice admits while its window holds at most c units.
@@ -38,9 +39,10 @@ Transfer records: hash '<prefix>:{tag}:e:out' of the giver, field <id>, value
 
 Modes (ARGV[1]); ARGV[2] is now in microseconds, or "" to read Redis TIME.
   give     KEYS: K, out.  ARGV[3..]: alg (B|W), metric, limit, period, index, slices, floor,
-           id, taker index, want, key suffix, the taker's capacity (as last seen).
+           id, taker index, want, key suffix, the taker's capacity (as last seen), ask.
            Gives min(want, free - floor) whole units, free = capacity - usage now (never what
-           is in use), and owes the taker half of what it keeps above it. Returns {d, now}.
+           is in use), and owes the taker half of what it keeps above it, at most `ask`
+           (then less what it gives on later calls). Returns {d, now}.
   take     KEYS: K, mark.  ARGV[3..]: alg, metric, limit, period, index, slices, id, d,
            the limit d was given under, created_us, timeout_us, mark ttl ms. Returns {d, now,
            capacity after} ({0, now, capacity}: too late, or already taken or cancelled).
@@ -121,11 +123,14 @@ if mode == 'give' then
   local free = c - usage(alg, metric, KEYS[1], c, period)
   local d = math.max(0, math.floor(math.min(tonumber(ARGV[12]), free - keep)))
   local taker = tonumber(ARGV[14]) + d
-  local owe = math.max(0, math.floor((c - d - taker) / 2))
-  if owe > 0 then
+  -- Owed: half the difference, at most what the taker asks (one request's cost, or as much as
+  -- it has: a busy taker doubles per pull, a passing request does not halve a busy giver).
+  local owe = math.min(math.floor((c - d - taker) / 2), tonumber(ARGV[15]))
+  if owed > 0 then owed = math.max(0, owed - d) end  -- paid as it gives
+  if owe > owed then
     owed, owed_until = owe, now + period
   elseif d == 0 then
-    return {0, now}  -- nothing to give, nothing owed
+    return {0, now}  -- nothing to give, nothing more owed
   end
   set_capacity(alg, metric, KEYS[1], c, c - d, limit, period, owed, owed_until)
   if d > 0 then
