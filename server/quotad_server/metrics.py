@@ -476,9 +476,8 @@ class InstrumentedStore:
         *,
         need: int = 0,
     ) -> Coroutine[Any, Any, int]:
-        return self._timed(
-            "rebalance", self._inner.rebalance(limit, partitions, taker, keep, timeout_us, need=need)
-        )
+        call = self._inner.rebalance(limit, partitions, taker, keep, timeout_us, need=need)
+        return self._timed("rebalance", call)
 
     def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> Coroutine[Any, Any, int]:
         return self._timed("recover_transfers", self._inner.recover_transfers(partitions, timeout_us))
