@@ -20,13 +20,14 @@ import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
-from quotad_server.core import MAX_PULL_BACKOFF
+from quotad_server.core import MAX_PULL_BACKOFF, QuotaCore, ReserveRequest
 from quotad_server.model import Limit
 from quotad_server.policy import Policy, parse_policy
 from quotad_server.store.embedded import EmbeddedRedis
-from quotad_server.store.redis import hash_tag, key
+from quotad_server.store.redis import RedisStore, hash_tag, key
+from quotad_server.store.resp import RedisAddress, RespClient, Script
 
-from tests.conftest import RPC_TIMEOUT_S, ManualClock, Quotad, QuotadFactory, running_quotad
+from tests.conftest import RPC_TIMEOUT_S, ManualClock, Quotad, QuotadFactory, redis_cluster, running_quotad
 from tests.keyslot import key_slot
 
 PARTITIONS = 8
@@ -467,3 +468,92 @@ async def test_a_passing_request_does_not_halve_a_busy_partition(
             admitted += 10
         moved = capacity_before - await slice_capacity(redis_client, q, policy.partition(busy))
         assert admitted >= capacity_before // 2 - 100 - moved - 10
+
+
+class _SlotRouter:
+    """Test only: quotad's single-node client, one per shard of a real Redis Cluster, each script
+    call sent to the shard that owns its first key's slot (the other engineer's cluster client
+    does this for real; this checks escrow on a cluster without it). Exactly one slot per call
+    is what makes this routing possible at all."""
+
+    def __init__(self, nodes: Sequence[EmbeddedRedis]) -> None:
+        self._clients = [RespClient(RedisAddress.from_url(node.url), timeout_s=2.0) for node in nodes]
+        self.clock = self._clients[0].clock
+        self.calls = [0] * len(nodes)
+
+    def _owner(self, keys: Sequence[str]) -> int:
+        slots = {key_slot(k) for k in keys}
+        assert len(slots) == 1, keys
+        return slots.pop() * len(self._clients) // 16384  # redis_cluster splits the slots evenly
+
+    def register(self, *scripts: Script) -> None:
+        for client in self._clients:
+            client.register(*scripts)
+
+    def deadline(self) -> float:
+        return self._clients[0].deadline()
+
+    @property
+    def in_doubt(self) -> int:
+        return sum(client.in_doubt for client in self._clients)
+
+    async def sync_clock(self, deadline: float | None = None) -> None:
+        await self._clients[0].sync_clock(deadline)
+
+    async def call(self, *command: Any, deadline: float | None = None) -> Any:
+        return await self._clients[0].call(*command, deadline=deadline)
+
+    async def run_script(
+        self, script: Script, keys: list[str], args: list[Any], *rest: Any, **options: Any
+    ) -> Any:
+        owner = self._owner(keys)
+        self.calls[owner] += 1
+        return await self._clients[owner].run_script(script, keys, args, *rest, **options)
+
+    async def run_scripts(self, script: Script, calls: Sequence[Any], **options: Any) -> list[Any]:
+        return [await self.run_script(script, *call) for call in calls]
+
+    async def subscribe(self, channel: str, on_message: Any) -> None:
+        await self._clients[0].subscribe(channel, on_message)  # a cluster passes every PUBLISH on
+
+    def drop_connection(self, reason: Exception) -> None:
+        for client in self._clients:
+            client.drop_connection(reason)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+async def test_skew_on_a_real_three_shard_cluster_is_exact_and_spread() -> None:
+    limit = 20_000
+    policy = parse_policy(
+        textwrap.dedent(bucket_policy(limit)).replace("partitions: 8", "partitions: 16"), "p"
+    )
+    clock = ManualClock()
+    with redis_cluster(3) as nodes:
+        router = _SlotRouter(nodes)
+        store = RedisStore(router, timeout_s=2.0, clock=clock)  # type: ignore[arg-type]
+        core = QuotaCore(policy, store)
+        try:
+            # A little traffic on every tenant, then a storm on one partition: exact, and spread.
+            tenants = [f"tenant-{i}" for i in range(64)]
+            for tenant in tenants:
+                assert (
+                    await core.check_and_reserve(ReserveRequest("s", tenant, input_tokens=10))
+                ).reservation_id
+            costs = [random.Random(3).randint(20, 300) for _ in range(300)]
+            outcomes = await asyncio.gather(
+                *(
+                    core.check_and_reserve(ReserveRequest(f"s{i}", "hot", input_tokens=c))
+                    for i, c in enumerate(costs)
+                )
+            )
+            admitted = 10 * len(tenants) + sum(
+                c for c, o in zip(costs, outcomes, strict=True) if o.reservation_id
+            )
+            assert admitted <= limit
+            assert admitted >= 0.95 * limit
+            assert min(router.calls) > 0  # every shard decided some
+        finally:
+            await store.aclose()
