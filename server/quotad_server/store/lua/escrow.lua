@@ -46,6 +46,8 @@ Modes (ARGV[1]); ARGV[2] is now in microseconds, or "" to read Redis TIME.
   take     KEYS: K, mark.  ARGV[3..]: alg, metric, limit, period, index, slices, id, d,
            the limit d was given under, created_us, timeout_us, mark ttl ms. Returns {d, now,
            capacity after} ({0, now, capacity}: too late, or already taken or cancelled).
+           Capacity that comes to a slice with a waiting line is announced on '<prefix>:wake'
+           (take and reclaim), as settle.lua announces freed capacity.
   cancel   KEYS: mark.  ARGV[3]: mark ttl ms. Returns {1} if the taker had received it, else
            {0} (and from now on it never will).
   reclaim  KEYS: K, out.  ARGV[3..]: id, received (0|1), giver index. Returns {d given back}.
@@ -116,6 +118,15 @@ local function set_capacity(alg, metric, key, old, new, limit, period, owed, owe
   end
 end
 
+-- Capacity came to a slice whose limit has a waiting line: wake its waiters on every replica
+-- (as settle.lua does for freed capacity), rather than at their next heartbeat.
+local function announce(key)
+  local partition = string.match(key, '^(.-:{[^}]*})')
+  if call('SISMEMBER', partition .. ':lines', key .. ':q') == 1 then
+    call('PUBLISH', string.match(partition, '^(.-):{') .. ':wake', key .. ':q')
+  end
+end
+
 if mode == 'give' then
   local alg, metric, limit, period = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local index, slices, keep = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -147,6 +158,7 @@ elseif mode == 'take' then
   if not call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[14]) then return {0, now, c} end
   if given_for ~= limit then d = math.floor(d * limit / given_for) end
   set_capacity(alg, metric, KEYS[1], c, c + d, limit, period, owed, owed_until)
+  announce(KEYS[1])
   return {d, now, c + d}
 elseif mode == 'cancel' then
   if call('SET', KEYS[1], 'x', 'NX', 'PX', ARGV[3]) then return {0} end
@@ -162,6 +174,7 @@ elseif mode == 'reclaim' then
   d, limit, period = tonumber(d), tonumber(limit), tonumber(period)
   local c, owed, owed_until = capacity(KEYS[1], limit, tonumber(ARGV[5]), tonumber(slices))
   set_capacity(alg, metric, KEYS[1], c, c + d, limit, period, owed, owed_until)
+  announce(KEYS[1])
   return {d}
 elseif mode == 'stale' then
   local found = {}
