@@ -16,12 +16,13 @@ from importlib import resources
 from typing import Any
 
 import grpc
+import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.core import MAX_PULL_BACKOFF, QuotaCore, ReserveRequest
-from quotad_server.model import Limit
+from quotad_server.model import Algorithm, Limit
 from quotad_server.policy import Policy, parse_policy
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore, hash_tag, key
@@ -239,8 +240,9 @@ async def _give(client: aioredis.Redis, q: Quotad, *, giver: int, taker: int, tr
     assert policy.escrow is not None
     partition = policy.escrow.partition_names()[giver]
     keys = [q.store._slice_key(partition, limit), q.store._transfers_key(partition)]
-    spec: list[str | int] = ["B", "t", limit.limit, limit.period_us, giver, PARTITIONS]
-    suffix = f"g:B{PARTITIONS}:provider-tpm"
+    code = "W" if limit.algorithm is Algorithm.SLIDING_WINDOW else "B"
+    spec: list[str | int] = [code, "t", limit.limit, limit.period_us, giver, PARTITIONS]
+    suffix = f"g:{code}{PARTITIONS}:provider-tpm"
     seen = limit.limit // PARTITIONS  # the taker's capacity, as the replica saw it
     args: list[str | int] = ["give", now, *spec, 0, transfer, taker, limit.limit, suffix, seen, seen]
     return await _escrow(client, keys, args)
@@ -542,7 +544,8 @@ async def test_skew_on_a_real_three_shard_cluster_is_exact_and_spread() -> None:
                 assert (
                     await core.check_and_reserve(ReserveRequest("s", tenant, input_tokens=10))
                 ).reservation_id
-            costs = [random.Random(3).randint(20, 300) for _ in range(300)]
+            rng = random.Random(3)
+            costs = [rng.randint(20, 300) for _ in range(300)]
             outcomes = await asyncio.gather(
                 *(
                     core.check_and_reserve(ReserveRequest(f"s{i}", "hot", input_tokens=c))
@@ -557,3 +560,71 @@ async def test_skew_on_a_real_three_shard_cluster_is_exact_and_spread() -> None:
             assert min(router.calls) > 0  # every shard decided some
         finally:
             await store.aclose()
+
+
+@pytest.mark.parametrize("algorithm", ["token_bucket", "sliding_window"])
+async def test_random_traffic_refunds_transfers_and_deaths_never_beat_one_exact_limit(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, algorithm: str
+) -> None:
+    """Random reservations over every partition, commits below the estimate, releases, time
+    passing, transfers cut short by a dying replica and recoveries: after every step the slices
+    and the capacity in flight sum to the limit exactly, and every admission is one that a
+    single exact limit (one bucket, or one window), fed the same reservations and refunds,
+    would admit too."""
+    limit, period_s = 5_000, 60
+    clock = ManualClock()
+    rng = random.Random(1515)
+    policy_yaml = bucket_policy(limit).replace(
+        f"limit: {limit}, period: 1m}}", f"limit: {limit}, period: 1m, algorithm: {algorithm}}}"
+    )
+    window = algorithm == "sliding_window"
+    async with running_quotad(policy_yaml, redis_server.url, clock=clock) as q:
+        assert q.core is not None
+        core, policy = q.core, q.core.policy
+        assert policy.global_limits[0].algorithm.value == algorithm
+        tenants = [f"tenant-{i}" for i in range(24)]
+        held: list[tuple[str, int]] = []  # (reservation id, tokens reserved)
+        level = 0.0  # the single bucket's level
+        charged: dict[str, tuple[int, int]] = {}  # the single window: reservation id -> (at, units)
+
+        def in_window() -> int:
+            return sum(units for at, units in charged.values() if at > clock.now_us - period_s * 1_000_000)
+
+        for step in range(300):
+            action = rng.random()
+            if action < 0.55:
+                cost = rng.randint(1, 400)
+                outcome = await core.check_and_reserve(
+                    ReserveRequest("s", rng.choice(tenants), input_tokens=cost)
+                )
+                if outcome.reservation_id:
+                    if window:
+                        assert in_window() + cost <= limit, step
+                    else:
+                        assert level + cost <= limit + 1e-6, (step, level, cost)
+                    level += cost
+                    held.append((outcome.reservation_id, cost))
+                    charged[outcome.reservation_id] = (clock.now_us, cost)
+            elif action < 0.85 and held:
+                reservation_id, cost = held.pop(rng.randrange(len(held)))
+                used = rng.choice([0, rng.randint(0, cost)])  # never above the estimate: no debt
+                if used or rng.random() < 0.5:
+                    await core.commit(reservation_id, used, 0)
+                else:
+                    await core.release(reservation_id)
+                level = max(0.0, level - (cost - used))
+                charged[reservation_id] = (charged[reservation_id][0], used)
+            elif action < 0.95:
+                seconds = rng.choice([0.001, 0.5, 3, 20])
+                clock.advance(seconds)
+                level = max(0.0, level - seconds * limit / period_s)
+                await asyncio.sleep(0.021)  # past the replica's gap between pulls, now and then
+            else:  # a replica gives and dies; recovery later gives it back
+                giver, taker = rng.sample(range(PARTITIONS), 2)
+                await _give(redis_client, q, giver=giver, taker=taker, transfer=f"d{step}", now=clock.now_us)
+                if rng.random() < 0.5:
+                    clock.advance(TRANSFER_TIMEOUT_S + 1)
+                    level = max(0.0, level - (TRANSFER_TIMEOUT_S + 1) * limit / period_s)
+                    await core.recover_escrow()
+            slices, in_flight = await capacity(redis_client, q)
+            assert slices + in_flight == limit, step
