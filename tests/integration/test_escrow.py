@@ -458,7 +458,7 @@ async def test_a_passing_request_does_not_halve_a_busy_partition(
         passing = next(
             t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(busy)
         )
-        while (await q.reserve(tenant=busy, input_tokens=10)).decision == pb.DECISION_ALLOWED:
+        while (await q.reserve(tenant=busy, input_tokens=50)).decision == pb.DECISION_ALLOWED:
             pass
         capacity_before = await slice_capacity(redis_client, q, policy.partition(busy))
         await asyncio.sleep(0.025)  # past the replica's gap between two pulls of a slice
@@ -466,10 +466,10 @@ async def test_a_passing_request_does_not_halve_a_busy_partition(
         clock.advance(30)  # half the busy slice's usage drains
         await asyncio.sleep(0.025)
         admitted = 0
-        while (await q.reserve(tenant=busy, input_tokens=10)).decision == pb.DECISION_ALLOWED:
-            admitted += 10
+        while (await q.reserve(tenant=busy, input_tokens=50)).decision == pb.DECISION_ALLOWED:
+            admitted += 50
         moved = capacity_before - await slice_capacity(redis_client, q, policy.partition(busy))
-        assert admitted >= capacity_before // 2 - 100 - moved - 10
+        assert admitted >= capacity_before // 2 - 100 - moved - 50
 
 
 class _SlotRouter:
