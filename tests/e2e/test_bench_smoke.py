@@ -139,6 +139,15 @@ def test_inprocess_bench_smoke() -> None:
     assert "CPU per decision" in result.stdout
 
 
+def test_skew_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "skew.json"
+    result = _run("skew.py", "--seconds", "2", "--in-flight", "8", "--out", str(out), timeout_s=120)
+    assert "Redis CPU/decision" in result.stdout
+    runs = json.loads(out.read_text())["rounds"][0]
+    assert set(runs) == {"one-partition", "escrow"}
+    assert all(run["decisions"] > 0 and run["max_over_admission_tokens"] == 0 for run in runs.values())
+
+
 def _report(runs: int, ratio: tuple[float, float, float], redis_us: list[float]) -> dict[str, object]:
     median, low, high = ratio
     row = {
