@@ -135,15 +135,13 @@ async def test_all_traffic_on_one_partition_fills_the_global_bucket_exactly(
 
 
 async def test_three_replicas_fill_a_global_window_exactly_from_one_partition(
-    redis_server: EmbeddedRedis, redis_client: aioredis.Redis
+    redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     limit = 600
     clock = ManualClock()
     async with AsyncExitStack() as stack:
         replicas = [
-            await stack.enter_async_context(
-                running_quotad(window_policy(limit), redis_server.url, clock=clock)
-            )
+            await stack.enter_async_context(running_quotad(window_policy(limit), redis_url, clock=clock))
             for _ in range(3)
         ]
         requests = [pb.CheckAndReserveRequest(subject=f"s{i}", tenant="hot") for i in range(2 * limit)]
@@ -511,7 +509,7 @@ async def test_skew_on_a_real_three_shard_cluster_is_exact_and_spread() -> None:
 
 @pytest.mark.parametrize("algorithm", ["token_bucket", "sliding_window"])
 async def test_random_traffic_refunds_transfers_and_deaths_never_beat_one_exact_limit(
-    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, algorithm: str
+    redis_url: str, redis_client: aioredis.Redis, algorithm: str
 ) -> None:
     """Random reservations over every partition, commits below the estimate, releases, time
     passing, transfers cut short by a dying replica and recoveries: after every step the slices
@@ -525,7 +523,7 @@ async def test_random_traffic_refunds_transfers_and_deaths_never_beat_one_exact_
         f"limit: {limit}, period: 1m}}", f"limit: {limit}, period: 1m, algorithm: {algorithm}}}"
     )
     window = algorithm == "sliding_window"
-    async with running_quotad(policy_yaml, redis_server.url, clock=clock) as q:
+    async with running_quotad(policy_yaml, redis_url, clock=clock) as q:
         assert q.core is not None
         core, policy = q.core, q.core.policy
         assert policy.global_limits[0].algorithm.value == algorithm
