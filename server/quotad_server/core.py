@@ -53,6 +53,8 @@ MESSAGE_OVERHEAD_BYTES = 16
 """What a chat message counts for against max_prompt_bytes beyond its text: its framing, as a
 model charges tokens for each message. So the bound on a prompt's size bounds its messages too."""
 MAX_IMAGE_SIDE = 100_000
+MAX_PULL_BACKOFF = 10
+"""Escrow: while pulls find nothing, a replica pulls a slice at most every this many rebalance intervals."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -96,6 +98,7 @@ class _Route:
     terms: ModelTerms  # prices, context window, maximum output
     priority: Priority  # the tier's default
     counts_output: bool  # some limit counts output tokens (or money)
+    slice_index: int = 0  # with escrow: the partition's index, whose slices it is charged to
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -186,6 +189,25 @@ def _check_parts(violations: list[FieldViolation], request: ReserveRequest) -> N
             )
 
 
+def _units(limit: Limit, plan: ReservePlan) -> int:
+    """What `plan` costs on `limit`, as reserve.lua counts it."""
+    metric = limit.metric
+    if metric in (Metric.REQUESTS, Metric.CONCURRENT):
+        return 1
+    if metric is Metric.INPUT_TOKENS:
+        return plan.input_tokens
+    if metric is Metric.OUTPUT_TOKENS:
+        return plan.output_tokens
+    if metric is Metric.COST_USD:
+        return plan.cost_micro_usd
+    return plan.input_tokens + plan.output_tokens
+
+
+def _slice_index(partition: str) -> int:
+    """The index of an escrow partition ("p:<index>", see Policy.partition); 0 for the others."""
+    return int(partition[2:]) if partition.startswith("p:") else 0
+
+
 def _format_us(us: int) -> str:
     return f"{us / 1_000_000:g}s"
 
@@ -226,6 +248,10 @@ class QuotaCore:
         self._authz: Authorization | None = None
         self._authz_policy: Policy | None = None
         self._final_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
+        # Escrow: per (limit, partition index), this replica's pull in progress, and when the next
+        # may begin with the gap after the last (see _pull).
+        self._pulls: dict[tuple[Limit, int], asyncio.Task[int]] = {}
+        self._next_pull: dict[tuple[Limit, int], tuple[float, float]] = {}
 
     @property
     def catalog(self) -> Catalog | None:
@@ -504,6 +530,7 @@ class QuotaCore:
             boost_us=_PRIORITY_RANK[priority] * policy.aging_us,
             max_line=policy.max_line,
             ticket_ttl_ms=3 * policy.heartbeat_us // 1000,
+            slice_index=route.slice_index,
         )
         return plan, tier
 
@@ -535,6 +562,7 @@ class QuotaCore:
             terms,
             policy.tier_priority[tier],
             any(limit.metric in _COUNTS_OUTPUT for limit in limits),
+            _slice_index(policy.partition(counted_as)),
         )
         if len(self._routes) >= 10_000:  # tenants and subjects' tiers are open-ended; keep it bounded
             self._routes.clear()
@@ -643,7 +671,7 @@ class QuotaCore:
         if request.time_left_s is not None:
             plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if request.max_wait_us <= 0:
-            return self._outcome(plan, tier, await self._store.reserve(plan), source)
+            return self._outcome(plan, tier, await self._reserve(plan), source)
         return replace(
             await self._wait_in_line(plan, tier, request.max_wait_us / 1_000_000), output_source=source
         )
@@ -666,7 +694,7 @@ class QuotaCore:
         admitted = False
         try:
             while True:
-                result = await self._store.reserve(plan)
+                result = await self._reserve(plan)
                 waited_us = round((loop.time() - started) * 1_000_000)
                 outcome = replace(self._outcome(plan, tier, result), waited_us=waited_us)
                 if result.allowed:
@@ -742,7 +770,7 @@ class QuotaCore:
         if requests and requests[0].time_left_s is not None:  # one caller, one deadline for the batch
             deadline = asyncio.get_running_loop().time() + requests[0].time_left_s
             plans = [replace(plan, deadline=deadline) for plan in plans]
-        results = iter(await self._store.reserve_many(plans))
+        results = iter(await self._reserve_many(plans))
         outcomes: list[ReserveOutcome | QuotadError] = []
         for item in planned:
             if isinstance(item, QuotadError):
@@ -755,6 +783,120 @@ class QuotaCore:
                 else self._outcome(item[0], item[1], result, item[2])
             )
         return outcomes
+
+    # -- escrow: a global limit's slices follow the demand ------------------------------
+
+    def _short_slices(self, statuses: Sequence[LimitStatus]) -> list[Limit]:
+        """The slices (limits in escrow) that a denial lacks capacity on, when nothing but slices
+        denied it and each could fit (a rebalance would not help otherwise)."""
+        if self.policy.escrow is None:
+            return []
+        denying = [s for s in statuses if s.wait_us != 0 and not s.limit.shadow]
+        if not denying or any(not s.limit.slices or s.wait_us is None for s in denying):
+            return []
+        return [s.limit for s in denying]
+
+    async def _pull(self, limit: Limit, taker: int, need: int = 0) -> int:
+        """Move unused capacity of `limit`'s other slices to slice `taker`: one pull at a time per
+        slice on this replica (those that come meanwhile share it), none sooner than
+        escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
+        is used up everywhere), twice as long after each, up to MAX_PULL_BACKOFF intervals: an
+        exhausted limit costs Redis a few pulls per second, not one per denial. Returns the units
+        moved (0 if none or if the store failed: the denial stands, and recovery returns what a
+        failure left in flight)."""
+        escrow = self.policy.escrow
+        if escrow is None:
+            return 0
+        slot = (limit, taker)
+        task = self._pulls.get(slot)
+        if task is None:
+            loop = asyncio.get_running_loop()
+            interval = escrow.rebalance_interval_us / 1_000_000
+            not_before, gap = self._next_pull.get(slot, (0.0, interval))
+            if loop.time() < not_before:
+                return 0
+            self._next_pull[slot] = (loop.time() + gap, gap)
+            if len(self._next_pull) > 10_000:
+                self._next_pull.clear()
+            task = loop.create_task(
+                self._store.rebalance(
+                    limit,
+                    escrow.partition_names(),
+                    taker,
+                    escrow.floor_units(limit.limit),
+                    escrow.transfer_timeout_us,
+                    need=need,
+                ),
+                name="quotad-escrow-pull",
+            )
+            self._pulls[slot] = task
+
+            def done(task: asyncio.Task[int]) -> None:
+                self._pulls.pop(slot, None)
+                moved = not task.cancelled() and task.exception() is None and task.result() > 0
+                began = self._next_pull.get(slot, (loop.time(), gap))[0] - gap
+                after = interval if moved else min(2 * gap, MAX_PULL_BACKOFF * interval)
+                self._next_pull[slot] = (began + after, after)
+
+            task.add_done_callback(done)
+        try:
+            return await asyncio.shield(task)
+        except QuotadError:
+            return 0
+
+    async def _rebalanced(self, plan: ReservePlan, result: ReserveResult) -> bool:
+        """Pull capacity to the slices a denied plan lacks; True if any came (then try again)."""
+        if result.allowed:
+            return False
+        return await self._rebalanced_for(plan, result.limits)
+
+    async def _rebalanced_for(self, plan: ReservePlan, statuses: Sequence[LimitStatus]) -> bool:
+        short = self._short_slices(statuses)
+        if not short:
+            return False
+        moved = await asyncio.gather(
+            *(self._pull(limit, plan.slice_index, _units(limit, plan)) for limit in short)
+        )
+        return any(moved)
+
+    async def _reserve(self, plan: ReservePlan) -> ReserveResult:
+        """store.reserve, and once more after a rebalance when only slices short of capacity denied it."""
+        result = await self._store.reserve(plan)
+        if not result.allowed and await self._rebalanced(plan, result):
+            result = await self._store.reserve(plan)
+        return result
+
+    async def _reserve_many(self, plans: Sequence[ReservePlan]) -> list[ReserveResult | QuotadError]:
+        results = await self._store.reserve_many(plans)
+        if self.policy.escrow is None:
+            return results
+        again = [
+            at
+            for at, (plan, result) in enumerate(zip(plans, results, strict=True))
+            if isinstance(result, ReserveResult) and await self._rebalanced(plan, result)
+        ]
+        if again:
+            retried = await self._store.reserve_many([plans[at] for at in again])
+            for at, result in zip(again, retried, strict=True):
+                results[at] = result
+        return results
+
+    async def recover_escrow(self) -> int:
+        """Give back the escrow capacity left in flight past its timeout (a replica died mid-transfer)."""
+        escrow = self.policy.escrow
+        if escrow is None:
+            return 0
+        return await self._store.recover_transfers(escrow.partition_names(), escrow.transfer_timeout_us)
+
+    async def maintain_escrow(self) -> None:
+        """Run recover_escrow every half transfer timeout (runs until cancelled): capacity left in
+        flight comes back within 1.5 transfer timeouts while any replica runs."""
+        while True:
+            escrow = self.policy.escrow
+            if escrow is not None:
+                with contextlib.suppress(QuotadError):
+                    await self.recover_escrow()
+            await asyncio.sleep(escrow.transfer_timeout_us / 2_000_000 if escrow else 1.0)
 
     def _without_concurrency(self, limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
         """`limits` less the concurrency limits, one tuple per `limits` (the store caches by identity)."""
@@ -783,16 +925,26 @@ class QuotaCore:
         if request.time_left_s is not None:
             plan = replace(plan, deadline=asyncio.get_running_loop().time() + request.time_left_s)
         if hits is not Hits.CHECK:
-            return self._outcome(plan, tier, await self._store.reserve(plan))
-        peeked = await self._store.peek(plan.partition, plan.counted_as, plan.subject, limits)
-        statuses = tuple(
-            s if s.remaining > 0 else replace(s, wait_us=max(s.wait_us or 0, s.reset_after_us, 1))
-            for s in peeked
-        )
+            return self._outcome(plan, tier, await self._reserve(plan))
+        statuses = await self._check(plan, limits)
+        if any(s.denied and not s.limit.shadow for s in statuses) and await self._rebalanced_for(
+            plan, statuses
+        ):
+            statuses = await self._check(plan, limits)
         if any(s.denied and not s.limit.shadow for s in statuses):
             return self._denial(plan.tenant, tier, statuses, plan.priority)
         return ReserveOutcome(
             decision=Decision.ALLOWED, tenant=plan.tenant, tier=tier, limits=statuses, priority=plan.priority
+        )
+
+    async def _check(self, plan: ReservePlan, limits: tuple[Limit, ...]) -> tuple[LimitStatus, ...]:
+        """Hits.CHECK's statuses: a limit with nothing left waits until it is fully reset."""
+        peeked = await self._store.peek(
+            plan.partition, plan.counted_as, plan.subject, limits, plan.slice_index
+        )
+        return tuple(
+            s if s.remaining > 0 else replace(s, wait_us=max(s.wait_us or 0, s.reset_after_us, 1))
+            for s in peeked
         )
 
     @staticmethod
@@ -945,5 +1097,6 @@ class QuotaCore:
         if violations:
             raise InvalidRequest(violations)
         limits = self.policy.limits_for(tier, counted_as, model)
-        statuses = await self._store.peek(self.policy.partition(counted_as), counted_as, subject, limits)
+        partition = self.policy.partition(counted_as)
+        statuses = await self._store.peek(partition, counted_as, subject, limits, _slice_index(partition))
         return UsageReport(tenant=tenant, tier=tier, limits=statuses)

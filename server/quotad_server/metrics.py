@@ -462,9 +462,25 @@ class InstrumentedStore:
         return self._timed("reserve", self._inner.reserve(plan))
 
     def peek(
-        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
+        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...], slice_index: int = 0
     ) -> Coroutine[Any, Any, tuple[LimitStatus, ...]]:
-        return self._timed("peek", self._inner.peek(partition, tenant, subject, limits))
+        return self._timed("peek", self._inner.peek(partition, tenant, subject, limits, slice_index))
+
+    def rebalance(
+        self,
+        limit: Limit,
+        partitions: Sequence[str],
+        taker: int,
+        keep: int,
+        timeout_us: int,
+        *,
+        need: int = 0,
+    ) -> Coroutine[Any, Any, int]:
+        call = self._inner.rebalance(limit, partitions, taker, keep, timeout_us, need=need)
+        return self._timed("rebalance", call)
+
+    def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> Coroutine[Any, Any, int]:
+        return self._timed("recover_transfers", self._inner.recover_transfers(partitions, timeout_us))
 
     def settle(
         self,

@@ -79,7 +79,8 @@ class Limit:
     or global) limit that requests may fill, keeping headroom for higher priorities. `model` restricts the limit to requests for that model;
     None applies it to every model. `exclude_cached` leaves prompt-cache reads
     out of an input or total token limit (as Anthropic's ITPM does). Cost limits
-    count micro-dollars. A `shadow` limit is evaluated on every request but never denies one:
+    count micro-dollars. A `slices` limit is held in escrow: one slice per partition, see
+    docs/design.md. A `shadow` limit is evaluated on every request but never denies one:
     what it would have denied is reported (LimitStatus.denied, a metric, a log line) and
     is not charged to it, so its counter shows what enforcing it would have let through.
     """
@@ -95,6 +96,9 @@ class Limit:
     exclude_cached: bool = False
     admission: tuple[tuple[Priority, float], ...] = ()
     shadow: bool = False  # evaluated and counted, never denies (see reserve.lua's limit modes)
+    # A global limit split into this many slices, one per partition (escrow, see docs/design.md);
+    # 0: one counter.
+    slices: int = 0
     # Limits key per-limit caches on the hot path; hashing all fields each time costs more than the lookup.
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 

@@ -9,7 +9,8 @@ refused with a message naming the file, the field path and the bad value.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -275,6 +276,40 @@ class WaitingSpec(_Strict):
         return self
 
 
+class EscrowSpec(_Strict):
+    """Global limits held in escrow: tenants hash into `partitions` partitions, and each global
+    limit is split into one slice per partition, rebalanced by demand (see docs/design.md)."""
+
+    partitions: int = Field(default=16, ge=2, le=1024)
+    floor: float | int = Field(default=0.01, ge=0, le=1)  # of its even share, what an idle slice keeps
+    rebalance_interval: Duration = "100ms"  # the least time between two pulls of one slice by a replica
+    transfer_timeout: Duration = "5s"  # capacity in flight this long goes back to its giver
+
+    @model_validator(mode="after")
+    def _positive(self) -> EscrowSpec:
+        for name in ("rebalance_interval", "transfer_timeout"):
+            if parse_duration_us(getattr(self, name)) <= 0:
+                raise ValueError(f"escrow.{name} must be positive")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Escrow:
+    """The escrow settings, resolved (see EscrowSpec)."""
+
+    partitions: int
+    floor: float
+    rebalance_interval_us: int
+    transfer_timeout_us: int
+
+    def partition_names(self) -> tuple[str, ...]:
+        return tuple(f"p:{index}" for index in range(self.partitions))
+
+    def floor_units(self, limit: int) -> int:
+        """What a slice of `limit` keeps when it gives capacity away: at least one unit."""
+        return max(1, int(limit / self.partitions * self.floor))
+
+
 class ModelSpec(_Strict):
     """How to count and price one model's calls."""
 
@@ -457,12 +492,24 @@ class PolicyDocument(_Strict):
     # Where prices and context windows come from when `models` does not say: the bundled
     # genai-prices catalog (see catalog.py), or nowhere.
     price_catalog: Literal["genai-prices", "none"] = "genai-prices"
+    # Global limits split into per-partition slices, so that decisions spread over partitions.
+    escrow: EscrowSpec | None = None
 
     @field_validator("retention")
     @classmethod
     def _retention(cls, value: str) -> str:
         parse_duration_us(value)
         return value
+
+    def _check_escrow(self) -> None:
+        if self.escrow is None:
+            return
+        for index, spec in enumerate(self.global_.limits):
+            if spec.metric is Metric.CONCURRENT or spec.period in CALENDARS:
+                raise ValueError(
+                    f"global.limits[{index}] ({spec.name!r}): escrow splits token buckets and sliding"
+                    " windows only; a concurrent limit or a calendar budget cannot be global with escrow"
+                )
 
     def _check_envoy(self) -> None:
         for name, domain in (self.envoy.domains if self.envoy else {}).items():
@@ -483,6 +530,7 @@ class PolicyDocument(_Strict):
                 if spec.metric is Metric.COST_USD and not self.models:
                     raise ValueError(f"cost limit {spec.name!r} needs a models section with prices")
         self._check_envoy()
+        self._check_escrow()
         known = {*self.tenants, self.defaults.tenant} - {WILDCARD_TENANT}
         for identity, caller in self.callers.items():
             if not identity.strip():
@@ -525,6 +573,7 @@ class Policy:
     known_tenants: frozenset[str] = frozenset()
     envoy: EnvoyPolicy | None = None
     price_catalog: bool = True
+    escrow: Escrow | None = None
     _cache: dict[tuple[str, str, str], tuple[Limit, ...]] = field(default_factory=dict, compare=False)
 
     def limits_for(self, tier: str, tenant: str, model: str) -> tuple[Limit, ...]:
@@ -546,8 +595,12 @@ class Policy:
         """The unit of atomicity: all keys one decision touches share it.
 
         With global limits every decision touches the same global counters, so
-        everything lives in one partition; otherwise each tenant is its own.
+        everything lives in one partition; otherwise each tenant is its own. With
+        escrow, tenants hash into `escrow.partitions` partitions, each holding its
+        tenants' counters and one slice of every global limit.
         """
+        if self.escrow is not None and self.global_limits:
+            return f"p:{zlib.crc32(tenant.encode()) % self.escrow.partitions}"
         return "global" if self.global_limits else f"t:{tenant}"
 
 
@@ -619,12 +672,25 @@ def parse_policy(text: str, source: str) -> Policy:
             name: tuple(s.to_limit(Scope.TENANT, doc.admission) for s in g.limits)
             for name, g in doc.tenants.items()
         },
-        global_limits=tuple(s.to_limit(Scope.GLOBAL, doc.admission) for s in doc.global_.limits),
+        global_limits=tuple(
+            replace(
+                s.to_limit(Scope.GLOBAL, doc.admission), slices=doc.escrow.partitions if doc.escrow else 0
+            )
+            for s in doc.global_.limits
+        ),
         callers=_caller_rules(doc),
         unknown_tenants=doc.unknown_tenants,
         known_tenants=frozenset({*doc.tenants, doc.defaults.tenant} - {WILDCARD_TENANT}),
         price_catalog=doc.price_catalog == "genai-prices",
         envoy=_envoy(doc.envoy),
+        escrow=Escrow(
+            doc.escrow.partitions,
+            float(doc.escrow.floor),
+            parse_duration_us(doc.escrow.rebalance_interval),
+            parse_duration_us(doc.escrow.transfer_timeout),
+        )
+        if doc.escrow
+        else None,
     )
 
 

@@ -92,6 +92,7 @@ class QuotadServer:
                 raise OSError(f"cannot listen on the Unix socket {local_socket}")
         self._monitor: asyncio.Task[None] | None = None
         self._wakeups: asyncio.Task[None] | None = None
+        self._escrow: asyncio.Task[None] | None = None
         self._stopping = False
         self._serving: bool | None = None
         self._reason = ""
@@ -139,13 +140,14 @@ class QuotadServer:
         await self._server.start()
         self._monitor = asyncio.create_task(self._watch_store(), name="quotad-health")
         self._wakeups = asyncio.create_task(self._core.watch_wakeups(), name="quotad-wakeups")
+        self._escrow = asyncio.create_task(self._core.maintain_escrow(), name="quotad-escrow")
 
     async def stop(self, grace_s: float, drain_s: float = 0.0) -> None:
         """Stop gracefully: health NOT_SERVING at once; for `drain_s` new RPCs are still served
         (load balancers and health-checking clients move away meanwhile); then new RPCs are
         refused and in-flight ones get `grace_s` to finish."""
         self._stopping = True
-        tasks = [task for task in (self._monitor, self._wakeups) if task is not None]
+        tasks = [task for task in (self._monitor, self._wakeups, self._escrow) if task is not None]
         for task in tasks:
             task.cancel()
         if tasks:  # bounded: a task that swallowed its cancel must not hold the shutdown up

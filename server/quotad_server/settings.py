@@ -2,7 +2,12 @@
 
 QUOTAD_LISTEN             host:port to serve gRPC on            (default 0.0.0.0:50051)
 QUOTAD_POLICY             path of the policy YAML file          (required)
-QUOTAD_REDIS_URL          redis://, rediss:// or unix:// URL (required unless QUOTAD_EMBEDDED_REDIS)
+QUOTAD_REDIS_URL          redis://, rediss:// or unix:// URL (required unless QUOTAD_EMBEDDED_REDIS);
+                          for a Redis Cluster, one or more seed nodes: redis://h1:6379,h2:6379
+QUOTAD_REDIS_CLUSTER      auto, true or false (default auto): true uses the cluster client (valkey-glide)
+                          whatever the server says; auto uses it for a URL of several seeds, or when
+                          the one server is a node of a Redis Cluster of several shards at start;
+                          false never does (quotad's own client, one server or one shard)
 QUOTAD_EMBEDDED_REDIS     true: with no QUOTAD_REDIS_URL, start a private embedded Valkey whose state
                           is lost on exit (development only; `make run` sets it). Default false
 QUOTAD_REDIS_TIMEOUT_MS   bound on every Redis call; past it UNAVAILABLE (default 250)
@@ -87,6 +92,26 @@ def _embedded_redis(env: Mapping[str, str], redis_url: str) -> bool:
     return embedded
 
 
+def _redis_cluster(env: Mapping[str, str], redis_url: str, embedded_redis: bool) -> str:
+    """QUOTAD_REDIS_CLUSTER, checked against the URL: several seeds only with auto or true."""
+    redis_cluster = env.get("QUOTAD_REDIS_CLUSTER", "").strip().lower() or "auto"
+    if redis_cluster not in ("auto", "true", "false"):
+        raise SettingsError(f"QUOTAD_REDIS_CLUSTER={redis_cluster!r}: expected auto, true or false")
+    seeds = "," in redis_url.partition("://")[2].partition("/")[0]
+    if (seeds or redis_cluster == "true") and redis_url.startswith("unix://"):
+        raise SettingsError("QUOTAD_REDIS_URL: a Redis Cluster is reached over redis:// or rediss://")
+    if seeds and redis_cluster == "false":
+        raise SettingsError(
+            "QUOTAD_REDIS_URL lists several seed nodes, which only a Redis Cluster has:"
+            " QUOTAD_REDIS_CLUSTER=false would talk to one of them; give one server, or auto or true"
+        )
+    if redis_cluster == "true" and embedded_redis:
+        raise SettingsError(
+            "QUOTAD_REDIS_CLUSTER=true needs QUOTAD_REDIS_URL (the embedded Valkey is one server)"
+        )
+    return redis_cluster
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     policy_path: str
@@ -115,6 +140,7 @@ class Settings:
     tokens_file: str = ""
     local_socket: str = ""
     embedded_redis: bool = False
+    redis_cluster: Literal["auto", "true", "false"] = "auto"
 
     @property
     def tls(self) -> bool:
@@ -162,6 +188,7 @@ class Settings:
         if (tls_ca or tls_cert) and not redis_url.startswith("rediss://"):
             raise SettingsError("QUOTAD_REDIS_TLS_*: TLS files need a rediss:// QUOTAD_REDIS_URL")
         embedded_redis = _embedded_redis(env, redis_url)
+        redis_cluster = _redis_cluster(env, redis_url, embedded_redis)
         return cls(
             policy_path=policy_path,
             listen=listen,
@@ -184,6 +211,7 @@ class Settings:
             redis_tls_ca_file=tls_ca,
             redis_tls_cert_file=tls_cert,
             redis_tls_key_file=tls_key,
+            redis_cluster=redis_cluster,  # type: ignore[arg-type]  # checked above
             **_serving_settings(env),
         )
 

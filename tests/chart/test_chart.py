@@ -20,6 +20,7 @@ import yaml
 from quotad_server import __version__
 from quotad_server.policy import parse_policy
 from quotad_server.server import LIVENESS_SERVICE
+from quotad_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "quotad"
@@ -132,6 +133,7 @@ def test_every_scenario_is_tested() -> None:
         "cert-manager-values.yaml",
         "existing-tls-mtls-tokens-values.yaml",
         "tls-off-values.yaml",
+        "redis-cluster-values.yaml",
     }
 
 
@@ -430,6 +432,30 @@ def test_the_policy_configmap_is_a_policy_quotad_accepts_and_is_mounted_as_a_dir
     assert {"name": "policy", "configMap": {"name": "my-policy"}} in volumes
 
 
+def test_a_redis_cluster_by_its_seed_nodes_uses_the_cluster_client() -> None:
+    variables = env(render("redis-cluster-values.yaml"))
+    seeds = [f"redis-cluster-{i}.redis-cluster-headless.redis.svc.cluster.local:6379" for i in range(3)]
+    assert variables["QUOTAD_REDIS_URL"]["value"] == "rediss://" + ",".join(seeds)
+    assert variables["QUOTAD_REDIS_CLUSTER"]["value"] == "true"
+    assert variables["QUOTAD_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "quotad-redis",
+        "key": "redis-password",
+    }
+    assert variables["QUOTAD_REDIS_TLS_CA_FILE"]["value"] == "/etc/quotad/redis-tls/ca.crt"
+    # quotad accepts what the chart renders.
+    settings = Settings.from_env(
+        {
+            "QUOTAD_POLICY": "p.yaml",
+            **{k: v.get("value", "x") for k, v in variables.items() if k.startswith("QUOTAD_REDIS")},
+        }
+    )
+    assert settings.redis_cluster == "true"
+
+
+def test_by_default_quotad_finds_a_cluster_itself() -> None:
+    assert env(render())["QUOTAD_REDIS_CLUSTER"]["value"] == "auto"
+
+
 def test_no_secret_value_is_inlined() -> None:
     manifests = render("external-redis-tls-values.yaml")
     variables = env(manifests)
@@ -601,6 +627,14 @@ def test_notes_say_how_to_fetch_the_ca_and_check_health(tmp_path: Path) -> None:
         ("policy.tiers.free.limits[0].period=1 hour", "/policy/tiers/free/limits/0/period"),
         ("policy.retention=forever", "/policy/retention"),
         ("redis.existingSecret=s", "not both"),
+        ("redis.seeds[0]=redis-0.redis:6379", "not both"),  # default-values.yaml sets redis.url
+        (
+            "redis.url=,redis.seeds[0]=redis-0.redis:6379,redis.cluster=false",
+            "redis.cluster must be auto or true",
+        ),
+        ("redis.url=,redis.seeds[0]=redis://redis-0.redis:6379", "/redis/seeds/0"),
+        ("redis.url=,redis.seeds[0]=redis-0.redis:6379,redis.tls.existingSecret=t", "set redis.seedsTls"),
+        ("redis.cluster=sometimes", "/redis/cluster"),
         ("redis.passwordSecret=s", "needs redis.passwordSecretKey"),
         ("redis.passwordSecretKey=k", "needs redis.passwordSecret"),
         ("terminationGracePeriodSeconds=10", "terminationGracePeriodSeconds"),

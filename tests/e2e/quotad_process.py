@@ -60,8 +60,8 @@ class Process:
         status: int = response.status
         return status
 
-    async def wait_serving(self) -> None:
-        deadline = time.monotonic() + 20
+    async def wait_serving(self, timeout_s: float = 20) -> None:
+        deadline = time.monotonic() + timeout_s
         while True:
             assert self.process.poll() is None, self.log.read_text()
             try:
@@ -69,7 +69,7 @@ class Process:
                     return
             except grpc.aio.AioRpcError:
                 pass
-            assert time.monotonic() < deadline, "not SERVING within 20 s"
+            assert time.monotonic() < deadline, f"not SERVING within {timeout_s:.0f} s"
             await asyncio.sleep(0.05)
 
     def lines(self) -> list[dict[str, Any]]:

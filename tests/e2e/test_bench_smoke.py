@@ -119,9 +119,33 @@ def test_redis_calls_bench_smoke(tmp_path: Path) -> None:
     assert all(f["median"] > 0 for f in figures.values())  # each call costs more than the empty loop
 
 
+def test_cluster_clients_bench_smoke() -> None:
+    result = _run("cluster_clients.py", "--calls", "300", "--reshard", "20", "--wait", timeout_s=180)
+    rows = {line[:42].strip(): line[42:].split() for line in result.stdout.splitlines()}
+    assert "redis-py RedisCluster (asyncio)" in rows
+    assert "glide + WAIT 1 100 after each script" in rows
+    for label in (
+        "quotad RespClient (one node)",
+        "valkey-glide GlideClusterClient",
+        "quotad GlideCluster (glide + deadlines)",
+    ):
+        cpu_us, _, errors = rows[label][:3]
+        assert float(cpu_us) > 0
+        assert errors == "0"  # none of these fails a call, slots moving or not
+
+
 def test_inprocess_bench_smoke() -> None:
     result = _run("inprocess.py", "--decisions", "2000", "--runs", "1", "--metrics", timeout_s=120)
     assert "CPU per decision" in result.stdout
+
+
+def test_skew_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "skew.json"
+    result = _run("skew.py", "--seconds", "2", "--in-flight", "8", "--out", str(out), timeout_s=120)
+    assert "Redis CPU/decision" in result.stdout
+    runs = json.loads(out.read_text())["rounds"][0]
+    assert set(runs) == {"one-partition", "escrow"}
+    assert all(run["decisions"] > 0 and run["max_over_admission_tokens"] == 0 for run in runs.values())
 
 
 def _report(runs: int, ratio: tuple[float, float, float], redis_us: list[float]) -> dict[str, object]:

@@ -190,7 +190,7 @@ def test_serve_refuses_a_bad_policy_naming_file_path_and_value(tmp_path: Path) -
     assert "'1 hour'" in result.stderr
 
 
-def test_serve_refuses_one_node_of_a_redis_cluster_of_several_shards(
+def test_serve_refuses_one_node_of_a_redis_cluster_of_several_shards_without_the_cluster_client(
     two_shard_cluster: list[EmbeddedRedis],
 ) -> None:
     env = {
@@ -198,6 +198,7 @@ def test_serve_refuses_one_node_of_a_redis_cluster_of_several_shards(
         "QUOTAD_POLICY": str(EXAMPLE_POLICY),
         "QUOTAD_LISTEN": f"127.0.0.1:{free_port()}",
         "QUOTAD_REDIS_URL": two_shard_cluster[0].url,
+        "QUOTAD_REDIS_CLUSTER": "false",  # auto (the default) switches to the cluster client instead
         "QUOTAD_LOG_FORMAT": "json",
     }
     result = subprocess.run(

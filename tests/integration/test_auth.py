@@ -20,7 +20,6 @@ from quotad.v1 import quota_pb2 as pb
 from quotad_server.auth import hash_token
 from quotad_server.metrics import Metrics
 from quotad_server.policy import PolicyError, parse_policy
-from quotad_server.store.embedded import EmbeddedRedis
 
 from tests.conftest import Quotad, rpc_error, running_quotad, snapshot
 
@@ -66,11 +65,11 @@ def tokens_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def authorized(
-    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tokens_file: Path
+    redis_url: str, redis_client: aioredis.Redis, tokens_file: Path
 ) -> AsyncIterator[tuple[Quotad, Metrics]]:
     metrics = Metrics()
     policy = POLICY.replace("UNKNOWN", "shared")
-    async with running_quotad(policy, redis_server.url, tokens_file=tokens_file, metrics=metrics) as q:
+    async with running_quotad(policy, redis_url, tokens_file=tokens_file, metrics=metrics) as q:
         yield q, metrics
 
 
@@ -213,10 +212,10 @@ async def test_rotating_tenant_names_escapes_no_cap(authorized: tuple[Quotad, Me
 
 
 async def test_unknown_tenants_can_be_refused(
-    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tokens_file: Path
+    redis_url: str, redis_client: aioredis.Redis, tokens_file: Path
 ) -> None:
     policy = POLICY.replace("UNKNOWN", "refuse")
-    async with running_quotad(policy, redis_server.url, tokens_file=tokens_file) as q:
+    async with running_quotad(policy, redis_url, tokens_file=tokens_file) as q:
         error = await rpc_error(reserve(q, "rotator-1", tenant="t-1"))
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED
         assert "not in the policy" in (error.details() or "")

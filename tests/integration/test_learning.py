@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 from quotad.v1 import quota_pb2 as pb
-from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.usage_stats import output_quantile
 
 from tests.conftest import ManualClock, Quotad, QuotadFactory, running_quotad
@@ -64,11 +63,11 @@ async def test_a_reply_longer_than_the_learned_reservation_is_charged_in_full(qu
         assert (await q.usage())["output"] == before - 3000  # the overrun is charged, not lost
 
 
-async def test_learning_is_shared_by_replicas(quotad: QuotadFactory, redis_server: EmbeddedRedis) -> None:
+async def test_learning_is_shared_by_replicas(quotad: QuotadFactory, redis_url: str) -> None:
     async with quotad(POLICY, clock=ManualClock(), subject="alice") as first:
         for _ in range(20):
             await _call(first, "gpt-4o", 4000, 200)
-        async with running_quotad(POLICY, redis_server.url, clock=ManualClock(), subject="bob") as second:
+        async with running_quotad(POLICY, redis_url, clock=ManualClock(), subject="bob") as second:
             reserved = await second.reserve(model="gpt-4o", input_tokens=1, max_output_tokens=4000)
             assert 200 <= reserved.reserved.output_tokens <= 220
 

@@ -19,7 +19,7 @@ from google.protobuf import duration_pb2
 from quotad.v1 import quota_pb2 as pb
 from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.core import ReserveRequest
-from quotad_server.store.embedded import EmbeddedRedis, free_port
+from quotad_server.store.embedded import free_port
 
 from tests.conftest import Quotad, QuotadFactory, rpc_error, running_quotad
 
@@ -86,11 +86,11 @@ async def test_refill_admits_the_waiter_when_it_fits(quotad: QuotadFactory) -> N
 
 
 async def test_waiters_are_admitted_in_priority_then_arrival_order_across_replicas(
-    quotad: QuotadFactory, redis_server: EmbeddedRedis, redis_client: aioredis.Redis
+    quotad: QuotadFactory, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     async with (
         quotad(POLICY.replace("max_line: 3", "max_line: 10")) as first,
-        running_quotad(POLICY.replace("max_line: 3", "max_line: 10"), redis_server.url) as second,
+        running_quotad(POLICY.replace("max_line: 3", "max_line: 10"), redis_url) as second,
     ):
         holder = await first.reserve(subject="holder")
         order: list[str] = []
@@ -210,13 +210,13 @@ async def test_max_wait_beyond_the_policy_cap_is_invalid(quotad: QuotadFactory) 
 
 
 async def test_a_dead_replicas_waiter_loses_its_place(
-    quotad: QuotadFactory, redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+    quotad: QuotadFactory, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
     policy = POLICY.replace("heartbeat: 5s", "heartbeat: 200ms").replace("max_line: 3", "max_line: 10")
     (tmp_path / "policy.yaml").write_text(policy.replace("\n    ", "\n"))
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "QUOTAD_POLICY": str(tmp_path / "policy.yaml"), "QUOTAD_LISTEN": address,
-           "QUOTAD_REDIS_URL": redis_server.url, "QUOTAD_LOG_LEVEL": "warning"}  # fmt: skip
+           "QUOTAD_REDIS_URL": redis_url, "QUOTAD_LOG_LEVEL": "warning"}  # fmt: skip
     doomed = subprocess.Popen([sys.executable, "-m", "quotad_server", "serve"], env=env)  # noqa: ASYNC220
     try:
         async with quotad(policy) as q:

@@ -87,11 +87,17 @@ own so that moving to cert-manager never has two owners fight over one Secret. *
 {{/* Checks the schema cannot express; each failure says what to change. */}}
 {{- define "quotad.validate" -}}
 {{- $redis := .Values.redis }}
-{{- if and $redis.url $redis.existingSecret }}
-{{- fail "redis: set redis.url or redis.existingSecret, not both" }}
+{{- if gt (add (ternary 1 0 (not (empty $redis.url))) (ternary 1 0 (not (empty $redis.existingSecret))) (ternary 1 0 (not (empty $redis.seeds)))) 1 }}
+{{- fail "redis: set one of redis.url, redis.existingSecret or redis.seeds, not both" }}
 {{- end }}
-{{- if not (or $redis.url $redis.existingSecret) }}
-{{- fail "redis: set redis.url (e.g. redis://redis.example:6379/0) or redis.existingSecret (a Secret holding the URL): quotad needs an external Redis" }}
+{{- if and $redis.seeds (eq (toString $redis.cluster) "false") }}
+{{- fail "redis.seeds are a Redis Cluster's nodes: redis.cluster must be auto or true" }}
+{{- end }}
+{{- if and $redis.seeds $redis.tls.existingSecret (not $redis.seedsTls) }}
+{{- fail "redis.tls.existingSecret needs TLS: set redis.seedsTls with redis.seeds" }}
+{{- end }}
+{{- if not (or $redis.url $redis.existingSecret $redis.seeds) }}
+{{- fail "redis: set redis.url (e.g. redis://redis.example:6379/0) or redis.existingSecret (a Secret holding the URL) or redis.seeds (a Redis Cluster's nodes): quotad needs an external Redis" }}
 {{- end }}
 {{- if and $redis.passwordSecret (not $redis.passwordSecretKey) }}
 {{- fail "redis.passwordSecret needs redis.passwordSecretKey: the key of the password in it" }}

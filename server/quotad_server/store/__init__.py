@@ -52,6 +52,9 @@ class ReservePlan:
     deadline: float | None = None
     # Charge every limit whatever it says (usage already spent): never denied, debt if need be.
     forced: bool = False
+    # With escrow (see Policy.escrow): the index of `partition`, whose slice of each global limit
+    # this decision is charged to.
+    slice_index: int = 0
 
 
 @dataclass(slots=True)  # a value, but not frozen: see quotad_server.model
@@ -88,9 +91,29 @@ class Store(Protocol):
         ...
 
     async def peek(
-        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
+        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...], slice_index: int = 0
     ) -> tuple[LimitStatus, ...]:
-        """The status of the limits, changing nothing."""
+        """The status of the limits, changing nothing (a limit in escrow: the partition's slice)."""
+        ...
+
+    async def rebalance(
+        self,
+        limit: Limit,
+        partitions: Sequence[str],
+        taker: int,
+        keep: int,
+        timeout_us: int,
+        *,
+        need: int = 0,
+    ) -> int:
+        """Move to partition `taker`'s slice of `limit` (held in escrow) what the other slices do
+        not use, less `keep` units each, and have busier slices yield it up to `need` (or its
+        capacity) as their usage frees; returns the units moved. The slices never sum to more
+        than the limit, whatever fails when."""
+        ...
+
+    async def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> int:
+        """Give back the escrow capacity left in flight longer than `timeout_us`; returns the units."""
         ...
 
     async def settle(

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -51,6 +51,7 @@ from quotad_server.store.resp import (
     LateReply,
     Packed,
     RedisAddress,
+    RedisClock,
     RedisReplyError,
     RespClient,
     Script,
@@ -91,6 +92,8 @@ _EXCLUDING_CACHED = {Metric.INPUT_TOKENS: "I", Metric.TOTAL_TOKENS: "T"}
 def _codes(limit: Limit) -> tuple[str, str]:
     """The (algorithm, metric) codes of a limit in the scripts' ARGV (see reserve.lua)."""
     algorithm = _CALENDAR_CODE[limit.calendar] if limit.calendar else _ALGORITHM_CODE[limit.algorithm]
+    if limit.slices:  # a slice of a limit held in escrow (see escrow.lua): B or W
+        algorithm = algorithm.upper()
     metric = _EXCLUDING_CACHED[limit.metric] if limit.exclude_cached else _METRIC_CODE[limit.metric]
     return algorithm, metric
 
@@ -133,8 +136,13 @@ def _suffix(limit: Limit) -> str:
     filter) share one zset, 'wr' or 'wr:<model>' (see reserve.lua): a subject's
     requests/minute and requests/hour then cost one member per request. A shadow limit keeps
     a zset of its own: it is not charged when it would deny, the limits sharing one are.
+    So does a slice of a limit held in escrow, 'W<slices>:<name>' ('B<slices>:<name>' for a
+    bucket): its zset is its usage against its own capacity, and a change of the number of
+    slices starts new slices.
     """
     algorithm, metric = _codes(limit)
+    if limit.slices:
+        return f"{algorithm}{limit.slices}:{_escape(limit.name)}"
     if algorithm == "w" and metric == "r" and not limit.shadow:
         return "wr" if limit.model is None else f"wr:{_escape(limit.model)}"
     return f"{algorithm}:{_escape(limit.name)}"
@@ -230,6 +238,59 @@ class _RandomHex:
         return self._pool[at : at + 16].hex()
 
 
+class Connection(Protocol):
+    """What RedisStore needs of its connection to Redis: RespClient (store/resp.py) for one server,
+    GlideCluster (store/cluster.py) for a Redis Cluster of several shards. Every call has a deadline
+    (`deadline()` by default) and raises ConnectionError, TimeoutError or RedisReplyError."""
+
+    clock: RedisClock
+
+    @property
+    def in_doubt(self) -> int: ...
+
+    def register(self, *scripts: Script) -> None: ...
+
+    def deadline(self) -> float: ...
+
+    async def sync_clock(self, deadline: float | None = None) -> None: ...
+
+    async def call(self, *command: Any, deadline: float | None = None) -> Any: ...
+
+    async def run_script(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Any],
+        tail: Packed = NOTHING,
+        *,
+        deadline: float | None = None,
+        on_late: LateReply | None = None,
+    ) -> Any: ...
+
+    async def run_scripts(
+        self,
+        script: Script,
+        calls: Sequence[ScriptCall],
+        *,
+        deadline: float | None = None,
+        on_late: Sequence[LateReply | None] | None = None,
+    ) -> list[Any]: ...
+
+    def drop_connection(self, reason: Exception) -> None: ...
+
+    async def subscribe(self, channel: str, on_message: Callable[[bytes], None]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _slice_arg(limits: tuple[Limit, ...], index: int) -> str:
+    """The tail of reserve.lua's ARGV[13] when some limit is a slice: " <slice index> <slices>"."""
+    for limit in limits:
+        if limit.slices:
+            return f" {index} {limit.slices}"
+    return ""
+
+
 def _tenants_arg(tenants: frozenset[str] | None) -> str:
     """settle.lua's ARGV[8]: the tenants whose reservations may be settled, or '*' for any."""
     return "*" if tenants is None else "\t".join(sorted(tenants))
@@ -240,11 +301,12 @@ def _load_script(name: str) -> str:
 
 
 class RedisStore:
-    """Store on one Redis (or Redis-compatible) server. See the Store protocol."""
+    """Store on Redis: one server (`from_url`), or a Redis Cluster of several shards (`cluster`).
+    See the Store protocol."""
 
     def __init__(
         self,
-        client: RespClient,
+        client: Connection,
         *,
         timeout_s: float,
         key_prefix: str = "quotad",
@@ -262,10 +324,12 @@ class RedisStore:
         self._stats = Script(_load_script("stats.lua"))
         self._leave = Script(_load_script("leave.lua"))
         self._health = Script(_load_script("health.lua"))
-        client.register(self._reserve, self._settle, self._stats, self._leave, self._health)
+        self._escrow = Script(_load_script("escrow.lua"))
+        client.register(self._reserve, self._settle, self._stats, self._leave, self._health, self._escrow)
         self._random_hex = _RandomHex()
         self._limit_sets: dict[int, _LimitSet] = {}
         self._owners: dict[tuple[str, str], dict[Scope, str]] = {}  # (tag, tenant) -> key prefix per scope
+        self._taker_capacity: dict[str, int] = {}  # escrow: slice key -> its capacity after its last take
 
     @classmethod
     def from_url(
@@ -290,6 +354,38 @@ class RedisStore:
         return cls(
             client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock, late_observer=late_observer
         )
+
+    @classmethod
+    def cluster(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        key_prefix: str = "quotad",
+        clock: Clock | None = None,
+        late_observer: LateObserver | None = None,
+        **connection: Any,
+    ) -> RedisStore:
+        """A store on the Redis Cluster whose seed nodes `url` lists (`redis://h1:6379,h2:6379`),
+        through valkey-glide (see store/cluster.py); `connection` as for from_url."""
+        # Imported here: glide takes 0.4 s and 30 MB to import, which only a cluster needs.
+        from quotad_server.store.cluster import ClusterAddress, GlideCluster  # noqa: PLC0415
+
+        address = ClusterAddress.from_url(url)
+        if connection.get("password"):
+            address = dataclasses.replace(address, password=connection["password"])
+        tls = TlsFiles(
+            connection.get("ssl_ca_certs"), connection.get("ssl_certfile"), connection.get("ssl_keyfile")
+        )
+        client = GlideCluster(address, timeout_s=timeout_s, tls=tls)
+        return cls(
+            client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock, late_observer=late_observer
+        )
+
+    @property
+    def follows_cluster(self) -> bool:
+        """True when its client follows a Redis Cluster's slots (several shards are fine)."""
+        return not isinstance(self._client, RespClient)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -507,7 +603,8 @@ class RedisStore:
             plan.cost_micro_usd,
             _price_arg(plan.price),
             f"{plan.model}\t{plan.tier}\t{plan.tenant}\t{plan.max_output_tokens}",
-            f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}",
+            f"{plan.ticket or '-'} {plan.boost_us} {int(plan.enqueue)} {plan.max_line} {plan.ticket_ttl_ms}"
+            + _slice_arg(plan.limits, plan.slice_index),
         ]
         compiled = self._limit_set(plan.limits)
         tail = (compiled.forced if plan.forced else compiled.packed)[plan.priority]
@@ -677,7 +774,7 @@ class RedisStore:
                 await asyncio.sleep(0.01)
 
     async def peek(
-        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...]
+        self, partition: str, tenant: str, subject: str, limits: tuple[Limit, ...], slice_index: int = 0
     ) -> tuple[LimitStatus, ...]:
         tag = hash_tag(partition)
         keys = [
@@ -698,7 +795,7 @@ class RedisStore:
             0,
             "0 0 0",
             "",
-            "- 0 0 0 3000",
+            "- 0 0 0 3000" + _slice_arg(limits, slice_index),
         ]
         sent = asyncio.get_running_loop().time()
         reply = await self._run(self._reserve, keys, args, self._limit_set(limits).packed[Priority.HIGH])
@@ -830,3 +927,141 @@ class RedisStore:
     async def watch_wakeups(self, wake: Callable[[str], None]) -> None:
         channel = f"{self._prefix}:wake"
         await self._client.subscribe(channel, lambda data: wake(data.decode()))
+
+    # -- escrow: moving a global limit's capacity between its slices (see escrow.lua) ----
+
+    def _slice_key(self, partition: str, limit: Limit) -> str:
+        return key(self._prefix, hash_tag(partition), "l", "g", "") + _suffix(limit)
+
+    def _transfers_key(self, partition: str) -> str:
+        return key(self._prefix, hash_tag(partition), "e", "out")
+
+    def _mark_key(self, partition: str, transfer: str) -> str:
+        return key(self._prefix, hash_tag(partition), "e", "in", transfer)
+
+    @staticmethod
+    def _mark_ttl_ms(timeout_us: int) -> int:
+        # A mark outlives every take that could still arrive (takes give up past the timeout).
+        return max(60_000, 10 * timeout_us // 1000)
+
+    async def rebalance(
+        self,
+        limit: Limit,
+        partitions: Sequence[str],
+        taker: int,
+        keep: int,
+        timeout_us: int,
+        *,
+        need: int = 0,
+    ) -> int:
+        """Move the capacity the other slices of `limit` do not use, less `keep` units each, to
+        the slice of partition `taker`, and have busier slices owe it up to `need` units (or its
+        capacity, if more) for their usage to free (see escrow.lua); returns the units moved.
+
+        Three pipelined rounds of single-slot calls: give (every other slice), take, and the
+        transfer records' removal. A round that fails leaves its transfers to recover_transfers.
+        """
+        algorithm, metric = _codes(limit)
+        count, suffix = len(partitions), f"g:{_suffix(limit)}"
+        spec = [algorithm, metric, limit.limit, limit.period_us]
+        now = self._now_arg()
+        givers = [index for index in range(count) if index != taker]
+        ids = {index: self._random_hex()[:16] for index in givers}
+        taker_key = self._slice_key(partitions[taker], limit)
+        # The taker's capacity as its last take left it (at first, 0: unknown): givers above it
+        # owe it half the difference (see escrow.lua), so busy slices converge to equal shares.
+        seen = self._taker_capacity.get(taker_key, 0)
+        gives: list[ScriptCall] = [
+            (
+                [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],
+                [
+                    "give",
+                    now,
+                    *spec,
+                    g,
+                    count,
+                    keep,
+                    ids[g],
+                    taker,
+                    limit.limit,
+                    suffix,
+                    seen,
+                    max(need, seen),
+                ],
+                NOTHING,
+            )
+            for g in givers
+        ]
+        given = [
+            (g, self._unwrap(reply))
+            for g, reply in zip(givers, await self._run_many(self._escrow, gives), strict=True)
+        ]
+        given = [(g, reply) for g, reply in given if reply[0] > 0]
+        if not given:
+            return 0
+        ttl = self._mark_ttl_ms(timeout_us)
+        takes: list[ScriptCall] = [
+            (
+                [taker_key, self._mark_key(partitions[taker], ids[g])],
+                ["take", now, *spec, taker, count, ids[g], reply[0], limit.limit, reply[1], timeout_us, ttl],
+                NOTHING,
+            )
+            for g, reply in given
+        ]
+        took = [self._unwrap(reply) for reply in await self._run_many(self._escrow, takes)]
+        taken = [reply[0] for reply in took]
+        if len(self._taker_capacity) > 10_000:
+            self._taker_capacity.clear()
+        self._taker_capacity[taker_key] = max(reply[2] for reply in took)
+        done: list[ScriptCall] = [
+            (
+                [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],
+                ["reclaim", now, ids[g], 1, g],
+                NOTHING,
+            )
+            for (g, _), units in zip(given, taken, strict=True)
+            if units > 0  # a take that came too late is given back by recover_transfers
+        ]
+        for reply in await self._run_many(self._escrow, done):
+            self._unwrap(reply)
+        return int(sum(taken))
+
+    async def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> int:
+        """Settle every transfer older than `timeout_us` (its replica died, or a call of it failed):
+        cancel it at its taker, and give it back to its giver unless the taker received it.
+        Returns the units given back."""
+        now = self._now_arg()
+        found = await self._run_many(
+            self._escrow,
+            [([self._transfers_key(p)], ["stale", now, timeout_us], NOTHING) for p in partitions],
+        )
+        stale: list[tuple[int, str, list[str]]] = []  # (giver, id, record fields)
+        for giver, reply in enumerate(found):
+            pairs = self._unwrap(reply)
+            for at in range(0, len(pairs), 2):
+                stale.append((giver, pairs[at].decode(), pairs[at + 1].decode().split(" ")))
+        if not stale:
+            return 0
+        ttl = self._mark_ttl_ms(timeout_us)
+        cancels: list[ScriptCall] = [
+            ([self._mark_key(partitions[int(record[0])], transfer)], ["cancel", now, ttl], NOTHING)
+            for _, transfer, record in stale
+        ]
+        received = [self._unwrap(reply)[0] for reply in await self._run_many(self._escrow, cancels)]
+        reclaims: list[ScriptCall] = [
+            (
+                [
+                    key(self._prefix, hash_tag(partitions[giver]), "l", "") + record[8],
+                    self._transfers_key(partitions[giver]),
+                ],
+                ["reclaim", now, transfer, got, giver],
+                NOTHING,
+            )
+            for (giver, transfer, record), got in zip(stale, received, strict=True)
+        ]
+        returned = [self._unwrap(reply)[0] for reply in await self._run_many(self._escrow, reclaims)]
+        if any(returned):
+            _log.warning(
+                "gave back escrow capacity left in flight", transfers=len(stale), units=sum(returned)
+            )
+        return int(sum(returned))

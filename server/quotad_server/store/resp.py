@@ -104,13 +104,15 @@ class Packed:
 
     count: int
     data: bytes
+    values: tuple[str, ...] = ()  # the arguments themselves, for a client that encodes its own (glide)
 
     @classmethod
     def of(cls, args: Sequence[Any]) -> Packed:
         if not args:
             return NOTHING
         packed = hiredis.pack_command(tuple(args))
-        return cls(len(args), packed[packed.index(b"\r\n") + 2 :])  # without the "*<count>" header
+        values = tuple(str(arg) for arg in args)
+        return cls(len(args), packed[packed.index(b"\r\n") + 2 :], values)  # without the "*<count>" header
 
 
 NOTHING = Packed(0, b"")

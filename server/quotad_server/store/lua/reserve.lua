@@ -30,10 +30,12 @@ ARGV[11]  prices in micro-dollars per million tokens, kept in the record as sent
 ARGV[12]  "<model>\t<tier>\t<tenant>\t<max_output>", kept in the record: the model and tier for
           usage statistics, the tenant the caller acted for to check who may settle it, the
           call's max_output_tokens to flag impossible usage and bucket the statistics
-ARGV[13]  the waiting line: "<ticket> <boost> <enqueue> <max line> <ticket ttl ms>" (see below)
+ARGV[13]  the waiting line: "<ticket> <boost> <enqueue> <max line> <ticket ttl ms>" (see below),
+          then " <slice index> <slices>" when some limit is a slice (escrow, see escrow.lua)
 ARGV[14]  N, the number of limits; then 5 values per limit:
           algorithm (b token bucket, w sliding window, c concurrency, d calendar day,
-            m calendar month),
+            m calendar month; B and W: this partition's slice of a token bucket or a sliding
+            window held in escrow, see escrow.lua),
           metric (r requests, c concurrent, i input tokens, I input tokens less cache reads,
             o output tokens, t total tokens, T total tokens less cache reads, u micro-dollars),
           limit (units), period (microseconds; 0 for concurrency and calendar budgets),
@@ -58,6 +60,13 @@ State, per algorithm (units are requests, tokens or micro-dollars; times are mic
      one member, one ZADD and one PEXPIRE per request, and the zset keeps the longest span.
   c  zset of reservation ids scored by lease expiry; members at or before now are expired.
   d/m  integer units used in the current UTC day / month.
+  B/W  as b and w, with the slice's capacity c (KEYS[i] .. ':e', see escrow.lua) in place of
+     the limit: a bucket slice refills at c/period, a window slice holds at most c units, and
+     the admission cap is cap * (c - owed) / limit, rounded down (owed: what the slice yields
+     to busier slices, see escrow.lua). A cost above the slice but within
+     the limit waits one period at most (every slice empties within a period, and a
+     rebalance can then move its capacity); it never waits -1 (that says: never fits).
+     Each slice keeps a zset of its own (no sharing between request windows).
 
 Waiting lines. A request denied with enqueue=1 takes a place (its ticket) in the line of
 its binding limit: zset KEYS[b] .. ':q' scored by rank = arrival time - boost, where the
@@ -126,7 +135,9 @@ local n = tonumber(ARGV[14])
 local limit_modes = ARGV[15 + n * 5] or ''
 local function enforced(i) local m = string.sub(limit_modes, i, i) return m == '' or m == '0' end
 local skip = {}  -- the shadow limits this request is not charged to
-local ticket, boost, enqueue, max_line, ticket_ttl = string.match(ARGV[13], '^(%S+) (%d+) (%d) (%d+) (%d+)$')
+local ticket, boost, enqueue, max_line, ticket_ttl, slice_index, slices =
+  string.match(ARGV[13], '^(%S+) (%d+) (%d) (%d+) (%d+) ?(%d*) ?(%d*)$')
+slice_index, slices = tonumber(slice_index) or 0, tonumber(slices) or 1
 local partition = string.sub(KEYS[1], 1, -#rid - 4)  -- KEYS[1] is '<prefix>:{tag}' .. ':r:' .. rid
 local registry = partition .. ':lines'
 local function ticket_key(id) return partition .. ':w:' .. id end
@@ -243,6 +254,22 @@ local function claimed_before(line, used, limit)
 end
 local HINT = tonumber(ticket_ttl) * 1000 / 3  -- about one heartbeat, for those a line holds back
 
+-- A slice's capacity, and what it owes other slices until then (see escrow.lua, which writes
+-- them): absent, its even share of the limit, owing nothing.
+local function slice_capacity(key, limit)
+  local raw = call('GET', key .. ':e')
+  if raw then
+    local c, set_for, owed, owed_until = string.match(raw, '^(%d+) (%d+) ?(%d*) ?(%d*)')
+    c, set_for = tonumber(c), tonumber(set_for)
+    owed = (tonumber(owed_until) or 0) > now and tonumber(owed) or 0
+    if set_for ~= limit then c, owed = math.floor(c * limit / set_for), math.floor(owed * limit / set_for) end
+    return c, math.min(owed, c)
+  end
+  local share = math.floor(limit / slices)
+  if slice_index < limit % slices then share = share + 1 end
+  return share, 0
+end
+
 local statuses = {}
 local span = {}  -- per request-window key, the longest period counted on it
 local admit = true
@@ -253,6 +280,13 @@ for i = 1, n do
   local key = KEYS[i + 2]
   local cost = units[metric] or 0
   local used, wait, reset_after, extra, claim = 0, 0, 0, 0, 0
+  local whole = cap  -- the limit's own cap: a cost above it never fits
+  if alg == 'B' or alg == 'W' then
+    local c, owed = slice_capacity(key, limit)
+    cap = math.floor(cap * (c - owed) / limit)  -- it drains at c's rate, and admits up to c less what it owes
+    limit = c
+    if alg == 'B' then alg = 'b' else alg = 'w' end
+  end
   if alg == 'b' then
     local raw = call('GET', key)
     if raw then
@@ -260,14 +294,16 @@ for i = 1, n do
       used = tonumber(level) - (now - tonumber(updated)) * limit / period
       if used < 0 then used = 0 elseif used > tonumber(level) then used = tonumber(level) end
     end
-    if cost > cap then
+    if cost > whole then
       wait = -1
+    elseif cost > cap or (used + cost - cap > EPSILON and limit <= 0) then
+      wait = period  -- a slice too small for it: see B/W above
     elseif used + cost - cap > EPSILON then
       wait = ceil((used + cost - cap) * period / limit)
     end
     local after = used
     if wait == 0 then after = used + cost end
-    reset_after = ceil(after * period / limit)
+    if limit > 0 then reset_after = ceil(after * period / limit) elseif after > 0 then reset_after = period end
   elseif alg == 'w' then
     local floor = now - period
     if metric == 'r' then
@@ -278,8 +314,10 @@ for i = 1, n do
       for j = 1, #gone do extra = extra + tonumber(string.match(gone[j], ':(%d+)$')) end
       used = total - extra
     end
-    if cost > cap then
+    if cost > whole then
       wait = -1
+    elseif cost > cap then
+      wait = period  -- a slice too small for it: see B/W above
     elseif used + cost > cap then
       -- The oldest members leave the window first: find the one whose exit makes room.
       if metric == 'r' then
@@ -471,7 +509,7 @@ for i = 1, n do
     end
   end
   if not skip[i] then
-    record[#record + 1] = alg .. ' ' .. s[2] .. ' ' .. ARGV[base + 3] .. ' ' .. recorded_period .. ' ' .. string.sub(key, prefix_len + 1)
+    record[#record + 1] = ARGV[base + 1] .. ' ' .. s[2] .. ' ' .. ARGV[base + 3] .. ' ' .. recorded_period .. ' ' .. string.sub(key, prefix_len + 1)
   end
 end
 

@@ -41,6 +41,10 @@ Per limit, delta = actual units - reserved units (release: actual is zero):
        windows sharing a zset (see reserve.lua) share the member: the first removes it.
   c    the reservation leaves the in-flight set
   d/m  the period the reservation was charged to takes the difference (never below 0)
+  B/W  as b and w, on the slice the reservation was charged to (its key is in the record, in
+       this partition): refunds go back to that slice. A bucket slice drains at its capacity's
+       rate (K:e, see escrow.lua; absent, floor(limit / slices), which drains no faster than
+       its real share). Records written before escrow existed have no B or W lines.
 
 Undo: a Release that quotad runs by itself when Redis answered a reservation after quotad had
 told the caller UNAVAILABLE (the reply came too late: a paused Redis, a slow network). Nobody
@@ -157,6 +161,18 @@ for line in lines do
   local alg, metric, limit, period, suffix = string.match(line, '^(%a) (%a) (%d+) (%d+) (.+)$')
   local key = base .. suffix
   limit, period = tonumber(limit), tonumber(period)
+  if alg == 'W' then
+    alg = 'w'
+  elseif alg == 'B' then  -- a slice: its capacity is its rate (see escrow.lua)
+    alg = 'b'
+    local raw = redis.call('GET', key .. ':e')
+    if raw then
+      local c, set_for = string.match(raw, '^(%d+) (%d+)')
+      limit = math.floor(tonumber(c) * limit / tonumber(set_for))
+    else
+      limit = math.floor(limit / tonumber(string.match(suffix, '^g:B(%d+):') or '1'))
+    end
+  end
   if alg == 'c' then
     if redis.call('ZREM', key, rid) == 1 then freed[#freed + 1], freed[key] = key, true end
   else
@@ -176,8 +192,10 @@ for line in lines do
       level = level + delta
       if level <= EPSILON then
         redis.call('DEL', key)
-      else
+      elseif limit > 0 then
         redis.call('SET', key, string.format('%.17g %d', level, now), 'PX', ceil(level * period / limit / 1000) + 1000)
+      else  -- a slice with no capacity has no rate: its debt stays until capacity comes (escrow.lua)
+        redis.call('SET', key, string.format('%.17g %d', level, now))
       end
     elseif delta ~= 0 and alg == 'w' then
       local member = rid .. ':' .. int(reserved)

@@ -1,0 +1,56 @@
+"""Escrow in the policy: tenants spread over partitions, global limits become slices, and the
+key -> slot mapping the slot tests rely on is Redis Cluster's."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from quotad_server.policy import PolicyError, parse_policy
+
+from tests.keyslot import key_slot
+
+POLICY = """
+    defaults: {tier: t}
+    tiers: {t: {limits: [{name: rpm, metric: requests, limit: 10, period: 1m}]}}
+    tenants: {"*": {limits: [{name: tpm, metric: total_tokens, limit: 1000, period: 1m}]}}
+    global:
+      limits:
+        - {name: g, metric: total_tokens, limit: 100000, period: 1m}
+"""
+
+
+def test_without_escrow_every_decision_of_a_policy_with_global_limits_is_in_one_partition() -> None:
+    policy = parse_policy(textwrap.dedent(POLICY), "p.yaml")
+    assert {policy.partition(f"tenant-{i}") for i in range(100)} == {"global"}
+    assert policy.global_limits[0].slices == 0
+
+
+def test_with_escrow_tenants_spread_over_the_partitions_and_global_limits_are_sliced() -> None:
+    policy = parse_policy(textwrap.dedent(POLICY) + "escrow: {partitions: 8}\n", "p.yaml")
+    assert policy.escrow is not None
+    partitions = {policy.partition(f"tenant-{i}") for i in range(200)}
+    assert partitions == set(policy.escrow.partition_names()) == {f"p:{i}" for i in range(8)}
+    assert policy.partition("acme") == policy.partition("acme")  # stable: crc32, not hash()
+    assert policy.global_limits[0].slices == 8
+    assert all(limit.slices == 0 for limit in policy.tier_limits["t"] + policy.tenant_limits["*"])
+    assert policy.escrow.floor_units(100000) == 125  # 1% of the even share
+    assert policy.escrow.floor_units(10) == 1  # never 0: a slice keeps a unit to drain its debt with
+
+
+def test_escrow_refuses_global_limits_it_cannot_split() -> None:
+    text = textwrap.dedent(POLICY).replace(
+        "global:\n  limits:\n", "global:\n  limits:\n    - {name: c, metric: concurrent, limit: 9}\n"
+    )
+    with pytest.raises(PolicyError, match=r"global\.limits\[0\] \('c'\): escrow splits token buckets"):
+        parse_policy(text + "escrow: {partitions: 4}\n", "p.yaml")
+    with pytest.raises(PolicyError, match=r"escrow\.partitions"):
+        parse_policy(textwrap.dedent(POLICY) + "escrow: {partitions: 1}\n", "p.yaml")
+
+
+def test_key_slot_is_redis_clusters() -> None:
+    # The test vector of the Redis Cluster specification, and its hash tag rules.
+    assert key_slot("123456789") == 12739
+    assert key_slot("{user1000}.following") == key_slot("{user1000}.followers") == key_slot("user1000")
+    assert key_slot("foo{}{bar}") == key_slot("foo{}{bar}")  # an empty tag: the whole key is hashed
+    assert key_slot("foo{{bar}}zap") == key_slot("{bar")
