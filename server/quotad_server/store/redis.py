@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -291,6 +291,23 @@ def _slice_arg(limits: tuple[Limit, ...], index: int) -> str:
     return ""
 
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Address = TypeVar("_Address", bound="DataclassInstance")  # RedisAddress, or cluster.ClusterAddress
+
+
+def _with_options(address: _Address, connection: Mapping[str, Any]) -> tuple[_Address, TlsFiles]:
+    """The address with the password of `connection` (cli.redis_connection_options) if it has
+    one, and its TLS files."""
+    if connection.get("password"):
+        address = dataclasses.replace(address, password=connection["password"])
+    tls = TlsFiles(
+        connection.get("ssl_ca_certs"), connection.get("ssl_certfile"), connection.get("ssl_keyfile")
+    )
+    return address, tls
+
+
 def _tenants_arg(tenants: frozenset[str] | None) -> str:
     """settle.lua's ARGV[8]: the tenants whose reservations may be settled, or '*' for any."""
     return "*" if tenants is None else "\t".join(sorted(tenants))
@@ -343,12 +360,7 @@ class RedisStore:
         **connection: Any,
     ) -> RedisStore:
         """`connection`: password, ssl_ca_certs, ssl_certfile, ssl_keyfile (as cli.redis_connection_options)."""
-        address = RedisAddress.from_url(url)
-        if connection.get("password"):
-            address = dataclasses.replace(address, password=connection["password"])
-        tls = TlsFiles(
-            connection.get("ssl_ca_certs"), connection.get("ssl_certfile"), connection.get("ssl_keyfile")
-        )
+        address, tls = _with_options(RedisAddress.from_url(url), connection)
         # No retries: a retried script may run twice; UNAVAILABLE is the honest answer.
         client = RespClient(address, timeout_s=timeout_s, tls=tls)
         return cls(
@@ -371,12 +383,7 @@ class RedisStore:
         # Imported here: glide takes 0.4 s and 30 MB to import, which only a cluster needs.
         from quotad_server.store.cluster import ClusterAddress, GlideCluster  # noqa: PLC0415
 
-        address = ClusterAddress.from_url(url)
-        if connection.get("password"):
-            address = dataclasses.replace(address, password=connection["password"])
-        tls = TlsFiles(
-            connection.get("ssl_ca_certs"), connection.get("ssl_certfile"), connection.get("ssl_keyfile")
-        )
+        address, tls = _with_options(ClusterAddress.from_url(url), connection)
         client = GlideCluster(address, timeout_s=timeout_s, tls=tls)
         return cls(
             client, timeout_s=timeout_s, key_prefix=key_prefix, clock=clock, late_observer=late_observer
