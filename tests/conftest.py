@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,3 +291,26 @@ async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     return info.value
+
+
+async def storm(
+    replicas: Sequence[Quotad], requests: Sequence[pb.CheckAndReserveRequest], clients: int
+) -> list[pb.CheckAndReserveResponse]:
+    """Send every request at once over `clients` channels (as separate backends would), the
+    channels spread over the replicas."""
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{replicas[i % len(replicas)].port}") for i in range(clients)
+    ]
+    stubs = [pb_grpc.QuotaServiceStub(channel) for channel in channels]
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    stubs[i % clients].CheckAndReserve(request, timeout=RPC_TIMEOUT_S * 4)
+                    for i, request in enumerate(requests)
+                )
+            )
+        )
+    finally:
+        for channel in channels:
+            await channel.close()

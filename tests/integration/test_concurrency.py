@@ -6,32 +6,12 @@ import asyncio
 import random
 import time
 
-import grpc
 from quotad.v1 import quota_pb2 as pb
-from quotad.v1 import quota_pb2_grpc as pb_grpc
 
-from tests.conftest import RPC_TIMEOUT_S, Quotad, QuotadFactory
+from tests.conftest import QuotadFactory, storm
 
 CLIENTS = 6  # separate channels, as separate backends would be
 CALLS_PER_CLIENT = 60  # 360 concurrent calls in all
-
-
-async def _storm(q: Quotad, requests: list[pb.CheckAndReserveRequest]) -> list[pb.CheckAndReserveResponse]:
-    """Send every request at once, spread over CLIENTS channels."""
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{q.port}") for _ in range(CLIENTS)]
-    stubs = [pb_grpc.QuotaServiceStub(channel) for channel in channels]
-    try:
-        return list(
-            await asyncio.gather(
-                *(
-                    stubs[i % CLIENTS].CheckAndReserve(request, timeout=RPC_TIMEOUT_S * 4)
-                    for i, request in enumerate(requests)
-                )
-            )
-        )
-    finally:
-        for channel in channels:
-            await channel.close()
 
 
 async def test_token_budget_is_never_overspent(quotad: QuotadFactory) -> None:
@@ -47,8 +27,8 @@ async def test_token_budget_is_never_overspent(quotad: QuotadFactory) -> None:
     costs = [rng.randint(10, 500) for _ in range(CLIENTS * CALLS_PER_CLIENT)]
     async with quotad(policy, subject="alice") as q:  # the production clock: Redis TIME
         started = time.monotonic()
-        responses = await _storm(
-            q, [pb.CheckAndReserveRequest(subject="alice", input_tokens=c) for c in costs]
+        responses = await storm(
+            [q], [pb.CheckAndReserveRequest(subject="alice", input_tokens=c) for c in costs], CLIENTS
         )
         refill = (time.monotonic() - started) * budget / period_s  # what drained during the storm
 
@@ -76,13 +56,13 @@ async def test_concurrency_limit_admits_exactly_its_limit(quotad: QuotadFactory)
     """
     async with quotad(policy, subject="alice") as q:
         requests = [pb.CheckAndReserveRequest(subject="alice")] * (CLIENTS * CALLS_PER_CLIENT)
-        responses = await _storm(q, requests)
+        responses = await storm([q], requests, CLIENTS)
         allowed = [r for r in responses if r.decision == pb.DECISION_ALLOWED]
         assert len(allowed) == 7
         assert (await q.usage())["in-flight"] == 0
         # Freeing one slot admits exactly one more.
         await q.release(allowed[0].reservation_id)
-        responses = await _storm(q, requests[:50])
+        responses = await storm([q], requests[:50], CLIENTS)
         assert sum(r.decision == pb.DECISION_ALLOWED for r in responses) == 1
 
 
@@ -95,8 +75,8 @@ async def test_sliding_window_admits_exactly_its_limit(quotad: QuotadFactory) ->
               - {name: per-day, metric: requests, limit: 50, period: 1d, algorithm: sliding_window}
     """
     async with quotad(policy, subject="alice") as q:
-        responses = await _storm(
-            q, [pb.CheckAndReserveRequest(subject="alice")] * (CLIENTS * CALLS_PER_CLIENT)
+        responses = await storm(
+            [q], [pb.CheckAndReserveRequest(subject="alice")] * (CLIENTS * CALLS_PER_CLIENT), CLIENTS
         )
         assert sum(r.decision == pb.DECISION_ALLOWED for r in responses) == 50
         assert (await q.usage())["per-day"] == 0
@@ -112,8 +92,8 @@ async def test_request_windows_sharing_a_zset_admit_exactly_the_tighter_limit(qu
               - {name: per-day, metric: requests, limit: 30, period: 1d, algorithm: sliding_window}
     """
     async with quotad(policy, subject="alice") as q:
-        responses = await _storm(
-            q, [pb.CheckAndReserveRequest(subject="alice")] * (CLIENTS * CALLS_PER_CLIENT)
+        responses = await storm(
+            [q], [pb.CheckAndReserveRequest(subject="alice")] * (CLIENTS * CALLS_PER_CLIENT), CLIENTS
         )
         allowed = [r for r in responses if r.decision == pb.DECISION_ALLOWED]
         assert len(allowed) == 30
@@ -122,7 +102,7 @@ async def test_request_windows_sharing_a_zset_admit_exactly_the_tighter_limit(qu
         # Releases refund both windows from the one shared member, once each.
         await asyncio.gather(*(q.release(r.reservation_id) for r in allowed[:10]))
         assert await q.usage() == {"per-hour": 25, "per-day": 10}
-        responses = await _storm(q, [pb.CheckAndReserveRequest(subject="alice")] * 100)
+        responses = await storm([q], [pb.CheckAndReserveRequest(subject="alice")] * 100, CLIENTS)
         assert sum(r.decision == pb.DECISION_ALLOWED for r in responses) == 10
 
 
@@ -153,7 +133,7 @@ async def test_several_limits_stay_consistent_under_contention(quotad: QuotadFac
         for _ in range(CLIENTS * CALLS_PER_CLIENT)
     ]
     async with quotad(policy) as q:
-        responses = await _storm(q, requests)
+        responses = await storm([q], requests, CLIENTS)
         admitted = [
             r for r, resp in zip(requests, responses, strict=True) if resp.decision == pb.DECISION_ALLOWED
         ]

@@ -15,19 +15,24 @@ from contextlib import AsyncExitStack
 from importlib import resources
 from typing import Any
 
-import grpc
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 from quotad.v1 import quota_pb2 as pb
-from quotad.v1 import quota_pb2_grpc as pb_grpc
 from quotad_server.core import MAX_PULL_BACKOFF, QuotaCore, ReserveRequest
 from quotad_server.model import Algorithm, Limit
 from quotad_server.policy import Policy, parse_policy
 from quotad_server.store.embedded import EmbeddedRedis
 from quotad_server.store.redis import RedisStore, hash_tag, key
 
-from tests.conftest import RPC_TIMEOUT_S, ManualClock, Quotad, QuotadFactory, redis_cluster, running_quotad
+from tests.conftest import (
+    ManualClock,
+    Quotad,
+    QuotadFactory,
+    redis_cluster,
+    running_quotad,
+    storm,
+)
 from tests.keyslot import key_slot
 
 PARTITIONS = 8
@@ -90,26 +95,6 @@ async def capacity(client: aioredis.Redis, q: Quotad) -> tuple[int, int]:
     return total, in_flight
 
 
-async def storm(replicas: Sequence[Quotad], requests: Sequence[pb.CheckAndReserveRequest]) -> list[Any]:
-    """Send every request at once over CLIENTS channels, spread over the replicas."""
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{replicas[i % len(replicas)].port}") for i in range(CLIENTS)
-    ]
-    stubs = [pb_grpc.QuotaServiceStub(channel) for channel in channels]
-    try:
-        return list(
-            await asyncio.gather(
-                *(
-                    stubs[i % CLIENTS].CheckAndReserve(request, timeout=RPC_TIMEOUT_S * 4)
-                    for i, request in enumerate(requests)
-                )
-            )
-        )
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
 async def test_all_traffic_on_one_partition_fills_the_global_bucket_exactly(
     quotad: QuotadFactory, redis_client: aioredis.Redis
 ) -> None:
@@ -123,7 +108,7 @@ async def test_all_traffic_on_one_partition_fills_the_global_bucket_exactly(
         ]
         loop = asyncio.get_running_loop()
         started = loop.time()
-        responses = await storm([q], requests)
+        responses = await storm([q], requests, CLIENTS)
         elapsed = loop.time() - started
         admitted = sum(c for c, r in zip(costs, responses, strict=True) if r.decision == pb.DECISION_ALLOWED)
         # The clock is frozen: nothing refills, so the limit bounds what was admitted, to the token.
@@ -145,7 +130,7 @@ async def test_three_replicas_fill_a_global_window_exactly_from_one_partition(
             for _ in range(3)
         ]
         requests = [pb.CheckAndReserveRequest(subject=f"s{i}", tenant="hot") for i in range(2 * limit)]
-        responses = await storm(replicas, requests)
+        responses = await storm(replicas, requests, CLIENTS)
         admitted = sum(r.decision == pb.DECISION_ALLOWED for r in responses)
         assert admitted <= limit
         assert admitted >= 0.95 * limit
