@@ -34,6 +34,7 @@ from quotad_server.model import (
     OutputSource,
     Priority,
     ReserveOutcome,
+    Scope,
     ServiceTier,
     SettleOutcome,
     UsageReport,
@@ -99,6 +100,7 @@ class _Route:
     priority: Priority  # the tier's default
     counts_output: bool  # some limit counts output tokens (or money)
     slice_index: int = 0  # with escrow: the partition's index, whose slices it is charged to
+    spread: bool = False  # a tenant in escrow.tenants: the partition is each subject's own
 
 
 def _check_text(violations: list[FieldViolation], field: str, value: str, *, required: bool) -> None:
@@ -250,8 +252,9 @@ class QuotaCore:
         self._final_limits: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
         # Escrow: per (limit, partition index), this replica's pull in progress, and when the next
         # may begin with the gap after the last (see _pull).
-        self._pulls: dict[tuple[Limit, int], asyncio.Task[int]] = {}
-        self._next_pull: dict[tuple[Limit, int], tuple[float, float]] = {}
+        # Keyed by (limit, partition index, tenant): a tenant limit in escrow has slices per tenant.
+        self._pulls: dict[tuple[Limit, int, str], asyncio.Task[int]] = {}
+        self._next_pull: dict[tuple[Limit, int, str], tuple[float, float]] = {}
 
     @property
     def catalog(self) -> Catalog | None:
@@ -509,8 +512,12 @@ class QuotaCore:
             fingerprint = hashlib.sha256(
                 f"{tier}\n{request.model}\n{input_tokens}\n{request.max_output_tokens}{tier_suffix}".encode()
             ).hexdigest()[:32]
+        partition, slice_index = route.partition, route.slice_index
+        if route.spread:
+            partition = policy.partition(counted_as, request.subject)
+            slice_index = _slice_index(partition)
         plan = ReservePlan(
-            partition=route.partition,
+            partition=partition,
             tenant=tenant,
             counted_as=counted_as,
             subject=request.subject,
@@ -530,7 +537,7 @@ class QuotaCore:
             boost_us=_PRIORITY_RANK[priority] * policy.aging_us,
             max_line=policy.max_line,
             ticket_ttl_ms=3 * policy.heartbeat_us // 1000,
-            slice_index=route.slice_index,
+            slice_index=slice_index,
         )
         return plan, tier
 
@@ -563,6 +570,7 @@ class QuotaCore:
             policy.tier_priority[tier],
             any(limit.metric in _COUNTS_OUTPUT for limit in limits),
             _slice_index(policy.partition(counted_as)),
+            policy.spreads(counted_as),
         )
         if len(self._routes) >= 10_000:  # tenants and subjects' tiers are open-ended; keep it bounded
             self._routes.clear()
@@ -796,8 +804,9 @@ class QuotaCore:
             return []
         return [s.limit for s in denying]
 
-    async def _pull(self, limit: Limit, taker: int, need: int = 0) -> int:
-        """Move unused capacity of `limit`'s other slices to slice `taker`: one pull at a time per
+    async def _pull(self, limit: Limit, taker: int, need: int = 0, tenant: str = "") -> int:
+        """Move unused capacity of `limit`'s other slices to slice `taker` (of `tenant`'s slices, for
+        a tenant limit): one pull at a time per
         slice on this replica (those that come meanwhile share it), none sooner than
         escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
         is used up everywhere), twice as long after each, up to MAX_PULL_BACKOFF intervals: an
@@ -807,7 +816,8 @@ class QuotaCore:
         escrow = self.policy.escrow
         if escrow is None:
             return 0
-        slot = (limit, taker)
+        owner = tenant if limit.scope is Scope.TENANT else ""
+        slot = (limit, taker, owner)
         task = self._pulls.get(slot)
         if task is None:
             loop = asyncio.get_running_loop()
@@ -826,6 +836,7 @@ class QuotaCore:
                     escrow.floor_units(limit.limit),
                     escrow.transfer_timeout_us,
                     need=need,
+                    tenant=owner,
                 ),
                 name="quotad-escrow-pull",
             )
@@ -855,7 +866,7 @@ class QuotaCore:
         if not short:
             return False
         moved = await asyncio.gather(
-            *(self._pull(limit, plan.slice_index, _units(limit, plan)) for limit in short)
+            *(self._pull(limit, plan.slice_index, _units(limit, plan), plan.counted_as) for limit in short)
         )
         return any(moved)
 
@@ -1097,6 +1108,6 @@ class QuotaCore:
         if violations:
             raise InvalidRequest(violations)
         limits = self.policy.limits_for(tier, counted_as, model)
-        partition = self.policy.partition(counted_as)
+        partition = self.policy.partition(counted_as, subject)
         statuses = await self._store.peek(partition, counted_as, subject, limits, _slice_index(partition))
         return UsageReport(tenant=tenant, tier=tier, limits=statuses)

@@ -475,8 +475,9 @@ class InstrumentedStore:
         timeout_us: int,
         *,
         need: int = 0,
+        tenant: str = "",
     ) -> Coroutine[Any, Any, int]:
-        call = self._inner.rebalance(limit, partitions, taker, keep, timeout_us, need=need)
+        call = self._inner.rebalance(limit, partitions, taker, keep, timeout_us, need=need, tenant=tenant)
         return self._timed("rebalance", call)
 
     def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> Coroutine[Any, Any, int]:

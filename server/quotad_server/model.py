@@ -96,8 +96,8 @@ class Limit:
     exclude_cached: bool = False
     admission: tuple[tuple[Priority, float], ...] = ()
     shadow: bool = False  # evaluated and counted, never denies (see reserve.lua's limit modes)
-    # A global limit split into this many slices, one per partition (escrow, see docs/design.md);
-    # 0: one counter.
+    # A global limit (or a limit of a tenant in escrow.tenants) split into this many slices, one
+    # per partition (escrow, see docs/design.md); 0: one counter.
     slices: int = 0
     # Limits key per-limit caches on the hot path; hashing all fields each time costs more than the lookup.
     _hash: int = field(default=0, init=False, repr=False, compare=False)

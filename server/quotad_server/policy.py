@@ -278,9 +278,12 @@ class WaitingSpec(_Strict):
 
 class EscrowSpec(_Strict):
     """Global limits held in escrow: tenants hash into `partitions` partitions, and each global
-    limit is split into one slice per partition, rebalanced by demand (see docs/design.md)."""
+    limit is split into one slice per partition, rebalanced by demand (see docs/design.md).
+    The tenants named in `tenants` (large ones) spread too: their subjects hash into the
+    partitions, and each of their tenant limits is split into slices like a global limit."""
 
     partitions: int = Field(default=16, ge=2, le=1024)
+    tenants: list[str] = Field(default_factory=list)
     floor: float | int = Field(default=0.01, ge=0, le=1)  # of its even share, what an idle slice keeps
     rebalance_interval: Duration = "100ms"  # the least time between two pulls of one slice by a replica
     transfer_timeout: Duration = "5s"  # capacity in flight this long goes back to its giver
@@ -301,6 +304,7 @@ class Escrow:
     floor: float
     rebalance_interval_us: int
     transfer_timeout_us: int
+    tenants: frozenset[str] = frozenset()  # whose subjects spread, their limits in slices
 
     def partition_names(self) -> tuple[str, ...]:
         return tuple(f"p:{index}" for index in range(self.partitions))
@@ -504,12 +508,22 @@ class PolicyDocument(_Strict):
     def _check_escrow(self) -> None:
         if self.escrow is None:
             return
-        for index, spec in enumerate(self.global_.limits):
-            if spec.metric is Metric.CONCURRENT or spec.period in CALENDARS:
+        sliced = [("global", self.global_)]
+        for tenant in self.escrow.tenants:
+            if tenant == WILDCARD_TENANT or tenant not in self.tenants:
                 raise ValueError(
-                    f"global.limits[{index}] ({spec.name!r}): escrow splits token buckets and sliding"
-                    " windows only; a concurrent limit or a calendar budget cannot be global with escrow"
+                    f"escrow.tenants: {tenant!r} is not a tenant named under tenants (only named"
+                    " tenants' limits can be split into slices)"
                 )
+            sliced.append((f"tenants.{tenant}", self.tenants[tenant]))
+        for where, group in sliced:
+            for index, spec in enumerate(group.limits):
+                if spec.metric is Metric.CONCURRENT or spec.period in CALENDARS:
+                    raise ValueError(
+                        f"{where}.limits[{index}] ({spec.name!r}): escrow splits token buckets and"
+                        " sliding windows only; a concurrent limit or a calendar budget cannot be in"
+                        " escrow"
+                    )
 
     def _check_envoy(self) -> None:
         for name, domain in (self.envoy.domains if self.envoy else {}).items():
@@ -591,16 +605,26 @@ class Policy:
                 self._cache[key] = found
         return found
 
-    def partition(self, tenant: str) -> str:
+    def spreads(self, tenant: str) -> bool:
+        """Whether `tenant`'s subjects spread over the escrow partitions (escrow.tenants)."""
+        return self.escrow is not None and tenant in self.escrow.tenants
+
+    def partition(self, tenant: str, subject: str = "") -> str:
         """The unit of atomicity: all keys one decision touches share it.
 
         With global limits every decision touches the same global counters, so
         everything lives in one partition; otherwise each tenant is its own. With
         escrow, tenants hash into `escrow.partitions` partitions, each holding its
-        tenants' counters and one slice of every global limit.
+        tenants' counters and one slice of every global limit; the subjects of a
+        tenant in escrow.tenants hash into them one by one, each partition holding
+        one slice of each of that tenant's limits (`subject` matters only then).
         """
-        if self.escrow is not None and self.global_limits:
-            return f"p:{zlib.crc32(tenant.encode()) % self.escrow.partitions}"
+        if self.escrow is not None:
+            if tenant in self.escrow.tenants:
+                spread = zlib.crc32(subject.encode(), zlib.crc32(tenant.encode() + b"\n"))
+                return f"p:{spread % self.escrow.partitions}"
+            if self.global_limits:
+                return f"p:{zlib.crc32(tenant.encode()) % self.escrow.partitions}"
         return "global" if self.global_limits else f"t:{tenant}"
 
 
@@ -669,7 +693,13 @@ def parse_policy(text: str, source: str) -> Policy:
         aging_us=parse_duration_us(doc.waiting.aging),
         heartbeat_us=parse_duration_us(doc.waiting.heartbeat),
         tenant_limits={
-            name: tuple(s.to_limit(Scope.TENANT, doc.admission) for s in g.limits)
+            name: tuple(
+                replace(
+                    s.to_limit(Scope.TENANT, doc.admission),
+                    slices=doc.escrow.partitions if doc.escrow and name in doc.escrow.tenants else 0,
+                )
+                for s in g.limits
+            )
             for name, g in doc.tenants.items()
         },
         global_limits=tuple(
@@ -688,6 +718,7 @@ def parse_policy(text: str, source: str) -> Policy:
             float(doc.escrow.floor),
             parse_duration_us(doc.escrow.rebalance_interval),
             parse_duration_us(doc.escrow.transfer_timeout),
+            frozenset(doc.escrow.tenants),
         )
         if doc.escrow
         else None,

@@ -69,7 +69,26 @@ def window_policy(limit: int) -> str:
 def _policy(q: Quotad) -> tuple[Policy, Limit]:
     assert q.core is not None
     policy = q.core.policy
-    return policy, policy.global_limits[0]
+    return policy, policy.global_limits[0] if policy.global_limits else policy.tenant_limits[BIG][0]
+
+
+BIG = "big co:eu"  # a tenant in escrow.tenants; its name has a space and a ':' to escape
+
+
+def big_tenant_policy(limit: int) -> str:
+    """One large tenant whose token bucket is split over the partitions, and no global limit."""
+    return f"""
+        defaults: {{tier: t}}
+        tiers: {{t: {{limits: [{{name: subject-rpm, metric: requests, limit: 100000, period: 1m}}]}}}}
+        tenants:
+          "{BIG}":
+            limits: [{{name: tenant-tpm, metric: total_tokens, limit: {limit}, period: 1m}}]
+        escrow:
+          partitions: {PARTITIONS}
+          tenants: ["{BIG}"]
+          rebalance_interval: 20ms
+          transfer_timeout: {TRANSFER_TIMEOUT_S}s
+    """
 
 
 async def slice_capacity(client: aioredis.Redis, q: Quotad, partition: str) -> int:
@@ -79,13 +98,16 @@ async def slice_capacity(client: aioredis.Redis, q: Quotad, partition: str) -> i
     return int(raw.split()[0])
 
 
-async def capacity(client: aioredis.Redis, q: Quotad) -> tuple[int, int]:
-    """(the sum of the slices' capacities, the units in flight between slices)."""
-    policy, limit = _policy(q)
+async def capacity(
+    client: aioredis.Redis, q: Quotad, limit: Limit | None = None, tenant: str = ""
+) -> tuple[int, int]:
+    """(the sum of the slices' capacities, the units in flight between slices) of the global
+    limit, or of `limit` (of `tenant`, for a tenant limit)."""
+    policy, limit = _policy(q) if limit is None else (_policy(q)[0], limit)
     assert policy.escrow is not None
     total = in_flight = 0
     for index, partition in enumerate(policy.escrow.partition_names()):
-        raw = await client.get(q.store._slice_key(partition, limit) + ":e")
+        raw = await client.get(q.store._slice_key(partition, limit, tenant) + ":e")
         if raw is not None:
             total += int(raw.split()[0])
         else:  # never moved: the even share
@@ -117,6 +139,79 @@ async def test_all_traffic_on_one_partition_fills_the_global_bucket_exactly(
         assert await capacity(redis_client, q) == (limit, 0)  # no capacity lost or made up
         usage = await q.usage(subject="s0", tenant="hot")
         assert usage["provider-tpm"] == limit - admitted - 7 * (limit // PARTITIONS // 100)  # the floors
+
+
+async def test_a_large_tenants_limit_spreads_over_the_partitions_and_fills_exactly(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """A tenant in escrow.tenants: its subjects decide in many partitions (slots), each charged to
+    its partition's slice of the tenant's limit; together, from 3 replicas, they admit what one
+    exact bucket would at most. (Utilisation of at least 95% is the one-subject test's: here every
+    slice is busy and the clock is frozen, so what busy slices owe one another never frees.)"""
+    limit = 20_000
+    rng = random.Random(1505)
+    costs = [rng.randint(20, 300) for _ in range(400)]  # ~64,000 tokens asked for: 3x the limit
+    clock = ManualClock()
+    async with AsyncExitStack() as stack:
+        replicas = [
+            await stack.enter_async_context(running_quotad(big_tenant_policy(limit), redis_url, clock=clock))
+            for _ in range(3)
+        ]
+        policy, tenant_limit = _policy(replicas[0])
+        assert tenant_limit.slices == PARTITIONS
+        subjects = [f"user-{i % 40}" for i in range(len(costs))]
+        assert len({policy.partition(BIG, s) for s in subjects}) >= PARTITIONS - 1
+        requests = [
+            pb.CheckAndReserveRequest(subject=s, tenant=BIG, input_tokens=c)
+            for s, c in zip(subjects, costs, strict=True)
+        ]
+        responses = await storm(replicas, requests, CLIENTS)
+        admitted = sum(c for c, r in zip(costs, responses, strict=True) if r.decision == pb.DECISION_ALLOWED)
+        assert admitted <= limit  # the clock is frozen: nothing refills
+        assert admitted >= 0.5 * limit  # measured 76-99%: what busy slices owe stays owed here
+        assert await capacity(redis_client, replicas[0], tenant_limit, BIG) == (limit, 0)
+        # Another tenant is untouched by the big one's slices: a limit of its own, whole.
+        assert (await replicas[1].reserve(subject="x", tenant="small")).decision == pb.DECISION_ALLOWED
+
+
+async def test_all_of_a_large_tenants_traffic_on_one_subject_fills_its_limit(
+    quotad: QuotadFactory, redis_client: aioredis.Redis
+) -> None:
+    """Even when all of a spread tenant's traffic comes from one subject (one partition), the
+    other slices' unused capacity moves to it: at least 95% of the tenant's limit, exactly; a
+    refund goes back to the slice charged, and the capacity left in flight by a replica that
+    dies mid-transfer comes back after the timeout (the tenant's escaped slice keys included)."""
+    limit = 8_000
+    clock = ManualClock()
+    async with quotad(big_tenant_policy(limit), clock=clock, subject="only", tenant=BIG) as q:
+        assert q.core is not None
+        policy, tenant_limit = _policy(q)
+        admitted, held = 0, []
+        while (response := await q.reserve(input_tokens=100)).decision == pb.DECISION_ALLOWED:
+            admitted += 100
+            held.append(response.reservation_id)
+        assert 0.95 * limit <= admitted <= limit
+        assert await capacity(redis_client, q, tenant_limit, BIG) == (limit, 0)
+        before = (await q.usage(tenant=BIG))["tenant-tpm"]
+        await q.commit(held[0], 40, 0)  # 60 back to this subject's slice
+        assert (await q.usage(tenant=BIG))["tenant-tpm"] == before + 60
+        # A replica gives from a slice of another partition and dies: recovery gives it back.
+        assert policy.escrow is not None
+        mine = policy.escrow.partition_names().index(policy.partition(BIG, "only"))
+        giver = (mine + 1) % PARTITIONS
+        partition = policy.escrow.partition_names()[giver]
+        keys = [q.store._slice_key(partition, tenant_limit, BIG), q.store._transfers_key(partition)]
+        suffix = f"t:big co%3Aeu:B{PARTITIONS}:tenant-tpm"
+        assert keys[0].endswith(":l:" + suffix)  # as reserve.lua's keys name the slice
+        spec: list[str | int] = ["B", "t", limit, tenant_limit.period_us, giver, PARTITIONS]
+        clock.advance(60)  # every slice drains: the giver has its floor to give
+        give: list[str | int] = ["give", clock.now_us, *spec, 0, "dead", mine, limit, suffix, 0, 0]
+        given = await _escrow(redis_client, keys, give)
+        assert given > 0
+        assert await capacity(redis_client, q, tenant_limit, BIG) == (limit - given, given)
+        clock.advance(TRANSFER_TIMEOUT_S + 1)
+        assert await q.core.recover_escrow() == given
+        assert await capacity(redis_client, q, tenant_limit, BIG) == (limit, 0)
 
 
 async def test_three_replicas_fill_a_global_window_exactly_from_one_partition(

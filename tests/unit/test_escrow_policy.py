@@ -48,6 +48,54 @@ def test_escrow_refuses_global_limits_it_cannot_split() -> None:
         parse_policy(textwrap.dedent(POLICY) + "escrow: {partitions: 1}\n", "p.yaml")
 
 
+BIG_TENANT = """
+    tenants:
+      big co:
+        limits:
+          - {name: big-tpm, metric: total_tokens, limit: 50000, period: 1m}
+          - {name: big-rpm, metric: requests, limit: 600, period: 1m, algorithm: sliding_window}
+      small:
+        limits: [{name: small-tpm, metric: total_tokens, limit: 500, period: 1m}]
+"""
+
+
+def test_a_large_tenants_subjects_spread_over_the_partitions_and_its_limits_are_sliced() -> None:
+    text = textwrap.dedent(POLICY).replace('tenants: {"*"', 'unused: {"*"').replace("unused:", "#")
+    text += textwrap.dedent(BIG_TENANT) + 'escrow: {partitions: 8, tenants: ["big co"]}\n'
+    policy = parse_policy(text, "p.yaml")
+    assert policy.spreads("big co")
+    assert not policy.spreads("small")
+    spread = {policy.partition("big co", f"user-{i}") for i in range(200)}
+    assert spread == {f"p:{i}" for i in range(8)}  # one tenant, every partition
+    assert policy.partition("big co", "user-1") == policy.partition("big co", "user-1")
+    # Every other tenant stays whole, in one partition whatever the subject.
+    assert {policy.partition("small", f"user-{i}") for i in range(50)} == {policy.partition("small")}
+    assert all(limit.slices == 8 for limit in policy.tenant_limits["big co"])
+    assert all(limit.slices == 0 for limit in policy.tenant_limits["small"] + policy.tier_limits["t"])
+    assert policy.global_limits[0].slices == 8
+
+
+def test_a_large_tenant_spreads_without_global_limits_too() -> None:
+    text = textwrap.dedent(POLICY).split("global:")[0].replace('tenants: {"*"', "# ")
+    policy = parse_policy(text + textwrap.dedent(BIG_TENANT) + "escrow: {tenants: [small]}\n", "p.yaml")
+    assert len({policy.partition("small", f"u{i}") for i in range(200)}) == 16  # the default count
+    assert policy.partition("big co", "u1") == "t:big co"  # a tenant of its own, as without escrow
+
+
+def test_escrow_refuses_tenants_it_cannot_split() -> None:
+    base = textwrap.dedent(POLICY).replace('tenants: {"*"', "# ") + textwrap.dedent(BIG_TENANT)
+    with pytest.raises(PolicyError, match=r"escrow\.tenants: 'nobody' is not a tenant named under tenants"):
+        parse_policy(base + "escrow: {tenants: [nobody]}\n", "p.yaml")
+    with pytest.raises(PolicyError, match=r"escrow\.tenants: '\*' is not a tenant named"):
+        parse_policy(textwrap.dedent(POLICY) + 'escrow: {tenants: ["*"]}\n', "p.yaml")
+    budget = base.replace(
+        "- {name: big-tpm, metric: total_tokens, limit: 50000, period: 1m}",
+        "- {name: big-usd, metric: total_tokens, limit: 100, period: month}",
+    )
+    with pytest.raises(PolicyError, match=r"tenants\.big co\.limits\[0\] \('big-usd'\): escrow splits"):
+        parse_policy(budget + 'escrow: {tenants: ["big co"]}\n', "p.yaml")
+
+
 def test_key_slot_is_redis_clusters() -> None:
     # The test vector of the Redis Cluster specification, and its hash tag rules.
     assert key_slot("123456789") == 12739

@@ -105,8 +105,10 @@ class Store(Protocol):
         timeout_us: int,
         *,
         need: int = 0,
+        tenant: str = "",
     ) -> int:
-        """Move to partition `taker`'s slice of `limit` (held in escrow) what the other slices do
+        """Move to partition `taker`'s slice of `limit` (held in escrow; of `tenant`'s slices for a
+        tenant limit) what the other slices do
         not use, less `keep` units each, and have busier slices yield it up to `need` (or its
         capacity) as their usage frees; returns the units moved. The slices never sum to more
         than the limit, whatever fails when."""

@@ -937,8 +937,16 @@ class RedisStore:
 
     # -- escrow: moving a global limit's capacity between its slices (see escrow.lua) ----
 
-    def _slice_key(self, partition: str, limit: Limit) -> str:
-        return key(self._prefix, hash_tag(partition), "l", "g", "") + _suffix(limit)
+    @staticmethod
+    def _slice_suffix(limit: Limit, tenant: str) -> str:
+        """A slice's key without '<prefix>:{tag}:l:' (as limit_keys builds it): a global limit's,
+        or `tenant`'s for a tenant limit."""
+        if limit.scope is Scope.TENANT:
+            return f"t:{_escape(tenant)}:{_suffix(limit)}"
+        return f"g:{_suffix(limit)}"
+
+    def _slice_key(self, partition: str, limit: Limit, tenant: str = "") -> str:
+        return key(self._prefix, hash_tag(partition), "l", "") + self._slice_suffix(limit, tenant)
 
     def _transfers_key(self, partition: str) -> str:
         return key(self._prefix, hash_tag(partition), "e", "out")
@@ -960,27 +968,28 @@ class RedisStore:
         timeout_us: int,
         *,
         need: int = 0,
+        tenant: str = "",
     ) -> int:
-        """Move the capacity the other slices of `limit` do not use, less `keep` units each, to
-        the slice of partition `taker`, and have busier slices owe it up to `need` units (or its
+        """Move the capacity the other slices of `limit` (`tenant`'s, for a tenant limit) do not
+        use, less `keep` units each, to the slice of partition `taker`, and have busier slices owe it up to `need` units (or its
         capacity, if more) for their usage to free (see escrow.lua); returns the units moved.
 
         Three pipelined rounds of single-slot calls: give (every other slice), take, and the
         transfer records' removal. A round that fails leaves its transfers to recover_transfers.
         """
         algorithm, metric = _codes(limit)
-        count, suffix = len(partitions), f"g:{_suffix(limit)}"
+        count, suffix = len(partitions), self._slice_suffix(limit, tenant)
         spec = [algorithm, metric, limit.limit, limit.period_us]
         now = self._now_arg()
         givers = [index for index in range(count) if index != taker]
         ids = {index: self._random_hex()[:16] for index in givers}
-        taker_key = self._slice_key(partitions[taker], limit)
+        taker_key = self._slice_key(partitions[taker], limit, tenant)
         # The taker's capacity as its last take left it (at first, 0: unknown): givers above it
         # owe it half the difference (see escrow.lua), so busy slices converge to equal shares.
         seen = self._taker_capacity.get(taker_key, 0)
         gives: list[ScriptCall] = [
             (
-                [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],
+                [self._slice_key(partitions[g], limit, tenant), self._transfers_key(partitions[g])],
                 [
                     "give",
                     now,
@@ -1022,7 +1031,7 @@ class RedisStore:
         self._taker_capacity[taker_key] = max(reply[2] for reply in took)
         done: list[ScriptCall] = [
             (
-                [self._slice_key(partitions[g], limit), self._transfers_key(partitions[g])],
+                [self._slice_key(partitions[g], limit, tenant), self._transfers_key(partitions[g])],
                 ["reclaim", now, ids[g], 1, g],
                 NOTHING,
             )
@@ -1046,7 +1055,7 @@ class RedisStore:
         for giver, reply in enumerate(found):
             pairs = self._unwrap(reply)
             for at in range(0, len(pairs), 2):
-                stale.append((giver, pairs[at].decode(), pairs[at + 1].decode().split(" ")))
+                stale.append((giver, pairs[at].decode(), pairs[at + 1].decode().split(" ", 8)))
         if not stale:
             return 0
         ttl = self._mark_ttl_ms(timeout_us)
