@@ -1,6 +1,7 @@
 """QUOTAD_REDIS_PASSWORD and QUOTAD_REDIS_TLS_* against a real Valkey that requires a password,
 reached through a real TLS terminator that requires a client certificate (the embedded Valkey
-build has no TLS of its own; managed Redis services terminate TLS the same way)."""
+build has no TLS of its own; managed Redis services terminate TLS the same way): one server,
+and a cluster of three shards."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 from quotad.v1 import quota_pb2 as pb
 from quotad_server.store.embedded import EmbeddedRedis, free_port
 
@@ -135,3 +138,94 @@ async def test_password_and_mutual_tls_settings_reach_redis(
             assert "authenticated" in unauthenticated.log.read_text().lower()
         finally:
             await unauthenticated.close()
+
+
+async def test_mutual_tls_and_a_password_to_a_cluster_of_three_shards(tmp_path: Path, pki: Path) -> None:
+    """`rediss://` seeds: valkey-glide's cluster client verifies each shard's certificate against
+    the CA file and presents the client certificate, to every node the cluster announces (here
+    each node announces its TLS terminator's port, as a managed service announces its TLS
+    endpoints); every shard decides some of the tenants' requests."""
+    shards = 3
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    nodes: list[EmbeddedRedis] = []
+    buses: list[int] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(shards):
+            node = EmbeddedRedis()
+            # The terminator first: its port is what the node announces to the cluster's clients.
+            tls_port = await stack.enter_async_context(tls_terminator(pki, node.port))
+            buses.append(_start_cluster_node(node, tls_port, tmp_path))
+            stack.callback(node.stop)
+            nodes.append(node)
+        admin = [redis.Redis(port=node.port, password=PASSWORD) for node in nodes]
+        for client in admin:
+            stack.callback(client.close)
+        await _form_cluster(admin, nodes[0].port, buses[0])
+        seeds = ",".join(f"127.0.0.1:{port}" for port in _announced_ports(admin[0]))
+        quotad = Process(
+            tmp_path,
+            f"rediss://{seeds}/0",
+            policy,
+            QUOTAD_REDIS_CLUSTER="true",
+            QUOTAD_REDIS_PASSWORD=PASSWORD,
+            QUOTAD_REDIS_TLS_CA_FILE=str(pki / "ca.crt"),
+            QUOTAD_REDIS_TLS_CERT_FILE=str(pki / "client.crt"),
+            QUOTAD_REDIS_TLS_KEY_FILE=str(pki / "client.key"),
+        )
+        try:
+            await quotad.wait_serving()
+            for index in range(60):
+                request = pb.CheckAndReserveRequest(subject="alice", tenant=f"tenant-{index}")
+                reply = await quotad.stub.CheckAndReserve(request, timeout=5)
+                assert reply.decision == pb.DECISION_ALLOWED
+        finally:
+            await quotad.close()
+        for client in admin:  # every shard ran some decisions (each tenant is its own slot)
+            assert client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) > 0
+
+
+def _start_cluster_node(node: EmbeddedRedis, announced_port: int, directory: Path) -> int:
+    """A cluster node that requires the password and announces `announced_port` to clients;
+    returns its cluster bus port."""
+    bus = free_port()
+    node.process = subprocess.Popen(
+        [
+            str(EmbeddedRedis.binary()), "--port", str(node.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--requirepass", PASSWORD, "--masterauth", PASSWORD,
+            "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf",
+            "--dir", str(directory), "--cluster-port", str(bus),
+            "--cluster-announce-port", str(announced_port), "--cluster-announce-bus-port", str(bus),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return bus
+
+
+async def _form_cluster(admin: list[redis.Redis], first_port: int, first_bus: int) -> None:
+    slots, shards = 16384, len(admin)
+    deadline = asyncio.get_running_loop().time() + 30
+    for index, client in enumerate(admin):
+        while True:  # the node is up once it answers
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert asyncio.get_running_loop().time() < deadline, "a cluster node did not start"
+                await asyncio.sleep(0.05)
+        client.cluster("ADDSLOTSRANGE", index * slots // shards, (index + 1) * slots // shards - 1)
+    for client in admin[1:]:
+        client.cluster("MEET", "127.0.0.1", first_port, first_bus)
+    while True:  # the nodes learn of each other by gossip
+        states = [client.cluster("INFO") for client in admin]
+        if all(s.get("cluster_state") == "ok" and str(s.get("cluster_size")) == str(shards) for s in states):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"the cluster did not form: {states}"
+        await asyncio.sleep(0.05)
+
+
+def _announced_ports(client: redis.Redis) -> list[int]:
+    """The ports the cluster announces for its primaries (here, their TLS terminators')."""
+    slots: list[list[Any]] = client.cluster("SLOTS")
+    return sorted({int(slot[2][1]) for slot in slots})
