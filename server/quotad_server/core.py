@@ -1110,4 +1110,33 @@ class QuotaCore:
         limits = self.policy.limits_for(tier, counted_as, model)
         partition = self.policy.partition(counted_as, subject)
         statuses = await self._store.peek(partition, counted_as, subject, limits, _slice_index(partition))
+        if self.policy.escrow is not None and any(limit.slices for limit in limits):
+            statuses = await self._whole_limits(counted_as, subject, statuses, _slice_index(partition))
         return UsageReport(tenant=tenant, tier=tier, limits=statuses)
+
+    async def _whole_limits(
+        self, counted_as: str, subject: str, statuses: tuple[LimitStatus, ...], own: int
+    ) -> tuple[LimitStatus, ...]:
+        """`statuses` (of partition `own`) with each limit held in escrow reported whole: what is
+        left in all its slices, and when the last of them resets. One read per other partition,
+        each on its own slot: a report, not a snapshot (no script spans slots)."""
+        assert self.policy.escrow is not None
+        sliced = tuple(status.limit for status in statuses if status.limit.slices)
+        names = self.policy.escrow.partition_names()
+        others = await asyncio.gather(
+            *(
+                self._store.peek(name, counted_as, subject, sliced, index)
+                for index, name in enumerate(names)
+                if index != own
+            )
+        )
+        whole, at = [], 0
+        for status in statuses:
+            if not status.limit.slices:
+                whole.append(status)
+                continue
+            remaining = status.remaining + sum(report[at].remaining for report in others)
+            reset_after = max([status.reset_after_us, *(report[at].reset_after_us for report in others)])
+            whole.append(replace(status, remaining=remaining, reset_after_us=reset_after))
+            at += 1
+        return tuple(whole)

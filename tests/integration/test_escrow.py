@@ -98,6 +98,14 @@ async def slice_capacity(client: aioredis.Redis, q: Quotad, partition: str) -> i
     return int(raw.split()[0])
 
 
+async def slice_remaining(q: Quotad, tenant: str, subject: str = "s") -> int:
+    """What the global limit's slice of `tenant`'s partition has left (GetUsage reports the whole)."""
+    policy, limit = _policy(q)
+    partition = policy.partition(tenant, subject)
+    statuses = await q.store.peek(partition, tenant, subject, (limit,), int(partition.removeprefix("p:")))
+    return statuses[0].remaining
+
+
 async def capacity(
     client: aioredis.Redis, q: Quotad, limit: Limit | None = None, tenant: str = ""
 ) -> tuple[int, int]:
@@ -138,7 +146,9 @@ async def test_all_traffic_on_one_partition_fills_the_global_bucket_exactly(
         assert admitted >= 0.95 * limit, (admitted, elapsed)
         assert await capacity(redis_client, q) == (limit, 0)  # no capacity lost or made up
         usage = await q.usage(subject="s0", tenant="hot")
-        assert usage["provider-tpm"] == limit - admitted - 7 * (limit // PARTITIONS // 100)  # the floors
+        assert usage["provider-tpm"] == limit - admitted  # GetUsage: the whole limit, all slices
+        floors = 7 * (limit // PARTITIONS // 100)  # what the other slices keep
+        assert await slice_remaining(q, "hot", "s0") == limit - admitted - floors
 
 
 async def test_a_large_tenants_limit_spreads_over_the_partitions_and_fills_exactly(
@@ -275,18 +285,21 @@ async def test_capacity_follows_the_demand_to_another_partition(
 
 async def test_refunds_go_back_to_the_slice_they_came_from(quotad: QuotadFactory) -> None:
     async with quotad(bucket_policy(8_000), clock=ManualClock(), subject="s", tenant="hot") as q:
-        before = (await q.usage())["provider-tpm"]  # this partition's slice before any transfer
+        assert (await q.usage(tenant="hot"))["provider-tpm"] == 8_000
+        before = await slice_remaining(q, "hot")  # this partition's slice before any transfer
         big = await q.reserve(input_tokens=5_000)  # more than the slice: it pulls capacity, then admits
         assert big.decision == pb.DECISION_ALLOWED
-        grown = (await q.usage())["provider-tpm"]
+        grown = await slice_remaining(q, "hot")
         assert before == 8_000 // PARTITIONS
         # One pull brought it all but the others' floors (1% of their even share, 10 tokens each).
         assert grown == 8_000 - 7 * 10 - 5_000
+        assert (await q.usage(tenant="hot"))["provider-tpm"] == 8_000 - 5_000
         await q.commit(big.reservation_id, 1_000, 0)  # 4,000 refunded to this slice
-        assert (await q.usage())["provider-tpm"] == grown + 4_000
+        assert await slice_remaining(q, "hot") == grown + 4_000
         small = await q.reserve(input_tokens=500)
         await q.release(small.reservation_id)
-        assert (await q.usage())["provider-tpm"] == grown + 4_000
+        assert await slice_remaining(q, "hot") == grown + 4_000
+        assert (await q.usage(tenant="hot"))["provider-tpm"] == 8_000 - 1_000
 
 
 async def test_retry_after_is_exact_on_the_slice_once_nothing_is_left_to_move(quotad: QuotadFactory) -> None:
