@@ -42,9 +42,15 @@ What stays as RedisStore has it for one server:
   node, so one subscription, on any node, hears the whole cluster; glide keeps it subscribed
   through failovers and topology changes.
 
-What differs: a connection to a node that is lost while a script was in flight may be re-sent by
-glide on the new connection (redis-rs retries I/O errors); the script's deadline bounds when it
-may still write, and a reservation made twice is charged twice (never admitted beyond a limit).
+What glide sends again (read in its redis-rs fork, glide-core/redis-rs/redis/src/types.rs,
+`RedisError::retry_method`, at valkey-glide 7d61630b0): MOVED, ASK, TRYAGAIN, CLUSTERDOWN,
+MASTERDOWN and READONLY (Redis ran nothing), and a request whose write failed (FatalSendError:
+nothing was delivered). A connection lost after the script was written (FatalReceiveError,
+reset, EOF) fails the call without sending it again: ConnectionError, UNAVAILABLE, and a late
+reply never comes. The one path that could run a script twice is an I/O error of an unusual kind
+(not reset, refused, aborted, EOF, broken pipe or timed out), which glide retries at once; the
+script's deadline bounds when it may still write, and a reservation made twice is charged twice
+(never admitted beyond a limit).
 """
 
 from __future__ import annotations
