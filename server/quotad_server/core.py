@@ -804,18 +804,17 @@ class QuotaCore:
             return []
         return [s.limit for s in denying]
 
-    async def _pull(self, limit: Limit, taker: int, need: int = 0, tenant: str = "") -> int:
+    def _pull(self, limit: Limit, taker: int, need: int = 0, tenant: str = "") -> asyncio.Task[int] | None:
         """Move unused capacity of `limit`'s other slices to slice `taker` (of `tenant`'s slices, for
-        a tenant limit): one pull at a time per
-        slice on this replica (those that come meanwhile share it), none sooner than
-        escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
+        a tenant limit): one pull at a time per slice on this replica (those that come meanwhile
+        share it), none sooner than escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
         is used up everywhere), twice as long after each, up to MAX_PULL_BACKOFF intervals: an
-        exhausted limit costs Redis a few pulls per second, not one per denial. Returns the units
-        moved (0 if none or if the store failed: the denial stands, and recovery returns what a
-        failure left in flight)."""
+        exhausted limit costs Redis a few pulls per second, not one per denial. Returns the pull's
+        task, whose result is the units moved, or None when no pull may start now (no coroutine,
+        no task: a denial in the backoff costs next to nothing)."""
         escrow = self.policy.escrow
         if escrow is None:
-            return 0
+            return None
         owner = tenant if limit.scope is Scope.TENANT else ""
         slot = (limit, taker, owner)
         task = self._pulls.get(slot)
@@ -824,7 +823,7 @@ class QuotaCore:
             interval = escrow.rebalance_interval_us / 1_000_000
             not_before, gap = self._next_pull.get(slot, (0.0, interval))
             if loop.time() < not_before:
-                return 0
+                return None
             self._next_pull[slot] = (loop.time() + gap, gap)
             if len(self._next_pull) > 10_000:
                 self._next_pull.clear()
@@ -850,10 +849,7 @@ class QuotaCore:
                 self._next_pull[slot] = (began + after, after)
 
             task.add_done_callback(done)
-        try:
-            return await asyncio.shield(task)
-        except QuotadError:
-            return 0
+        return task
 
     async def _rebalanced(self, plan: ReservePlan, result: ReserveResult) -> bool:
         """Pull capacity to the slices a denied plan lacks; True if any came (then try again)."""
@@ -863,12 +859,15 @@ class QuotaCore:
 
     async def _rebalanced_for(self, plan: ReservePlan, statuses: Sequence[LimitStatus]) -> bool:
         short = self._short_slices(statuses)
-        if not short:
-            return False
-        moved = await asyncio.gather(
-            *(self._pull(limit, plan.slice_index, _units(limit, plan), plan.counted_as) for limit in short)
-        )
-        return any(moved)
+        pulls = [self._pull(limit, plan.slice_index, _units(limit, plan), plan.counted_as) for limit in short]
+        moved = 0
+        for pull in pulls:  # tasks, running together: awaiting them in turn takes as long as the slowest
+            if pull is not None:
+                # Shielded: a caller that gives up must not cancel a pull others share. A pull that
+                # failed moved nothing: the denial stands, and recovery returns what it left in flight.
+                with contextlib.suppress(QuotadError):
+                    moved += await asyncio.shield(pull)
+        return moved > 0
 
     async def _reserve(self, plan: ReservePlan) -> ReserveResult:
         """store.reserve, and once more after a rebalance when only slices short of capacity denied it."""
