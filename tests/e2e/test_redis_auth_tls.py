@@ -73,6 +73,15 @@ def redis_with_password() -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
+def client_tls(pki: Path) -> dict[str, str]:
+    """The settings that verify Redis's certificate against the test CA and present the client's."""
+    return {
+        "QUOTAD_REDIS_TLS_CA_FILE": str(pki / "ca.crt"),
+        "QUOTAD_REDIS_TLS_CERT_FILE": str(pki / "client.crt"),
+        "QUOTAD_REDIS_TLS_KEY_FILE": str(pki / "client.key"),
+    }
+
+
 @contextlib.asynccontextmanager
 async def tls_terminator(pki: Path, upstream_port: int) -> AsyncIterator[int]:
     """TLS on a free port (client certificate required), plain TCP to upstream_port."""
@@ -110,9 +119,7 @@ async def test_password_and_mutual_tls_settings_reach_redis(
             f"rediss://127.0.0.1:{tls_port}/0",
             policy,
             QUOTAD_REDIS_PASSWORD=PASSWORD,
-            QUOTAD_REDIS_TLS_CA_FILE=str(pki / "ca.crt"),
-            QUOTAD_REDIS_TLS_CERT_FILE=str(pki / "client.crt"),
-            QUOTAD_REDIS_TLS_KEY_FILE=str(pki / "client.key"),
+            **client_tls(pki),
         )
         try:
             await quotad.wait_serving()
@@ -126,9 +133,7 @@ async def test_password_and_mutual_tls_settings_reach_redis(
             tmp_path,
             f"rediss://127.0.0.1:{tls_port}/0",
             policy,
-            QUOTAD_REDIS_TLS_CA_FILE=str(pki / "ca.crt"),
-            QUOTAD_REDIS_TLS_CERT_FILE=str(pki / "client.crt"),
-            QUOTAD_REDIS_TLS_KEY_FILE=str(pki / "client.key"),
+            **client_tls(pki),
         )
         try:
             deadline = asyncio.get_running_loop().time() + 10
@@ -169,9 +174,7 @@ async def test_mutual_tls_and_a_password_to_a_cluster_of_three_shards(tmp_path: 
             policy,
             QUOTAD_REDIS_CLUSTER="true",
             QUOTAD_REDIS_PASSWORD=PASSWORD,
-            QUOTAD_REDIS_TLS_CA_FILE=str(pki / "ca.crt"),
-            QUOTAD_REDIS_TLS_CERT_FILE=str(pki / "client.crt"),
-            QUOTAD_REDIS_TLS_KEY_FILE=str(pki / "client.key"),
+            **client_tls(pki),
         )
         try:
             await quotad.wait_serving()
