@@ -4,9 +4,11 @@ key -> slot mapping the slot tests rely on is Redis Cluster's."""
 from __future__ import annotations
 
 import textwrap
+from collections import Counter
 
 import pytest
 from quotad_server.policy import PolicyError, parse_policy
+from quotad_server.store.redis import hash_tag
 
 from tests.keyslot import key_slot
 
@@ -102,3 +104,17 @@ def test_key_slot_is_redis_clusters() -> None:
     assert key_slot("{user1000}.following") == key_slot("{user1000}.followers") == key_slot("user1000")
     assert key_slot("foo{}{bar}") == key_slot("foo{}{bar}")  # an empty tag: the whole key is hashed
     assert key_slot("foo{{bar}}zap") == key_slot("{bar")
+
+
+def test_escrow_partitions_spread_evenly_over_any_contiguous_split_of_the_slots() -> None:
+    """Escrow partitions' tags are placed in the slot space (golden-ratio sequence), not hashed:
+    hashed, 64 partitions fell 27 / 17 / 20 on 3 shards; placed, within 6% of even."""
+    tags = [hash_tag(f"p:{index}") for index in range(1024)]  # escrow allows up to 1,024
+    assert len(set(tags)) == len(tags)  # distinct: two partitions never share keys
+    assert all(len(tag) == 8 and int(tag, 16) >= 0 for tag in tags)  # as reservation ids carry them
+    for partitions in (32, 64, 128):
+        for shards in (2, 3, 4, 6):
+            counts = Counter(key_slot("{" + tag + "}") * shards // 16384 for tag in tags[:partitions])
+            assert len(counts) == shards
+            assert max(counts.values()) <= 1.125 * partitions / shards, (partitions, shards, counts)
+    assert hash_tag("t:acme") == hash_tag("t:acme") != hash_tag("t:acme2")  # other partitions: hashed
