@@ -112,6 +112,8 @@ def test_escrow_partitions_spread_evenly_over_any_contiguous_split_of_the_slots(
     tags = [hash_tag(f"p:{index}") for index in range(1024)]  # escrow allows up to 1,024
     assert len(set(tags)) == len(tags)  # distinct: two partitions never share keys
     assert all(len(tag) == 8 and int(tag, 16) >= 0 for tag in tags)  # as reservation ids carry them
+    golden = (5**0.5 - 1) / 2
+    assert [key_slot("{" + tag + "}") for tag in tags] == [int(i * golden % 1 * 16384) for i in range(1024)]
     for partitions in (32, 64, 128):
         for shards in (2, 3, 4, 6):
             counts = Counter(key_slot("{" + tag + "}") * shards // 16384 for tag in tags[:partitions])
