@@ -809,9 +809,10 @@ class QuotaCore:
     ) -> asyncio.Task[int] | None:
         """Move unused capacity of `limit`'s other slices to slice `taker` (of `tenant`'s slices, for
         a tenant limit): one pull at a time per slice on this replica (those that come meanwhile
-        share it), none sooner than escrow.rebalance_interval after the last began, and, while pulls find nothing (the limit
-        is used up everywhere), twice as long after each, up to MAX_PULL_BACKOFF intervals: an
-        exhausted limit costs Redis a few pulls per second, not one per denial. A pull that moves
+        share it), none sooner than escrow.rebalance_interval after the last began, and, while
+        pulls find nothing (the limit is used up everywhere), twice as long after each, up to
+        MAX_PULL_BACKOFF intervals: an exhausted limit costs Redis a few pulls per second, not one
+        per denial. A pull that moves
         less than `enough` (what the denied request lacked) found nothing for the backoff: when
         every slice is busy and the limit used up, the bits that refill elsewhere would otherwise
         be pulled to and fro every interval (bench/skew.py --tenants 64: 2.1 scripts per decision,
@@ -868,13 +869,10 @@ class QuotaCore:
         for status in short:
             units = _units(status.limit, plan)
             lacks = max(1, units - max(0, status.remaining))  # the denial's remaining is before it
-            pull = self._pull(status.limit, plan.slice_index, units, plan.counted_as, lacks)
-            pulls.append((pull, lacks))
+            pulls.append((self._pull(status.limit, plan.slice_index, units, plan.counted_as, lacks), lacks))
+        # The pulls run as tasks, together: awaiting them in turn takes as long as the slowest.
         enough = bool(pulls)
-        for (
-            pull,
-            lacks,
-        ) in pulls:  # tasks, running together: awaiting them in turn takes as long as the slowest
+        for pull, lacks in pulls:
             moved = 0
             if pull is not None:
                 # Shielded: a caller that gives up must not cancel a pull others share. A pull that

@@ -8,6 +8,7 @@ the unit against the limit (a frozen token bucket refills nothing).
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import textwrap
 from collections.abc import Sequence
@@ -70,6 +71,11 @@ def _policy(q: Quotad) -> tuple[Policy, Limit]:
     assert q.core is not None
     policy = q.core.policy
     return policy, policy.global_limits[0] if policy.global_limits else policy.tenant_limits[BIG][0]
+
+
+def tenant_of_another_partition(policy: Policy, tenant: str) -> str:
+    """A tenant whose partition is not `tenant`'s."""
+    return next(t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(tenant))
 
 
 BIG = "big co:eu"  # a tenant in escrow.tenants; its name has a space and a ':' to escape
@@ -245,11 +251,7 @@ async def test_three_replicas_fill_a_global_window_exactly_from_one_partition(
         assert denied
         assert all(0 < r.retry_after.ToMicroseconds() <= 60_000_000 for r in denied)
         # A quiet partition still admits at once: it kept its floor (one unit here).
-        other = next(
-            t
-            for t in (f"cold-{i}" for i in range(100))
-            if _policy(replicas[0])[0].partition(t) != _policy(replicas[0])[0].partition("hot")
-        )
+        other = tenant_of_another_partition(_policy(replicas[0])[0], "hot")
         cold = await replicas[1].reserve(subject="c", tenant=other)
         assert cold.decision == pb.DECISION_ALLOWED
 
@@ -262,9 +264,7 @@ async def test_capacity_follows_the_demand_to_another_partition(
     async with quotad(bucket_policy(limit), clock=clock) as q:
         policy, _ = _policy(q)
         first = "hot"
-        second = next(
-            t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(first)
-        )
+        second = tenant_of_another_partition(policy, first)
 
         async def fill(tenant: str) -> int:
             admitted = 0
@@ -379,30 +379,18 @@ async def test_capacity_in_flight_comes_back_after_the_transfer_timeout(
 
         # A replica gives and takes, then dies before removing the record: the taker keeps it.
         given = await _give(redis_client, q, giver=3, taker=2, transfer="dead-take", now=clock.now_us)
-        assert (
-            await _take(
-                redis_client,
-                q,
-                taker=2,
-                transfer="dead-take",
-                units=given,
-                created=clock.now_us,
-                now=clock.now_us,
-            )
-            == given
+        take = functools.partial(
+            _take,
+            redis_client,
+            q,
+            taker=2,
+            transfer="dead-take",
+            units=given,
+            created=clock.now_us,
+            now=clock.now_us,
         )
-        assert (
-            await _take(
-                redis_client,
-                q,
-                taker=2,
-                transfer="dead-take",
-                units=given,
-                created=clock.now_us,
-                now=clock.now_us,
-            )
-            == 0
-        )  # once
+        assert await take() == given
+        assert await take() == 0  # once
         assert await capacity(redis_client, q) == (limit, given)  # moved; only its record is left
         clock.advance(timeout_s + 0.001)
         assert await q.core.recover_escrow() == 0
@@ -506,9 +494,7 @@ async def test_two_busy_partitions_converge_to_equal_shares(
     async with quotad(policy_yaml, clock=clock, subject="s") as q:
         policy, _ = _policy(q)
         first = "hot"
-        second = next(
-            t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(first)
-        )
+        second = tenant_of_another_partition(policy, first)
 
         async def fill(tenant: str) -> int:
             admitted = 0
@@ -545,9 +531,7 @@ async def test_a_passing_request_does_not_halve_a_busy_partition(
     async with quotad(bucket_policy(limit), clock=clock, subject="s") as q:
         policy, _ = _policy(q)
         busy = "hot"
-        passing = next(
-            t for t in (f"t{i}" for i in range(100)) if policy.partition(t) != policy.partition(busy)
-        )
+        passing = tenant_of_another_partition(policy, busy)
         while (await q.reserve(tenant=busy, input_tokens=50)).decision == pb.DECISION_ALLOWED:
             pass
         capacity_before = await slice_capacity(redis_client, q, policy.partition(busy))

@@ -108,10 +108,9 @@ class Store(Protocol):
         tenant: str = "",
     ) -> int:
         """Move to partition `taker`'s slice of `limit` (held in escrow; of `tenant`'s slices for a
-        tenant limit) what the other slices do
-        not use, less `keep` units each, and have busier slices yield it up to `need` (or its
-        capacity) as their usage frees; returns the units moved. The slices never sum to more
-        than the limit, whatever fails when."""
+        tenant limit) what the other slices do not use, less `keep` units each, and have busier
+        slices yield it up to `need` (or its capacity) as their usage frees; returns the units
+        moved. The slices never sum to more than the limit, whatever fails when."""
         ...
 
     async def recover_transfers(self, partitions: Sequence[str], timeout_us: int) -> int:

@@ -1019,8 +1019,9 @@ class RedisStore:
         tenant: str = "",
     ) -> int:
         """Move the capacity the other slices of `limit` (`tenant`'s, for a tenant limit) do not
-        use, less `keep` units each, to the slice of partition `taker`, and have busier slices owe it up to `need` units (or its
-        capacity, if more) for their usage to free (see escrow.lua); returns the units moved.
+        use, less `keep` units each, to the slice of partition `taker`, and have busier slices owe
+        it up to `need` units (or its capacity, if more) for their usage to free (see escrow.lua);
+        returns the units moved.
 
         Three pipelined rounds of single-slot calls: give (every other slice), take, and the
         transfer records' removal. A round that fails leaves its transfers to recover_transfers.
