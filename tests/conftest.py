@@ -61,7 +61,10 @@ class Quotad:
 
     async def reserve(self, **fields: object) -> pb.CheckAndReserveResponse:
         request = pb.CheckAndReserveRequest(**{**self.defaults, **fields})  # type: ignore[arg-type]
-        return await self.stub.CheckAndReserve(request, timeout=RPC_TIMEOUT_S)
+        # A caller's deadline covers the wait it asks for, as a real caller's must: a waiter may be
+        # admitted at its last heartbeat before max_wait, not only when a wake-up reaches it.
+        waits_s = request.max_wait.ToTimedelta().total_seconds() if request.HasField("max_wait") else 0.0
+        return await self.stub.CheckAndReserve(request, timeout=RPC_TIMEOUT_S + waits_s)
 
     async def commit(self, reservation_id: str, input_tokens: int, output_tokens: int) -> pb.CommitResponse:
         request = pb.CommitRequest(
